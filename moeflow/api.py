@@ -1,0 +1,202 @@
+"""The offline API, vLLM-shaped: `LLM(model=...)`, `llm.generate(prompts, params)`,
+`llm.chat(messages, params)`. One output per prompt, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeflow.config import EngineConfig
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.model_loader import LoadedModel, load_model, parse_dtype
+from moeflow.engine.request import Request
+from moeflow.engine.sampler import TokenLogprobs
+from moeflow.sampling_params import SamplingParams
+from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        kv_cache_tokens: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            # CPU matmuls are fastest in fp32 on most machines; GPUs want bf16.
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        torch_dtype = parse_dtype(dtype)
+        torch.manual_seed(seed)
+        loaded: LoadedModel = load_model(model, device, torch_dtype)
+        model_max = loaded.model_config.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = min(model_max, 8192)
+        elif max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's context {model_max}"
+            )
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max(max_model_len, 16384)
+        if kv_cache_tokens < max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens {kv_cache_tokens} cannot hold one sequence of max_model_len "
+                f"{max_model_len}; raise kv_cache_tokens or lower max_model_len"
+            )
+        self.config = EngineConfig(
+            model=loaded.path,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            kv_cache_tokens=kv_cache_tokens,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+        )
+        self.loaded = loaded
+        from moeflow.engine.kv_cache import allocate_kv_cache
+
+        self.kv_cache_bytes = allocate_kv_cache(
+            loaded.model, self.config.num_kv_blocks, block_size, torch_dtype, torch.device(device)
+        )
+        self.engine = LLMEngine(self.config, loaded)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.loaded.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (a string, or a list of token ids) as raw text."""
+        batch = _as_prompt_list(prompts)
+        ids = [
+            p if isinstance(p, list) else self.tokenizer.encode(p, add_special_tokens=True)
+            for p in batch
+        ]
+        return self._run(ids, params)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {role, content}) or a list of conversations, through
+        the model's own chat template."""
+        conversations = (
+            [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        )
+        ids = [self.encode_chat(conv, chat_template_kwargs) for conv in conversations]  # type: ignore[arg-type]
+        return self._run(ids, params)
+
+    def encode_chat(
+        self, messages: list[Message], chat_template_kwargs: dict[str, Any] | None = None
+    ) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+        """Generate for one prompt, yielding text deltas as tokens arrive (never a split UTF-8
+        character). Stop strings end the stream before the stop string is yielded."""
+        engine = self.engine
+        req = engine.add_request(prompt_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        sent = fed = 0
+        try:
+            while not req.is_finished:
+                engine.step()
+                detok.add(req.output_ids[fed:])
+                fed = len(req.output_ids)
+                # With stop strings, hold back text that could still turn into one.
+                if req.is_finished:
+                    text = req.text if isinstance(req.stop_reason, str) else detok.text
+                    hold = 0
+                else:
+                    text = detok.text
+                    hold = max((len(s) for s in params.stop), default=1) - 1
+                if len(text) - hold > sent:
+                    yield text[sent : len(text) - hold]
+                    sent = len(text) - hold
+        finally:
+            if not req.is_finished:
+                engine.abort(req.request_id)
+
+    def _run(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[RequestOutput]:
+        if params is None:
+            params = SamplingParams()
+        per_prompt = (
+            [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
+        )
+        if len(per_prompt) != len(prompt_ids):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompt_ids)} prompts")
+        engine = self.engine
+        reqs: list[Request] = []
+        try:
+            for ids, p in zip(prompt_ids, per_prompt, strict=True):
+                reqs.append(engine.add_request(ids, p))
+            engine.run_to_completion()
+        except BaseException:
+            for r in reqs:
+                engine.abort(r.request_id)
+            raise
+        return [_to_output(r) for r in reqs]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]  # type: ignore[list-item]
+    return items  # type: ignore[return-value]
+
+
+def _to_output(req: Request) -> RequestOutput:
+    return RequestOutput(
+        request_id=req.request_id,
+        prompt_token_ids=req.prompt_ids,
+        text=req.text,
+        token_ids=list(req.output_ids),
+        finish_reason=req.finish_reason.value if req.finish_reason else None,
+        stop_reason=req.stop_reason,
+        logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
+        num_cached_tokens=req.num_cached_tokens,
+    )

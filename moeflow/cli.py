@@ -1,0 +1,181 @@
+"""The `moeflow` command: chat | generate | info | bench | serve. Argument parsing and printing
+only; the work is in api, bench and server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from moeflow import env
+from moeflow.errors import MoeflowError
+
+if TYPE_CHECKING:
+    from moeflow.api import LLM
+    from moeflow.sampling_params import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeflow",
+        description="Run open-weight MoE and dense language models. With no --model, the "
+        "embedded SmolLM2-135M-Instruct (Q4_1 GGUF) is used.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2)")
+    common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    common.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    common.add_argument("--max-model-len", type=int, default=None, help="context length")
+    common.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
+    common.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (the default)"
+    )
+    common.add_argument("--top-p", type=float, default=1.0)
+    common.add_argument("--top-k", type=int, default=0)
+    common.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+    chat = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="answer one message, or chat interactively with no message",
+        description="With a message: print the answer and exit. Without: an interactive "
+        "session that streams tokens and keeps the conversation (Ctrl-D or /exit to leave).",
+    )
+    chat.add_argument("message", nargs="?", help="the user message")
+    chat.add_argument("--system", default=None, help="a system message")
+
+    gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
+    gen.add_argument("--prompt", required=True)
+
+    sub.add_parser(
+        "info", parents=[common], help="model config, parameter counts and memory plan"
+    )
+
+    bench = sub.add_parser(
+        "bench", parents=[common], help="load time, prefill and decode speed beside peers"
+    )
+    bench.add_argument(
+        "--compare",
+        default="auto",
+        help="peers to run in the same command: comma list of hf, llama-cpp, none, auto "
+        "(auto: every installed peer)",
+    )
+    bench.add_argument("--prompt-len", type=int, default=256, help="prefill prompt length")
+    bench.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed")
+    bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    bench.add_argument("--json", default=None, help="also write the results to this file")
+
+    serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=env.MOEFLOW_LOG_LEVEL, format="%(levelname)s %(message)s")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except (MoeflowError, ValueError, OSError) as e:
+        if env.MOEFLOW_LOG_LEVEL.upper() == "DEBUG":
+            raise
+        print(f"moeflow: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        raise MoeflowError("`moeflow serve` is not implemented yet (issue #4)")
+    if args.command == "bench":
+        from moeflow.bench.cpu import run_bench
+
+        return run_bench(args)
+    from moeflow.api import LLM
+    from moeflow.sampling_params import SamplingParams
+
+    if env.MOEFLOW_NUM_THREADS:
+        import torch
+
+        torch.set_num_threads(env.MOEFLOW_NUM_THREADS)
+    llm = LLM(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
+    )
+    if args.command == "info":
+        from moeflow.bench.report import model_info
+
+        print(model_info(llm))
+        return 0
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    if args.command == "generate":
+        ids = llm.tokenizer.encode(args.prompt, add_special_tokens=True)
+        _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
+        return 0
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    if args.message is not None:
+        messages.append({"role": "user", "content": args.message})
+        ids = llm.encode_chat(messages)
+        _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
+        return 0
+    return _interactive(llm, messages, params)
+
+
+def _fit(llm: LLM, ids: list[int], params: SamplingParams) -> SamplingParams:
+    """Clip the CLI's max_tokens to what the context leaves (an error would punish long chats)."""
+    room = llm.config.max_model_len - len(ids)
+    if room >= 1 and params.max_tokens is not None and params.max_tokens > room:
+        return replace(params, max_tokens=room)
+    return params
+
+
+def _stream_to_stdout(deltas: Iterable[str]) -> str:
+    out: list[str] = []
+    for delta in deltas:
+        out.append(delta)
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(out)
+
+
+def _interactive(llm: LLM, messages: list[dict[str, str]], params: SamplingParams) -> int:
+    print("moeflow chat: type a message; /exit or Ctrl-D to leave, /reset to start over.")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = [m for m in messages if m["role"] == "system"]
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = llm.encode_chat(messages)
+        if len(ids) >= llm.config.max_model_len:
+            print("moeflow: the conversation no longer fits the context; /reset to start over")
+            messages.pop()
+            continue
+        answer = _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
+        messages.append({"role": "assistant", "content": answer})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""The synchronous engine core: add_request / step / abort. Each step schedules a batch, runs the
+model, samples, appends tokens, checks stop conditions and frees finished requests' blocks."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.config import EngineConfig, ModelConfig
+from moeflow.engine.block_manager import BlockManager
+from moeflow.engine.model_loader import LoadedModel
+from moeflow.engine.model_runner import ModelRunner
+from moeflow.engine.request import Request, RequestStatus
+from moeflow.engine.sampler import Sampler, SamplingRow, make_generator
+from moeflow.engine.scheduler import Scheduler
+from moeflow.errors import RequestError
+from moeflow.sampling_params import FinishReason, SamplingParams
+from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("moeflow")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_steps: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
+    num_computed_tokens: int = 0  # tokens run through the model (prefill, recompute, decode)
+    num_generated_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.model_config: ModelConfig = loaded.model_config
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.device = torch.device(config.device)
+        self.block_manager = BlockManager(
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(loaded.model, config.block_size, self.device)
+        self.sampler = Sampler()
+        self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
+            self.model_config.eos_token_ids
+        )
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """Validate and queue one request. Bad input raises RequestError and queues nothing."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        max_len = self.config.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens, but the context holds {max_len} "
+                f"(at least one must be left to generate)",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        room = max_len - len(prompt_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                f"max_tokens {params.max_tokens} exceeds what the context leaves: "
+                f"{max_len} - {len(prompt_ids)} prompt tokens = {room}",
+                param="max_tokens",
+            )
+        req = Request(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            max_tokens=params.max_tokens if params.max_tokens is not None else room,
+        )
+        if not params.is_greedy:
+            req.generator = make_generator(params.seed, self.device)
+        if params.stop:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, req.prompt_ids, params.skip_special_tokens
+            )
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.stats.num_prompt_tokens += len(prompt_ids)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now (client gone); its blocks are freed. False if already ended."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        req.finish_reason = FinishReason.ABORT
+        self._finish(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one batch; returns the requests that gained a token or finished (finished ones are
+        no longer tracked by the engine after this)."""
+        batch = self.scheduler.schedule()
+        if not batch.reqs:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and the head of the queue still does not fit: it never will.
+                req = self.scheduler.waiting[0]
+                req.finish_reason = FinishReason.ABORT
+                self._finish(req)
+                raise RequestError(
+                    f"request {req.request_id} needs more KV blocks than the cache has "
+                    f"({self.block_manager.num_blocks} blocks of {self.config.block_size})"
+                )
+            return []
+        logits = self.runner.run(batch)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += batch.num_tokens
+        sampled: list[Request] = []
+        for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+            if req.num_computed_tokens == req.num_tokens:
+                sampled.append(req)
+        if not sampled:
+            return []
+        rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampled]
+        token_ids, logprobs = self.sampler(logits, rows)
+        for req, token, lp in zip(sampled, token_ids, logprobs, strict=True):
+            req.output_ids.append(token)
+            if lp is not None:
+                req.output_logprobs.append(lp)
+            self.stats.num_generated_tokens += 1
+            self._check_stop(req, token)
+            if req.finish_reason is not None:
+                self._finish(req)
+        return sampled
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        p = req.params
+        detok = self._detokenizers.get(req.request_id)
+        if detok is not None:
+            prev_len = len(detok.text)
+            detok.add([token])
+            text = detok.text
+            longest = max(len(s) for s in p.stop)
+            search_from = max(0, prev_len - longest + 1)
+            hits = [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
+            if hits:
+                index, stop = min(hits)
+                req.text = text[:index]
+                req.finish_reason, req.stop_reason = FinishReason.STOP, stop
+                return
+        if not p.ignore_eos and token in self.eos_ids:
+            req.finish_reason, req.stop_reason = FinishReason.STOP, token
+        elif token in p.stop_token_ids:
+            req.finish_reason, req.stop_reason = FinishReason.STOP, token
+        elif len(req.output_ids) >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            req.finish_reason = FinishReason.LENGTH
+
+    def _finish(self, req: Request) -> None:
+        if req.status is RequestStatus.FINISHED:
+            return
+        self.scheduler.finish(req)
+        self._detokenizers.pop(req.request_id, None)
+        if not isinstance(req.stop_reason, str):  # a stop string already cut req.text
+            req.text = self.tokenizer.decode(req.output_ids, req.params.skip_special_tokens)
+        self.requests.pop(req.request_id, None)
+
+    def run_to_completion(self) -> None:
+        """Step until every request has finished (offline use)."""
+        start = time.perf_counter()
+        while self.has_unfinished():
+            self.step()
+        logger.debug("drained in %.3f s", time.perf_counter() - start)

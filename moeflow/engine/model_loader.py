@@ -1,0 +1,130 @@
+"""Resolves a model argument (None: the embedded SmolLM2 GGUF; a Hugging Face folder; a .gguf
+file), reads its config and tokenizer, builds the family's model on the device in the compute
+dtype and fills it from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeflow import env
+from moeflow.config import ModelConfig
+from moeflow.errors import ModelFormatError, ModelNotFoundError
+from moeflow.models.registry import get_model_class
+from moeflow.tokenizer import Tokenizer
+from moeflow.weights import gguf, safetensors
+
+logger = logging.getLogger("moeflow")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    path: str
+    load_seconds: float
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is None:
+        return gguf.default_model_path()
+    if not os.path.exists(model):
+        raise ModelNotFoundError(f"model path {model!r} does not exist")
+    return model
+
+
+def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """(normalised config, raw HF-style dict) of a folder or a GGUF file."""
+    if os.path.isdir(path):
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise ModelNotFoundError(f"{path} has no config.json")
+        try:
+            hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFormatError(f"{cfg_path}: not valid JSON ({e})") from e
+        gen = Path(path) / "generation_config.json"
+        if gen.is_file():
+            try:
+                gen_cfg = json.loads(gen.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelFormatError(f"{gen}: not valid JSON ({e})") from e
+            if isinstance(gen_cfg, dict) and gen_cfg.get("eos_token_id") is not None:
+                hf = {**hf, "eos_token_id": gen_cfg["eos_token_id"]}
+        return ModelConfig.from_hf(hf), hf
+    with gguf.GGUFReader(path) as reader:
+        hf = gguf.gguf_to_hf_config(reader)
+    return ModelConfig.from_hf(hf), hf
+
+
+def load_model(model: str | None, device: str, dtype: torch.dtype) -> LoadedModel:
+    start = time.perf_counter()
+    path = resolve_model_path(model)
+    is_gguf = os.path.isfile(path)
+    if is_gguf:
+        reader = gguf.GGUFReader(path)
+        config = ModelConfig.from_hf(gguf.gguf_to_hf_config(reader))
+        tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
+        weights: Iterator[tuple[str, torch.Tensor]] = gguf.iter_hf_weights(reader, dtype)
+        num_tensors = len(reader.tensors)
+    else:
+        config, _ = read_model_config(path)
+        tokenizer = Tokenizer.from_hf_folder(path)
+        weights = safetensors.iter_folder_tensors(path)
+        num_tensors = 0
+    cls = get_model_class(config.architecture)
+    dev = torch.device(device)
+    prev_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            net = cls(config)
+    finally:
+        torch.set_default_dtype(prev_dtype)
+    net.eval()
+    net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))
+    if is_gguf:
+        reader.close()
+    elapsed = time.perf_counter() - start
+    logger.info("loaded %s in %.2f s", path, elapsed)
+    return LoadedModel(net, config, tokenizer, path, elapsed)
+
+
+def _progress(
+    weights: Iterator[tuple[str, torch.Tensor]], total: int, name: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    if not (env.MOEFLOW_PROGRESS and sys.stderr.isatty()):
+        yield from weights
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(
+        weights, total=total or None, desc=f"loading {name}", unit="tensor", leave=False
+    )

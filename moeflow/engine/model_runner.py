@@ -1,0 +1,67 @@
+"""Turns a scheduled batch into a ForwardBatch (flat token ids, positions, cache slots, block
+tables), runs the model eagerly under forward_context and returns the logits of the sequences
+that sample this step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeflow.context import ForwardBatch, forward_context
+from moeflow.engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        cu_seqlens = [0]
+        logits_indices: list[int] = []
+        for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
+            start = req.num_computed_tokens
+            end = start + n
+            input_ids.extend(req.tokens_slice(start, end))
+            positions.extend(range(start, end))
+            table = req.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            if end == req.num_tokens:  # the prompt (or recompute) is done: sample
+                logits_indices.append(cu_seqlens[-1] - 1)
+        max_blocks = max(len(r.block_table) for r in batch.reqs)
+        tables = [r.block_table + [-1] * (max_blocks - len(r.block_table)) for r in batch.reqs]
+        dev = self.device
+
+        def t(x: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=t(input_ids),
+            positions=t(positions),
+            slot_mapping=t(slots),
+            block_tables=t(tables),
+            context_lens=t(context_lens),
+            cu_seqlens_q=t(cu_seqlens),
+            logits_indices=t(logits_indices),
+            query_lens_cpu=list(batch.num_new_tokens),
+            context_lens_cpu=context_lens,
+            is_decode=all(n == 1 for n in batch.num_new_tokens),
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [S, V] (float32) for the S sequences of `batch` that sample this step, in order."""
+        fb = self.prepare(batch)
+        with forward_context(fb):
+            hidden = self.model(fb.input_ids, fb.positions)  # [T, E]
+        if fb.logits_indices.numel() == 0:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        return self.model.compute_logits(hidden, fb.logits_indices).float()  # [S, V]

@@ -1,0 +1,67 @@
+"""Request: one generation's state from admission to finish (tokens, blocks, status, stop
+checks). Owned by the engine thread; leaf module (torch only for the sampling generator)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moeflow.sampling_params import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()  # not admitted yet, or preempted and waiting for recompute
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(slots=True)
+class Request:
+    # Set by the caller.
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: params.max_tokens or the rest of the context
+    # Set by the scheduler and block manager.
+    status: RequestStatus = RequestStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    num_cached_tokens: int = 0  # of those, found in the prefix cache at admission
+    num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_preemptions: int = 0
+    # Set by the engine after each sampled token.
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[Any] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    text: str = ""  # detokenised output (maintained by the engine when stop strings or text needed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+    def tokens_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,23 @@
+"""Every MOEFLOW_* environment variable, typed, with its default. Nothing else reads os.environ."""
+
+from __future__ import annotations
+
+import os
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw is None or raw == "" else int(raw)
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    return default if raw is None or raw == "" else raw.lower() in ("1", "true", "yes", "on")
+
+
+# Threads torch uses on CPU (0: torch's own default).
+MOEFLOW_NUM_THREADS: int = _int("MOEFLOW_NUM_THREADS", 0)
+# Show a progress bar while loading weights (only when stderr is a terminal either way).
+MOEFLOW_PROGRESS: bool = _bool("MOEFLOW_PROGRESS", True)
+# Log level of the `moeflow` logger.
+MOEFLOW_LOG_LEVEL: str = os.environ.get("MOEFLOW_LOG_LEVEL", "WARNING")

@@ -1,0 +1,81 @@
+"""Paged attention over a block-structured KV cache: the plain-torch reference (defines
+correctness, runs on CPU and GPU) and the `paged_attention` dispatch point layers call.
+
+Shape legend: T new tokens in the batch, B sequences, H query heads, Hkv KV heads, D head dim,
+N cache blocks of S tokens each. Cache layout: [N, S, Hkv, D]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, S, Hkv, D]
+    v_cache: torch.Tensor,  # [N, S, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    """Write the new tokens' keys and values into their cache slots."""
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [N, S, Hkv, D]
+    v_cache: torch.Tensor,  # [N, S, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [T, H, D]
+    """Causal attention of each sequence's new tokens over its whole cached context (which
+    already holds the new tokens). New token i of a sequence with q new tokens and context c sits
+    at position c - q + i and sees keys 0..c - q + i (the last `sliding_window` of them if set)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    start = 0
+    for i, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens, strict=True)):
+        num_blocks = -(-ctx_len // block_size)
+        blocks = block_tables[i, :num_blocks]
+        # [num_blocks, S, Hkv, D] -> [ctx, Hkv, D] -> [Hkv, ctx, D]
+        k = k_cache[blocks].flatten(0, 1)[:ctx_len].transpose(0, 1)
+        v = v_cache[blocks].flatten(0, 1)[:ctx_len].transpose(0, 1)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=0)  # [H, ctx, D]
+            v = v.repeat_interleave(group, dim=0)
+        qs = q[start : start + q_len].transpose(0, 1)  # [H, q, D]
+        mask = None
+        if q_len > 1 or (sliding_window is not None and ctx_len > sliding_window):
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+            k_pos = torch.arange(ctx_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos  # [q, ctx]
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+        out[start : start + q_len] = o.transpose(0, 1).reshape(q_len, num_heads, head_dim)
+        start += q_len
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The dispatch point. Only the reference exists so far; the Triton paths come with #5."""
+    return paged_attention_ref(
+        q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, sliding_window
+    )

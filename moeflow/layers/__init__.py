@@ -1,0 +1,1 @@
+"""Building blocks the model families share. Kernels are chosen here, never in models/."""

@@ -1,0 +1,43 @@
+"""Attention over the paged KV cache: writes this step's K/V into the cache and attends through
+the kernel dispatch point. The engine binds the cache tensors (engine/kv_cache.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeflow.context import get_forward_batch
+from moeflow.kernels.attention import paged_attention, store_kv
+
+
+class PagedAttention(nn.Module):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        # [N, S, Hkv, D] each; empty until the engine binds the cache.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
+        batch = get_forward_batch()
+        store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        return paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            batch.block_tables,
+            batch.query_lens_cpu,
+            batch.context_lens_cpu,
+            self.scale,
+            self.sliding_window,
+        )

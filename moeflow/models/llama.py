@@ -1,0 +1,144 @@
+"""Llama: GQA attention with RoPE, gated-SiLU MLP, RMSNorm. The dense families that differ only
+by flags (bias on q/k/v, qk-norm, sliding window) subclass it in their own files.
+
+Shape legend: T new tokens in the batch, E hidden size, H / Hkv query / KV heads, D head dim,
+I intermediate size, V vocab."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from moeflow.config import ModelConfig
+from moeflow.layers.activation import GatedAct
+from moeflow.layers.attention import PagedAttention
+from moeflow.layers.embedding import LMHead, VocabEmbedding
+from moeflow.layers.linear import Linear, MergedLinear
+from moeflow.layers.norm import RMSNorm
+from moeflow.layers.rotary import RotaryEmbedding
+from moeflow.weights.loader import load_weights
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        sliding_window: int | None,
+    ) -> None:
+        super().__init__()
+        h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": h * d, "k": hkv * d, "v": hkv * d}, bias=qkv_bias
+        )
+        self.o_proj = Linear(h * d, config.hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = RotaryEmbedding(
+            d, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.attn = PagedAttention(h, hkv, d, d**-0.5, sliding_window)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v)  # [T, H, D]
+        return self.o_proj(out.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}
+        )
+        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.act_fn = GatedAct(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, E]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, attn: LlamaAttention) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, make_attn: type[LlamaForCausalLM]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, make_attn.make_attention(config))
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, E]
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint projection -> (merged parameter, shard) it fills.
+    packed_modules_mapping: dict[str, tuple[str, str]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, type(self))
+        tie = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tie)
+
+    @classmethod
+    def make_attention(cls, config: ModelConfig) -> LlamaAttention:
+        """Llama puts attention_bias on q, k, v and o alike."""
+        bias = config.attention_bias
+        return LlamaAttention(config, qkv_bias=bias, o_bias=bias, qk_norm=False, sliding_window=None)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)  # [T, E]
+
+    def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden, indices)  # [S, V]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        skip = ("lm_head.weight",) if self.config.tie_word_embeddings else ()
+        load_weights(self, weights, self.packed_modules_mapping, skip=skip)
+
+
+ENTRY_CLASSES = [LlamaForCausalLM]

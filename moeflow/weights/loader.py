@@ -1,0 +1,76 @@
+"""Fills a model's parameters from (checkpoint name, tensor) pairs: merged projections, tied
+weights, and a check that every parameter was filled. Leaf module (duck-typed on the model)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from moeflow.errors import ModelFormatError
+
+logger = logging.getLogger("moeflow")
+
+# Checkpoint tensors that hold nothing the model needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    packed_modules_mapping: dict[str, tuple[str, str]],
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Copy every checkpoint tensor into its parameter; raise ModelFormatError when a parameter
+    is left unfilled or a tensor has the wrong shape. Unknown names are logged and skipped."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected: set[tuple[str, str | None]] = set()
+    for name, _ in model.named_parameters():
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        shards = getattr(module, "shard_offsets", None)
+        if shards and param_name in ("weight", "bias"):
+            expected.update((name, s) for s in shards)
+        else:
+            expected.add((name, None))
+    loaded: set[tuple[str, str | None]] = set()
+    unknown: list[str] = []
+    for ckpt_name, tensor in weights:
+        if ckpt_name in skip or ckpt_name.endswith(_IGNORED_SUFFIXES):
+            continue
+        name, shard = _map_name(ckpt_name, packed_modules_mapping)
+        if name not in params:
+            unknown.append(ckpt_name)
+            continue
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        loader = getattr(module, "load", None)
+        if loader is not None:
+            loader(param_name, tensor, shard)
+        else:
+            param = params[name]
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ModelFormatError(
+                    f"checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+        loaded.add((name, shard))
+    if unknown:
+        logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unknown), unknown[:3])
+    missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
+    if missing:
+        raise ModelFormatError(
+            f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:4]}"
+        )
+
+
+def _map_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    for ckpt_part, (param_part, shard) in packed.items():
+        key = f".{ckpt_part}."
+        if key in name:
+            return name.replace(key, f".{param_part}."), shard
+    return name, None
