@@ -1,0 +1,1 @@
+"""Engine: request state, scheduling, KV cache, model runner and sampler."""

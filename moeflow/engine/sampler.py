@@ -1,0 +1,231 @@
+"""Sampler: penalties, temperature, top-k / top-p / min-p, per-request seeds and logprobs, with
+vLLM's semantics. Owns no model state; its one host sync is the final copy of the results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.sampling_params import SamplingParams
+
+# Shapes: N rows in the batch, V vocab, S sampled (non-greedy) rows, L rows asking for logprobs,
+# K the largest top-logprobs count among those L rows.
+
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-9 would overflow float32.
+_SAMPLING_EPS = 1e-5
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One sequence to sample for, this step; the engine builds it from its request."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]  # tokens generated so far
+    generator: torch.Generator | None  # per request, from make_generator; None for greedy
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprobs of one sampled token, from the raw logits (before penalties and temperature)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # top-N token -> logprob by falling logprob, N = params.logprobs
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded from `seed`, or when None from torch's global CPU RNG (so
+    `torch.manual_seed` makes unseeded requests reproducible too)."""
+    if seed is None:
+        seed = int(torch.randint(2**63 - 1, (1,)).item())
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    """Stateless: a request's random state lives in its SamplingRow.generator, so a seeded request
+    draws the same tokens alone or in any batch, at any row, whatever its neighbours."""
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits [N, V], any float dtype, never written -> (token id, logprobs) per row."""
+        num_rows = logits.shape[0]
+        if logits.dim() != 2 or len(rows) != num_rows:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        if all(_is_plain_greedy(row.params) for row in rows):
+            return logits.argmax(dim=-1).tolist(), [None] * num_rows
+
+        device = logits.device
+        raw = logits.float()  # [N, V]; NOTE: may alias `logits`, so nothing below writes in place
+        lp_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        lp_idx = torch.tensor(lp_rows, dtype=torch.long, device=device)  # [L]
+        logprobs = raw[lp_idx].log_softmax(dim=-1) if lp_rows else None  # [L, V]
+
+        x = apply_penalties(raw, rows)  # [N, V]
+        sample_rows = [i for i, row in enumerate(rows) if not _is_greedy(row.params)]
+        if len(sample_rows) == num_rows:
+            token_ids = _sample(x, rows)  # [N]
+        else:
+            token_ids = x.argmax(dim=-1)  # [N]
+            if sample_rows:
+                sample_idx = torch.tensor(sample_rows, dtype=torch.long, device=device)  # [S]
+                token_ids[sample_idx] = _sample(x[sample_idx], [rows[i] for i in sample_rows])
+
+        if logprobs is None:
+            return token_ids.tolist(), [None] * num_rows
+        return _with_logprobs(token_ids, logprobs, lp_idx, lp_rows, rows)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits [N, V] float32 -> penalised copy [N, V] (or `logits` itself when no row has any).
+    Repetition over prompt + output (logit > 0: divide, else multiply), then presence and
+    frequency over output only: logit -= presence * (count > 0) + frequency * count."""
+    rep_rows = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    count_rows = [
+        i
+        for i, row in enumerate(rows)
+        if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
+    ]
+    if not rep_rows and not count_rows:
+        return logits
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+
+    # NOTE: the index lists are rebuilt on the host each step by a per-row loop (O(prompt +
+    # output) per penalised row); everything after them is batched.
+    if rep_rows:
+        row_idx, tok_idx = _flat_index(
+            rep_rows, [rows[i].prompt_ids + rows[i].output_ids for i in rep_rows]
+        )
+        seen = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)  # [N, V]
+        seen[row_idx.to(device), tok_idx.to(device)] = True
+        penalty = _column([row.params.repetition_penalty for row in rows], device)  # [N, 1]
+        logits = torch.where(
+            seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits
+        )
+    if count_rows:
+        row_idx, tok_idx = _flat_index(count_rows, [rows[i].output_ids for i in count_rows])
+        counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)  # [N, V]
+        ones = torch.ones(row_idx.numel(), dtype=torch.float32, device=device)
+        counts.index_put_((row_idx.to(device), tok_idx.to(device)), ones, accumulate=True)
+        frequency = _column([row.params.frequency_penalty for row in rows], device)  # [N, 1]
+        presence = _column([row.params.presence_penalty for row in rows], device)  # [N, 1]
+        logits = logits - frequency * counts - presence * (counts > 0)
+    return logits
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < _SAMPLING_EPS
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def _is_plain_greedy(params: SamplingParams) -> bool:
+    return _is_greedy(params) and params.logprobs is None and not _has_penalties(params)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # [N, 1]
+
+
+def _flat_index(
+    row_ids: list[int], token_lists: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) pairs, both [T] long on the CPU, for index_put_ into an [N, V]."""
+    lens = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    row_idx = torch.tensor(row_ids, dtype=torch.long).repeat_interleave(lens)  # [T]
+    tok_idx = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.long)  # [T]
+    return row_idx, tok_idx
+
+
+def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Penalised logits [S, V] of non-greedy rows -> sampled ids [S]: temperature, top-k, top-p,
+    min-p, then an exponential race (Gumbel-max) that draws each row from its own generator."""
+    num_rows, vocab_size = x.shape
+    device = x.device
+    params = [row.params for row in rows]
+    x = x / _column([p.temperature for p in params], device)  # [S, V]
+
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
+        x = _top_k_top_p(x, top_k, top_p)
+    probs = x.softmax(dim=-1)  # [S, V]
+    if any(p.min_p > 0.0 for p in params):
+        min_p = _column([p.min_p for p in params], device)  # [S, 1]
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+
+    # argmax(probs / q) with q ~ Exp(1) picks token i with probability probs[i] / sum(probs): no
+    # renormalisation needed. NOTE: per-row loop, so that each row's noise [V] depends only on
+    # its own generator (None: torch's default generator).
+    q = torch.empty_like(probs)  # [S, V]
+    for i, row in enumerate(rows):
+        q[i].exponential_(generator=row.generator)
+    q.clamp_min_(torch.finfo(q.dtype).tiny)  # q == 0 would make 0 / 0 = nan, which argmax picks
+    return (probs / q).argmax(dim=-1)  # [S]
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """logits [S, V] -> copy with the tokens outside each row's top-k, then outside the smallest
+    set of mass >= top_p (the top token always stays), set to -inf."""
+    num_rows, vocab_size = x.shape
+    device = x.device
+    # stable: ties at the top-k edge keep the lower token id, whatever the batch
+    sorted_x, sorted_idx = x.sort(dim=-1, descending=True, stable=True)  # [S, V] each
+    k = torch.tensor(top_k, dtype=torch.long, device=device)[:, None]  # [S, 1]
+    drop = torch.arange(vocab_size, device=device)[None, :] >= k  # [S, V], sorted order
+    if any(p < 1.0 for p in top_p):
+        p = _column(top_p, device)  # [S, 1]
+        probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)  # [S, V]
+        mass_before = probs.cumsum(dim=-1) - probs  # [S, V]; exactly 0 for the top token
+        # rows with top_p == 1 skip the test: a cumsum rounding past 1.0 must not drop the tail
+        drop |= (mass_before >= p) & (p < 1.0)
+    drop = torch.empty_like(drop).scatter_(1, sorted_idx, drop)  # [S, V], vocab order
+    return x.masked_fill(drop, float("-inf"))
+
+
+def _with_logprobs(
+    token_ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    lp_idx: torch.Tensor,
+    lp_rows: list[int],
+    rows: list[SamplingRow],
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Sampled ids [N] and raw logprobs [L, V] -> lists, with one host copy for everything."""
+    num_rows = token_ids.shape[0]
+    vocab_size = logprobs.shape[1]
+    sampled_lp = logprobs.gather(1, token_ids[lp_idx][:, None]).squeeze(1)  # [L]
+    max_n = min(max(rows[i].params.logprobs or 0 for i in lp_rows), vocab_size)
+    top_lp, top_ids = logprobs.topk(max_n, dim=-1)  # [L, K] each, by falling logprob
+    # float64 holds every token id and float32 logprob exactly
+    flat = torch.cat(
+        [
+            token_ids.double(),
+            sampled_lp.double(),
+            top_lp.double().flatten(),
+            top_ids.double().flatten(),
+        ]
+    ).tolist()
+    ids = [int(t) for t in flat[:num_rows]]
+    sampled = flat[num_rows : num_rows + len(lp_rows)]
+    top_off = num_rows + len(lp_rows)
+    ids_off = top_off + len(lp_rows) * max_n
+
+    out: list[TokenLogprobs | None] = [None] * num_rows
+    for j, i in enumerate(lp_rows):
+        n = rows[i].params.logprobs or 0
+        row_lp = flat[top_off + j * max_n : top_off + j * max_n + n]
+        row_ids = flat[ids_off + j * max_n : ids_off + j * max_n + n]
+        top = {int(t): lp for t, lp in zip(row_ids, row_lp, strict=True)}
+        out[i] = TokenLogprobs(token_id=ids[i], logprob=sampled[j], top=top)
+    return ids, out

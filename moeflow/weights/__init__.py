@@ -1,0 +1,1 @@
+"""Checkpoint readers (GGUF, safetensors): parse and bounds-check model files, never run them."""

@@ -1,0 +1,107 @@
+"""Dense families against HF transformers on the same weights: greedy token ids for 32+ new
+tokens through the paged engine (batched, chunked prefill), and prefill logits."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow import LLM, SamplingParams
+from moeflow.context import forward_context
+from moeflow.engine.request import Request
+from moeflow.engine.scheduler import ScheduledBatch
+from tests.conftest import TINY_FAMILIES, TINY_VOCAB
+
+NEW_TOKENS = 40
+
+
+def _hf_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    """Plain greedy for exactly n tokens: no EOS stop and no EOS suppression either."""
+    model.generation_config.eos_token_id = None  # type: ignore[union-attr]
+    with torch.no_grad():
+        input_ids = torch.tensor([ids])
+        out = model.generate(  # type: ignore[operator]
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),  # else HF masks out ids equal to pad
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(n)] for n in lengths]
+
+
+def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits at every prompt position, through the paged engine's runner (one chunk)."""
+    engine = llm.engine
+    req = Request("logits", list(ids), SamplingParams(), max_tokens=1)
+    assert engine.block_manager.allocate_slots(req, len(ids))
+    try:
+        fb = engine.runner.prepare(ScheduledBatch([req], [len(ids)]))
+        with torch.inference_mode(), forward_context(fb):
+            hidden = llm.loaded.model(fb.input_ids, fb.positions)
+            return llm.loaded.model.compute_logits(hidden, torch.arange(len(ids))).float()
+    finally:
+        engine.block_manager.free(req)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_greedy_and_logits_match_hf(family: str, tiny_checkpoints: dict[str, Path]) -> None:
+    path = tiny_checkpoints[family]
+    hf = _hf_model(path)
+    # A small token budget forces chunked prefill; several prompts run batched.
+    llm = LLM(
+        str(path), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=24
+    )
+    assert llm.loaded.model_config.vocab_size == TINY_VOCAB
+    prompts = _prompts(sorted(TINY_FAMILIES).index(family), [5, 17, 33, 60])
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for ids, out in zip(prompts, outs, strict=True):
+        assert len(out.token_ids) == NEW_TOKENS
+        assert out.token_ids == _hf_greedy(hf, ids, NEW_TOKENS)
+
+    ids = prompts[-1]
+    ours = prefill_logits(llm, ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert llm.engine.block_manager.num_free_blocks == llm.config.num_kv_blocks
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_hf(smollm2_gguf: str) -> None:
+    """The real model: moeflow from the Q4_1 GGUF vs transformers' own GGUF loader (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(smollm2_gguf)
+    hf = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    llm = LLM(smollm2_gguf, dtype="float32", device="cpu", max_model_len=1024)
+    prompts = [
+        llm.encode_chat([{"role": "user", "content": "What is the capital of France?"}]),
+        llm.tokenizer.encode("The three primary colours are", add_special_tokens=True),
+        llm.encode_chat([{"role": "user", "content": "Write a haiku about the sea."}]),
+    ]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for ids, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == _hf_greedy(hf, ids, NEW_TOKENS)
+    ours = prefill_logits(llm, prompts[0])
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompts[0]])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
