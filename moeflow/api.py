@@ -115,9 +115,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Answer one conversation (a list of {role, content}) or a list of conversations, through
         the model's own chat template."""
-        conversations = (
-            [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        )
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         ids = [self.encode_chat(conv, chat_template_kwargs) for conv in conversations]  # type: ignore[arg-type]
         return self._run(ids, params)
 

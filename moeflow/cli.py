@@ -32,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
     common.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
-    common.add_argument(
-        "--temperature", type=float, default=0.0, help="0 is greedy (the default)"
-    )
+    common.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     common.add_argument("--top-p", type=float, default=1.0)
     common.add_argument("--top-k", type=int, default=0)
     common.add_argument("--seed", type=int, default=None, help="sampling seed")
@@ -52,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
     gen.add_argument("--prompt", required=True)
 
-    sub.add_parser(
-        "info", parents=[common], help="model config, parameter counts and memory plan"
-    )
+    sub.add_parser("info", parents=[common], help="model config, parameter counts and memory plan")
 
     bench = sub.add_parser(
         "bench", parents=[common], help="load time, prefill and decode speed beside peers"

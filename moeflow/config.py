@@ -12,7 +12,7 @@ from moeflow.errors import ModelFormatError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Fields every family reads; family-only fields stay in `hf` and are read by the family file."""
+    """Fields every family reads; family-only fields stay in `hf`, read by the family file."""
 
     architecture: str  # HF architectures[0], the registry key
     model_type: str
@@ -53,8 +53,10 @@ class ModelConfig:
             kv_heads = int(hf.get("num_key_value_heads") or heads)
             head_dim = int(hf.get("head_dim") or hidden // heads)
             eos = hf.get("eos_token_id")
-            eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (
-                (int(eos),) if eos is not None else ()
+            eos_ids = (
+                tuple(int(e) for e in eos)
+                if isinstance(eos, list)
+                else ((int(eos),) if eos is not None else ())
             )
             rope_theta = hf.get("rope_theta")
             rope_params = hf.get("rope_parameters")  # transformers >= 5 nests rope settings here

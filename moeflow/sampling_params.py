@@ -60,11 +60,11 @@ class SamplingParams:
             f"must be in [0, {MAX_LOGPROBS}]",
         )
         _check(len(self.stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0")
         _check(
-            self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)"
+            all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"
         )
+        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0")
+        _check(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
 
     @property
     def is_greedy(self) -> bool:

@@ -103,7 +103,7 @@ class BlockManager:
         req.num_hashed_blocks = num_full
 
     def free(self, req: Request) -> None:
-        """Release `req`'s blocks; the tail goes into the free queue first, so it is evicted first."""
+        """Release `req`'s blocks; the tail enters the free queue first, so it is evicted first."""
         for block in reversed(req.block_table):
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0, f"block {block} freed twice"

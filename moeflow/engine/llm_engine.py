@@ -165,9 +165,7 @@ class LLMEngine:
                 req.text = text[:index]
                 req.finish_reason, req.stop_reason = FinishReason.STOP, stop
                 return
-        if not p.ignore_eos and token in self.eos_ids:
-            req.finish_reason, req.stop_reason = FinishReason.STOP, token
-        elif token in p.stop_token_ids:
+        if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
             req.finish_reason, req.stop_reason = FinishReason.STOP, token
         elif len(req.output_ids) >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
             req.finish_reason = FinishReason.LENGTH

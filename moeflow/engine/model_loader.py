@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from moeflow import env
 from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError
+from moeflow.models.base import CausalLM
 from moeflow.models.registry import get_model_class
 from moeflow.tokenizer import Tokenizer
 from moeflow.weights import gguf, safetensors
@@ -38,7 +37,7 @@ DTYPES = {
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: CausalLM
     model_config: ModelConfig
     tokenizer: Tokenizer
     path: str
@@ -87,8 +86,8 @@ def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
 def load_model(model: str | None, device: str, dtype: torch.dtype) -> LoadedModel:
     start = time.perf_counter()
     path = resolve_model_path(model)
-    is_gguf = os.path.isfile(path)
-    if is_gguf:
+    reader: gguf.GGUFReader | None = None
+    if os.path.isfile(path):
         reader = gguf.GGUFReader(path)
         config = ModelConfig.from_hf(gguf.gguf_to_hf_config(reader))
         tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
@@ -110,7 +109,7 @@ def load_model(model: str | None, device: str, dtype: torch.dtype) -> LoadedMode
         torch.set_default_dtype(prev_dtype)
     net.eval()
     net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))
-    if is_gguf:
+    if reader is not None:
         reader.close()
     elapsed = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, elapsed)

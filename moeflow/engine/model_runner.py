@@ -5,14 +5,14 @@ that sample this step."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.scheduler import ScheduledBatch
+from moeflow.models.base import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, block_size: int, device: torch.device) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -58,7 +58,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [S, V] (float32) for the S sequences of `batch` that sample this step, in order."""
+        """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order."""
         fb = self.prepare(batch)
         with forward_context(fb):
             hidden = self.model(fb.input_ids, fb.positions)  # [T, E]

@@ -17,9 +17,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        )
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -32,9 +30,7 @@ class Linear(nn.Module):
 class MergedLinear(Linear):
     """Output rows are the concatenation of named shards, e.g. ("q", "k", "v")."""
 
-    def __init__(
-        self, in_features: int, shard_sizes: dict[str, int], bias: bool = False
-    ) -> None:
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
         super().__init__(in_features, sum(shard_sizes.values()), bias)
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
@@ -54,7 +50,8 @@ class MergedLinear(Linear):
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ModelFormatError(
-            f"checkpoint tensor for {what} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+            f"checkpoint tensor for {what} has shape {tuple(src.shape)}, "
+            f"expected {tuple(dst.shape)}"
         )
     with torch.no_grad():
         dst.copy_(src)

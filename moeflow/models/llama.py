@@ -18,6 +18,7 @@ from moeflow.layers.embedding import LMHead, VocabEmbedding
 from moeflow.layers.linear import Linear, MergedLinear
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
+from moeflow.models.base import CausalLM
 from moeflow.weights.loader import load_weights
 
 
@@ -82,10 +83,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, res = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, res = self.post_attention_layernorm(hidden, res)
+        return self.mlp(hidden), res
 
 
 class LlamaModel(nn.Module):
@@ -107,7 +108,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # Checkpoint projection -> (merged parameter, shard) it fills.
     packed_modules_mapping: dict[str, tuple[str, str]] = {
         "q_proj": ("qkv_proj", "q"),
@@ -128,7 +129,9 @@ class LlamaForCausalLM(nn.Module):
     def make_attention(cls, config: ModelConfig) -> LlamaAttention:
         """Llama puts attention_bias on q, k, v and o alike."""
         bias = config.attention_bias
-        return LlamaAttention(config, qkv_bias=bias, o_bias=bias, qk_norm=False, sliding_window=None)
+        return LlamaAttention(
+            config, qkv_bias=bias, o_bias=bias, qk_norm=False, sliding_window=None
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)  # [T, E]

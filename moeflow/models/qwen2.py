@@ -9,7 +9,9 @@ from moeflow.models.llama import LlamaAttention, LlamaForCausalLM
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def make_attention(cls, config: ModelConfig) -> LlamaAttention:
-        return LlamaAttention(config, qkv_bias=True, o_bias=False, qk_norm=False, sliding_window=None)
+        return LlamaAttention(
+            config, qkv_bias=True, o_bias=False, qk_norm=False, sliding_window=None
+        )
 
 
 ENTRY_CLASSES = [Qwen2ForCausalLM]

@@ -7,17 +7,16 @@ import functools
 import importlib
 import pkgutil
 
-from torch import nn
-
 import moeflow.models
 from moeflow.errors import UnsupportedArchitectureError
+from moeflow.models.base import CausalLM
 
 
 @functools.cache
-def _registry() -> dict[str, type[nn.Module]]:
-    found: dict[str, type[nn.Module]] = {}
+def _registry() -> dict[str, type[CausalLM]]:
+    found: dict[str, type[CausalLM]] = {}
     for info in pkgutil.iter_modules(moeflow.models.__path__):
-        if info.name == "registry":
+        if info.name in ("registry", "base"):
             continue
         module = importlib.import_module(f"moeflow.models.{info.name}")
         for cls in getattr(module, "ENTRY_CLASSES", []):
@@ -29,7 +28,7 @@ def supported_architectures() -> list[str]:
     return sorted(_registry())
 
 
-def get_model_class(architecture: str) -> type[nn.Module]:
+def get_model_class(architecture: str) -> type[CausalLM]:
     try:
         return _registry()[architecture]
     except KeyError:
