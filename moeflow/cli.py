@@ -100,6 +100,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(env.MOEFLOW_NUM_THREADS)
+    # Bad sampling arguments fail before the model is loaded.
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     llm = LLM(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
     )
@@ -108,13 +116,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(model_info(llm))
         return 0
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
     if args.command == "generate":
         ids = llm.tokenizer.encode(args.prompt, add_special_tokens=True)
         _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))

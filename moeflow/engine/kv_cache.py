@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from moeflow.config import ModelConfig
-from moeflow.layers.attention import PagedAttention
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -19,11 +18,12 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 def allocate_kv_cache(
     model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Give every PagedAttention layer its cache; returns the bytes allocated."""
+    """Give every attention layer (a module with `k_cache`, `v_cache`, `num_kv_heads` and
+    `head_dim`: layers.attention.PagedAttention) its cache; returns the bytes allocated."""
     total = 0
     for module in model.modules():
-        if isinstance(module, PagedAttention):
-            shape = (num_blocks, block_size, module.num_kv_heads, module.head_dim)
+        if hasattr(module, "k_cache") and hasattr(module, "num_kv_heads"):
+            shape = (num_blocks, block_size, int(module.num_kv_heads), int(module.head_dim))
             module.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             module.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             total += 2 * module.k_cache.numel() * module.k_cache.element_size()
