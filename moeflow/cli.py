@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2)")
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    common.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16)")
+    common.add_argument(
+        "--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16)"
+    )
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
     common.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
     common.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")

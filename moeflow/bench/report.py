@@ -87,15 +87,13 @@ def count_parameters(model: nn.Module, config: ModelConfig) -> ParamCounts:
     )
 
 
-def decode_weight_bytes(counts: ParamCounts, config: ModelConfig) -> int:
+def decode_weight_bytes(counts: ParamCounts) -> int:
     """Weight bytes one batch-1 decode step reads: every parameter (routed experts scaled by
     top-k / experts), except that an untied input embedding is read one row at a time.
 
     NOTE: a tied embedding is counted once, as the LM head, which reads all of it."""
     itemsize = counts.weight_bytes / counts.total if counts.total else 0.0
-    top_k, num_experts = _routing(config)
-    inactive = counts.routed_experts - counts.routed_experts * top_k // num_experts
-    read = counts.weight_bytes - int(inactive * itemsize) if num_experts else counts.weight_bytes
+    read = counts.weight_bytes - int((counts.total - counts.active_per_token) * itemsize)
     if not counts.is_tied:
         read -= int(counts.embedding * itemsize) - counts.embedding_row_bytes
     return read
@@ -122,7 +120,8 @@ def model_info(llm: LLM) -> str:
         f" (head_dim {cfg.head_dim})",
         f"intermediate     {cfg.intermediate_size}",
         f"vocab            {cfg.vocab_size}",
-        f"context          {cfg.max_position_embeddings} (max_model_len {llm.config.max_model_len})",
+        f"context          {cfg.max_position_embeddings}"
+        f" (max_model_len {llm.config.max_model_len})",
     ]
     if num_experts:
         lines.append(f"experts          {num_experts} routed, top-{top_k}")
@@ -177,4 +176,3 @@ def _bytes(n: int | float) -> str:
 
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
-

@@ -65,6 +65,35 @@ def paged_attention_ref(
     return out
 
 
+def paged_decode_attention_ref(
+    q: torch.Tensor,  # [B, H, D], one new token per sequence
+    k_cache: torch.Tensor,  # [N, S, Hkv, D]
+    v_cache: torch.Tensor,  # [N, S, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks], -1 padded
+    context_lens: torch.Tensor,  # [B]
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [B, H, D]
+    """Decode attention for a whole batch in one shot: every sequence's context is gathered into
+    a padded [B, L, Hkv, D] tensor (L = max_blocks * S) and positions past its length are masked.
+    GQA is a reshape of q ([B, Hkv, G, D]), never a copy of K/V."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    blocks = block_tables.clamp(min=0)
+    k = k_cache[blocks].flatten(1, 2).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    v = v_cache[blocks].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    qg = q.view(batch, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, k).float() * scale  # [B, Hkv, G, L]
+    pos = torch.arange(scores.shape[-1], device=q.device)
+    invalid = pos[None, :] >= context_lens[:, None]  # [B, L]
+    if sliding_window is not None:
+        invalid |= pos[None, :] <= (context_lens[:, None] - 1 - sliding_window)
+    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(batch, num_heads, head_dim)  # [B, H, D]
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -74,8 +103,14 @@ def paged_attention(
     context_lens: list[int],
     scale: float,
     sliding_window: int | None = None,
+    context_lens_gpu: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The dispatch point. Only the reference exists so far; the Triton paths come with #5."""
+    """The dispatch point: the batched decode reference when every sequence has one new token,
+    the per-sequence reference otherwise. The Triton paths come with the GPU issue (#5)."""
+    if context_lens_gpu is not None and all(n == 1 for n in query_lens):
+        return paged_decode_attention_ref(
+            q, k_cache, v_cache, block_tables, context_lens_gpu, scale, sliding_window
+        )
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, sliding_window
     )

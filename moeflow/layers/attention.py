@@ -40,4 +40,5 @@ class PagedAttention(nn.Module):
             batch.context_lens_cpu,
             self.scale,
             self.sliding_window,
+            batch.context_lens,
         )

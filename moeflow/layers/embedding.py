@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeflow.kernels.gemm import linear
+
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -27,4 +29,4 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.index_select(0, indices), self.weight)  # [S, V]
+        return linear(hidden.index_select(0, indices), self.weight)  # [S, V]

@@ -4,10 +4,10 @@ holds several checkpoint projections side by side (q/k/v -> qkv_proj, gate/up ->
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeflow.errors import ModelFormatError
+from moeflow.kernels.gemm import linear
 
 
 class Linear(nn.Module):
@@ -20,7 +20,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def load(self, param_name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
         param = getattr(self, param_name)
