@@ -12,10 +12,12 @@ import torch
 from moeflow.config import EngineConfig
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.model_loader import LoadedModel, load_model, parse_dtype
+from moeflow.engine.output import TextStream
 from moeflow.engine.request import Request
 from moeflow.engine.sampler import TokenLogprobs
+from moeflow.errors import RequestError
 from moeflow.sampling_params import SamplingParams
-from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+from moeflow.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 Message = dict[str, Any]
@@ -134,23 +136,17 @@ class LLM:
         character). Stop strings end the stream before the stop string is yielded."""
         engine = self.engine
         req = engine.add_request(prompt_ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-        sent = fed = 0
+        stream = TextStream(self.tokenizer, prompt_ids, params)
+        fed = 0
         try:
             while not req.is_finished:
                 engine.step()
-                detok.add(req.output_ids[fed:])
-                fed = len(req.output_ids)
-                # With stop strings, hold back text that could still turn into one.
-                if req.is_finished:
-                    text = req.text if isinstance(req.stop_reason, str) else detok.text
-                    hold = 0
-                else:
-                    text = detok.text
-                    hold = max((len(s) for s in params.stop), default=1) - 1
-                if len(text) - hold > sent:
-                    yield text[sent : len(text) - hold]
-                    sent = len(text) - hold
+                new_ids, fed = req.output_ids[fed:], len(req.output_ids)
+                delta = stream.update(new_ids, req.text if req.is_finished else None)
+                if delta:
+                    yield delta
+            if req.error is not None:
+                raise RequestError(req.error)
         finally:
             if not req.is_finished:
                 engine.abort(req.request_id)
@@ -177,6 +173,9 @@ class LLM:
             for r in reqs:
                 engine.abort(r.request_id)
             raise
+        for r in reqs:
+            if r.error is not None:
+                raise RequestError(r.error)
         return [_to_output(r) for r in reqs]
 
 

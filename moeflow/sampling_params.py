@@ -11,6 +11,7 @@ from moeflow.errors import RequestError
 
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024
 
 
 class FinishReason(str, enum.Enum):
@@ -37,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token (0: only the sampled)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +67,15 @@ class SamplingParams:
         )
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0")
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS}")
+        _check(
+            all(
+                isinstance(t, int) and t >= 0 and _finite(b) and -100 <= b <= 100
+                for t, b in self.logit_bias.items()
+            ),
+            "logit_bias",
+            "maps token ids >= 0 to biases in [-100, 100]",
+        )
 
     @property
     def is_greedy(self) -> bool:

@@ -75,6 +75,13 @@ class LLMEngine:
                 param="prompt",
                 code="context_length_exceeded",
             )
+        if self.block_manager.blocks_needed(len(prompt_ids) + 1) > self.block_manager.num_blocks:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens, more than the whole KV cache holds "
+                f"({self.block_manager.num_blocks * self.config.block_size} tokens)",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         room = max_len - len(prompt_ids)
         if params.max_tokens is not None and params.max_tokens > room:
             raise RequestError(
@@ -114,18 +121,19 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one batch; returns the requests that gained a token or finished (finished ones are
-        no longer tracked by the engine after this)."""
+        no longer tracked by the engine after this; `req.error` is set on those that failed)."""
         batch = self.scheduler.schedule()
         if not batch.reqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 # Nothing runs and the head of the queue still does not fit: it never will.
                 req = self.scheduler.waiting[0]
                 req.finish_reason = FinishReason.ABORT
-                self._finish(req)
-                raise RequestError(
+                req.error = (
                     f"request {req.request_id} needs more KV blocks than the cache has "
                     f"({self.block_manager.num_blocks} blocks of {self.config.block_size})"
                 )
+                self._finish(req)
+                return [req]
             return []
         logits = self.runner.run(batch)
         self.stats.num_steps += 1

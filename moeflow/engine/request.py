@@ -40,7 +40,8 @@ class Request:
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    text: str = ""  # detokenised output (maintained by the engine when stop strings or text needed)
+    text: str = ""  # detokenised output, set when the request finishes
+    error: str | None = None  # set when the engine had to fail this request
 
     @property
     def num_tokens(self) -> int:

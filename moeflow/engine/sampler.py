@@ -82,7 +82,7 @@ class Sampler:
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """logits [N, V] float32 -> penalised copy [N, V] (or `logits` itself when no row has any).
-    Repetition over prompt + output (logit > 0: divide, else multiply), then presence and
+    First the OpenAI logit_bias is added; then repetition over prompt + output (logit > 0: divide, else multiply), then presence and
     frequency over output only: logit -= presence * (count > 0) + frequency * count."""
     rep_rows = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     count_rows = [
@@ -90,13 +90,21 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         for i, row in enumerate(rows)
         if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
     ]
-    if not rep_rows and not count_rows:
+    bias_rows = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if not rep_rows and not count_rows and not bias_rows:
         return logits
     num_rows, vocab_size = logits.shape
     device = logits.device
 
     # NOTE: the index lists are rebuilt on the host each step by a per-row loop (O(prompt +
     # output) per penalised row); everything after them is batched.
+    if bias_rows:
+        bias = torch.zeros(num_rows, vocab_size, dtype=torch.float32)  # [N, V], built on host
+        for i in bias_rows:
+            ids = [t for t in rows[i].params.logit_bias if t < vocab_size]
+            vals = [rows[i].params.logit_bias[t] for t in ids]
+            bias[i, ids] = torch.tensor(vals, dtype=torch.float32)
+        logits = logits + bias.to(device)
     if rep_rows:
         row_idx, tok_idx = _flat_index(
             rep_rows, [rows[i].prompt_ids + rows[i].output_ids for i in rep_rows]
@@ -127,6 +135,7 @@ def _has_penalties(params: SamplingParams) -> bool:
         params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
+        or bool(params.logit_bias)
     )
 
 

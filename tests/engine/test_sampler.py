@@ -230,3 +230,16 @@ def test_logprobs_from_raw_logits(dtype: torch.dtype) -> None:
     penalised = logits[3].float().clone()
     penalised[4] -= 2.0
     assert ids[3] == int(penalised.argmax())
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    logits = torch.zeros(2, 10)
+    logits[:, 3] = 5.0
+    force = SamplingRow(SamplingParams(temperature=0, logit_bias={7: 100.0}), [1], [], None)
+    ban = SamplingRow(SamplingParams(temperature=0, logit_bias={3: -100.0}), [1], [], None)
+    ids, _ = Sampler()(logits, [force, ban])
+    assert ids[0] == 7
+    assert ids[1] != 3
+    penalised = apply_penalties(logits, [force, ban])
+    assert penalised[0, 7] == 100.0 and penalised[1, 3] == -95.0
+    assert logits[0, 7] == 0.0  # the input is never written
