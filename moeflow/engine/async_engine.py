@@ -1,0 +1,244 @@
+"""The engine thread and its asyncio bridge. One thread owns the LLMEngine and steps it; coroutines
+submit requests and aborts through a command queue and read each request's updates from its own
+asyncio.Queue. Bounded: a full waiting queue refuses new work at once (QueueFullError).
+
+NOTE: if a step raises, engine state is unknown: every open request gets an error update, the
+engine is marked dead (health fails) and, when `exit_on_death`, the process exits non-zero."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.request import Request
+from moeflow.engine.sampler import TokenLogprobs
+from moeflow.errors import EngineDeadError, MoeflowError
+from moeflow.sampling_params import SamplingParams
+
+logger = logging.getLogger("moeflow")
+
+
+class QueueFullError(MoeflowError):
+    """The waiting queue is at its cap; the caller should retry later (HTTP 503)."""
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """What one engine step did to one request."""
+
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    stop_reason: str | int | None = None
+    text: str | None = None  # the final text, once finished
+    error: str | None = None  # the engine failed this request (or died)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestUpdate]
+    sent: int = 0  # output tokens already handed over
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, exit_on_death: bool = False):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.exit_on_death = exit_on_death
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, _Sink] = {}  # owned by the engine thread
+        self._num_pending_adds = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name="moeflow-engine", daemon=True)
+        self.dead_reason: str | None = None
+        self.last_tick = time.monotonic()
+        # Counted in the engine thread: "accepted" when admitted, then exactly one of finished /
+        # aborted / error when it ends; "rejected" for requests the engine refused at admission.
+        self.outcomes: Counter[str] = Counter()
+        self.num_running = 0
+        self.num_waiting = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_reason is None and self._thread.is_alive()
+
+    def is_healthy(self, max_silence_s: float = 30.0) -> bool:
+        """Alive and stepping (or idle-ticking) within the last `max_silence_s` seconds."""
+        return self.is_alive and time.monotonic() - self.last_tick < max_silence_s
+
+    @property
+    def num_open(self) -> int:
+        with self._lock:
+            return len(self._sinks) + self._num_pending_adds
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; wait for in-flight requests up to `timeout_s`, then abort the rest and
+        stop the thread."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout_s
+        while self.num_open and time.monotonic() < deadline and self.is_alive:
+            await asyncio.sleep(0.05)
+        self._commands.put(("abort_all", None))
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 10.0)
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestUpdate]:
+        """Submit one request; validation errors (RequestError) and QueueFullError raise here,
+        before anything is yielded. Leaving the iterator early aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'stopped'}")
+        if not self._accepting:
+            raise QueueFullError("the server is shutting down")
+        with self._lock:
+            waiting = self.num_waiting + self._num_pending_adds
+            if waiting >= self.max_waiting:
+                raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+            self._num_pending_adds += 1
+        loop = asyncio.get_running_loop()
+        sink = _Sink(loop, asyncio.Queue())
+        ack: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._commands.put(("add", (request_id, prompt_ids, params, sink, ack)))
+        self._wake.set()
+        await asyncio.wrap_future(ack)  # raises the engine's RequestError, if any
+        return self._updates(request_id, sink)
+
+    async def _updates(self, request_id: str, sink: _Sink) -> AsyncIterator[RequestUpdate]:
+        finished = False
+        try:
+            while True:
+                update = await sink.queue.get()
+                yield update
+                if update.finish_reason is not None or update.error is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer left (client gone, task cancelled)
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._run_commands()
+                self.last_tick = time.monotonic()
+                if engine.has_unfinished():
+                    for req in engine.step():
+                        self._publish(req)
+                    self._snapshot()
+                else:
+                    self._snapshot()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+            self._run_commands()
+        except BaseException as e:  # noqa: BLE001 - engine state is unknown: fail everything
+            self.dead_reason = f"{type(e).__name__}: {e}"
+            logger.exception("engine loop died")
+            for request_id in list(self._sinks):
+                self._push(request_id, RequestUpdate([], error=f"engine failure: {e}"))
+                self.outcomes["error"] += 1
+            with self._lock:
+                self._sinks.clear()
+            if self.exit_on_death:
+                # Give the event loop a moment to flush the error events, then leave.
+                threading.Timer(0.5, os._exit, args=(70,)).start()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, prompt_ids, params, sink, ack = arg
+                try:
+                    req = self.engine.add_request(prompt_ids, params, request_id)
+                except BaseException as e:  # noqa: BLE001 - handed to the submitting coroutine
+                    with self._lock:
+                        self._num_pending_adds -= 1
+                    self.outcomes["rejected"] += 1
+                    ack.set_exception(e)
+                    continue
+                with self._lock:
+                    self._num_pending_adds -= 1
+                    self._sinks[request_id] = sink
+                self.outcomes["accepted"] += 1
+                ack.set_result(None)
+                del req
+            elif kind == "abort":
+                if self.engine.abort(arg):
+                    self._end(arg, RequestUpdate([], finish_reason="abort"), "aborted")
+            elif kind == "abort_all":
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                    self._end(request_id, RequestUpdate([], finish_reason="abort"), "aborted")
+
+    def _publish(self, req: Request) -> None:
+        sink = self._sinks.get(req.request_id)
+        if sink is None:
+            return
+        new_ids = req.output_ids[sink.sent :]
+        new_lps = req.output_logprobs[sink.sent :] if req.params.logprobs is not None else []
+        sink.sent = len(req.output_ids)
+        update = RequestUpdate(
+            new_ids,
+            new_lps,
+            num_prompt_tokens=len(req.prompt_ids),
+            num_cached_tokens=req.num_cached_tokens,
+        )
+        if req.is_finished:
+            update.finish_reason = req.finish_reason.value if req.finish_reason else None
+            update.stop_reason = req.stop_reason
+            update.text = req.text
+            update.error = req.error
+            self._end(req.request_id, update, "error" if req.error else "finished")
+        else:
+            self._push(req.request_id, update)
+
+    def _end(self, request_id: str, update: RequestUpdate, outcome: str) -> None:
+        if request_id not in self._sinks:
+            return
+        self._push(request_id, update)
+        with self._lock:
+            del self._sinks[request_id]
+        self.outcomes[outcome] += 1
+
+    def _push(self, request_id: str, update: RequestUpdate) -> None:
+        sink = self._sinks.get(request_id)
+        if sink is not None and not sink.loop.is_closed():
+            sink.loop.call_soon_threadsafe(sink.queue.put_nowait, update)
+
+    def _snapshot(self) -> None:
+        sched = self.engine.scheduler
+        self.num_running, self.num_waiting = len(sched.running), len(sched.waiting)
