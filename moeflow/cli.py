@@ -69,8 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the results to this file")
 
     serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use")
+    serve.add_argument(
+        "--max-waiting", type=int, default=256, help="queued requests at most (then 503)"
+    )
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="running sequences at most")
+    serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    serve.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="split <think>...</think> into reasoning_content (auto: when the vocabulary has "
+        "both tags)",
+    )
     return parser
 
 
@@ -89,8 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "serve":
-        raise MoeflowError("`moeflow serve` is not implemented yet (issue #4)")
     if args.command == "bench":
         from moeflow.bench.cpu import run_bench
 
@@ -110,6 +122,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    if args.command == "serve":
+        # Load (and size the KV cache) before binding the port: too little memory exits non-zero.
+        llm = LLM(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            kv_cache_tokens=args.kv_cache_tokens,
+            max_num_seqs=args.max_num_seqs,
+        )
+        from moeflow.server.run import serve
+
+        return serve(llm.engine, args)
     llm = LLM(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
     )

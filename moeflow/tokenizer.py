@@ -609,3 +609,83 @@ def _str_list(metadata: Mapping[str, Any], key: str) -> list[str]:
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class ReasoningSplitter:
+    """Splits a reasoning model's output into reasoning (inside <think>...</think>) and content,
+    streamed or whole. `in_reasoning=True` when the prompt already opened the block (the template
+    ends with "<think>"). A newline right after either tag is dropped; a block that never closes
+    is all reasoning. Streaming never emits part of a tag: a tail that could still become one is
+    held until the next delta (or `finish`)."""
+
+    def __init__(
+        self, start_tag: str = "<think>", end_tag: str = "</think>", in_reasoning: bool = False
+    ) -> None:
+        self.start_tag, self.end_tag = start_tag, end_tag
+        self.in_reasoning_at_start = in_reasoning
+        self._in_reasoning = in_reasoning
+        self._seen_start = in_reasoning
+        self._done = False  # after </think>, everything is content
+        self._held = ""
+        self._strip_newline = in_reasoning
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """(reasoning delta, content delta)."""
+        text = self._held + delta
+        self._held = ""
+        reasoning, content = [], []
+        while text:
+            if self._strip_newline:
+                if text.startswith("\n"):
+                    text = text[1:]
+                self._strip_newline = False
+                continue
+            if self._done:
+                content.append(text)
+                break
+            tag = self.end_tag if self._in_reasoning else self.start_tag
+            if not self._in_reasoning and self._seen_start:
+                content.append(text)  # no second think block is parsed
+                break
+            i = text.find(tag)
+            if i >= 0:
+                (reasoning if self._in_reasoning else content).append(text[:i])
+                text = text[i + len(tag) :]
+                self._strip_newline = True
+                if self._in_reasoning:
+                    self._in_reasoning, self._done = False, True
+                else:
+                    self._in_reasoning = self._seen_start = True
+                continue
+            keep = _partial_suffix(text, tag)
+            (reasoning if self._in_reasoning else content).append(text[: len(text) - keep])
+            self._held = text[len(text) - keep :]
+            break
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        held, self._held = self._held, ""
+        return (held, "") if self._in_reasoning else ("", held)
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """Whole-output split: (reasoning or None when there was no think block, content)."""
+        r1, c1 = self.feed(text)
+        r2, c2 = self.finish()
+        reasoning = r1 + r2
+        has_block = self._seen_start
+        return (reasoning if has_block else None), c1 + c2
+
+
+def prompt_opens_reasoning(prompt_text: str, start_tag: str, end_tag: str) -> bool:
+    """True when the prompt's last start tag comes after its last end tag (the template opened
+    the think block for the model)."""
+    start = prompt_text.rfind(start_tag)
+    return start >= 0 and start > prompt_text.rfind(end_tag)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0

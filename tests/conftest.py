@@ -99,3 +99,64 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {fam: make_tiny_checkpoint(fam, root / fam) for fam in TINY_FAMILIES}
+
+
+THINK_SCRIPT = ["<think>", "a", "b", "c", "</think>", "X", "Y", "Z"]
+
+
+def make_scripted_checkpoint(folder: Path) -> Path:
+    """A real llama checkpoint whose greedy output is scripted: every layer adds nothing (o_proj
+    and down_proj are zero), embeddings are one-hot and the LM head maps each token to its
+    successor in THINK_SCRIPT, so any prompt continues with "<think>abc</think>XYZ" then EOS.
+    The chat template opens the think block itself when enable_thinking is true."""
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(folder)
+    tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens(["<think>", "</think>"])
+    tok.save(str(folder / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking %}<think>{% endif %}{% endif %}"
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+    )
+    ids = [tok.token_to_id(t) for t in THINK_SCRIPT]
+    assert all(i is not None for i in ids) and len(set(ids)) == len(ids)
+    hidden = TINY_VOCAB
+    config = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=256,
+        eos_token_id=TINY_EOS,
+    )
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(TINY_VOCAB, hidden))
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        successor = dict.fromkeys(range(TINY_VOCAB), ids[0])
+        successor.update(dict(zip(ids, ids[1:] + [TINY_EOS], strict=True)))
+        for t, nxt in successor.items():
+            model.lm_head.weight[nxt, t] = 1.0
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def scripted_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("scripted") / "m")

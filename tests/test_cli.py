@@ -104,5 +104,5 @@ def test_bad_sampling_arguments(bad: list[str]) -> None:
     assert_one_error_line(run_cli("generate", "--prompt", "hi", *bad), bad[0][2:].replace("-", "_"))
 
 
-def test_serve_is_clearly_unfinished() -> None:
-    assert_one_error_line(run_cli("serve"), "not implemented")
+def test_serve_with_a_missing_model_exits_before_binding() -> None:
+    assert_one_error_line(run_cli("serve", "--model", "/nonexistent"), "does not exist")

@@ -29,7 +29,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "moeflow.models": ("moeflow.layers",),
     "moeflow.engine": ("moeflow.models.registry", "moeflow.models.base", "moeflow.kernels"),
     "moeflow.api": ("moeflow.engine",),
-    "moeflow.server": ("moeflow.engine.async_engine",),
+    "moeflow.server": (
+        "moeflow.engine.async_engine",
+        "moeflow.engine.output",
+        "moeflow.engine.llm_engine",
+    ),
     "moeflow.bench": ("moeflow.api", "moeflow.engine", "moeflow.models", "moeflow.kernels"),
     "moeflow.cli": ("moeflow.api", "moeflow.server", "moeflow.bench"),
     "moeflow.__main__": ("moeflow.cli",),

@@ -232,7 +232,7 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
         params_total=counts.total,
         weight_bytes=counts.weight_bytes,
         decode_weight_bytes=decode_weight_bytes(counts),
-        kv_bytes_per_token=kv_bytes_per_token(llm.loaded.model_config, dtype),
+        kv_bytes_per_token=kv_bytes_per_token(llm.loaded.model, dtype),
         prompt_ids=prompt_ids,
         warm_ids=warm_ids,
     )

@@ -104,7 +104,7 @@ def model_info(llm: LLM) -> str:
     cfg = llm.loaded.model_config
     dtype = parse_dtype(llm.config.dtype)
     counts = count_parameters(llm.loaded.model, cfg)
-    kv_token = kv_bytes_per_token(cfg, dtype)
+    kv_token = kv_bytes_per_token(llm.loaded.model, dtype)
     num_blocks, block_size = llm.config.num_kv_blocks, llm.config.block_size
     layers = counts.per_layer
     layer_line = (

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from moeflow import env
 from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError

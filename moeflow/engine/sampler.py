@@ -82,8 +82,9 @@ class Sampler:
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """logits [N, V] float32 -> penalised copy [N, V] (or `logits` itself when no row has any).
-    First the OpenAI logit_bias is added; then repetition over prompt + output (logit > 0: divide, else multiply), then presence and
-    frequency over output only: logit -= presence * (count > 0) + frequency * count."""
+    First the OpenAI logit_bias is added; then repetition over prompt + output (logit > 0:
+    divide, else multiply); then presence and frequency over output only:
+    logit -= presence * (count > 0) + frequency * count."""
     rep_rows = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     count_rows = [
         i
