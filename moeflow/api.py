@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from moeflow.config import EngineConfig
+from moeflow.engine.kv_cache import plan_kv_cache
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.model_loader import LoadedModel, load_model, parse_dtype
 from moeflow.engine.output import TextStream
@@ -87,9 +88,7 @@ class LLM:
             seed=seed,
         )
         self.loaded = loaded
-        from moeflow.engine.kv_cache import allocate_kv_cache
-
-        self.kv_cache_bytes = allocate_kv_cache(
+        self.kv_cache_bytes = plan_kv_cache(
             loaded.model, self.config.num_kv_blocks, block_size, torch_dtype, torch.device(device)
         )
         self.engine = LLMEngine(self.config, loaded)

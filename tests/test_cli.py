@@ -106,3 +106,8 @@ def test_bad_sampling_arguments(bad: list[str]) -> None:
 
 def test_serve_with_a_missing_model_exits_before_binding() -> None:
     assert_one_error_line(run_cli("serve", "--model", "/nonexistent"), "does not exist")
+
+
+def test_serve_with_too_little_memory_exits_with_the_numbers() -> None:
+    proc = run_cli("serve", "--kv-cache-tokens", str(10**10), "--port", "1")
+    assert_one_error_line(proc, "KV cache needs", "MiB")

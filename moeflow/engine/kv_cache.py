@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from moeflow.errors import MoeflowError
+
 
 @runtime_checkable
 class CacheLayer(Protocol):
@@ -39,3 +41,37 @@ def allocate_kv_cache(
     return sum(
         layer.allocate_cache(num_blocks, block_size, dtype, device) for layer in cache_layers(model)
     )
+
+
+def plan_kv_cache(
+    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Check the cache fits the free memory of `device`, then allocate it. Too little memory is
+    a MoeflowError with the numbers (so a server exits before binding its port)."""
+    need = num_blocks * block_size * kv_bytes_per_token(model, dtype)
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise MoeflowError(
+            f"the KV cache needs {need / 2**20:.0f} MiB ({num_blocks} blocks of {block_size} "
+            f"tokens) but {device} has {free / 2**20:.0f} MiB free; lower --kv-cache-tokens"
+        )
+    try:
+        return allocate_kv_cache(model, num_blocks, block_size, dtype, device)
+    except (RuntimeError, MemoryError) as e:  # the allocator's own out-of-memory
+        raise MoeflowError(
+            f"could not allocate the KV cache ({need / 2**20:.0f} MiB on {device}): {e}"
+        ) from None
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes available on the device: cudaMemGetInfo, or MemAvailable of /proc/meminfo."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
