@@ -34,6 +34,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None  # dtype the checkpoint was saved in ("bfloat16", ...)
     hf: dict[str, Any] = field(repr=False, compare=False)
+    num_experts: int = 0  # routed experts per MoE layer (0: dense); HF spells it three ways
+    num_experts_per_tok: int = 0
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -86,6 +88,13 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
                 hf=hf,
+                num_experts=int(
+                    hf.get("num_experts")
+                    or hf.get("num_local_experts")
+                    or hf.get("n_routed_experts")
+                    or 0
+                ),
+                num_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),
             )
         except (TypeError, ValueError) as e:
             raise ModelFormatError(f"config.json has a malformed field: {e}") from e

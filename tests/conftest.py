@@ -59,6 +59,40 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    # MoE families: 8 experts, top-2; routers and expert weights randomised like the rest.
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32},
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],  # one dense layer between sparse ones
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "head_dim": 16,
+        },
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32, "clip_qkv": 4.0},
+    ),
 }
 
 
@@ -66,28 +100,28 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     cfg_name, model_name, extra = TINY_FAMILIES[family]
-    config = getattr(transformers, cfg_name)(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=TINY_EOS,
-        **extra,
-    )
+    kwargs = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 256,
+        "eos_token_id": TINY_EOS,
+    }
+    config = getattr(transformers, cfg_name)(**{**kwargs, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).float().eval()
     with torch.no_grad():  # random init is small; widen it so logits are far from ties
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
-            elif family == "qwen2" and p.dim() == 1 and p.shape[0] != 64:
+            elif family.startswith("qwen2") and p.dim() == 1 and p.shape[0] != 64:
                 p.normal_(0, 0.2)  # q/k/v biases
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from moeflow.config import ModelConfig
-from moeflow.layers.activation import GatedAct
 from moeflow.layers.attention import PagedAttention
 from moeflow.layers.embedding import LMHead, VocabEmbedding
 from moeflow.layers.linear import Linear, MergedLinear
+from moeflow.layers.mlp import GatedMLP
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
 from moeflow.models.base import CausalLM
@@ -30,6 +30,8 @@ class LlamaAttention(nn.Module):
         o_bias: bool,
         qk_norm: bool,
         sliding_window: int | None,
+        qk_norm_per_head: bool = True,
+        clip_qkv: float | None = None,
     ) -> None:
         super().__init__()
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -38,8 +40,15 @@ class LlamaAttention(nn.Module):
             config.hidden_size, {"q": h * d, "k": hkv * d, "v": hkv * d}, bias=qkv_bias
         )
         self.o_proj = Linear(h * d, config.hidden_size, bias=o_bias)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
+        # qk-norm over each head (qwen3) or over the whole projection (olmoe)
+        self.qk_norm_per_head = qk_norm_per_head
+        self.q_norm = (
+            RMSNorm(d if qk_norm_per_head else h * d, config.rms_norm_eps) if qk_norm else None
+        )
+        self.k_norm = (
+            RMSNorm(d if qk_norm_per_head else hkv * d, config.rms_norm_eps) if qk_norm else None
+        )
+        self.clip_qkv = clip_qkv
         self.rotary_emb = RotaryEmbedding(
             d, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
@@ -49,36 +58,27 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None and not self.qk_norm_per_head:
+            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None and self.qk_norm_per_head:
             q, k = self.q_norm.norm(q), self.k_norm.norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v)  # [T, H, D]
         return self.o_proj(out.flatten(1))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedLinear(
-            hidden_size, {"gate": intermediate_size, "up": intermediate_size}
-        )
-        self.down_proj = Linear(intermediate_size, hidden_size)
-        self.act_fn = GatedAct(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, E]
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attn: LlamaAttention) -> None:
+    def __init__(self, config: ModelConfig, attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.mlp = mlp  # a GatedMLP, or an MoE in the MoE families
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -90,12 +90,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, make_attn: type[LlamaForCausalLM]) -> None:
+    def __init__(self, config: ModelConfig, family: type[LlamaForCausalLM]) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, make_attn.make_attention(config))
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, family.make_attention(config), family.make_mlp(config, i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -118,6 +118,9 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", "up"),
     }
 
+    # Checkpoint name parts -> ours, where a family's HF name differs (Mixtral's block_sparse_moe).
+    renames: dict[str, str] = {}
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -133,6 +136,11 @@ class LlamaForCausalLM(CausalLM):
             config, qkv_bias=bias, o_bias=bias, qk_norm=False, sliding_window=None
         )
 
+    @classmethod
+    def make_mlp(cls, config: ModelConfig, layer_idx: int) -> nn.Module:
+        """The dense families' MLP; the MoE families return their MoE layer here."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)  # [T, E]
 
@@ -141,7 +149,7 @@ class LlamaForCausalLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.weight",) if self.config.tie_word_embeddings else ()
-        load_weights(self, weights, self.packed_modules_mapping, skip=skip)
+        load_weights(self, weights, self.packed_modules_mapping, skip=skip, renames=self.renames)
 
 
 ENTRY_CLASSES = [LlamaForCausalLM]

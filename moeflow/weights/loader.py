@@ -4,6 +4,7 @@ weights, and a check that every parameter was filled. Leaf module (duck-typed on
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 import torch
@@ -16,12 +17,27 @@ logger = logging.getLogger("moeflow")
 # Checkpoint tensors that hold nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
+# One routed expert's projection in a checkpoint -> (stacked parameter, shard kind). Per-expert
+# names of HF checkpoints (`experts.3.gate_proj`, Mixtral's `experts.3.w1`) land in the stacked
+# layers/moe.py FusedExperts; already stacked tensors (`experts.gate_up_proj`) load whole.
+_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+_EXPERT_PROJ = {
+    "gate_proj": ("w13", "gate"),
+    "w1": ("w13", "gate"),
+    "up_proj": ("w13", "up"),
+    "w3": ("w13", "up"),
+    "down_proj": ("w2", "down"),
+    "w2": ("w2", "down"),
+}
+_STACKED = {".experts.gate_up_proj": ".experts.w13", ".experts.down_proj": ".experts.w2"}
+
 
 def load_weights(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
     packed_modules_mapping: dict[str, tuple[str, str]],
     skip: tuple[str, ...] = (),
+    renames: dict[str, str] | None = None,
 ) -> None:
     """Copy every checkpoint tensor into its parameter; raise ModelFormatError when a parameter
     is left unfilled or a tensor has the wrong shape. Unknown names are logged and skipped."""
@@ -30,8 +46,8 @@ def load_weights(
     for name, _ in model.named_parameters():
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
-        shards = getattr(module, "shard_offsets", None)
-        if shards and param_name in ("weight", "bias"):
+        shards = _expected_shards(module, param_name)
+        if shards:
             expected.update((name, s) for s in shards)
         else:
             expected.add((name, None))
@@ -40,7 +56,7 @@ def load_weights(
     for ckpt_name, tensor in weights:
         if ckpt_name in skip or ckpt_name.endswith(_IGNORED_SUFFIXES):
             continue
-        name, shard = _map_name(ckpt_name, packed_modules_mapping)
+        name, shard = _map_name(ckpt_name, packed_modules_mapping, renames or {})
         if name not in params:
             unknown.append(ckpt_name)
             continue
@@ -58,6 +74,8 @@ def load_weights(
                 )
             with torch.no_grad():
                 param.copy_(tensor)
+        if shard is None:  # a whole tensor fills every shard of its parameter
+            loaded.update((name, s) for s in _expected_shards(module, param_name))
         loaded.add((name, shard))
     if unknown:
         logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unknown), unknown[:3])
@@ -68,7 +86,26 @@ def load_weights(
         )
 
 
-def _map_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+def _expected_shards(module: nn.Module, param_name: str) -> list[str]:
+    expected = getattr(module, "expected_shards", None)
+    if expected is not None:
+        return list(expected(param_name))
+    offsets = getattr(module, "shard_offsets", None)
+    return list(offsets) if offsets and param_name in ("weight", "bias") else []
+
+
+def _map_name(
+    name: str, packed: dict[str, tuple[str, str]], renames: dict[str, str]
+) -> tuple[str, str | None]:
+    for old, new in renames.items():
+        name = name.replace(old, new)
+    m = _EXPERT.match(name)
+    if m is not None and m["proj"] in _EXPERT_PROJ:
+        param, kind = _EXPERT_PROJ[m["proj"]]
+        return f"{m['prefix']}.{param}", f"{kind}:{m['e']}"
+    for old, new in _STACKED.items():
+        if name.endswith(old):
+            return name[: -len(old)] + new, None
     for ckpt_part, (param_part, shard) in packed.items():
         key = f".{ckpt_part}."
         if key in name:

@@ -1,0 +1,95 @@
+"""Mixture-of-Experts ops: expert selection (the routers of every family) and the expert
+computation. The reference runs only the experts at least one token chose, tokens grouped by
+expert; fast paths (the fused Triton kernel, issue #5) plug in behind `fused_moe`.
+
+Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K experts per token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def select_experts(
+    router_logits: torch.Tensor,  # [T, E]
+    top_k: int,
+    scoring_func: str = "softmax",
+    renormalize: bool = True,
+    num_expert_group: int = 1,
+    topk_group: int = 1,
+    correction_bias: torch.Tensor | None = None,  # [E], used to choose experts, not to weigh them
+    group_score: str = "max",  # "max" (DeepSeek-V2) or "top2_sum" (DeepSeek-V3 / noaux_tc)
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (weights [T, K] float32, expert ids [T, K] int64), computed in float32."""
+    logits = router_logits.float()
+    if scoring_func == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif scoring_func == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"unknown scoring_func {scoring_func!r}")
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if num_expert_group > 1:
+        num_tokens, num_experts = choice.shape
+        grouped = choice.view(num_tokens, num_expert_group, -1)  # [T, G, E/G]
+        if group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.max(dim=-1).values  # [T, G]
+        keep = group_scores.topk(topk_group, dim=-1).indices  # [T, topk_group]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)  # [T, G]
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
+        choice = choice.masked_fill(expert_mask == 0, 0.0)  # as HF: excluded groups score 0
+    topk_ids = choice.topk(top_k, dim=-1).indices  # [T, K]
+    weights = scores.gather(1, topk_ids)  # [T, K]
+    if renormalize:
+        eps = 1e-20 if scoring_func == "sigmoid" else 0.0  # DeepSeek-V3 / GLM add it
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return weights, topk_ids
+
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]: gate rows, then up rows
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K]
+    act: str = "silu",
+) -> torch.Tensor:  # [T, H]
+    """Sort the T*K (token, expert) pairs by expert and run each chosen expert once on its tokens.
+    NOTE: one host sync (the per-expert counts) per call; fine for a reference."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    order = flat_ids.argsort(stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    token_of_pair = order // top_k  # [T*K]
+    weight_of_pair = topk_weights.reshape(-1)[order]  # [T*K]
+    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    act_fn = F.silu if act == "silu" else F.gelu
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens = token_of_pair[start : start + count]
+        h = F.linear(x[tokens], w13[expert])  # [n, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = F.linear(act_fn(gate) * up, w2[expert])  # [n, H]
+        out.index_add_(0, tokens, y.float() * weight_of_pair[start : start + count, None])
+        start += count
+    return out.to(x.dtype)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """The dispatch point; only the reference exists so far."""
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, act)

@@ -1,0 +1,35 @@
+"""Mixtral: Llama attention (optional sliding window) with a sparse MoE in place of the MLP:
+softmax router, top-k, weights renormalised to sum 1. HF names the block `block_sparse_moe`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moeflow.config import ModelConfig
+from moeflow.layers.moe import MoE
+from moeflow.models.llama import LlamaAttention, LlamaForCausalLM
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    renames = {".block_sparse_moe.": ".mlp."}
+
+    @classmethod
+    def make_attention(cls, config: ModelConfig) -> LlamaAttention:
+        window = config.hf.get("sliding_window")
+        return LlamaAttention(
+            config, qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=window or None
+        )
+
+    @classmethod
+    def make_mlp(cls, config: ModelConfig, layer_idx: int) -> nn.Module:
+        return MoE(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_experts,
+            config.num_experts_per_tok,
+            norm_topk_prob=True,
+            hidden_act=config.hidden_act,
+        )
+
+
+ENTRY_CLASSES = [MixtralForCausalLM]
