@@ -187,6 +187,23 @@ class LLMEngine:
             req.text = self.tokenizer.decode(req.output_ids, req.params.skip_special_tokens)
         self.requests.pop(req.request_id, None)
 
+    # ---- routing statistics (MoE) ----------------------------------------------------------------
+    def _moe_layers(self) -> list[torch.nn.Module]:
+        """Modules that count tokens per expert (layers/moe.py MoE), in model order."""
+        return [m for m in self.runner.model.modules() if hasattr(m, "expert_counts")]
+
+    def enable_routing_stats(self, enabled: bool = True) -> None:
+        for m in self._moe_layers():
+            m.stats_enabled = enabled
+
+    def routing_stats(self) -> list[list[int]]:
+        """Tokens routed to each expert since the last reset, one list per MoE layer."""
+        return [m.expert_counts.tolist() for m in self._moe_layers()]  # type: ignore[union-attr]
+
+    def reset_routing_stats(self) -> None:
+        for m in self._moe_layers():
+            m.expert_counts.zero_()  # type: ignore[union-attr]
+
     def run_to_completion(self) -> None:
         """Step until every request has finished (offline use)."""
         start = time.perf_counter()
