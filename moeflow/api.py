@@ -50,7 +50,12 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        random_weights: bool = False,
+        hf_overrides: dict[str, Any] | None = None,
     ) -> None:
+        """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
+        "preset:<name>" with random_weights=True (real shapes, moeflow/presets.py);
+        `hf_overrides` changes config.json fields of a preset (e.g. fewer layers)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -60,7 +65,7 @@ class LLM:
             dtype = "bfloat16"
         torch_dtype = parse_dtype(dtype)
         torch.manual_seed(seed)
-        loaded: LoadedModel = load_model(model, device, torch_dtype)
+        loaded: LoadedModel = load_model(model, device, torch_dtype, random_weights, hf_overrides)
         model_max = loaded.model_config.max_position_embeddings
         if max_model_len is None:
             max_model_len = min(model_max, 8192)

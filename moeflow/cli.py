@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed")
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     bench.add_argument("--json", default=None, help="also write the results to this file")
+    bench.add_argument(
+        "--workload",
+        choices=["default", "moe-scaling"],
+        default="default",
+        help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
+        "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts",
+    )
 
     serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
@@ -104,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
+        if args.workload == "moe-scaling":
+            from moeflow.bench.moe_scaling import run_moe_scaling
+
+            return run_moe_scaling(args)
         from moeflow.bench.cpu import run_bench
 
         return run_bench(args)

@@ -15,6 +15,7 @@ LEAF = (
     "moeflow.env",
     "moeflow.context",
     "moeflow.utils",
+    "moeflow.presets",
     "moeflow.tokenizer",
     "moeflow.weights",
     "moeflow.distributed",

@@ -185,6 +185,7 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=max(2048, prompt_len),  # the prompt is one chunk
         seed=args.seed if args.seed is not None else 0,
+        random_weights=bool(args.model and args.model.startswith("preset:")),
     )
     load_s = time.perf_counter() - start
     if prompt_len + decode_tokens + 1 > llm.config.max_model_len:
@@ -215,11 +216,20 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
     req = engine.add_request(prompt_ids, params)
     while not req.output_ids:
         engine.step()
+    engine.enable_routing_stats()
+    engine.reset_routing_stats()
     start = time.perf_counter()
     while not req.is_finished:
         engine.step()
     decode_s = time.perf_counter() - start
     num_decoded = len(req.output_ids) - 1
+    engine.enable_routing_stats(False)
+    imbalance = routing_imbalance(engine.routing_stats())
+    if imbalance is not None:
+        print(
+            f"routing over the decode: {imbalance:.2f}x load imbalance "
+            "(busiest expert's tokens / mean per expert, averaged over MoE layers)"
+        )
 
     counts = count_parameters(llm.loaded.model, llm.loaded.model_config)
     dtype = parse_dtype(llm.config.dtype)
@@ -238,6 +248,12 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
     )
     del llm, engine, req, out
     return run
+
+
+def routing_imbalance(stats: list[list[int]]) -> float | None:
+    """Mean over MoE layers of max tokens per expert / mean tokens per expert (1.0: uniform)."""
+    ratios = [max(layer) * len(layer) / sum(layer) for layer in stats if sum(layer)]
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def _prompt_ids(text_ids: list[int], prompt_len: int) -> list[int]:

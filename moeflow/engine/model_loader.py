@@ -21,6 +21,7 @@ from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError
 from moeflow.models.base import CausalLM
 from moeflow.models.registry import get_model_class
+from moeflow.presets import preset_config
 from moeflow.tokenizer import Tokenizer
 from moeflow.weights import gguf, safetensors
 
@@ -84,8 +85,23 @@ def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
     return ModelConfig.from_hf(hf), hf
 
 
-def load_model(model: str | None, device: str, dtype: torch.dtype) -> LoadedModel:
+def load_model(
+    model: str | None,
+    device: str,
+    dtype: torch.dtype,
+    random_weights: bool = False,
+    hf_overrides: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Build and fill the model. `model="preset:<name>"` with `random_weights=True` builds a real
+    shape with random weights on the device (no files; the embedded SmolLM2 tokenizer serves
+    text, token ids beyond its vocabulary work as id prompts)."""
     start = time.perf_counter()
+    if model is not None and model.startswith("preset:"):
+        if not random_weights:
+            raise ValueError(f"{model} has no weights: pass random_weights=True")
+        return _build_random(model, device, dtype, hf_overrides, start)
+    if random_weights:
+        raise ValueError("random_weights=True needs model='preset:<name>'")
     path = resolve_model_path(model)
     reader: gguf.GGUFReader | None = None
     if os.path.isfile(path):
@@ -99,22 +115,45 @@ def load_model(model: str | None, device: str, dtype: torch.dtype) -> LoadedMode
         tokenizer = Tokenizer.from_hf_folder(path)
         weights = safetensors.iter_folder_tensors(path)
         num_tensors = 0
-    cls = get_model_class(config.architecture)
-    dev = torch.device(device)
-    prev_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with dev:
-            net = cls(config)
-    finally:
-        torch.set_default_dtype(prev_dtype)
-    net.eval()
+    net = _build(config, device, dtype)
     net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))
     if reader is not None:
         reader.close()
     elapsed = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, elapsed)
     return LoadedModel(net, config, tokenizer, path, elapsed)
+
+
+def _build(config: ModelConfig, device: str, dtype: torch.dtype) -> CausalLM:
+    """The family's module, parameters allocated (uninitialised) on `device` in `dtype`."""
+    cls = get_model_class(config.architecture)
+    prev_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            net = cls(config)
+    finally:
+        torch.set_default_dtype(prev_dtype)
+    return net.eval()
+
+
+def _build_random(
+    model: str, device: str, dtype: torch.dtype, overrides: dict[str, Any] | None, start: float
+) -> LoadedModel:
+    config = ModelConfig.from_hf(preset_config(model.removeprefix("preset:"), overrides))
+    net = _build(config, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)  # norms
+            elif name.endswith(("bias", "e_score_correction_bias")):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    with gguf.GGUFReader(gguf.default_model_path()) as reader:
+        tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
+    return LoadedModel(net, config, tokenizer, model, time.perf_counter() - start)
 
 
 def _progress(

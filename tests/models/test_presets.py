@@ -1,0 +1,44 @@
+"""Random-weight presets: their shapes give the published parameter counts, and a cut-down
+preset builds directly and generates through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow import LLM, SamplingParams
+from moeflow.config import ModelConfig
+from moeflow.models.registry import get_model_class
+from moeflow.presets import PRESETS, preset_config
+
+# Published totals (BENCHMARKS.md): billions of parameters.
+TOTALS = {"olmoe-1b-7b": 6.92, "qwen3-30b-a3b": 30.53}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_shapes_match_published_sizes(name: str) -> None:
+    config = ModelConfig.from_hf(preset_config(name))
+    with torch.device("meta"):
+        model = get_model_class(config.architecture)(config)
+    total = sum(p.numel() for p in model.parameters()) / 1e9
+    assert total == pytest.approx(TOTALS[name], rel=0.01)
+
+
+def test_cut_down_preset_generates() -> None:
+    llm = LLM(
+        "preset:qwen3-30b-a3b",
+        random_weights=True,
+        dtype="float32",
+        device="cpu",
+        max_model_len=128,
+        hf_overrides={"num_hidden_layers": 2, "vocab_size": 1024, "num_experts": 16},
+    )
+    out = llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert len(out[0].token_ids) == 6 and all(0 <= t < 1024 for t in out[0].token_ids)
+
+
+def test_preset_needs_random_weights() -> None:
+    with pytest.raises(ValueError, match="random_weights"):
+        LLM("preset:qwen3-30b-a3b")
+    with pytest.raises(ValueError, match="unknown preset"):
+        LLM("preset:nope", random_weights=True)
