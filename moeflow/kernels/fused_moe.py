@@ -20,6 +20,7 @@ def select_experts(
     correction_bias: torch.Tensor | None = None,  # [E], used to choose experts, not to weigh them
     group_score: str = "max",  # "max" (DeepSeek-V2) or "top2_sum" (DeepSeek-V3 / noaux_tc)
     routed_scaling_factor: float = 1.0,
+    group_mask_value: float = 0.0,  # score of experts in dropped groups: 0 (V2) or -inf (V3)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (weights [T, K] float32, expert ids [T, K] int64), computed in float32."""
     logits = router_logits.float()
@@ -40,7 +41,7 @@ def select_experts(
         keep = group_scores.topk(topk_group, dim=-1).indices  # [T, topk_group]
         group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)  # [T, G]
         expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
-        choice = choice.masked_fill(expert_mask == 0, 0.0)  # as HF: excluded groups score 0
+        choice = choice.masked_fill(expert_mask == 0, group_mask_value)
     topk_ids = choice.topk(top_k, dim=-1).indices  # [T, K]
     weights = scores.gather(1, topk_ids)  # [T, K]
     if renormalize:

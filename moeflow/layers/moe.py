@@ -84,6 +84,7 @@ class MoE(nn.Module):
         num_expert_group: int = 1,
         topk_group: int = 1,
         group_score: str = "max",
+        group_mask_value: float = 0.0,
         use_correction_bias: bool = False,
         routed_scaling_factor: float = 1.0,
         shared_intermediate_size: int = 0,
@@ -94,11 +95,8 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k, self.num_experts = top_k, num_experts
         self.scoring_func, self.norm_topk_prob = scoring_func, norm_topk_prob
-        self.num_expert_group, self.topk_group, self.group_score = (
-            num_expert_group,
-            topk_group,
-            group_score,
-        )
+        self.num_expert_group, self.topk_group = num_expert_group, topk_group
+        self.group_score, self.group_mask_value = group_score, group_mask_value
         self.routed_scaling_factor = routed_scaling_factor
         self.hidden_act = hidden_act
         self.gate = TopKRouter(hidden_size, num_experts, use_correction_bias)
@@ -124,6 +122,7 @@ class MoE(nn.Module):
             self.gate.e_score_correction_bias,
             self.group_score,
             self.routed_scaling_factor,
+            self.group_mask_value,
         )  # [T, K] each
         if self.stats_enabled:
             if self.expert_counts.device != ids.device:

@@ -1,8 +1,14 @@
-"""Rotary position embedding (neox layout: the two halves of the rotated dims pair up), with
-the rope_scaling variants of HF: default, linear, llama3. Tables are computed once, in fp32."""
+"""Rotary position embedding with the rope_scaling variants of HF (default, linear, llama3, yarn
+with its attention factor) and three layouts of the rotated dims:
+  neox         halves pair up: (x[i], x[i + R/2])                    (Llama, Qwen, GLM)
+  interleaved  neighbours pair up, result stays interleaved          (DeepSeek-V2)
+  deinterleave neighbours pair up, result as [rotated evens, odds]   (DeepSeek-V3 rope_interleave)
+Tables are computed once, in fp32, as HF computes them."""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from typing import Any
 
@@ -18,48 +24,81 @@ class RotaryEmbedding(nn.Module):
         base: float,
         rope_scaling: dict[str, Any] | None = None,
         rotary_dim: int | None = None,
+        layout: str = "neox",
     ) -> None:
         super().__init__()
+        if layout not in ("neox", "interleaved", "deinterleave"):
+            raise ValueError(f"unknown rotary layout {layout!r}")
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
-        inv_freq = 1.0 / (
-            base
-            ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim)
+        self.layout = layout
+        key = (
+            self.rotary_dim,
+            max_position,
+            float(base),
+            json.dumps(rope_scaling, sort_keys=True, default=str),
+            layout,
+            str(torch.get_default_device()),
         )
-        inv_freq = _scale_inv_freq(inv_freq, rope_scaling)
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]  # [P, R/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, R]
+        cos, sin = _tables(*key)  # shared by every layer of the same shape
         self.cos_cache: torch.Tensor
         self.sin_cache: torch.Tensor
-        self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D]; rotates the first rotary_dim dims of each head."""
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, R]
+        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, R] or [T, 1, R/2]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return _apply(q, cos, sin, self.rotary_dim), _apply(k, cos, sin, self.rotary_dim)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.layout == "neox":
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+        else:
+            even, odd = rot[..., 0::2], rot[..., 1::2]
+            r_even, r_odd = even * cos - odd * sin, odd * cos + even * sin
+            if self.layout == "interleaved":
+                out = torch.stack((r_even, r_odd), dim=-1).flatten(-2)
+            else:
+                out = torch.cat((r_even, r_odd), dim=-1)
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    x1, x2 = rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = rot * cos + rotated * sin
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+@functools.lru_cache(maxsize=16)
+def _tables(
+    dim: int, max_position: int, base: float, scaling_json: str, layout: str, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, [P, R] (neox) or [P, R/2], computed in fp32 as HF does."""
+    del device  # part of the cache key: tensors are made on the current default device
+    scaling = json.loads(scaling_json)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq, attention_factor = _scale_inv_freq(inv_freq, scaling, dim, base)
+    positions = torch.arange(max_position, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # [P, R/2]
+    table = torch.cat((freqs, freqs), dim=-1) if layout == "neox" else freqs
+    return table.cos() * attention_factor, table.sin() * attention_factor
 
 
-def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _scale_inv_freq(
+    inv_freq: torch.Tensor, scaling: dict[str, Any] | None, dim: int, base: float
+) -> tuple[torch.Tensor, float]:
+    """(scaled inverse frequencies, factor on cos/sin)."""
     if not scaling:
-        return inv_freq
+        return inv_freq, 1.0
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return inv_freq
+        return inv_freq, 1.0
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])
+        return inv_freq / float(scaling["factor"]), 1.0
     if kind == "llama3":
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -70,5 +109,41 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> t
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if kind in ("yarn", "deepseek_yarn"):
+        return _yarn(inv_freq, scaling, dim, base)
     raise NotImplementedError(f"rope_scaling type {kind!r} is not supported yet")
+
+
+def _yarn(
+    inv_freq: torch.Tensor, s: dict[str, Any], dim: int, base: float
+) -> tuple[torch.Tensor, float]:
+    del inv_freq  # recomputed below exactly as HF does
+    """YaRN (arXiv 2309.00071) as HF computes it: interpolate the low frequencies, keep the high
+    ones, blend linearly between the beta_fast / beta_slow rotation counts."""
+    factor = float(s["factor"])
+    orig = float(s["original_max_position_embeddings"])
+    mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast = float(s.get("beta_fast") or 32)
+    beta_slow = float(s.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)  # as HF, to the last bit
+    blended = 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+    return blended, float(attention_factor)
