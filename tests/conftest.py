@@ -93,6 +93,79 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
         "OlmoeForCausalLM",
         {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32, "clip_qkv": 4.0},
     ),
+    # DeepSeek: MLA (no q LoRA in V2, q LoRA in V3), first layer dense, 8 experts in 4 groups,
+    # 2 groups kept, top-2, a shared expert; V2 softmax + YaRN, V3 sigmoid + correction bias.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        {
+            "num_key_value_heads": 4,
+            "q_lora_rank": None,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 4,
+            "topk_group": 2,
+            "topk_method": "group_limited_greedy",
+            "norm_topk_prob": False,
+            "routed_scaling_factor": 1.5,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+            },
+        },
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            "num_key_value_heads": 4,
+            "q_lora_rank": 48,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 4,
+            "topk_group": 2,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+        },
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        {
+            "head_dim": 16,
+            "partial_rotary_factor": 0.5,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+            "use_qk_norm": True,
+            "attention_bias": True,
+        },
+    ),
 }
 
 
@@ -121,8 +194,11 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
-            elif family.startswith("qwen2") and p.dim() == 1 and p.shape[0] != 64:
+            elif family.startswith(("qwen2", "glm4")) and p.dim() == 1 and p.shape[0] != 64:
                 p.normal_(0, 0.2)  # q/k/v biases
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)  # so it changes which experts are chosen
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     write_tiny_tokenizer(folder)

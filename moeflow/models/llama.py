@@ -32,6 +32,7 @@ class LlamaAttention(nn.Module):
         sliding_window: int | None,
         qk_norm_per_head: bool = True,
         clip_qkv: float | None = None,
+        rotary_dim: int | None = None,
     ) -> None:
         super().__init__()
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -50,7 +51,7 @@ class LlamaAttention(nn.Module):
         )
         self.clip_qkv = clip_qkv
         self.rotary_emb = RotaryEmbedding(
-            d, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+            d, config.max_position_embeddings, config.rope_theta, config.rope_scaling, rotary_dim
         )
         self.attn = PagedAttention(h, hkv, d, d**-0.5, sliding_window)
 
