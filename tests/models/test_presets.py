@@ -12,7 +12,18 @@ from moeflow.models.registry import get_model_class
 from moeflow.presets import PRESETS, preset_config
 
 # Published totals (BENCHMARKS.md): billions of parameters.
-TOTALS = {"olmoe-1b-7b": 6.92, "qwen3-30b-a3b": 30.53}
+TOTALS = {
+    "olmoe-1b-7b": 6.92,
+    "qwen3-30b-a3b": 30.53,
+    "deepseek-v2-lite": 15.71,
+    # 4-layer cuts, summed by hand from the config shapes (M = 1e6 parameters):
+    # V3: embed + head 2 x 129280 x 7168 = 1853.4M; MLA 4 x 187.1M (q_a 11.0, q_b 37.7, kv_a 4.1,
+    # kv_b 16.8, o 117.4); 3 dense MLPs 3 x 396.4M; 1 MoE layer 257 x 44.04M + router 1.8M.
+    "deepseek-v3-4l": 15.11,
+    # Kimi K2: embed + head 2 x 163840 x 7168 = 2348.8M; MLA (64 heads) 4 x 101.1M; 1 dense MLP
+    # 396.4M; 3 MoE layers x (385 x 44.04M + router 2.75M).
+    "kimi-k2-4l": 54.02,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
