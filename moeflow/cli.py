@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2)")
+    common.add_argument(
+        "--model",
+        default=None,
+        help="HF folder, .gguf file, or preset:<name> (random weights of a real shape: "
+        "olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, deepseek-v3-4l, kimi-k2-4l); "
+        "default: the embedded SmolLM2",
+    )
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     common.add_argument(
         "--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16)"
@@ -142,12 +148,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             kv_cache_tokens=args.kv_cache_tokens,
             max_num_seqs=args.max_num_seqs,
+            random_weights=_is_preset(args.model),
         )
         from moeflow.server.run import serve
 
         return serve(llm.engine, args)
     llm = LLM(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        random_weights=_is_preset(args.model),
     )
     if args.command == "info":
         from moeflow.bench.report import model_info
@@ -167,6 +178,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
         return 0
     return _interactive(llm, messages, params)
+
+
+def _is_preset(model: str | None) -> bool:
+    """`--model preset:<name>` builds a real shape with random weights (moeflow/presets.py)."""
+    return bool(model and model.startswith("preset:"))
 
 
 def _fit(llm: LLM, ids: list[int], params: SamplingParams) -> SamplingParams:

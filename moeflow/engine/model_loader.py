@@ -23,7 +23,7 @@ from moeflow.models.base import CausalLM
 from moeflow.models.registry import get_model_class
 from moeflow.presets import preset_config
 from moeflow.tokenizer import Tokenizer
-from moeflow.weights import gguf, safetensors
+from moeflow.weights import fp8, gguf, safetensors
 
 logger = logging.getLogger("moeflow")
 
@@ -111,9 +111,13 @@ def load_model(
         weights: Iterator[tuple[str, torch.Tensor]] = gguf.iter_hf_weights(reader, dtype)
         num_tensors = len(reader.tensors)
     else:
-        config, _ = read_model_config(path)
+        config, hf = read_model_config(path)
         tokenizer = Tokenizer.from_hf_folder(path)
         weights = safetensors.iter_folder_tensors(path)
+        quant = hf.get("quantization_config")
+        if isinstance(quant, dict) and quant.get("quant_method") == "fp8":  # DeepSeek-V3, Kimi K2
+            block = tuple(quant.get("weight_block_size") or (128, 128))
+            weights = fp8.dequantize_fp8_weights(weights, dtype, (int(block[0]), int(block[1])))
         num_tensors = 0
     net = _build(config, device, dtype)
     net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))

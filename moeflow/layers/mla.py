@@ -91,6 +91,8 @@ class MLAAttention(nn.Module):
             torch.cat((c, k_rope.squeeze(1)), dim=-1), self.latent_cache, batch.slot_mapping
         )
         w_kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, -1)
+        # NOTE: a mixed batch (decodes beside prefill chunks) takes the decompressed path for
+        # every sequence; only all-decode batches attend in latent space.
         if batch.is_decode and not self.force_decompressed:
             w_uk, w_uv = w_kv_b[:, : self.nope], w_kv_b[:, self.nope :]  # [H, Dn, L], [H, Dv, L]
             q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # [T, H, L]

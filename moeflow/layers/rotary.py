@@ -52,9 +52,9 @@ class RotaryEmbedding(nn.Module):
         """q: [T, H, D], k: [T, Hkv, D]; rotates the first rotary_dim dims of each head."""
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, R] or [T, 1, R/2]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.layout == "neox":
             x1, x2 = rot.chunk(2, dim=-1)
@@ -118,9 +118,9 @@ def _scale_inv_freq(
 def _yarn(
     inv_freq: torch.Tensor, s: dict[str, Any], dim: int, base: float
 ) -> tuple[torch.Tensor, float]:
-    del inv_freq  # recomputed below exactly as HF does
     """YaRN (arXiv 2309.00071) as HF computes it: interpolate the low frequencies, keep the high
     ones, blend linearly between the beta_fast / beta_slow rotation counts."""
+    del inv_freq  # recomputed below exactly as HF does
     factor = float(s["factor"])
     orig = float(s["original_max_position_embeddings"])
     mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")

@@ -30,6 +30,7 @@ class DeepseekConfig:
     moe_intermediate_size: int
     n_shared_experts: int
     first_k_dense_replace: int
+    moe_layer_freq: int
     n_group: int
     topk_group: int
     topk_method: str
@@ -52,6 +53,7 @@ class DeepseekConfig:
             moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
             n_shared_experts=int(hf.get("n_shared_experts") or 0),
             first_k_dense_replace=int(hf.get("first_k_dense_replace") or 0),
+            moe_layer_freq=int(hf.get("moe_layer_freq") or 1),
             n_group=int(hf.get("n_group") or 1),
             topk_group=int(hf.get("topk_group") or 1),
             topk_method=str(hf.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")),
@@ -85,7 +87,7 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
             ds.qk_nope_head_dim,
             ds.qk_rope_head_dim,
             ds.v_head_dim,
-            config.rms_norm_eps,
+            1e-6,  # NOTE: HF builds q_a_layernorm / kv_a_layernorm with the default eps
             config.max_position_embeddings,
             config.rope_theta,
             config.rope_scaling,
@@ -96,7 +98,8 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def make_mlp(cls, config: ModelConfig, layer_idx: int) -> nn.Module:
         ds = cls.family(config)
-        if layer_idx < ds.first_k_dense_replace or config.num_experts == 0:
+        is_moe = layer_idx >= ds.first_k_dense_replace and layer_idx % ds.moe_layer_freq == 0
+        if not is_moe or config.num_experts == 0:
             return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         grouped = ds.topk_method in ("group_limited_greedy", "noaux_tc")
         return MoE(

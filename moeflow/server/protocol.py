@@ -5,33 +5,92 @@ Never imports torch or fastapi."""
 from __future__ import annotations
 
 import json
+import math
 import time
+import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
-from pydantic import model_validator as _model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moeflow.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP
 
 MAX_N = 16
 MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 256
+MAX_TOOL_CALLS = 128
 MAX_PROMPTS = 64
 MAX_TEXT_CHARS = 1_000_000
+MAX_NAME_CHARS = 256
 MAX_STOP_CHARS = 1024
+MAX_TOP_K = 1_000_000
 MAX_JSON_DEPTH = 64
-# chat_template_kwargs keys passed to templates; anything else is dropped.
-CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
-
-Float = Annotated[float, Field(allow_inf_nan=False)]
-Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
-TokenId = Annotated[StrictInt, Field(ge=0)]
+# chat_template_kwargs a request may pass to the template, with the type each value must have;
+# any other key is dropped. (protocol.py may not import tokenizer.py, which re-filters at render.)
+CHAT_TEMPLATE_KWARGS: dict[str, type] = {
+    "enable_thinking": bool,
+    "thinking": bool,
+    "reasoning_effort": str,
+}
+# Tags of our discriminated unions; validation_error_to_param leaves them out of the path.
+_UNION_TAGS = frozenset({"<str>", "<list>", "<ids>", "<batch>"})
+_DICT_FIELDS = frozenset({"logit_bias", "chat_template_kwargs"})
 
 
 class BadRequestBody(ValueError):
-    """The body is not acceptable JSON (400)."""
+    """The body is not acceptable JSON, or not a JSON object (400)."""
 
 
 # ---- requests --------------------------------------------------------------------------------
+# NOTE: strict=True everywhere: integers must be JSON integers (5.0 and "5" are errors), floats
+# take JSON numbers but never strings or booleans, booleans must be true/false.
+Float = Annotated[float, Field(allow_inf_nan=False)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+def _check_bias_key(key: str) -> str:
+    if not (key.isascii() and key.isdigit() and len(key) <= 10):
+        raise ValueError(f'logit_bias keys must be token ids ("0", "42"...), got {key[:20]!r}')
+    return key
+
+
+BiasKey = Annotated[str, AfterValidator(_check_bias_key)]
+BiasValue = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+
+
+def _str_or_list(value: Any) -> str | None:
+    """Union tag for `str | list[...]` fields, so an error names the branch the JSON type picks."""
+    if isinstance(value, str):
+        return "<str>"
+    return "<list>" if isinstance(value, list) else None
+
+
+def _prompt_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "<str>"
+    if not isinstance(value, list):
+        return None
+    if value and isinstance(value[0], list):
+        return "<batch>"
+    if value and not isinstance(value[0], str):
+        return "<ids>"
+    return "<list>"  # strings; an empty list fails there with "at least 1 item"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -41,17 +100,28 @@ class TextPart(_Strict):
     text: Text
 
 
+Content = Annotated[
+    Annotated[Text, Tag("<str>")]
+    | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS), Tag("<list>")],
+    Discriminator(
+        _str_or_list,
+        custom_error_type="invalid_content",
+        custom_error_message="content must be a string or a list of text parts",
+    ),
+]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | Annotated[list[TextPart], Field(max_length=256)] | None = None
-    name: Annotated[str, Field(max_length=256)] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+    content: Content | None = None
+    name: Name | None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_call_id: Name | None = None
 
-    @_model_validator(mode="after")
+    @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
-        if self.content is None and not self.tool_calls:
-            raise ValueError("a message needs content (or tool_calls)")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (null only for an assistant with tool_calls)")
         return self
 
     def model_dump_for_template(self) -> dict[str, Any]:
@@ -68,66 +138,63 @@ class StreamOptions(_Strict):
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
 
-    @_model_validator(mode="after")
+    @model_validator(mode="after")
     def _only_text(self) -> ResponseFormat:
         if self.type != "text":
             raise ValueError(f"response_format {self.type!r} is not supported yet")
         return self
 
 
-class _Sampling(_Strict):
-    """The sampling fields both endpoints share."""
+Stop = Annotated[
+    Annotated[StopString, Tag("<str>")]
+    | Annotated[list[StopString], Field(max_length=MAX_STOP), Tag("<list>")],
+    Discriminator(
+        _str_or_list,
+        custom_error_type="invalid_stop",
+        custom_error_message="stop must be a string or a list of strings",
+    ),
+]
 
-    model: Annotated[str, Field(max_length=256)] | None = None
+
+class _Sampling(_Strict):
+    """The fields both endpoints share. None means "the engine's default"."""
+
+    model: Name | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1, le=1_000_000)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] | None = None  # -1 or 0: off
     min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
-    stop: (
-        Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-        | Annotated[
-            list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
-            Field(max_length=MAX_STOP),
-        ]
-        | None
-    ) = None
+    stop: Stop | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
-    logit_bias: Annotated[dict[str, Float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    logit_bias: Annotated[dict[BiasKey, BiasValue], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: StrictBool = False
+    ignore_eos: StrictBool = False  # vLLM extension
     skip_special_tokens: StrictBool = True
-    user: Annotated[str, Field(max_length=256)] | None = None
-
-    @_model_validator(mode="after")
-    def _check_bias(self) -> _Sampling:
-        for key, value in (self.logit_bias or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key[:20]!r}")
-            if not -100 <= value <= 100:
-                raise ValueError("logit_bias values must be in [-100, 100]")
-        return self
+    user: Name | None = None  # accepted and ignored
 
     def _common_kwargs(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
         for name in (
             "temperature",
             "top_p",
-            "top_k",
             "min_p",
             "presence_penalty",
             "frequency_penalty",
             "repetition_penalty",
-            "seed",
         ):
             value = getattr(self, name)
             if value is not None:
-                kw[name] = value
+                kw[name] = float(value)
+        if self.top_k is not None:
+            kw["top_k"] = self.top_k
+        if self.seed is not None:
+            kw["seed"] = self.seed
         if self.stop is not None:
             kw["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.logit_bias:
@@ -143,19 +210,28 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=64)] | None = None
 
-    @_model_validator(mode="after")
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _allowed_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        kept = {k: v for k, v in value.items() if k in CHAT_TEMPLATE_KWARGS}
+        for key, v in kept.items():
+            want = CHAT_TEMPLATE_KWARGS[key]
+            if not isinstance(v, want) or (want is str and len(v) > MAX_NAME_CHARS):
+                raise ValueError(f"{key} must be a {want.__name__}")
+        return kept
+
+    @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.chat_template_kwargs:
-            self.chat_template_kwargs = {
-                k: v for k, v in self.chat_template_kwargs.items() if k in CHAT_TEMPLATE_KWARGS
-            }
         return self
 
     def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for SamplingParams; max_tokens None means the rest of the context."""
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._common_kwargs(max_tokens, logprobs)
@@ -164,27 +240,37 @@ class ChatCompletionRequest(_Sampling):
         return [m.model_dump_for_template() for m in self.messages]
 
 
-Prompt = (
-    Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+Prompt = Annotated[
+    Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), Tag("<str>")]
     | Annotated[
         list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]],
         Field(min_length=1, max_length=MAX_PROMPTS),
+        Tag("<list>"),
     ]
-    | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TEXT_CHARS), Tag("<ids>")]
     | Annotated[
         list[Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TEXT_CHARS)]],
         Field(min_length=1, max_length=MAX_PROMPTS),
-    ]
-)
+        Tag("<batch>"),
+    ],
+    Discriminator(
+        _prompt_tag,
+        custom_error_type="invalid_prompt",
+        custom_error_message=(
+            "prompt must be a string, a list of strings, a list of token ids "
+            "or a list of lists of token ids"
+        ),
+    ),
+]
 
 
 class CompletionRequest(_Sampling):
     prompt: Prompt
-    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # top-k count
     echo: StrictBool = False
-    suffix: str | None = None
+    suffix: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
 
-    @_model_validator(mode="after")
+    @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported yet")
@@ -197,11 +283,12 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and isinstance(p[0], int):
+        if isinstance(p[0], int):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
     def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for SamplingParams; max_tokens None means the rest of the context."""
         return self._common_kwargs(self.max_tokens, self.logprobs)
 
 
@@ -209,15 +296,20 @@ def validation_error_to_param(exc: ValidationError) -> tuple[str, str]:
     """(one-line message naming the field, the field path like "messages[0].content")."""
     err = exc.errors()[0]
     path = ""
+    previous: object = None
     for part in err.get("loc", ()):
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]") or "[" in str(part):
-            continue  # union branch names pydantic adds to the location
+        elif part in _UNION_TAGS or part == "[key]":
+            continue  # our union tags and pydantic's dict-key marker
+        elif previous in _DICT_FIELDS or not part.isidentifier():  # a key of a dict field
+            path += f"[{json.dumps(part[:32], ensure_ascii=False)}]"
         else:
-            path += ("." if path else "") + str(part)
+            path += ("." if path else "") + part
+        previous = part
     path = path or "body"
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = " ".join(message.split())
     return f"{path}: {message}", path
 
 
@@ -227,59 +319,53 @@ def error_body(
     param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
+    """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ---- strict JSON ---------------------------------------------------------------------------------
-def _reject_constant(name: str) -> Any:
-    raise BadRequestBody(f"JSON literal {name} is not allowed")
-
-
 def parse_json_body(raw: bytes) -> Any:
-    """Parse a request body: UTF-8 only, no NaN/Infinity, no lone surrogates, bounded depth."""
+    """Parse a request body: UTF-8 only, no NaN/Infinity (literal or overflowing, like 1e999), no
+    lone surrogates, nesting at most MAX_JSON_DEPTH. Duplicate keys: the last one wins.
+    Raises BadRequestBody."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequestBody("the body is not valid UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise BadRequestBody(f"the body is not valid JSON: {e.msg} at {e.pos}") from None
     except RecursionError:
-        raise BadRequestBody("the body is nested too deeply") from None
+        raise BadRequestBody(f"the body is nested deeper than {MAX_JSON_DEPTH}") from None
+    except ValueError as e:  # an integer of more than 4300 digits, or our own rejections
+        if isinstance(e, BadRequestBody):
+            raise
+        raise BadRequestBody(f"the body is not valid JSON: {e}") from None
     _check_value(value, 0)
     return value
 
 
-def _check_value(value: Any, depth: int) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise BadRequestBody(f"the body is nested deeper than {MAX_JSON_DEPTH}")
-    if isinstance(value, str):
-        _check_str(value)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_str(k)
-            _check_value(v, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            _check_value(v, depth + 1)
-
-
-def _check_str(s: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequestBody("the body holds a lone surrogate (invalid Unicode)") from None
-
-
 def require_object(value: Any) -> dict[str, Any]:
+    """The parsed body, which must be a JSON object. Raises BadRequestBody."""
     if not isinstance(value, dict):
         raise BadRequestBody("the body must be a JSON object")
     return value
 
 
 # ---- responses -----------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    """A response id: "chatcmpl-..." for chat, "cmpl-..." for completions."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """The `created` field: Unix seconds."""
+    return int(time.time())
+
+
 def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """completion_tokens counts reasoning tokens too (as OpenAI's does)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -289,17 +375,21 @@ def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0)
 
 
 def logprobs_content_entry(
-    token: str, token_id: int, logprob: float, top: list[tuple[str, float]]
+    token_text: str, token_id: int, logprob: float, top: list[tuple[str, float]]
 ) -> dict[str, Any]:
-    del token_id  # the text is what clients read; kept in the signature for callers' clarity
+    """One entry of a chat choice's `logprobs.content` list."""
+    del token_id  # clients read the text; the id stays in the signature for callers' clarity
     return {
-        "token": token,
+        "token": token_text,
         "logprob": logprob,
-        "bytes": list(token.encode("utf-8")),
-        "top_logprobs": [
-            {"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in top
-        ],
+        "bytes": _utf8(token_text),
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": _utf8(t)} for t, v in top],
     }
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chat choice's `logprobs` from logprobs_content_entry results."""
+    return {"content": entries}
 
 
 def legacy_logprobs(
@@ -308,6 +398,8 @@ def legacy_logprobs(
     top_logprobs: list[dict[str, float]],
     text_offset: list[int],
 ) -> dict[str, Any]:
+    """A completions choice's `logprobs`: parallel lists, one entry per generated token;
+    top_logprobs maps token text -> logprob; text_offset is each token's start in the text."""
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,
@@ -323,7 +415,7 @@ def chat_completion_response(
     choices: list[tuple[int, str, str | None, dict[str, Any] | None, str | None]],
     usage_: dict[str, Any],
 ) -> dict[str, Any]:
-    """choices: (index, content, reasoning_content, logprobs, finish_reason)."""
+    """choices: (index, content, reasoning_content or None, logprobs, finish_reason)."""
     out = []
     for index, content, reasoning, logprobs, finish in choices:
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -351,6 +443,8 @@ def chat_completion_chunk(
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One SSE chunk of one choice. delta: {"role": "assistant"} first, then {"content": ...}
+    and/or {"reasoning_content": ...}; the last one carries finish_reason."""
     return {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -392,6 +486,7 @@ def completion_chunk(
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One SSE chunk of one completions choice."""
     return {
         "id": rid,
         "object": "text_completion",
@@ -403,5 +498,51 @@ def completion_chunk(
     }
 
 
-def now() -> int:
-    return int(time.time())
+def usage_chunk(
+    rid: str, created: int, model: str, usage_: dict[str, Any], chat: bool = True
+) -> dict[str, Any]:
+    """The last chunk before [DONE] when stream_options.include_usage: no choices, only usage."""
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage_,
+    }
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequestBody(f"the JSON literal {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequestBody(f"the number {text[:32]} is out of range")
+    return value
+
+
+def _check_value(value: Any, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequestBody(f"the body is nested deeper than {MAX_JSON_DEPTH}")
+    if isinstance(value, str):
+        _check_str(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_str(k)
+            _check_value(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_value(v, depth + 1)
+
+
+def _check_str(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequestBody("the body holds a lone surrogate (invalid Unicode)") from None

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: routes (app.py), request bounds (protocol.py), metrics."""
