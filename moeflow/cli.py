@@ -139,27 +139,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    if args.command == "serve":
-        # Load (and size the KV cache) before binding the port: too little memory exits non-zero.
-        llm = LLM(
-            model=args.model,
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            kv_cache_tokens=args.kv_cache_tokens,
-            max_num_seqs=args.max_num_seqs,
-            random_weights=_is_preset(args.model),
-        )
-        from moeflow.server.run import serve
-
-        return serve(llm.engine, args)
+    serving = args.command == "serve"
+    # A server loads (and sizes its KV cache) before binding: too little memory exits non-zero.
     llm = LLM(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
         random_weights=_is_preset(args.model),
+        **(
+            {"kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs}
+            if serving
+            else {}
+        ),
     )
+    if serving:
+        from moeflow.server.run import serve
+
+        return serve(llm.engine, args)
     if args.command == "info":
         from moeflow.bench.report import model_info
 

@@ -93,6 +93,29 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
         "OlmoeForCausalLM",
         {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32, "clip_qkv": 4.0},
     ),
+    # The other side of each renormalisation flag (qwen3: only layer 1 sparse, step 2).
+    "olmoe_renorm": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 32,
+            "norm_topk_prob": True,
+        },
+    ),
+    "qwen3_moe_no_renorm": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "decoder_sparse_step": 2,
+            "head_dim": 16,
+        },
+    ),
     # DeepSeek: MLA (no q LoRA in V2, q LoRA in V3), first layer dense, 8 experts in 4 groups,
     # 2 groups kept, top-2, a shared expert; V2 softmax + YaRN, V3 sigmoid + correction bias.
     "deepseek_v2": (

@@ -39,22 +39,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_moe_scaling(args: argparse.Namespace) -> int:
-    threads = args.threads or torch.get_num_threads()
+def measure_moe_scaling(
+    decode_tokens: int = 32, threads: int = 0, dtype: str = "auto"
+) -> dict[str, Any]:
+    """Decode ms/token, total and active parameters and routing imbalance of each variant:
+    {"workload": "moe-scaling", "threads": n, "decode_tokens": n, "rows": [...]}."""
+    threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    decode_tokens = args.decode_tokens
-    print(
-        f"workload: decode {decode_tokens} tokens at batch 1 after a 32-token prompt; "
-        f"{BASE['num_hidden_layers']} layers, hidden {HIDDEN}, experts of {EXPERT_INTER}; "
-        f"random weights, {threads} threads"
-    )
     rows: list[dict[str, Any]] = []
     for name, overrides in VARIANTS.items():
         llm = LLM(
             "preset:qwen3-30b-a3b",
             random_weights=True,
             hf_overrides={**BASE, **overrides},
-            dtype=args.dtype,
+            dtype=dtype,
             device="cpu",
             max_model_len=256,
         )
@@ -85,6 +83,24 @@ def run_moe_scaling(args: argparse.Namespace) -> int:
         )
         del llm, engine, req
         gc.collect()
+    return {
+        "workload": "moe-scaling",
+        "threads": threads,
+        "decode_tokens": decode_tokens,
+        "rows": rows,
+    }
+
+
+def run_moe_scaling(args: argparse.Namespace) -> int:
+    """The command: measure, print a table and the ratios, optionally write JSON."""
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"workload: decode {args.decode_tokens} tokens at batch 1 after a 32-token prompt; "
+        f"{BASE['num_hidden_layers']} layers, hidden {HIDDEN}, experts of {EXPERT_INTER}; "
+        f"random weights, {threads} threads"
+    )
+    result = measure_moe_scaling(args.decode_tokens, threads, args.dtype)
+    rows = result["rows"]
     print(f"{'variant':24} {'total':>9} {'active':>9} {'ms/token':>9}")
     for r in rows:
         print(
@@ -99,5 +115,5 @@ def run_moe_scaling(args: argparse.Namespace) -> int:
     )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"workload": "moe-scaling", "rows": rows}, f, indent=2)
+            json.dump(result, f, indent=2)
     return 0

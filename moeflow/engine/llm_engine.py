@@ -194,7 +194,7 @@ class LLMEngine:
 
     def enable_routing_stats(self, enabled: bool = True) -> None:
         for m in self._moe_layers():
-            setattr(m, "stats_enabled", enabled)  # noqa: B010
+            setattr(m, "moe_stats_enabled", enabled)  # noqa: B010
 
     def routing_stats(self) -> list[list[int]]:
         """Tokens routed to each expert since the last reset, one list per MoE layer."""

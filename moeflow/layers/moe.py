@@ -72,6 +72,23 @@ class FusedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """A sparse MoE block, [T, H] -> [T, H]. Parameters (HF names, so checkpoints map directly):
+    `gate.weight` [E, H] (router), `gate.e_score_correction_bias` [E] (use_correction_bias),
+    `experts.w13` [E, 2I, H] / `experts.w2` [E, H, I] (stacked experts), `<shared_prefix>.
+    gate_up_proj` / `.down_proj` (shared experts as one MLP) and `shared_expert_gate.weight` [1, H].
+
+    Routing (float32, kernels.fused_moe.select_experts): scores = softmax or sigmoid(router
+    logits); experts are chosen on scores (+ correction bias), within the `topk_group` best of
+    `num_expert_group` groups when grouped (groups ranked by `group_score`: "max" for DeepSeek-V2,
+    "top2_sum" for V3 / GLM; experts of dropped groups get `group_mask_value`); the chosen
+    experts' scores (without the bias) are renormalised to sum 1 when `norm_topk_prob`, then
+    multiplied by `routed_scaling_factor`. The shared MLP is `shared_intermediate_size` wide, or
+    `num_shared_experts * moe_intermediate_size` when only the count is given; qwen2_moe scales it
+    by sigmoid(shared_expert_gate(x)).
+
+    Set `moe_stats_enabled` to count tokens per expert into `expert_counts` [E] (on the device,
+    no host sync); the engine reads them with `LLMEngine.routing_stats()`."""
+
     def __init__(
         self,
         hidden_size: int,
@@ -87,10 +104,12 @@ class MoE(nn.Module):
         group_mask_value: float = 0.0,
         use_correction_bias: bool = False,
         routed_scaling_factor: float = 1.0,
+        num_shared_experts: int = 0,
         shared_intermediate_size: int = 0,
         shared_expert_gate: bool = False,
         shared_prefix: str = "shared_experts",
         hidden_act: str = "silu",
+        layer_idx: int = 0,
     ) -> None:
         super().__init__()
         self.top_k, self.num_experts = top_k, num_experts
@@ -98,17 +117,23 @@ class MoE(nn.Module):
         self.num_expert_group, self.topk_group = num_expert_group, topk_group
         self.group_score, self.group_mask_value = group_score, group_mask_value
         self.routed_scaling_factor = routed_scaling_factor
-        self.hidden_act = hidden_act
+        self.hidden_act, self.layer_idx = hidden_act, layer_idx
         self.gate = TopKRouter(hidden_size, num_experts, use_correction_bias)
         self.experts = FusedExperts(num_experts, hidden_size, moe_intermediate_size)
         self.shared_prefix = shared_prefix
+        shared_intermediate_size = (
+            shared_intermediate_size or num_shared_experts * moe_intermediate_size
+        )
         if shared_intermediate_size:
             shared = GatedMLP(hidden_size, shared_intermediate_size, hidden_act)
             setattr(self, shared_prefix, shared)
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
         # Routing statistics: tokens routed to each expert since the last reset.
-        self.stats_enabled = False
-        self.expert_counts = torch.zeros(num_experts, dtype=torch.int64)
+        self.moe_stats_enabled = False
+        self.expert_counts: torch.Tensor
+        self.register_buffer(
+            "expert_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)  # [T, E]
@@ -124,10 +149,9 @@ class MoE(nn.Module):
             self.routed_scaling_factor,
             self.group_mask_value,
         )  # [T, K] each
-        if self.stats_enabled:
-            if self.expert_counts.device != ids.device:
-                self.expert_counts = self.expert_counts.to(ids.device)
-            self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        if self.moe_stats_enabled:  # NOTE: not bincount, which syncs on CUDA to size its output
+            flat = ids.reshape(-1)  # [T*K]
+            self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, self.hidden_act)
         shared: nn.Module | None = getattr(self, self.shared_prefix, None)
         if shared is not None:

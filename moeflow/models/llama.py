@@ -19,7 +19,7 @@ from moeflow.layers.mlp import GatedMLP
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
 from moeflow.models.base import CausalLM
-from moeflow.weights.loader import load_weights
+from moeflow.weights.loader import HF_EXPERT_PARAMS, load_weights
 
 
 class LlamaAttention(nn.Module):
@@ -122,6 +122,9 @@ class LlamaForCausalLM(CausalLM):
     # Checkpoint name parts -> ours, where a family's HF name differs (Mixtral's block_sparse_moe).
     renames: dict[str, str] = {}
 
+    # MoE families: a routed expert's projection (`experts.N.<proj>`) -> (stacked parameter, shard)
+    expert_params_mapping: dict[str, tuple[str, str]] = HF_EXPERT_PARAMS
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -150,7 +153,14 @@ class LlamaForCausalLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.weight",) if self.config.tie_word_embeddings else ()
-        load_weights(self, weights, self.packed_modules_mapping, skip=skip, renames=self.renames)
+        load_weights(
+            self,
+            weights,
+            self.packed_modules_mapping,
+            skip=skip,
+            renames=self.renames,
+            expert_params_mapping=self.expert_params_mapping,
+        )
 
 
 ENTRY_CLASSES = [LlamaForCausalLM]

@@ -12,6 +12,11 @@ from moeflow.models.llama import LlamaAttention, LlamaForCausalLM
 
 class MixtralForCausalLM(LlamaForCausalLM):
     renames = {".block_sparse_moe.": ".mlp."}
+    expert_params_mapping = {
+        "w1": ("w13", "gate"),
+        "w3": ("w13", "up"),
+        "w2": ("w2", "down"),
+    }
 
     @classmethod
     def make_attention(cls, config: ModelConfig) -> LlamaAttention:

@@ -17,17 +17,15 @@ logger = logging.getLogger("moeflow")
 # Checkpoint tensors that hold nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
-# One routed expert's projection in a checkpoint -> (stacked parameter, shard kind). Per-expert
-# names of HF checkpoints (`experts.3.gate_proj`, Mixtral's `experts.3.w1`) land in the stacked
-# layers/moe.py FusedExperts; already stacked tensors (`experts.gate_up_proj`) load whole.
+# One routed expert's projection in a checkpoint -> (stacked parameter, shard kind): per-expert
+# names (`experts.3.gate_proj`, Mixtral's `experts.3.w1`) land in the stacked layers/moe.py
+# FusedExperts through the family's `expert_params_mapping` (class data); already stacked
+# tensors (transformers 5's in-memory `experts.gate_up_proj`) load whole.
 _EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
-_EXPERT_PROJ = {
+HF_EXPERT_PARAMS: dict[str, tuple[str, str]] = {
     "gate_proj": ("w13", "gate"),
-    "w1": ("w13", "gate"),
     "up_proj": ("w13", "up"),
-    "w3": ("w13", "up"),
     "down_proj": ("w2", "down"),
-    "w2": ("w2", "down"),
 }
 _STACKED = {".experts.gate_up_proj": ".experts.w13", ".experts.down_proj": ".experts.w2"}
 
@@ -38,9 +36,12 @@ def load_weights(
     packed_modules_mapping: dict[str, tuple[str, str]],
     skip: tuple[str, ...] = (),
     renames: dict[str, str] | None = None,
+    expert_params_mapping: dict[str, tuple[str, str]] | None = None,
 ) -> None:
     """Copy every checkpoint tensor into its parameter; raise ModelFormatError when a parameter
-    is left unfilled or a tensor has the wrong shape. Unknown names are logged and skipped."""
+    is left unfilled (every expert slot included) or a tensor has the wrong shape. Unknown names
+    are logged and skipped."""
+    experts = HF_EXPERT_PARAMS if expert_params_mapping is None else expert_params_mapping
     params = dict(model.named_parameters(remove_duplicate=False))
     expected: set[tuple[str, str | None]] = set()
     for name, _ in model.named_parameters():
@@ -56,7 +57,7 @@ def load_weights(
     for ckpt_name, tensor in weights:
         if ckpt_name in skip or ckpt_name.endswith(_IGNORED_SUFFIXES):
             continue
-        name, shard = _map_name(ckpt_name, packed_modules_mapping, renames or {})
+        name, shard = _map_name(ckpt_name, packed_modules_mapping, renames or {}, experts)
         if name not in params:
             unknown.append(ckpt_name)
             continue
@@ -95,13 +96,16 @@ def _expected_shards(module: nn.Module, param_name: str) -> list[str]:
 
 
 def _map_name(
-    name: str, packed: dict[str, tuple[str, str]], renames: dict[str, str]
+    name: str,
+    packed: dict[str, tuple[str, str]],
+    renames: dict[str, str],
+    experts: dict[str, tuple[str, str]],
 ) -> tuple[str, str | None]:
     for old, new in renames.items():
         name = name.replace(old, new)
     m = _EXPERT.match(name)
-    if m is not None and m["proj"] in _EXPERT_PROJ:
-        param, kind = _EXPERT_PROJ[m["proj"]]
+    if m is not None and m["proj"] in experts:
+        param, kind = experts[m["proj"]]
         return f"{m['prefix']}.{param}", f"{kind}:{m['e']}"
     for old, new in _STACKED.items():
         if name.endswith(old):

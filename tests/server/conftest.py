@@ -100,21 +100,23 @@ def stop_server(server: Server) -> int:
         raise
 
 
+def tiny_server_running(
+    checkpoints: dict[str, Path], factory: pytest.TempPathFactory, *extra: str
+) -> Iterator[Server]:
+    """The tiny llama served as "tiny" (fp32, context 256) with `extra` flags; exits 0 on
+    SIGTERM afterwards."""
+    server = start_server(
+        str(checkpoints["llama"]),
+        factory.mktemp("srv"),
+        *("--dtype", "float32", "--max-model-len", "256", "--served-model-name", "tiny"),
+        *extra,
+    )
+    yield server
+    assert stop_server(server) == 0, server.log.read_text()
+
+
 @pytest.fixture(scope="module")
 def tiny_server(
     tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    server = start_server(
-        str(tiny_checkpoints["llama"]),
-        tmp_path_factory.mktemp("srv"),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--served-model-name",
-        "tiny",
-        "--max-waiting",
-        "64",
-    )
-    yield server
-    assert stop_server(server) == 0, server.log.read_text()
+    yield from tiny_server_running(tiny_checkpoints, tmp_path_factory, "--max-waiting", "64")

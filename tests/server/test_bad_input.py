@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import Server, start_server, stop_server
+from tests.server.conftest import Server, tiny_server_running
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
@@ -150,20 +150,7 @@ def test_unknown_route_is_404_envelope(tiny_server: Server) -> None:
 def keyed_server(
     tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    server = start_server(
-        str(tiny_checkpoints["llama"]),
-        tmp_path_factory.mktemp("keyed"),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--served-model-name",
-        "tiny",
-        "--api-key",
-        "s3cret",
-    )
-    yield server
-    assert stop_server(server) == 0
+    yield from tiny_server_running(tiny_checkpoints, tmp_path_factory, "--api-key", "s3cret")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import Server, start_server, stop_server
+from tests.server.conftest import Server, tiny_server_running
 
 
 def _raw_post(server: Server, path: str, body: dict) -> socket.socket:
@@ -111,22 +111,9 @@ def test_concurrent_seeded_requests_equal_solo(tiny_server: Server) -> None:
 def narrow_server(
     tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    server = start_server(
-        str(tiny_checkpoints["llama"]),
-        tmp_path_factory.mktemp("narrow"),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--served-model-name",
-        "tiny",
-        "--max-num-seqs",
-        "1",
-        "--max-waiting",
-        "2",
+    yield from tiny_server_running(
+        tiny_checkpoints, tmp_path_factory, "--max-num-seqs", "1", "--max-waiting", "2"
     )
-    yield server
-    assert stop_server(server) == 0
 
 
 def test_queue_full_is_503_quickly(narrow_server: Server) -> None:

@@ -1,0 +1,318 @@
+"""MoE GGUF files (qwen2moe, qwen3moe, deepseek2) written with gguf.GGUFWriter from tiny random
+HF checkpoints under llama.cpp's tensor names: moeflow's greedy output from the GGUF equals
+transformers' on the HF checkpoint, and a deepseek2 file fills exactly the tensors and config
+fields the HF folder gives (old single kv_b and newer split k_b / v_b layouts)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from moeflow import LLM, SamplingParams
+from moeflow.engine.model_loader import load_model
+from moeflow.weights.gguf import GGUFReader, gguf_to_hf_config
+from tests.conftest import TINY_EOS, TINY_VOCAB, make_tiny_checkpoint, write_tiny_tokenizer
+
+# llama.cpp's names (gguf-py constants.py TENSOR_NAMES), written out so the test does not reuse
+# the mapping it checks.
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "self_attn.q_a_proj": "attn_q_a",
+    "self_attn.q_a_layernorm": "attn_q_a_norm",
+    "self_attn.q_b_proj": "attn_q_b",
+    "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+    "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+    "self_attn.kv_b_proj": "attn_kv_b",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_experts.up_proj": "ffn_up_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias|e_score_correction_bias)")
+_EXPERT_NAME = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj")
+
+# Tiny DeepSeek checkpoints: MLA (V2 without q LoRA, V3 with), first layer dense, shared expert.
+_DEEPSEEK: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {
+        "q_lora_rank": None,
+        "n_group": 1,
+        "topk_group": 1,
+        "topk_method": "greedy",
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+    },
+    "deepseek_v3": {
+        "q_lora_rank": 48,
+        "n_group": 4,
+        "topk_group": 2,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+    },
+}
+_DEEPSEEK_COMMON: dict[str, Any] = {
+    "vocab_size": TINY_VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 256,
+    "eos_token_id": TINY_EOS,
+}
+
+
+def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _write_gguf(
+    folder: Path, path: Path, arch: str, hf: dict[str, Any], split_kv_b: bool = False
+) -> None:
+    """A GGUF of the checkpoint in `folder` as convert_hf_to_gguf.py would lay it out."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    n_layers = hf["num_hidden_layers"]
+    w.add_block_count(n_layers)
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_head_count(hf["num_attention_heads"])
+    w.add_head_count_kv(hf["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    w.add_rope_freq_base((hf.get("rope_parameters") or hf)["rope_theta"])
+    w.add_expert_count(_num_experts(hf))
+    w.add_expert_used_count(hf["num_experts_per_tok"])
+    w.add_expert_feed_forward_length(hf["moe_intermediate_size"])
+    if arch == "qwen3moe":
+        w.add_key_length(hf["head_dim"])
+        w.add_value_length(hf["head_dim"])
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(hf["shared_expert_intermediate_size"])
+    if arch == "deepseek2":
+        rope = hf["qk_rope_head_dim"]
+        if hf["q_lora_rank"]:
+            w.add_q_lora_rank(hf["q_lora_rank"])
+        w.add_kv_lora_rank(hf["kv_lora_rank"])
+        w.add_rope_dimension_count(rope)
+        if split_kv_b:  # newer files: the absorbed cache's shape, per-head sizes apart
+            w.add_key_length(hf["kv_lora_rank"] + rope)
+            w.add_value_length(hf["kv_lora_rank"])
+            w.add_key_length_mla(hf["qk_nope_head_dim"] + rope)
+            w.add_value_length_mla(hf["v_head_dim"])
+        else:
+            w.add_key_length(hf["qk_nope_head_dim"] + rope)
+            w.add_value_length(hf["v_head_dim"])
+        w.add_leading_dense_block_count(hf["first_k_dense_replace"])
+        w.add_expert_shared_count(hf["n_shared_experts"])
+        w.add_expert_weights_scale(hf["routed_scaling_factor"])
+        w.add_expert_weights_norm(hf["norm_topk_prob"])
+        is_v3 = hf["architectures"][0] == "DeepseekV3ForCausalLM"
+        w.add_expert_gating_func(
+            gguf.ExpertGatingFuncType.SIGMOID if is_v3 else gguf.ExpertGatingFuncType.SOFTMAX
+        )
+        w.add_expert_group_count(hf["n_group"])
+        w.add_expert_group_used_count(hf["topk_group"])
+        yarn = hf.get("rope_parameters") or {}
+        if yarn.get("rope_type") == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(yarn["factor"])
+            w.add_rope_scaling_orig_ctx_len(yarn["original_max_position_embeddings"])
+            w.add_rope_scaling_yarn_log_mul(0.1 * yarn["mscale_all_dim"])
+    # Byte-level vocabulary padded to the model's vocab size; one merge so the list is not empty.
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = sorted(ByteLevel.alphabet()) + ["<s>", "</s>", "ab"]
+    types = [1] * 256 + [3, 3, 1]
+    tokens += [f"<unused{i}>" for i in range(TINY_VOCAB - len(tokens))]
+    types += [4] * (TINY_VOCAB - len(types))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(256)
+    w.add_eos_token_id(TINY_EOS)
+
+    experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+    for name, t in _hf_tensors(folder).items():
+        a = t.float().numpy()
+        if name in _GLOBAL:
+            w.add_tensor(_GLOBAL[name], a)
+            continue
+        m = _LAYER_NAME.fullmatch(name)
+        assert m is not None, name
+        layer, module, kind = int(m[1]), m[2], m[3]
+        if (e := _EXPERT_NAME.fullmatch(module)) is not None:
+            experts.setdefault((layer, e[2]), {})[int(e[1])] = a
+            continue
+        if kind == "e_score_correction_bias":
+            w.add_tensor(f"blk.{layer}.exp_probs_b.bias", a)
+            continue
+        if module == "self_attn.kv_b_proj" and split_kv_b:
+            heads = hf["num_attention_heads"]
+            nope, v_dim = hf["qk_nope_head_dim"], hf["v_head_dim"]
+            kv_b = a.reshape(heads, nope + v_dim, a.shape[-1])
+            w.add_tensor(f"blk.{layer}.attn_k_b.weight", kv_b[:, :nope].transpose(0, 2, 1).copy())
+            w.add_tensor(f"blk.{layer}.attn_v_b.weight", kv_b[:, nope:].copy())
+            continue
+        if module == "mlp.shared_expert_gate":
+            a = a.reshape(-1)  # llama.cpp keeps it as a vector
+        w.add_tensor(f"blk.{layer}.{_LAYER[module]}.{kind}", a)
+    for (layer, proj), per_expert in experts.items():
+        stacked = np.stack([per_expert[i] for i in range(len(per_expert))])  # [E, out, in]
+        w.add_tensor(f"blk.{layer}.ffn_{proj}_exps.weight", stacked)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _num_experts(hf: dict[str, Any]) -> int:
+    return next(
+        hf[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if hf.get(k)
+    )
+
+
+def _hf_config(folder: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "arch"), [("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe")])
+def test_qwen_moe_gguf_greedy_matches_hf(family: str, arch: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_checkpoint(family, tmp_path / family)
+    hf_cfg = _hf_config(folder)
+    path = tmp_path / f"{family}.gguf"
+    _write_gguf(folder, path, arch, hf_cfg)
+    with GGUFReader(path) as reader:
+        cfg = gguf_to_hf_config(reader)
+    assert cfg["architectures"] == hf_cfg["architectures"]
+    assert cfg["norm_topk_prob"] == (arch == "qwen3moe")
+    assert cfg["mlp_only_layers"] == hf_cfg.get("mlp_only_layers", [])
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # type: ignore[union-attr]
+    llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=128)
+    prompts = [[7, 100, 42, 3, 250], list(range(60, 90))]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    for ids, out in zip(prompts, llm.generate(prompts, params), strict=True):
+        with torch.no_grad():
+            ref = hf.generate(  # type: ignore[operator]
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=32,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert out.token_ids == ref[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("split_kv_b", [False, True], ids=["kv_b", "k_b+v_b"])
+@pytest.mark.parametrize("family", sorted(_DEEPSEEK))
+def test_deepseek2_gguf_fills_the_hf_tensors(family: str, split_kv_b: bool, tmp_path: Path) -> None:
+    import transformers
+
+    cls = "DeepseekV3" if family == "deepseek_v3" else "DeepseekV2"
+    config = getattr(transformers, f"{cls}Config")(**{**_DEEPSEEK_COMMON, **_DEEPSEEK[family]})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+    hf_cfg = _hf_config(folder)
+    path = tmp_path / f"{family}.gguf"
+    _write_gguf(folder, path, "deepseek2", hf_cfg, split_kv_b=split_kv_b)
+
+    with GGUFReader(path) as reader:
+        cfg = gguf_to_hf_config(reader)
+    keys = [
+        "architectures",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "moe_intermediate_size",
+        "num_experts_per_tok",
+        "n_shared_experts",
+        "first_k_dense_replace",
+        "n_group",
+        "topk_group",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "num_key_value_heads",
+    ]
+    assert {k: cfg[k] for k in keys} == {k: hf_cfg[k] for k in keys}
+    assert _num_experts(cfg) == _num_experts(hf_cfg) == 8
+    yarn = hf_cfg["rope_parameters"]
+    if family == "deepseek_v2":
+        assert yarn["rope_type"] == "yarn"
+        ours = cfg["rope_scaling"]
+        for key in ("factor", "original_max_position_embeddings", "mscale", "mscale_all_dim"):
+            assert ours[key] == pytest.approx(yarn[key]), key
+    assert cfg["topk_method"] == hf_cfg.get("topk_method", "noaux_tc")
+
+    # Every parameter moeflow fills from the GGUF equals the one it fills from the HF folder.
+    from_gguf = load_model(str(path), "cpu", torch.float32).model.state_dict()
+    from_hf = load_model(str(folder), "cpu", torch.float32).model.state_dict()
+    assert from_gguf.keys() == from_hf.keys()
+    for name, tensor in from_hf.items():
+        torch.testing.assert_close(from_gguf[name], tensor, rtol=0, atol=0, msg=name)
