@@ -113,6 +113,11 @@ def run_moe_scaling(args: argparse.Namespace) -> int:
         f"moe top-{TOP_K} / all experts = {moe / every:.2f} "
         f"(active-parameter ratio {rows[0]['active_params'] / rows[2]['active_params']:.2f})"
     )
+    if rows[0]["imbalance"] is not None:
+        print(
+            f"routing of the top-{TOP_K} run: {rows[0]['imbalance']:.2f}x load imbalance "
+            "(busiest expert's tokens / mean per expert, averaged over MoE layers)"
+        )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -24,7 +24,7 @@ class Linear(nn.Module):
 
     def load(self, param_name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
         param = getattr(self, param_name)
-        _copy_checked(param, tensor, param_name)
+        copy_checked(param, tensor, param_name)
 
 
 class MergedLinear(Linear):
@@ -44,10 +44,10 @@ class MergedLinear(Linear):
             return
         offset, size = self.shard_offsets[shard]
         param = getattr(self, param_name)
-        _copy_checked(param.data.narrow(0, offset, size), tensor, f"{param_name}[{shard}]")
+        copy_checked(param.data.narrow(0, offset, size), tensor, f"{param_name}[{shard}]")
 
 
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ModelFormatError(
             f"checkpoint tensor for {what} has shape {tuple(src.shape)}, "

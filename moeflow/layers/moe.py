@@ -12,7 +12,7 @@ from torch import nn
 from moeflow.errors import ModelFormatError
 from moeflow.kernels.fused_moe import fused_moe, select_experts
 from moeflow.kernels.gemm import linear
-from moeflow.layers.linear import Linear
+from moeflow.layers.linear import Linear, copy_checked
 from moeflow.layers.mlp import GatedMLP
 
 
@@ -62,13 +62,7 @@ class FusedExperts(nn.Module):
                 raise ModelFormatError(f"expert {e} out of range ({self.num_experts} experts)")
             i = self.intermediate_size
             dst = {"gate": param.data[e, :i], "up": param.data[e, i:], "down": param.data[e]}[kind]
-        if tuple(dst.shape) != tuple(tensor.shape):
-            raise ModelFormatError(
-                f"expert tensor for {param_name}[{shard}] has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(dst.shape)}"
-            )
-        with torch.no_grad():
-            dst.copy_(tensor)
+        copy_checked(dst, tensor, f"{param_name}[{shard}]")
 
 
 class MoE(nn.Module):
