@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -274,8 +275,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             for it in iterators:
                 await _close(it)
             raise _engine_error(e, config.retry_after_s) from None
-        metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * n)
         prompt_tokens = sum(len(p) for p in prompts) * n
+        metrics.prompt_tokens.inc(prompt_tokens)
         updates = _merge(iterators)
         if stream:
             return StreamingResponse(
@@ -553,9 +554,7 @@ def _sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
 
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed % 2**63)
+    return dataclasses.replace(params, seed=seed % 2**63)
 
 
 def _engine_error(e: BaseException, retry_after_s: int) -> ApiError:
