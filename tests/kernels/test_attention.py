@@ -74,3 +74,23 @@ def test_batched_decode_equals_per_sequence(window: int | None) -> None:
     ref = paged_attention_ref(q, kc, vc, bt, query_lens, context_lens, 0.25, window)
     out = paged_decode_attention_ref(q, kc, vc, bt, torch.tensor(context_lens), 0.25, window)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cache_on_cpu(dtype: torch.dtype) -> None:
+    """A bf16/fp16 cache (attended in fp32 on the CPU) stays within half-precision rounding of
+    the fp32 result, and the output keeps the input's dtype."""
+    context_lens = [3, 9, 30]
+    query_lens = [1] * 3
+    q, kc, vc, bt, _, _ = _setup(2, query_lens, context_lens)
+    ref = paged_decode_attention_ref(q, kc, vc, bt, torch.tensor(context_lens), 0.3)
+    out = paged_decode_attention_ref(
+        q.to(dtype), kc.to(dtype), vc.to(dtype), bt, torch.tensor(context_lens), 0.3
+    )
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    per_seq = paged_attention_ref(
+        q.to(dtype), kc.to(dtype), vc.to(dtype), bt, query_lens, context_lens, 0.3
+    )
+    assert per_seq.dtype == dtype
+    torch.testing.assert_close(per_seq.float(), ref, rtol=3e-2, atol=3e-2)
