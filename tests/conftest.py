@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -192,9 +193,36 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
+def write_random_checkpoint(
+    cfg_name: str,
+    model_name: str,
+    config_kwargs: dict,
+    folder: Path,
+    seed: int = 0,
+    randomize_vector: Callable[[torch.Tensor], bool] = lambda p: False,
+) -> Path:
+    """A transformers model of that class with widened random weights (every matrix, and the
+    1-D parameters `randomize_vector` picks; DeepSeek's correction bias too), saved with
+    save_pretrained next to the tiny tokenizer."""
     import transformers
 
+    config = getattr(transformers, cfg_name)(**config_kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).float().eval()
+    with torch.no_grad():  # random init is small; widen it so logits are far from ties
+        for p in model.parameters():
+            if p.dim() > 1 or randomize_vector(p):
+                p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)  # so it changes which experts are chosen
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+    return folder
+
+
+def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     cfg_name, model_name, extra = TINY_FAMILIES[family]
     kwargs = {
         "vocab_size": TINY_VOCAB,
@@ -210,22 +238,15 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
         "bos_token_id": 256,
         "eos_token_id": TINY_EOS,
     }
-    config = getattr(transformers, cfg_name)(**{**kwargs, **extra})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).float().eval()
-    with torch.no_grad():  # random init is small; widen it so logits are far from ties
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-            elif family.startswith(("qwen2", "glm4")) and p.dim() == 1 and p.shape[0] != 64:
-                p.normal_(0, 0.2)  # q/k/v biases
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)  # so it changes which experts are chosen
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    write_tiny_tokenizer(folder)
-    return folder
+    has_biases = family.startswith(("qwen2", "glm4"))  # q/k/v biases (1-D, not hidden-sized)
+    return write_random_checkpoint(
+        cfg_name,
+        model_name,
+        {**kwargs, **extra},
+        folder,
+        seed,
+        lambda p: has_biases and p.dim() == 1 and p.shape[0] != 64,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from moeflow.layers.mla import MLAAttention
 from moeflow.layers.moe import MoE
 from moeflow.models.deepseek_v2 import DeepseekV3ForCausalLM
 from moeflow.models.registry import get_model_class
-from tests.conftest import TINY_EOS, TINY_VOCAB, write_tiny_tokenizer
+from tests.conftest import TINY_EOS, TINY_VOCAB, write_random_checkpoint
 from tests.models.test_parity import _hf_greedy, _hf_model, _prompts, prefill_logits
 
 NEW_TOKENS = 40
@@ -92,23 +92,8 @@ _COMMON: dict[str, Any] = {
 
 
 def make_deepseek_checkpoint(variant: str, folder: Path, seed: int = 0) -> Path:
-    import transformers
-
     cfg_name, model_name, extra = _VARIANTS[variant]
-    config = getattr(transformers, cfg_name)(**{**_COMMON, **extra})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).float().eval()
-    with torch.no_grad():  # widen the small random init so logits are far from ties
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)  # the bias must change which experts win
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    write_tiny_tokenizer(folder)
-    return folder
+    return write_random_checkpoint(cfg_name, model_name, {**_COMMON, **extra}, folder, seed)
 
 
 @pytest.fixture(scope="module")

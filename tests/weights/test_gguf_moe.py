@@ -16,7 +16,7 @@ import torch
 from moeflow import LLM, SamplingParams
 from moeflow.engine.model_loader import load_model
 from moeflow.weights.gguf import GGUFReader, gguf_to_hf_config
-from tests.conftest import TINY_EOS, TINY_VOCAB, make_tiny_checkpoint, write_tiny_tokenizer
+from tests.conftest import TINY_EOS, TINY_VOCAB, make_tiny_checkpoint, write_random_checkpoint
 
 # llama.cpp's names (gguf-py constants.py TENSOR_NAMES), written out so the test does not reuse
 # the mapping it checks.
@@ -262,21 +262,14 @@ def test_qwen_moe_gguf_greedy_matches_hf(family: str, arch: str, tmp_path: Path)
 @pytest.mark.parametrize("split_kv_b", [False, True], ids=["kv_b", "k_b+v_b"])
 @pytest.mark.parametrize("family", sorted(_DEEPSEEK))
 def test_deepseek2_gguf_fills_the_hf_tensors(family: str, split_kv_b: bool, tmp_path: Path) -> None:
-    import transformers
-
     cls = "DeepseekV3" if family == "deepseek_v3" else "DeepseekV2"
-    config = getattr(transformers, f"{cls}Config")(**{**_DEEPSEEK_COMMON, **_DEEPSEEK[family]})
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{cls}ForCausalLM")(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)
-    folder = tmp_path / family
-    model.save_pretrained(folder)
-    write_tiny_tokenizer(folder)
+    folder = write_random_checkpoint(
+        f"{cls}Config",
+        f"{cls}ForCausalLM",
+        {**_DEEPSEEK_COMMON, **_DEEPSEEK[family]},
+        tmp_path / family,
+        randomize_vector=lambda p: True,  # norms too, so a swapped norm would show
+    )
     hf_cfg = _hf_config(folder)
     path = tmp_path / f"{family}.gguf"
     _write_gguf(folder, path, "deepseek2", hf_cfg, split_kv_b=split_kv_b)
