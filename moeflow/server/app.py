@@ -87,6 +87,7 @@ class _Choice:
     finish_reason: str | None = None
     final_text: str = ""
     num_cached_tokens: int = 0
+    next_text_offset: int = 0  # legacy logprobs: where the next token's text starts
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
@@ -385,18 +386,19 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             text_choices.append((c.index, c.final_text, lps, c.finish_reason))
         return protocol.completion_response(rid, created, model, text_choices, usage)
 
-    def _legacy_logprobs(choice: _Choice) -> dict[str, Any]:
+    def _legacy_logprobs(choice: _Choice, start: int = 0) -> dict[str, Any]:
+        """The completions-API logprobs of choice.logprobs[start:]; each call continues the text
+        offsets where the previous one stopped, so a stream decodes every token once."""
         tokens, token_lps, tops, offsets = [], [], [], []
-        offset = 0
-        for lp in choice.logprobs:
+        for lp in choice.logprobs[start:]:
             text = tokenizer.decode([lp.token_id], skip_special_tokens=False)
             tokens.append(text)
             token_lps.append(lp.logprob)
             tops.append(
                 {tokenizer.decode([t], skip_special_tokens=False): v for t, v in lp.top.items()}
             )
-            offsets.append(offset)
-            offset += len(text)
+            offsets.append(choice.next_text_offset)
+            choice.next_text_offset += len(text)
         return protocol.legacy_logprobs(tokens, token_lps, tops, offsets)
 
     async def _sse(
@@ -463,7 +465,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                                 logprobs={"content": lp_entries} if lp_entries else None,
                             )
                         )
-                elif delta or finish is not None:
+                elif delta or finish is not None or (want_logprobs and update.new_logprobs):
                     yield _event(
                         protocol.completion_chunk(
                             rid,
@@ -472,7 +474,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                             c.index,
                             delta,
                             finish_reason=finish,
-                            logprobs=_legacy_logprobs_slice(c, start) if want_logprobs else None,
+                            logprobs=_legacy_logprobs(c, start) if want_logprobs else None,
                         )
                     )
             else:
@@ -495,10 +497,6 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             yield "data: [DONE]\n\n"
         finally:
             await updates.aclose()  # aborts whatever is still running (client gone)
-
-    def _legacy_logprobs_slice(choice: _Choice, start: int) -> dict[str, Any]:
-        full = _legacy_logprobs(choice)
-        return {k: v[start:] for k, v in full.items()}
 
     return app
 

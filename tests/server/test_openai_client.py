@@ -91,6 +91,16 @@ def test_logprobs(client: openai.OpenAI) -> None:
     )
     lp = legacy.choices[0].logprobs
     assert lp is not None and len(lp.tokens or []) == 4 and len(lp.top_logprobs or []) == 4
+    streamed = client.completions.create(
+        model="tiny", prompt="abc", max_tokens=4, temperature=0, logprobs=2, stream=True
+    )
+    tokens, offsets = [], []
+    for chunk in streamed:
+        part = chunk.choices[0].logprobs if chunk.choices else None
+        if part is not None:
+            tokens += part.tokens or []
+            offsets += part.text_offset or []
+    assert tokens == lp.tokens and offsets == lp.text_offset
 
 
 def test_stop_strings(client: openai.OpenAI) -> None:
