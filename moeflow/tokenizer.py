@@ -39,6 +39,7 @@ CHAT_TEMPLATE_KWARGS = frozenset(
         "tools",
         "documents",
         "enable_thinking",
+        "thinking",
         "reasoning_effort",
         "date_string",
         "builtin_tools",

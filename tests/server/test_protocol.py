@@ -466,3 +466,10 @@ def test_response_shapes() -> None:
     assert last["choices"] == [] and last["usage"] == u
     assert P.usage_chunk("cmpl-1", 1, "m", u, chat=False)["object"] == "text_completion"
     json.dumps([resp, chunk, text, tchunk, last], allow_nan=False)  # plain JSON all through
+
+
+def test_template_kwargs_the_edge_accepts_reach_the_template() -> None:
+    """The HTTP allow-list (typed) must not pass keys the template renderer then drops."""
+    from moeflow.tokenizer import CHAT_TEMPLATE_KWARGS as RENDERED
+
+    assert set(P.CHAT_TEMPLATE_KWARGS) <= RENDERED
