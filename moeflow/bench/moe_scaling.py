@@ -15,6 +15,7 @@ import torch
 
 from moeflow.api import LLM
 from moeflow.bench.cpu import routing_imbalance
+from moeflow.bench.report import count_parameters
 from moeflow.sampling_params import SamplingParams
 
 HIDDEN, EXPERT_INTER, EXPERTS, TOP_K = 1024, 512, 64, 2
@@ -56,10 +57,8 @@ def measure_moe_scaling(
             device="cpu",
             max_model_len=256,
         )
-        total = sum(p.numel() for p in llm.loaded.model.parameters())
-        expert = sum(p.numel() for n, p in llm.loaded.model.named_parameters() if ".experts." in n)
-        k = llm.loaded.model_config.num_experts_per_tok
-        active = total - expert + (expert * k // EXPERTS if expert else 0)
+        counts = count_parameters(llm.loaded.model, llm.loaded.model_config)
+        total, active = counts.total, counts.active_per_token
         engine = llm.engine
         req = engine.add_request(
             list(range(1, 33)),

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # HF config keys for routed experts: (experts per token, experts in all), first hit wins.
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "num_selected_experts")
-_NUM_EXPERTS_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
 
 
 @dataclass(frozen=True)
@@ -153,9 +151,7 @@ def model_info(llm: LLM) -> str:
 
 def _routing(config: ModelConfig) -> tuple[int, int]:
     """(experts per token, routed experts); (0, 0) for a dense model."""
-    hf = config.hf
-    top_k = next((int(hf[k]) for k in _TOP_K_KEYS if hf.get(k)), 0)
-    num_experts = next((int(hf[k]) for k in _NUM_EXPERTS_KEYS if hf.get(k)), 0)
+    top_k, num_experts = config.num_experts_per_tok, config.num_experts  # normalised in config.py
     return (top_k, num_experts) if top_k and num_experts else (0, 0)
 
 
