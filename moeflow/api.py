@@ -12,7 +12,7 @@ import torch
 from moeflow.config import EngineConfig
 from moeflow.engine.kv_cache import plan_kv_cache
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import LoadedModel, load_model, parse_dtype
+from moeflow.engine.model_loader import LoadedModel, default_dtype, load_model, parse_dtype
 from moeflow.engine.output import TextStream
 from moeflow.engine.request import Request
 from moeflow.engine.sampler import TokenLogprobs
@@ -59,10 +59,7 @@ class LLM:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
-            # Decode is bound by reading the weights: bf16 halves the bytes of fp32, and torch's
-            # bf16 GEMV reads them as fast per byte on AVX2 CPUs (measured: 2x tok/s). Parity
-            # with HF transformers is tested in float32.
-            dtype = "bfloat16"
+            dtype = default_dtype(model, device)
         torch_dtype = parse_dtype(dtype)
         torch.manual_seed(seed)
         loaded: LoadedModel = load_model(model, device, torch_dtype, random_weights, hf_overrides)

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-len", type=int, default=256, help="prefill prompt length")
     bench.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed")
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="also time this many requests decoding together (total tok/s; < 2: skip)",
+    )
     bench.add_argument("--json", default=None, help="also write the results to this file")
     bench.add_argument(
         "--workload",

@@ -21,3 +21,11 @@ MOEFLOW_NUM_THREADS: int = _int("MOEFLOW_NUM_THREADS", 0)
 MOEFLOW_PROGRESS: bool = _bool("MOEFLOW_PROGRESS", True)
 # Log level of the `moeflow` logger.
 MOEFLOW_LOG_LEVEL: str = os.environ.get("MOEFLOW_LOG_LEVEL", "WARNING")
+# Use the compiled CPU kernels (kernels/csrc) where the CPU supports them; 0 forces plain torch.
+MOEFLOW_CPU_KERNELS: bool = _bool("MOEFLOW_CPU_KERNELS", True)
+# Where compiled kernels are cached.
+MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moeflow"
+)
+# CPU decode GEMVs keep fp32 activations (exact weights x exact activations) instead of int8.
+MOEFLOW_CPU_EXACT: bool = _bool("MOEFLOW_CPU_EXACT", False)

@@ -11,3 +11,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
 .venv/bin/pip install -q -e ".[test]"
+# Build the CPU kernels now (cached per source hash), not inside the first command that needs
+# them; a machine that cannot build them still runs, on the plain-torch path.
+.venv/bin/python -m moeflow.kernels.cpu_ext

@@ -20,6 +20,7 @@ import moeflow
 from moeflow.bench.peers import PEERS, BenchResult, run_peer, skip_reason
 from moeflow.bench.report import count_parameters, decode_weight_bytes
 from moeflow.engine.kv_cache import kv_bytes_per_token
+from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.model_loader import parse_dtype
 from moeflow.sampling_params import SamplingParams
 
@@ -113,11 +114,22 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{name}: load {_fmt_ratio(r['load'])}, prefill {_fmt_ratio(r['prefill'])}, "
             f"decode {_fmt_ratio(r['decode'])}"
         )
+    conc = mf.result.concurrent_decode_tok_s
+    if conc is not None:
+        vs = ", ".join(
+            f"{conc / r.decode_tok_s:.2f}x {r.name}'s one stream"
+            for r in results[1:]
+            if r.decode_tok_s
+        )
+        print(
+            f"{args.concurrency} concurrent requests (64-token prompts, {args.decode_tokens} "
+            f"tokens each): moeflow decodes {conc:.1f} tok/s in total" + (f" = {vs}" if vs else "")
+        )
     print(
         f"memory bandwidth {bandwidth / 1e9:.2f} GB/s (best of {BANDWIDTH_REPEATS} copies of "
         f"{BANDWIDTH_BYTES // 2**20} MiB fp32, read + write); bytes per decode step "
         f"{bytes_per_token / 2**20:.1f} MiB (weights {mf.decode_weight_bytes / 2**20:.1f} MiB "
-        f"in {mf.dtype} + KV {kv_read / 2**20:.2f} MiB at context {mean_context:.0f})"
+        f"as stored + KV {kv_read / 2**20:.2f} MiB at context {mean_context:.0f})"
     )
     print(f"roofline {roofline:.1f} tok/s, moeflow at {100 * decode / roofline:.1f}% of it")
 
@@ -132,6 +144,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "threads": threads,
                 "device": device,
                 "compare": peers,
+                "concurrency": args.concurrency,
             },
             "model": {
                 "path": mf.path,
@@ -225,6 +238,7 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
     num_decoded = len(req.output_ids) - 1
     engine.enable_routing_stats(False)
     imbalance = routing_imbalance(engine.routing_stats())
+    concurrent_tok_s = _concurrent_decode(engine, prompt_ids, args.concurrency, decode_tokens)
     if imbalance is not None:
         print(
             f"routing over the decode: {imbalance:.2f}x load imbalance "
@@ -235,7 +249,15 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
     dtype = parse_dtype(llm.config.dtype)
     note = f"{llm.config.dtype}" + (f", prefill in {num_chunks} steps" if num_chunks > 1 else "")
     run = _MoeflowRun(
-        result=BenchResult("moeflow", load_s, prompt_len / prefill_s, num_decoded / decode_s, note),
+        result=BenchResult(
+            "moeflow",
+            load_s,
+            prompt_len / prefill_s,
+            num_decoded / decode_s,
+            note,
+            concurrent_decode_tok_s=concurrent_tok_s,
+            concurrent=args.concurrency,
+        ),
         path=llm.loaded.path,
         architecture=llm.loaded.model_config.architecture,
         dtype=llm.config.dtype,
@@ -248,6 +270,27 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
     )
     del llm, engine, req, out
     return run
+
+
+def _concurrent_decode(
+    engine: LLMEngine, prompt_ids: list[int], n: int, decode_tokens: int
+) -> float | None:
+    """Total decode tok/s of `n` requests decoding together (one batched step per token): each
+    has its own 64-token prompt (no shared prefix); timing starts once all have their first
+    token and stops when the last finishes."""
+    if n < 2:
+        return None
+    params = SamplingParams(temperature=0.0, max_tokens=decode_tokens + 1, ignore_eos=True)
+    base = prompt_ids[:64]
+    reqs = [engine.add_request([(t + 7 * i) % 32000 for t in base], params) for i in range(n)]
+    while not all(r.output_ids for r in reqs):
+        engine.step()
+    done = sum(len(r.output_ids) for r in reqs)
+    start = time.perf_counter()
+    while not all(r.is_finished for r in reqs):
+        engine.step()
+    elapsed = time.perf_counter() - start
+    return (sum(len(r.output_ids) for r in reqs) - done) / elapsed
 
 
 def routing_imbalance(stats: list[list[int]]) -> float | None:

@@ -26,6 +26,9 @@ class BenchResult:
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
     note: str = ""
+    # total decode tok/s of `concurrent` streams decoding together (moeflow only)
+    concurrent_decode_tok_s: float | None = None
+    concurrent: int = 0
 
     @property
     def ms_per_token(self) -> float | None:
@@ -41,6 +44,8 @@ class BenchResult:
             "prefill_tok_s": self.prefill_tok_s,
             "decode_tok_s": self.decode_tok_s,
             "ms_per_token": self.ms_per_token,
+            "concurrent": self.concurrent,
+            "concurrent_decode_tok_s": self.concurrent_decode_tok_s,
             "note": self.note,
         }
 

@@ -3,6 +3,7 @@ from a table of known models). No timing here; bench/cpu.py measures speed."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,9 +45,9 @@ def count_parameters(model: nn.Module, config: ModelConfig) -> ParamCounts:
     embedding_row_bytes = 0
     embedding_ptr = lm_head_ptr = None
     for name, p in model.named_parameters():
-        n = p.numel()
+        n = math.prod(getattr(p, "logical_shape", p.shape))  # quantised: the weights it holds
         total += n
-        weight_bytes += n * p.element_size()
+        weight_bytes += p.numel() * p.element_size()  # quantised: bytes of the blocks
         if name.endswith("embed_tokens.weight"):
             embedding += n
             embedding_ptr = p.data_ptr()

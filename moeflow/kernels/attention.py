@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeflow.kernels import cpu_ext
+
 
 def store_kv(
     k: torch.Tensor,  # [T, Hkv, D]
@@ -107,6 +109,42 @@ def _work_dtype(q: torch.Tensor) -> torch.dtype:
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return q.dtype
+
+
+def paged_decode_attention_cpu(
+    q: torch.Tensor,  # [B, H, D]
+    k: torch.Tensor,  # [B, Hkv, D]
+    v: torch.Tensor,  # [B, Hkv, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [B]
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,  # [B]
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """store_kv + decode attention in one CPU kernel call (float32 caches); None where the
+    kernel does not apply, and then nothing was written."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return None
+    ops = cpu_ext.ops()
+    if ops is None or q.shape[-1] % 8 != 0:
+        return None
+    for t in (q, k, v):
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            return None
+    return ops.decode_attention(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        scale,
+        sliding_window or 0,
+    )
 
 
 def paged_attention(

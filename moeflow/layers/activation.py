@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeflow.kernels.activation import gated_act_ref, silu_and_mul
+
 _ACTS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -19,7 +21,9 @@ class GatedAct(nn.Module):
         if act not in _ACTS:
             raise ValueError(f"unsupported hidden_act {act!r}; supported: {sorted(_ACTS)}")
         self.act = _ACTS[act]
+        self.is_silu = act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)  # [.., 2I] -> 2 x [.., I]
-        return self.act(gate) * up
+        if self.is_silu:
+            return silu_and_mul(x)
+        return gated_act_ref(x, self.act)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moeflow.context import get_forward_batch
-from moeflow.kernels.attention import paged_attention, store_kv
+from moeflow.kernels.attention import paged_attention, paged_decode_attention_cpu, store_kv
 
 
 class PagedAttention(nn.Module):
@@ -42,6 +42,21 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
         batch = get_forward_batch()
+        if batch.is_decode:
+            out = paged_decode_attention_cpu(
+                q,
+                k,
+                v,
+                self.k_cache,
+                self.v_cache,
+                batch.slot_mapping,
+                batch.block_tables,
+                batch.context_lens,
+                self.scale,
+                self.sliding_window,
+            )
+            if out is not None:
+                return out
         store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         return paged_attention(
             q,

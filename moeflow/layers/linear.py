@@ -1,5 +1,8 @@
 """Linear layers whose parameters are filled from checkpoint tensors by name. A merged linear
-holds several checkpoint projections side by side (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+holds several checkpoint projections side by side (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+
+A weight can also be kept quantised (GGUF blocks, or quantised on load): `weight` is then uint8
+[out_features, row_bytes] and `qtype` its ggml type, multiplied by kernels/quant_gemm.py."""
 
 from __future__ import annotations
 
@@ -8,9 +11,48 @@ from torch import nn
 
 from moeflow.errors import ModelFormatError
 from moeflow.kernels.gemm import linear
+from moeflow.kernels.quant_gemm import qlinear, row_bytes
+from moeflow.weights.gguf import QuantizedTensor
 
 
-class Linear(nn.Module):
+class QuantizableWeight(nn.Module):
+    """A module whose `weight` [out_features, in_features] the loader may fill with quantised
+    blocks to keep (`keep_quantized`; False where the module reads `weight` itself)."""
+
+    keep_quantized = True
+    in_features: int
+    out_features: int
+    weight: nn.Parameter
+    qtype: int | None = None
+
+    def load(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None = None
+    ) -> None:
+        if isinstance(tensor, QuantizedTensor):
+            if param_name == "weight" and self.keep_quantized:
+                self.set_quantized(tensor)
+                return
+            tensor = tensor.dequantize(getattr(self, param_name).dtype)
+        copy_checked(getattr(self, param_name), tensor, param_name)
+
+    def set_quantized(self, q: QuantizedTensor) -> None:
+        """Replace the float weight by quantised blocks of the same logical shape."""
+        expected = (self.out_features, self.in_features)
+        if tuple(q.shape) != expected:
+            raise ModelFormatError(f"quantised weight has shape {q.shape}, expected {expected}")
+        nbytes = row_bytes(q.qtype, self.in_features)
+        if tuple(q.data.shape) != (self.out_features, nbytes):
+            raise ModelFormatError(
+                f"quantised weight holds {tuple(q.data.shape)} bytes, expected "
+                f"{(self.out_features, nbytes)}"
+            )
+        device = self.weight.device
+        self.weight = nn.Parameter(q.data.to(device).contiguous(), requires_grad=False)
+        self.weight.logical_shape = expected  # type: ignore[attr-defined]  # parameter counts
+        self.qtype = q.qtype
+
+
+class Linear(QuantizableWeight):
     """y = x W^T (+ b). Parameters are allocated uninitialised: the loader fills them."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -18,13 +60,16 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.qtype = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qtype is not None:
+            return qlinear(x, self.weight, self.qtype, self.bias)
         return linear(x, self.weight, self.bias)
 
-    def load(self, param_name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
-        param = getattr(self, param_name)
-        copy_checked(param, tensor, param_name)
+    def extra_repr(self) -> str:
+        q = f", qtype={self.qtype}" if self.qtype is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{q}"
 
 
 class MergedLinear(Linear):
@@ -37,14 +82,55 @@ class MergedLinear(Linear):
         for name, size in shard_sizes.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
+        # Quantised shards wait here until every shard has come: all of one type, their rows
+        # are concatenated into one quantised weight; otherwise they are dequantised.
+        self._pending: dict[str, QuantizedTensor] = {}
+        self._seen: set[str] = set()
 
-    def load(self, param_name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
+    def load(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None = None
+    ) -> None:
         if shard is None:
             super().load(param_name, tensor)
             return
+        if param_name != "weight" or not isinstance(tensor, QuantizedTensor):
+            self._copy_shard(param_name, shard, tensor)
+        elif self.keep_quantized:
+            self._pending[shard] = tensor
+        else:
+            self._copy_shard(param_name, shard, tensor.dequantize(self.weight.dtype))
+        if param_name == "weight":
+            self._seen.add(shard)
+            if self._seen >= set(self.shard_offsets):
+                self._finish_shards()
+
+    def _copy_shard(
+        self, param_name: str, shard: str, tensor: torch.Tensor | QuantizedTensor
+    ) -> None:
+        if isinstance(tensor, QuantizedTensor):
+            tensor = tensor.dequantize(getattr(self, param_name).dtype)
         offset, size = self.shard_offsets[shard]
         param = getattr(self, param_name)
         copy_checked(param.data.narrow(0, offset, size), tensor, f"{param_name}[{shard}]")
+
+    def _finish_shards(self) -> None:
+        pending, self._pending, self._seen = self._pending, {}, set()
+        qtypes = {q.qtype for q in pending.values()}
+        if len(pending) == len(self.shard_offsets) and len(qtypes) == 1:
+            for shard, q in pending.items():
+                if q.shape != (self.shard_offsets[shard][1], self.in_features):
+                    raise ModelFormatError(
+                        f"checkpoint tensor for weight[{shard}] has shape {q.shape}, expected "
+                        f"{(self.shard_offsets[shard][1], self.in_features)}"
+                    )
+            order = sorted(pending, key=lambda s: self.shard_offsets[s][0])
+            data = torch.cat([pending[s].data for s in order])
+            self.set_quantized(
+                QuantizedTensor(data, qtypes.pop(), (self.out_features, self.in_features))
+            )
+            return
+        for shard, q in pending.items():  # mixed types or float shards beside them
+            self._copy_shard("weight", shard, q)
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:

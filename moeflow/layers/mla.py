@@ -51,6 +51,7 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, rms_norm_eps)
         self.kv_b_proj = Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim))
+        self.kv_b_proj.keep_quantized = False  # decode absorbs its float weight (W_UK, W_UV)
         self.o_proj = Linear(num_heads * v_head_dim, hidden_size, bias=bias)
         self.rotary_emb = RotaryEmbedding(
             qk_rope_head_dim, max_position, rope_theta, rope_scaling, layout=rope_layout

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeflow.kernels.rotary import rotary_neox_
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(
@@ -49,7 +51,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D]; rotates the first rotary_dim dims of each head."""
+        """q: [T, H, D], k: [T, Hkv, D]; rotates the first rotary_dim dims of each head.
+        The CPU kernel rotates q and k in place (the fused qkv buffer they view)."""
+        if self.layout == "neox" and rotary_neox_(positions, q, k, self.cos_cache, self.sin_cache):
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, R] or [T, 1, R/2]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from moeflow.weights.gguf import QuantizedTensor
+
 
 class CausalLM(nn.Module):
     @abstractmethod
@@ -19,5 +21,5 @@ class CausalLM(nn.Module):
         """Logits [S, V] of the rows `indices` of `hidden`."""
 
     @abstractmethod
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         """Fill every parameter from (HF checkpoint name, tensor) pairs."""

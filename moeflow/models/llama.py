@@ -19,6 +19,7 @@ from moeflow.layers.mlp import GatedMLP
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
 from moeflow.models.base import CausalLM
+from moeflow.weights.gguf import QuantizedTensor
 from moeflow.weights.loader import HF_EXPERT_PARAMS, load_weights
 
 
@@ -151,7 +152,7 @@ class LlamaForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden, indices)  # [S, V]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         skip = ("lm_head.weight",) if self.config.tie_word_embeddings else ()
         load_weights(
             self,

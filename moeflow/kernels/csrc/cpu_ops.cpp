@@ -1,0 +1,905 @@
+// moeflow CPU kernels (x86-64 AVX2 + FMA + F16C), built on first use by kernels/cpu_ext.py.
+//
+// GEMV/GEMM over GGUF-quantised weights kept in their file layout ([N, row_bytes] uint8, one
+// row of blocks per output feature), and the small fused ops of a decode step: RMSNorm with the
+// residual add, SiLU-and-mul, NeoX rotary embedding, and paged decode attention that also
+// writes the step's K/V into the cache. Everything computes in fp32; threads come from ATen's
+// intra-op pool (at::parallel_for), so these kernels share torch's OpenMP workers.
+//
+// Quantised dot products: every supported type is read as chunks of 32 weights with value
+//   w = scale * q + min      (q: small integers held as floats)
+// so for an activation row x:  sum(w * x) = scale * sum(q * x) + min * sum(x)
+// where sum(x) over each 32-chunk is computed once per call. Block layouts follow ggml's
+// (ggml-common.h): Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 are 32-weight blocks, Q4_K Q5_K Q6_K 256-weight
+// super-blocks of 8 chunks.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 bytes of uint8 -> two __m256 (elements 0..7, 8..15) as float
+inline void u8x16_to_f32(__m128i v, __m256* out) {
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+}
+
+inline void i8x16_to_f32(__m128i v, __m256* out) {
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+}
+
+// 32 bytes -> four __m256 of 8 floats each
+inline void u8x32_to_f32(__m256i v, __m256* q) {
+  u8x16_to_f32(_mm256_castsi256_si128(v), q);
+  u8x16_to_f32(_mm256_extracti128_si256(v, 1), q + 2);
+}
+
+inline void i8x32_to_f32(__m256i v, __m256* q) {
+  i8x16_to_f32(_mm256_castsi256_si128(v), q);
+  i8x16_to_f32(_mm256_extracti128_si256(v, 1), q + 2);
+}
+
+// The 5th bits of a Q5_0/Q5_1 block (uint32, bit j = element j) as 32 bytes of 0 or 16.
+inline __m256i q5_high_bits(const uint8_t* qh) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  // Byte i of the result takes byte i/8 of `bits`, then tests bit i%8 of it.
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                         0x0101010101010101LL, 0x0000000000000000LL);
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), shuf);
+  const __m256i sel = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+  v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+  return _mm256_and_si256(v, _mm256_set1_epi8(16));
+}
+
+// Nibbles of a 32-weight block (16 bytes): low nibbles are elements 0..15, high 16..31.
+inline __m256i nibbles32(const uint8_t* qs) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  __m128i lo = _mm_and_si128(raw, m4);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+  return _mm256_set_m128i(hi, lo);
+}
+
+// The 32 nibbles of a 16-byte block straight to floats: bytes widen to 32-bit lanes from memory,
+// then the low nibble (elements 0..15) is a mask and the high one (16..31) a shift away.
+inline void nibble_block_to_f32(const uint8_t* qs, __m256* q) {
+  const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
+  const __m256i b1 =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8)));
+  const __m256i m4 = _mm256_set1_epi32(0x0F);
+  q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m4));
+  q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m4));
+  q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+  q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+}
+
+// K-quant 6-bit (scale, min) of sub-block j from the 12-byte field (ggml get_scale_min_k4).
+inline void k_scale_min(int j, const uint8_t* s, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Each type: QK weights per block of BYTES bytes, NC = QK / 32 chunks; scales() fills the
+// per-chunk scale and min of a block, chunk() the chunk's q values as 4 x 8 floats.
+struct Q4_0 {
+  static constexpr int QK = 32, BYTES = 18, NC = 1;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    sc[0] = fp16(b);
+    mn[0] = -8.0f * sc[0];
+  }
+  static void chunk(const uint8_t* b, int, __m256* q) { nibble_block_to_f32(b + 2, q); }
+};
+
+struct Q4_1 {
+  static constexpr int QK = 32, BYTES = 20, NC = 1;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    sc[0] = fp16(b);
+    mn[0] = fp16(b + 2);
+  }
+  static void chunk(const uint8_t* b, int, __m256* q) { nibble_block_to_f32(b + 4, q); }
+};
+
+struct Q5_0 {
+  static constexpr int QK = 32, BYTES = 22, NC = 1;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    sc[0] = fp16(b);
+    mn[0] = -16.0f * sc[0];
+  }
+  static void chunk(const uint8_t* b, int, __m256* q) {
+    u8x32_to_f32(_mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2)), q);
+  }
+};
+
+struct Q5_1 {
+  static constexpr int QK = 32, BYTES = 24, NC = 1;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    sc[0] = fp16(b);
+    mn[0] = fp16(b + 2);
+  }
+  static void chunk(const uint8_t* b, int, __m256* q) {
+    u8x32_to_f32(_mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4)), q);
+  }
+};
+
+struct Q8_0 {
+  static constexpr int QK = 32, BYTES = 34, NC = 1;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    sc[0] = fp16(b);
+    mn[0] = 0.0f;
+  }
+  static void chunk(const uint8_t* b, int, __m256* q) {
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i))));
+  }
+};
+
+inline void k4_scales(const uint8_t* b, float* sc, float* mn) {
+  const float d = fp16(b), dmin = fp16(b + 2);
+  for (int j = 0; j < 8; ++j) {
+    int s, m;
+    k_scale_min(j, b + 4, &s, &m);
+    sc[j] = d * static_cast<float>(s);
+    mn[j] = -dmin * static_cast<float>(m);
+  }
+}
+
+// Chunk c of a Q4_K/Q5_K super-block: the low (c even) or high (c odd) nibbles of 32 bytes.
+inline __m256i k_nibbles(const uint8_t* qs, int c) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (c / 2)));
+  if (c & 1) raw = _mm256_srli_epi16(raw, 4);
+  return _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+}
+
+struct Q4_K {
+  static constexpr int QK = 256, BYTES = 144, NC = 8;
+  static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
+  static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(k_nibbles(b + 16, c), q); }
+};
+
+struct Q5_K {
+  static constexpr int QK = 256, BYTES = 176, NC = 8;
+  static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
+  static void chunk(const uint8_t* b, int c, __m256* q) {
+    // bit c of qh[l] is the 5th bit of element l of chunk c
+    __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+    __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c)), _mm256_set1_epi8(1));
+    hi = _mm256_slli_epi16(hi, 4);  // bytes are 0 or 1 before the shift, so no spill across bytes
+    u8x32_to_f32(_mm256_or_si256(k_nibbles(b + 48, c), hi), q);
+  }
+};
+
+struct Q6_K {
+  // ql[128] qh[64] scales[16] (int8) d (fp16); 16-weight sub-blocks, folded into q here.
+  static constexpr int QK = 256, BYTES = 210, NC = 8;
+  static void scales(const uint8_t* b, float* sc, float* mn) {
+    const float d = fp16(b + 208);
+    for (int c = 0; c < 8; ++c) {
+      sc[c] = d;
+      mn[c] = 0.0f;
+    }
+  }
+  static void chunk(const uint8_t* b, int c, __m256* q) {
+    const int half = c / 4, g = c % 4;  // g: 0 low nibbles of ql[0:32], 1 of ql[32:64], 2/3 high
+    const uint8_t* ql = b + 64 * half + 32 * (g & 1);
+    const uint8_t* qh = b + 128 + 32 * half;
+    __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    if (g >= 2) lo = _mm256_srli_epi16(lo, 4);
+    lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
+    __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(3));
+    __m256i v = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)),
+                                _mm256_set1_epi8(32));
+    i8x32_to_f32(v, q);
+    const int8_t* s = reinterpret_cast<const int8_t*>(b + 192) + 8 * half + 2 * g;
+    const __m256 s0 = _mm256_set1_ps(static_cast<float>(s[0]));
+    const __m256 s1 = _mm256_set1_ps(static_cast<float>(s[1]));
+    q[0] = _mm256_mul_ps(q[0], s0);
+    q[1] = _mm256_mul_ps(q[1], s0);
+    q[2] = _mm256_mul_ps(q[2], s1);
+    q[3] = _mm256_mul_ps(q[3], s1);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// GEMV / small GEMM: y[M, N] = x[M, K] W^T for up to MR activation rows at a time per weight row.
+
+template <class T, int MR>
+inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float* sx,
+                     float* mins, float* out) {
+  // mins: scratch of K / 32 floats, each chunk's min; sum(min * sum(x)) is done after the loop
+  const int64_t nb = K / T::QK, nchunks = K / 32;
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  float sc[T::NC];
+  __m256 q[4];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * T::BYTES;
+    T::scales(blk, sc, mins + b * T::NC);
+    for (int c = 0; c < T::NC; ++c) {
+      T::chunk(blk, c, q);
+      const int64_t ci = b * T::NC + c;
+      const __m256 s = _mm256_set1_ps(sc[c]);
+      for (int r = 0; r < MR; ++r) {
+        const float* xr = x + r * K + ci * 32;
+        __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xr));
+        t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xr + 8), t);
+        t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xr + 16), t);
+        t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xr + 24), t);
+        acc[r] = _mm256_fmadd_ps(s, t, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m256 m = _mm256_setzero_ps();
+    const float* sr = sx + r * nchunks;
+    int64_t i = 0;
+    for (; i + 8 <= nchunks; i += 8)
+      m = _mm256_fmadd_ps(_mm256_loadu_ps(mins + i), _mm256_loadu_ps(sr + i), m);
+    float tail = 0.0f;
+    for (; i < nchunks; ++i) tail += mins[i] * sr[i];
+    out[r] = hsum(acc[r]) + hsum(m) + tail;
+  }
+}
+
+template <class T>
+void qgemm_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
+  const int64_t nchunks = K / 32, row_bytes = K / T::QK * T::BYTES;
+  std::vector<float> sx(static_cast<size_t>(M * nchunks));  // sum of x over each 32-chunk
+  for (int64_t i = 0; i < M * nchunks; ++i) {
+    const float* p = x + i * 32;
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                             _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
+    sx[static_cast<size_t>(i)] = hsum(s);
+  }
+  constexpr int MR = 4;
+  // ~16 KB of weights per task keeps both cores busy on the small projections.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    float out[MR];
+    std::vector<float> mins(static_cast<size_t>(nchunks));
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wrow = w + n * row_bytes;
+      int64_t m = 0;
+      for (; m + MR <= M; m += MR) {
+        dot_rows<T, MR>(wrow, K, x + m * K, sx.data() + m * nchunks, mins.data(), out);
+        for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
+      }
+      for (; m < M; ++m) {
+        dot_rows<T, 1>(wrow, K, x + m * K, sx.data() + m * nchunks, mins.data(), out);
+        y[m * N + n] = out[0];
+      }
+    }
+  });
+}
+
+template <class T>
+void dequant_impl(const uint8_t* w, int64_t K, const int64_t* rows, int64_t R, float* y) {
+  const int64_t row_bytes = K / T::QK * T::BYTES, nb = K / T::QK;
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    float sc[T::NC], mn[T::NC];
+    __m256 q[4];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wrow = w + (rows ? rows[r] : r) * row_bytes;
+      float* out = y + r * K;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = wrow + b * T::BYTES;
+        T::scales(blk, sc, mn);
+        for (int c = 0; c < T::NC; ++c) {
+          T::chunk(blk, c, q);
+          const __m256 s = _mm256_set1_ps(sc[c]), m = _mm256_set1_ps(mn[c]);
+          float* o = out + (b * T::NC + c) * 32;
+          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(q[i], s, m));
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same products with the activations quantised to int8 per 32-chunk (xq = round(x / dx),
+// dx = max|x| / 127, as llama.cpp's Q8 activations): sum(q * xq) in int16/int32 lanes through
+// maddubs (u8 x s8 pairs) and madd, one int->float conversion per chunk. The min term keeps the
+// exact float sum(x). I(...) gives a chunk's weights as 32 unsigned bytes (or signed, SIGNED),
+// SUB = 2 when a chunk has two 16-weight sub-scales (Q6_K).
+
+inline void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+  for (int64_t c = 0; c < K / 32; ++c) {
+    const float* p = x + c * 32;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(p + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      sum = _mm256_add_ps(sum, v[i]);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float mx = _mm_cvtss_f32(m);
+    const float dx = mx / 127.0f;
+    d[c] = dx;
+    s[c] = hsum(sum);
+    const __m256 inv = _mm256_set1_ps(dx > 0.0f ? 1.0f / dx : 0.0f);
+    __m256i i32[4];
+    for (int i = 0; i < 4; ++i)
+      i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // pack 32 x int32 -> 32 x int8 in element order
+    __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
+    __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
+    __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+    p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c * 32), p8);
+  }
+}
+
+struct I4_0 : Q4_0 {
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 2); }
+};
+struct I4_1 : Q4_1 {
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 4); }
+};
+struct I5_0 : Q5_0 {
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) {
+    return _mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2));
+  }
+};
+struct I5_1 : Q5_1 {
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) {
+    return _mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4));
+  }
+};
+struct I8_0 : Q8_0 {
+  static constexpr bool SIGNED = true;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  }
+};
+struct I4_K : Q4_K {
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int c) { return k_nibbles(b + 16, c); }
+};
+struct I5_K : Q5_K {
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int c) {
+    __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+    __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c)), _mm256_set1_epi8(1));
+    return _mm256_or_si256(k_nibbles(b + 48, c), _mm256_slli_epi16(hi, 4));
+  }
+};
+struct I6_K : Q6_K {
+  static constexpr bool SIGNED = true;
+  static constexpr int SUB = 2;
+  static __m256i I(const uint8_t* b, int c) {
+    const int half = c / 4, g = c % 4;
+    const uint8_t* ql = b + 64 * half + 32 * (g & 1);
+    const uint8_t* qh = b + 128 + 32 * half;
+    __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    if (g >= 2) lo = _mm256_srli_epi16(lo, 4);
+    lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
+    __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+  }
+  // the two 16-weight sub-scales of chunk c (int8 scale times d)
+  static void sub_scales(const uint8_t* b, int c, float* s2) {
+    const float d = fp16(b + 208);
+    const int8_t* s = reinterpret_cast<const int8_t*>(b + 192) + 8 * (c / 4) + 2 * (c % 4);
+    s2[0] = d * static_cast<float>(s[0]);
+    s2[1] = d * static_cast<float>(s[1]);
+  }
+};
+
+// 32 weight bytes . 32 int8 activations -> 8 int32 lanes (lane i sums elements 4i..4i+3)
+template <bool SIGNED>
+inline __m256i dot_i8(__m256i w, __m256i xq) {
+  __m256i p;
+  if (SIGNED) {  // maddubs wants unsigned x signed: move w's sign onto x
+    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
+  } else {
+    p = _mm256_maddubs_epi16(w, xq);
+  }
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+template <class T, int MR>
+inline void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
+                        const float* sx, float* out) {
+  const int64_t nb = K / T::QK, nchunks = K / 32;
+  __m256 acc[MR];
+  float macc[MR];
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    macc[r] = 0.0f;
+  }
+  float sc[T::NC], mn[T::NC];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * T::BYTES;
+    T::scales(blk, sc, mn);
+    for (int c = 0; c < T::NC; ++c) {
+      const __m256i w = T::I(blk, c);
+      const int64_t ci = b * T::NC + c;
+      __m256 s;
+      if constexpr (T::SUB == 2) {
+        float s2[2];
+        T::sub_scales(blk, c, s2);
+        s = _mm256_set_m128(_mm_set1_ps(s2[1]), _mm_set1_ps(s2[0]));
+      } else {
+        s = _mm256_set1_ps(sc[c]);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256i x = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(xq + r * K + ci * 32));
+        const __m256 v = _mm256_cvtepi32_ps(dot_i8<T::SIGNED>(w, x));
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(dx[r * nchunks + ci])), v,
+                                 acc[r]);
+        if constexpr (T::SUB == 1) macc[r] += mn[c] * sx[r * nchunks + ci];
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + macc[r];
+}
+
+template <class T>
+void qgemm_i8_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
+  const int64_t nchunks = K / 32, row_bytes = K / T::QK * T::BYTES;
+  std::vector<int8_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> dx(static_cast<size_t>(M * nchunks)), sx(static_cast<size_t>(M * nchunks));
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q8(x + m * K, K, xq.data() + m * K, dx.data() + m * nchunks,
+                    sx.data() + m * nchunks);
+  constexpr int MR = 4;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    float out[MR];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wrow = w + n * row_bytes;
+      int64_t m = 0;
+      for (; m + MR <= M; m += MR) {
+        dot_rows_i8<T, MR>(wrow, K, xq.data() + m * K, dx.data() + m * nchunks,
+                           sx.data() + m * nchunks, out);
+        for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
+      }
+      for (; m < M; ++m) {
+        dot_rows_i8<T, 1>(wrow, K, xq.data() + m * K, dx.data() + m * nchunks,
+                          sx.data() + m * nchunks, out);
+        y[m * N + n] = out[0];
+      }
+    }
+  });
+}
+
+// ggml type ids (gguf.py GGMLType)
+enum : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
+                 kQ5_K = 13, kQ6_K = 14 };
+
+template <class F>
+void dispatch_type(int64_t qtype, F&& f) {
+  switch (qtype) {
+    case kQ4_0: f(Q4_0{}); break;
+    case kQ4_1: f(Q4_1{}); break;
+    case kQ5_0: f(Q5_0{}); break;
+    case kQ5_1: f(Q5_1{}); break;
+    case kQ8_0: f(Q8_0{}); break;
+    case kQ4_K: f(Q4_K{}); break;
+    case kQ5_K: f(Q5_K{}); break;
+    case kQ6_K: f(Q6_K{}); break;
+    default: TORCH_CHECK(false, "moeflow cpu_ops: unsupported ggml type ", qtype);
+  }
+}
+
+template <class F>
+void dispatch_type_i8(int64_t qtype, F&& f) {
+  switch (qtype) {
+    case kQ4_0: f(I4_0{}); break;
+    case kQ4_1: f(I4_1{}); break;
+    case kQ5_0: f(I5_0{}); break;
+    case kQ5_1: f(I5_1{}); break;
+    case kQ8_0: f(I8_0{}); break;
+    case kQ4_K: f(I4_K{}); break;
+    case kQ5_K: f(I5_K{}); break;
+    case kQ6_K: f(I6_K{}); break;
+    default: TORCH_CHECK(false, "moeflow cpu_ops: unsupported ggml type ", qtype);
+  }
+}
+
+template <class T>
+void check_weight(const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+              "quantised weight must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(K % T::QK == 0, "in_features ", K, " is not a multiple of the block size ", T::QK);
+  TORCH_CHECK(w.size(1) == K / T::QK * T::BYTES, "weight rows hold ", w.size(1),
+              " bytes, expected ", K / T::QK * T::BYTES);
+}
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), what,
+              " must be a contiguous float32 CPU tensor");
+}
+
+}  // namespace
+
+// x [M, K] float32, w [N, row_bytes] uint8 -> [M, N] float32
+at::Tensor qgemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  dispatch_type(qtype, [&](auto t) {
+    using T = decltype(t);
+    check_weight<T>(w, K);
+    qgemm_impl<T>(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+  });
+  return y;
+}
+
+// As qgemm, with x quantised to int8 per 32-chunk for the products (llama.cpp's scheme).
+at::Tensor qgemm_i8(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  dispatch_type_i8(qtype, [&](auto t) {
+    using T = decltype(t);
+    check_weight<T>(w, K);
+    qgemm_i8_impl<T>(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+  });
+  return y;
+}
+
+// rows: optional int64 row indices (an embedding lookup); none -> every row. -> [R, K] float32
+at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
+                      const c10::optional<at::Tensor>& rows) {
+  const int64_t* idx = nullptr;
+  int64_t R = w.size(0);
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->is_contiguous(),
+                "rows must be a contiguous 1-D int64 tensor");
+    idx = rows->data_ptr<int64_t>();
+    R = rows->size(0);
+    for (int64_t i = 0; i < R; ++i)
+      TORCH_CHECK(idx[i] >= 0 && idx[i] < w.size(0), "row index ", idx[i], " out of range");
+  }
+  at::Tensor y = at::empty({R, K}, at::TensorOptions().dtype(at::kFloat));
+  dispatch_type(qtype, [&](auto t) {
+    using T = decltype(t);
+    check_weight<T>(w, K);
+    dequant_impl<T>(w.data_ptr<uint8_t>(), K, idx, R, y.data_ptr<float>());
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused elementwise ops of a decode step.
+
+namespace {
+
+// exp(x) for 8 floats: Cody-Waite range reduction and a degree-5 polynomial on [-ln2/2, ln2/2]
+// (the Cephes expf scheme); relative error ~2e-7, underflows to 0 below -87.3.
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT |
+                                                         _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
+                                23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+void check_rows(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 3 &&
+                  t.stride(2) == 1 && t.stride(1) == t.size(2),
+              what, " must be a float32 CPU [T, heads, D] view with contiguous heads");
+}
+
+}  // namespace
+
+// residual (when given) += x, in place; returns (rmsnorm(residual or x) * weight, residual or x)
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                 const at::Tensor& weight, double eps) {
+  check_f32(x, "x");
+  check_f32(weight, "weight");
+  const int64_t E = weight.numel(), M = x.numel() / E;
+  TORCH_CHECK(x.size(-1) == E, "x's last dim ", x.size(-1), " != weight size ", E);
+  at::Tensor res = x;
+  if (residual.has_value()) {
+    res = *residual;
+    check_f32(res, "residual");
+    TORCH_CHECK(res.sizes() == x.sizes(), "residual and x differ in shape");
+  }
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* rp = res.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool add = residual.has_value();
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float* r = rp + m * E;
+      const float* xr = xp + m * E;
+      double ss = 0.0;
+      for (int64_t i = 0; i < E; ++i) {
+        const float v = add ? r[i] + xr[i] : xr[i];
+        if (add) r[i] = v;
+        ss += static_cast<double>(v) * v;
+      }
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / E) + static_cast<float>(eps));
+      for (int64_t i = 0; i < E; ++i) op[m * E + i] = wp[i] * (r[i] * inv);
+    }
+  });
+  return {out, res};
+}
+
+// x [M, 2I] (gate | up) -> silu(gate) * up, [M, I]
+at::Tensor silu_mul(const at::Tensor& x) {
+  check_f32(x, "x");
+  const int64_t I = x.size(-1) / 2, M = x.numel() / (2 * I);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = I;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* g = xp + m * 2 * I;
+      const float* u = g + I;
+      float* o = op + m * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+      }
+      for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// NeoX rotary embedding in place on the first R dims of each head of q [T, H, D] and k
+// [T, Hkv, D] (views into the fused qkv output are fine); cos/sin [P, R] float32.
+void rotary_neox_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions,
+                  const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "positions must be contiguous int64");
+  const int64_t T = q.size(0), R = cos.size(1), half = R / 2, P = cos.size(0);
+  TORCH_CHECK(R % 2 == 0 && R <= q.size(2) && k.size(2) == q.size(2), "bad rotary dims");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "position out of range");
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  auto rotate = [&](float* base, int64_t stride_t, int64_t heads, int64_t D) {
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* c = cp + pos[t] * R;
+        const float* s = sp + pos[t] * R;
+        for (int64_t h = 0; h < heads; ++h) {
+          float* x = base + t * stride_t + h * D;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = x[i], x2 = x[i + half];
+            x[i] = x1 * c[i] - x2 * s[i];
+            x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+          }
+        }
+      }
+    });
+  };
+  rotate(q.data_ptr<float>(), q.stride(0), q.size(1), q.size(2));
+  rotate(k.data_ptr<float>(), k.stride(0), k.size(1), k.size(2));
+}
+
+// Decode attention, one new token per sequence: writes k/v [B, Hkv, D] into their cache slots,
+// then attends q [B, H, D] over each sequence's paged context (context_lens include the new
+// token; the last `window` keys only when window > 0). Caches [N, S, Hkv, D] float32.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& k_cache, at::Tensor& v_cache,
+                            const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale, int64_t window) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  check_f32(k_cache, "k_cache");
+  check_f32(v_cache, "v_cache");
+  for (const at::Tensor* t : {&slot_mapping, &block_tables, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors: int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
+  const int64_t S = k_cache.size(1), nblocks = k_cache.size(0), maxb = block_tables.size(1);
+  TORCH_CHECK(k_cache.size(2) == Hkv && k_cache.size(3) == D && H % Hkv == 0, "cache shape");
+  TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8");
+  TORCH_CHECK(slot_mapping.numel() == B && context_lens.numel() == B &&
+                  block_tables.size(0) == B, "batch sizes differ");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t tok = Hkv * D;  // floats per cached token
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < nblocks * S, "slot out of range");
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= maxb * S, "context length out of range");
+    for (int64_t i = 0; i < (lens[b] + S - 1) / S; ++i)
+      TORCH_CHECK(tables[b * maxb + i] >= 0 && tables[b * maxb + i] < nblocks, "bad block id");
+    max_len = std::max(max_len, lens[b]);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::memcpy(kc + slots[b] * tok + h * D, k.data_ptr<float>() + b * k.stride(0) + h * D,
+                  D * sizeof(float));
+      std::memcpy(vc + slots[b] * tok + h * D, v.data_ptr<float>() + b * v.stride(0) + h * D,
+                  D * sizeof(float));
+    }
+  }
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t G = H / Hkv, q_stride = q.stride(0);
+  const float sc = static_cast<float>(scale);
+  // One task per (sequence, KV head): its G query heads share every K/V row read. Keys are
+  // visited block by block (no division per key).
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(static_cast<size_t>(G * max_len));
+    std::vector<float> acc(static_cast<size_t>(G * D));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, hk = i % Hkv, L = lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      const int64_t* table = tables + b * maxb;
+      const float* qb = qp + b * q_stride + hk * G * D;  // G query heads, contiguous
+      auto for_keys = [&](auto&& body) {  // body(j, row offset of key j in the cache)
+        for (int64_t blk = start / S; blk * S < L; ++blk) {
+          const int64_t j0 = std::max(blk * S, start), j1 = std::min(blk * S + S, L);
+          const int64_t base = table[blk] * S - blk * S;  // slot of key j = base + j
+          for (int64_t j = j0; j < j1; ++j) body(j, (base + j) * tok + hk * D);
+        }
+      };
+      // scores: 4 keys at a time per query head, 4 independent FMA chains
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qv = qb + g * D;
+        float* pg = p.data() + g * max_len;
+        int64_t pend = 0;
+        int64_t js[4];
+        const float* ks[4];
+        auto flush = [&](int64_t n) {
+          __m256 acc4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                            _mm256_setzero_ps()};
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(qv + d);
+            for (int64_t u = 0; u < 4; ++u)
+              acc4[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(ks[u] + d), acc4[u]);
+          }
+          const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc4[0], acc4[1]),
+                                          _mm256_hadd_ps(acc4[2], acc4[3]));
+          const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t),
+                                                 _mm256_extractf128_ps(t, 1)),
+                                      _mm_set1_ps(sc));
+          alignas(16) float rs[4];
+          _mm_store_ps(rs, r);
+          for (int64_t u = 0; u < n; ++u) pg[js[u]] = rs[u];
+        };
+        for_keys([&](int64_t j, int64_t off) {
+          js[pend] = j;
+          ks[pend] = kc + off;
+          if (++pend == 4) {
+            flush(4);
+            pend = 0;
+          }
+        });
+        if (pend > 0) {
+          for (int64_t u = pend; u < 4; ++u) ks[u] = ks[0];  // padding lanes, results dropped
+          flush(pend);
+        }
+      }
+      std::vector<float> inv(static_cast<size_t>(G));
+      for (int64_t g = 0; g < G; ++g) {
+        float* pg = p.data() + g * max_len;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = start; j < L; ++j) mx = std::max(mx, pg[j]);
+        float denom = 0.0f;
+        int64_t j = start;
+        for (; j + 8 <= L; j += 8) {
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(pg + j), _mm256_set1_ps(mx)));
+          _mm256_storeu_ps(pg + j, e);
+          denom += hsum(e);
+        }
+        for (; j < L; ++j) {
+          pg[j] = std::exp(pg[j] - mx);
+          denom += pg[j];
+        }
+        inv[g] = 1.0f / denom;
+      }
+      // out = P V: per query head and 64-wide slice of D, the accumulators stay in registers
+      for (int64_t g = 0; g < G; ++g) {
+        const float* pg = p.data() + g * max_len;
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+          const int64_t nch = std::min<int64_t>(8, (D - d0) / 8);
+          __m256 a[8];
+          for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+          for_keys([&](int64_t j, int64_t off) {
+            const float* vv = vc + off + d0;
+            const __m256 w = _mm256_set1_ps(pg[j]);
+            if (nch == 8) {
+#pragma GCC unroll 8
+              for (int u = 0; u < 8; ++u)
+                a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
+            } else {
+              for (int u = 0; u < nch; ++u)
+                a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
+            }
+          });
+          for (int u = 0; u < nch; ++u) _mm256_storeu_ps(acc.data() + g * D + d0 + 8 * u, a[u]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* o = op + (b * H + hk * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv[g];
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qgemm", &qgemm, "x [M, K] f32 @ quantised W [N, row_bytes]^T -> [M, N] f32");
+  m.def("qgemm_i8", &qgemm_i8, "qgemm with int8-quantised activations");
+  m.def("dequantize", &dequantize, "quantised rows -> float32 [R, K]", py::arg("w"),
+        py::arg("qtype"), py::arg("K"), py::arg("rows") = py::none());
+  m.def("rms_norm", &rms_norm, "residual += x (in place); rmsnorm * weight");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up over [M, 2I]");
+  m.def("rotary_neox_", &rotary_neox_, "NeoX rotary embedding in place");
+  m.def("decode_attention", &decode_attention, "store K/V and attend, one token per sequence");
+}

@@ -1,0 +1,98 @@
+"""GEMM over GGUF-quantised weights kept in their block layout: the plain-torch reference
+(dequantise, then multiply) and the dispatch point quantised linear layers call.
+
+A quantised weight is a uint8 tensor [N, row_bytes]: row n holds the blocks of output feature n
+exactly as the GGUF file stores them (ggml's block layouts), so loading is a copy and rows can be
+merged (q/k/v, gate/up) by concatenation.
+
+On x86-64 CPUs with AVX2 the compiled kernels (kernels/cpu_ext.py) multiply straight from the
+blocks for up to `_GEMV_MAX_ROWS` activation rows (decode: each weight byte is read once per step
+for the whole batch); larger batches (prefill) dequantise the weight to fp32 in the kernel and
+multiply with torch's GEMM. Elsewhere the reference runs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeflow import env
+from moeflow.kernels import cpu_ext
+from moeflow.weights.gguf import GGML_QUANT_SIZES, GGMLType, dequantize
+
+# Types kept quantised in memory (the compiled kernels read each of them).
+KEPT_TYPES = frozenset(
+    {
+        GGMLType.Q4_0,
+        GGMLType.Q4_1,
+        GGMLType.Q5_0,
+        GGMLType.Q5_1,
+        GGMLType.Q8_0,
+        GGMLType.Q4_K,
+        GGMLType.Q5_K,
+        GGMLType.Q6_K,
+    }
+)
+
+# Up to this many rows the kernel's GEMV reads the blocks directly; above, dequantise + GEMM.
+_GEMV_MAX_ROWS = 16
+
+
+def row_bytes(qtype: int, in_features: int) -> int:
+    block, size = GGML_QUANT_SIZES[GGMLType(qtype)]
+    if in_features % block:
+        raise ValueError(f"in_features {in_features} is not a multiple of {block}")
+    return in_features // block * size
+
+
+def dequantize_ref(qweight: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    """[N, row_bytes] uint8 -> [N, in_features] float32, with the GGUF reader's torch decoder."""
+    n = qweight.shape[0]
+    return dequantize(qweight.reshape(-1), qtype, (n, in_features), torch.float32)
+
+
+def qlinear_ref(
+    x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype, through the dequantised fp32 weight."""
+    w = dequantize_ref(qweight, qtype, x.shape[-1])
+    b = bias.float() if bias is not None else None
+    return F.linear(x.float(), w, b).to(x.dtype)
+
+
+def qlinear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qtype: int,
+    bias: torch.Tensor | None = None,
+    exact: bool = False,
+) -> torch.Tensor:
+    """The dispatch point: x [..., K] -> [..., N] in x's dtype.
+
+    The decode GEMV quantises the activations to int8 per 32 values (llama.cpp's scheme, ~1.6x
+    faster here) unless `exact` or MOEFLOW_CPU_EXACT is set; then it multiplies fp32 activations
+    by the exact weight values, as the reference does up to summation order."""
+    ops = cpu_ext.ops() if x.device.type == "cpu" else None
+    if ops is None:
+        return qlinear_ref(x, qweight, qtype, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+    if xf.shape[0] <= _GEMV_MAX_ROWS:
+        if exact or env.MOEFLOW_CPU_EXACT:
+            y = ops.qgemm(xf, qweight, qtype)
+        else:
+            y = ops.qgemm_i8(xf, qweight, qtype)
+        if bias is not None:
+            y += bias
+    else:
+        w = ops.dequantize(qweight, qtype, xf.shape[1])
+        y = F.linear(xf, w, bias.float() if bias is not None else None)
+    return y.to(x.dtype).reshape(*lead, y.shape[-1])
+
+
+def qembedding(ids: torch.Tensor, qweight: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
+    """Rows `ids` of a quantised embedding table, float32 [T, dim]."""
+    ops = cpu_ext.ops() if qweight.device.type == "cpu" else None
+    if ops is None:
+        return dequantize_ref(qweight[ids], qtype, dim)
+    return ops.dequantize(qweight, qtype, dim, ids.contiguous())

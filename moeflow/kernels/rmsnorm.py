@@ -1,0 +1,35 @@
+"""RMSNorm, optionally fused with the residual add: the reference (HF's order of operations:
+statistics in fp32, back to the input dtype before the weight) and the dispatch point."""
+
+from __future__ import annotations
+
+import torch
+
+from moeflow.kernels import cpu_ext
+
+
+def rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * normalised(x + residual), x + residual); without a residual, (.., x)."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), x
+
+
+def rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As rms_norm_ref. NOTE: the CPU kernel adds x into `residual` in place and returns it."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+        ops = cpu_ext.ops()
+        if (
+            ops is not None
+            and weight.dtype == torch.float32
+            and (residual is None or residual.is_contiguous())
+        ):
+            out, res = ops.rms_norm(x, residual, weight, eps)
+            return out, res
+    return rms_norm_ref(x, residual, weight, eps)
