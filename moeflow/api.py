@@ -52,17 +52,21 @@ class LLM:
         seed: int = 0,
         random_weights: bool = False,
         hf_overrides: dict[str, Any] | None = None,
+        quantize: str | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" with random_weights=True (real shapes, moeflow/presets.py);
-        `hf_overrides` changes config.json fields of a preset (e.g. fewer layers)."""
+        `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
+        ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
-            dtype = default_dtype(model, device)
+            dtype = default_dtype(model, device, quantize)
         torch_dtype = parse_dtype(dtype)
         torch.manual_seed(seed)
-        loaded: LoadedModel = load_model(model, device, torch_dtype, random_weights, hf_overrides)
+        loaded: LoadedModel = load_model(
+            model, device, torch_dtype, random_weights, hf_overrides, quantize
+        )
         model_max = loaded.model_config.max_position_embeddings
         if max_model_len is None:
             max_model_len = min(model_max, 8192)

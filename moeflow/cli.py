@@ -36,7 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     common.add_argument(
-        "--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16)"
+        "--dtype",
+        default="auto",
+        help="float32, bfloat16, float16 or auto (float32 over quantised weights on a CPU with "
+        "the compiled kernels, else bfloat16)",
+    )
+    common.add_argument(
+        "--quantize",
+        choices=["q8_0", "q4_0"],
+        default=None,
+        help="quantise the float linear layers on load (CPU kernels; GGUF files stay as stored)",
     )
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
     common.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
@@ -153,6 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         device=args.device,
         max_model_len=args.max_model_len,
         random_weights=_is_preset(args.model),
+        quantize=args.quantize,
         **(
             {"kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs}
             if serving

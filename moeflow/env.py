@@ -27,5 +27,6 @@ MOEFLOW_CPU_KERNELS: bool = _bool("MOEFLOW_CPU_KERNELS", True)
 MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moeflow"
 )
-# CPU decode GEMVs keep fp32 activations (exact weights x exact activations) instead of int8.
-MOEFLOW_CPU_EXACT: bool = _bool("MOEFLOW_CPU_EXACT", False)
+# CPU decode GEMVs over quantised weights quantise activations to int8 (llama.cpp's scheme:
+# faster, but greedy output no longer matches the fp32 reference). Default: exact fp32.
+MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", False)

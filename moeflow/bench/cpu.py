@@ -199,6 +199,7 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
         max_num_batched_tokens=max(2048, prompt_len),  # the prompt is one chunk
         seed=args.seed if args.seed is not None else 0,
         random_weights=bool(args.model and args.model.startswith("preset:")),
+        quantize=args.quantize,
     )
     load_s = time.perf_counter() - start
     if prompt_len + decode_tokens + 1 > llm.config.max_model_len:
@@ -238,7 +239,10 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
     num_decoded = len(req.output_ids) - 1
     engine.enable_routing_stats(False)
     imbalance = routing_imbalance(engine.routing_stats())
-    concurrent_tok_s = _concurrent_decode(engine, prompt_ids, args.concurrency, decode_tokens)
+    vocab = llm.loaded.model_config.vocab_size
+    concurrent_tok_s = _concurrent_decode(
+        engine, prompt_ids, args.concurrency, decode_tokens, vocab
+    )
     if imbalance is not None:
         print(
             f"routing over the decode: {imbalance:.2f}x load imbalance "
@@ -273,7 +277,7 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
 
 
 def _concurrent_decode(
-    engine: LLMEngine, prompt_ids: list[int], n: int, decode_tokens: int
+    engine: LLMEngine, prompt_ids: list[int], n: int, decode_tokens: int, vocab: int
 ) -> float | None:
     """Total decode tok/s of `n` requests decoding together (one batched step per token): each
     has its own 64-token prompt (no shared prefix); timing starts once all have their first
@@ -282,7 +286,7 @@ def _concurrent_decode(
         return None
     params = SamplingParams(temperature=0.0, max_tokens=decode_tokens + 1, ignore_eos=True)
     base = prompt_ids[:64]
-    reqs = [engine.add_request([(t + 7 * i) % 32000 for t in base], params) for i in range(n)]
+    reqs = [engine.add_request([(t + 7 * i) % vocab for t in base], params) for i in range(n)]
     while not all(r.output_ids for r in reqs):
         engine.step()
     done = sum(len(r.output_ids) for r in reqs)

@@ -26,6 +26,8 @@ from moeflow.models.registry import get_model_class
 from moeflow.presets import preset_config
 from moeflow.tokenizer import Tokenizer
 from moeflow.weights import fp8, gguf, safetensors
+from moeflow.weights.quantize import QUANTIZE_TYPES
+from moeflow.weights.quantize import quantize as quantize_weight
 
 logger = logging.getLogger("moeflow")
 
@@ -93,6 +95,7 @@ def load_model(
     dtype: torch.dtype,
     random_weights: bool = False,
     hf_overrides: dict[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Build and fill the model. `model="preset:<name>"` with `random_weights=True` builds a real
     shape with random weights on the device (no files; the embedded SmolLM2 tokenizer serves
@@ -101,7 +104,10 @@ def load_model(
     if model is not None and model.startswith("preset:"):
         if not random_weights:
             raise ValueError(f"{model} has no weights: pass random_weights=True")
-        return _build_random(model, device, dtype, hf_overrides, start)
+        loaded = _build_random(model, device, dtype, hf_overrides, start)
+        if quantize is not None:
+            quantize_linears(loaded.model, quantize, device)
+        return loaded
     if random_weights:
         raise ValueError("random_weights=True needs model='preset:<name>'")
     path = resolve_model_path(model)
@@ -127,20 +133,44 @@ def load_model(
     net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))
     if reader is not None:
         reader.close()
+    if quantize is not None:
+        quantize_linears(net, quantize, device)
     elapsed = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, elapsed)
     return LoadedModel(net, config, tokenizer, path, elapsed)
 
 
-def default_dtype(model: str | None, device: str) -> str:
+def default_dtype(model: str | None, device: str, quantize: str | None = None) -> str:
     """The compute dtype `auto` means. A GGUF file on a CPU with the compiled kernels keeps its
     quantised blocks and computes in float32 (the kernels' precision; only norms and the KV
     cache are stored in it). Otherwise weights are stored in the compute dtype, and bf16 halves
     the bytes a decode step reads (torch's bf16 GEMV measured 2x fp32's tok/s on AVX2)."""
     is_gguf = model is None or (not model.startswith("preset:") and os.path.isfile(model))
-    if is_gguf and keep_quantized_types(device):
+    if (is_gguf or quantize) and keep_quantized_types(device):
         return "float32"
     return "bfloat16"
+
+
+def quantize_linears(net: torch.nn.Module, kind: str, device: str) -> int:
+    """Quantise every float linear layer that takes quantised weights (`quantize_on_load`) to
+    `kind` (q8_0 | q4_0), in place; returns how many. Needs the CPU kernels."""
+    if kind not in QUANTIZE_TYPES:
+        raise ValueError(f"unknown quantisation {kind!r}; choose one of {sorted(QUANTIZE_TYPES)}")
+    if not keep_quantized_types(device):
+        raise ValueError(
+            f"--quantize {kind} runs on the CPU kernels, which are unavailable here "
+            f"({cpu_ext.unavailable_reason() or 'device ' + device})"
+        )
+    count = 0
+    for module in net.modules():
+        if not getattr(module, "quantize_on_load", False):
+            continue
+        layer: Any = module  # a layers.linear.Linear (engine/ may not import layers/)
+        if layer.qtype is not None or layer.in_features % 32 or not layer.keep_quantized:
+            continue  # already quantised, not whole blocks, or read as floats (MLA kv_b)
+        layer.set_quantized(quantize_weight(layer.weight.data, kind))
+        count += 1
+    return count
 
 
 def keep_quantized_types(device: str) -> frozenset[int]:

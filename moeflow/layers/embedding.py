@@ -44,7 +44,5 @@ class LMHead(QuantizableWeight):
         table: QuantizableWeight = self._tied[0] if self._tied else self
         rows = hidden.index_select(0, indices)
         if table.qtype is not None:
-            # Logits decide the greedy token: fp32 activations here (measured: int8 ones flip
-            # the first token of the default model's answer to the README question).
-            return qlinear(rows, table.weight, table.qtype, exact=True)  # [S, V]
+            return qlinear(rows, table.weight, table.qtype)  # [S, V]
         return linear(rows, table.weight)  # [S, V]

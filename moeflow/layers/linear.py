@@ -55,6 +55,8 @@ class QuantizableWeight(nn.Module):
 class Linear(QuantizableWeight):
     """y = x W^T (+ b). Parameters are allocated uninitialised: the loader fills them."""
 
+    quantize_on_load = True  # `--quantize` converts this layer's float weight
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

@@ -105,7 +105,7 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)  # [T, E]
         residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer.forward(positions, hidden, residual)  # no hooks: skip __call__
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

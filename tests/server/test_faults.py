@@ -84,7 +84,13 @@ def test_non_streaming_disconnect_aborts(tiny_server: Server) -> None:
     before = tiny_server.metrics()
     body = {**STREAM, "stream": False, "ignore_eos": True, "max_tokens": 240}
     socks = [_raw_post(tiny_server, "/v1/completions", body) for _ in range(5)]
-    time.sleep(0.5)
+    # Close as soon as the engine has admitted all five (a fixed sleep raced the decode, which
+    # finishes 240 tokens of the tiny model in well under a second on the CPU kernels).
+    accepted = "moeflow_requests_accepted_total"
+    deadline = time.monotonic() + 30
+    while tiny_server.metrics().get(accepted, 0) - before.get(accepted, 0) < 5:
+        assert time.monotonic() < deadline, "the server never admitted the five requests"
+        time.sleep(0.005)
     for s in socks:
         s.close()
     m = _settled(tiny_server)

@@ -1,0 +1,129 @@
+"""The CPU fast path end to end: the default GGUF model with its blocks kept quantised and the
+fused kernels gives the same greedy tokens as the plain-torch reference (weights dequantised to
+fp32, no compiled kernels); quantised shards of merged projections; `--quantize` on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moeflow import LLM, SamplingParams
+from moeflow.engine import model_loader
+from moeflow.kernels import cpu_ext
+from moeflow.layers.linear import Linear, MergedLinear
+from moeflow.weights.gguf import GGMLType, QuantizedTensor
+from moeflow.weights.quantize import quantize
+from tests.conftest import make_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
+)
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How do I reverse a list in Python?",
+]
+
+
+def _greedy_ids(llm: LLM) -> list[list[int]]:
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+    outs = llm.chat(convs, SamplingParams(max_tokens=32, temperature=0.0))  # type: ignore[arg-type]
+    return [o.token_ids for o in outs]
+
+
+def test_default_model_fast_path_keeps_reference_greedy(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = LLM(dtype="auto", device="cpu", max_model_len=2048, kv_cache_tokens=4096)
+    assert fast.config.dtype == "float32"  # auto: fp32 compute over the kept blocks
+    model = fast.loaded.model
+    kept = {m.qtype for m in model.modules() if getattr(m, "qtype", None) is not None}
+    assert kept == {int(GGMLType.Q4_1), int(GGMLType.Q8_0)}  # layers Q4_1, tied table Q8_0
+    fast_ids = _greedy_ids(fast)
+    del fast
+
+    # The reference: every tensor dequantised to fp32 on load, no compiled kernel anywhere.
+    monkeypatch.setattr(cpu_ext, "ops", lambda: None)
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    ref = LLM(dtype="float32", device="cpu", max_model_len=2048, kv_cache_tokens=4096)
+    assert all(getattr(m, "qtype", None) is None for m in ref.loaded.model.modules())
+    assert _greedy_ids(ref) == fast_ids
+    assert all(len(ids) > 5 for ids in fast_ids)
+
+
+def _q(rows: int, cols: int, kind: str = "q8_0", seed: int = 0) -> QuantizedTensor:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    return quantize(w, kind)
+
+
+def test_merged_linear_keeps_shards_of_one_type() -> None:
+    layer = MergedLinear(64, {"q": 32, "k": 16, "v": 16})
+    shards = {"q": _q(32, 64, seed=1), "k": _q(16, 64, seed=2), "v": _q(16, 64, seed=3)}
+    for name in ("v", "q", "k"):  # any order
+        layer.load("weight", shards[name], name)
+    assert layer.qtype == int(GGMLType.Q8_0)
+    whole = torch.cat([shards[s].dequantize(torch.float32) for s in ("q", "k", "v")])
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), x @ whole.T, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_linear_dequantises_mixed_types() -> None:
+    layer = MergedLinear(64, {"gate": 32, "up": 32})
+    gate, up = _q(32, 64, "q8_0", seed=4), _q(32, 64, "q4_0", seed=5)
+    layer.load("weight", gate, "gate")
+    layer.load("weight", up, "up")
+    assert layer.qtype is None and layer.weight.dtype == torch.float32
+    want = torch.cat([gate.dequantize(torch.float32), up.dequantize(torch.float32)])
+    assert torch.equal(layer.weight.data, want)
+
+
+def test_linear_rejects_quantised_weight_of_wrong_shape() -> None:
+    from moeflow.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError, match="shape"):
+        Linear(64, 32).load("weight", _q(16, 64))
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantize_matches_gguf_py(kind: str) -> None:
+    """Our on-load quantiser writes the blocks gguf-py's reference quantiser writes."""
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from gguf.constants import GGMLQuantizationType
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(7))
+    ours = quantize(w, kind).data.numpy()
+    qt = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_0
+    theirs = gguf_quants.quantize(w.numpy(), qt)
+    assert ours.shape == theirs.shape
+    # rounding ties (x / d exactly half-way) may round differently: allow a handful of bytes
+    assert np.count_nonzero(ours != theirs) <= ours.size // 1000
+
+
+def test_quantize_on_load_runs_a_safetensors_model(tmp_path: Path) -> None:
+    path = make_tiny_checkpoint("llama", tmp_path / "llama")
+    plain = LLM(model=str(path), dtype="float32", device="cpu", kv_cache_tokens=1024)
+    q8 = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize="q8_0")
+    assert q8.config.dtype == "float32"
+    layers = [m for m in q8.loaded.model.modules() if isinstance(m, Linear)]
+    assert layers and all(m.qtype == int(GGMLType.Q8_0) for m in layers)
+    # The reference: the float model with each linear weight replaced by its Q8_0 round trip.
+    with torch.no_grad():
+        for m in plain.loaded.model.modules():
+            if isinstance(m, Linear):
+                m.weight.copy_(quantize(m.weight, "q8_0").dequantize(torch.float32))
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(50, 60))]  # prefill (GEMM) and decode (GEMV)
+    for a, b in zip(plain.generate(prompts, params), q8.generate(prompts, params), strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+            assert abs(la.logprob - lb.logprob) < 1e-3
+
+
+def test_quantize_needs_the_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = make_tiny_checkpoint("llama", tmp_path / "llama")
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    with pytest.raises(ValueError, match="CPU kernels"):
+        model_loader.load_model(str(path), "cpu", torch.float32, quantize="q8_0")
