@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeflow.weights.gguf import GGMLType
+
 # A byte-level BPE with no merges: every byte is one token, 256 ids, plus two specials.
 TINY_VOCAB = 320
 TINY_EOS = 257
@@ -314,3 +316,18 @@ def make_scripted_checkpoint(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def scripted_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_scripted_checkpoint(tmp_path_factory.mktemp("scripted") / "m")
+
+
+# byte offsets of the fp16 scale fields in one block, per type
+GGUF_F16_FIELDS = {
+    GGMLType.Q4_0: (0,),
+    GGMLType.Q4_1: (0, 2),
+    GGMLType.Q5_0: (0,),
+    GGMLType.Q5_1: (0, 2),
+    GGMLType.Q8_0: (0,),
+    GGMLType.Q2_K: (80, 82),
+    GGMLType.Q3_K: (108,),
+    GGMLType.Q4_K: (0, 2),
+    GGMLType.Q5_K: (0, 2),
+    GGMLType.Q6_K: (208,),
+}

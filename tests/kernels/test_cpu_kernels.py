@@ -14,21 +14,13 @@ from moeflow.kernels.attention import paged_decode_attention_ref, store_kv
 from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref, qlinear, qlinear_ref
 from moeflow.kernels.rmsnorm import rms_norm_ref
 from moeflow.weights.gguf import GGML_QUANT_SIZES, GGMLType
+from tests.conftest import GGUF_F16_FIELDS
 
 ops = cpu_ext.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
 
-# byte offsets of each type's fp16 scale fields within a block
-_F16_FIELDS = {
-    GGMLType.Q4_0: (0,),
-    GGMLType.Q4_1: (0, 2),
-    GGMLType.Q5_0: (0,),
-    GGMLType.Q5_1: (0, 2),
-    GGMLType.Q8_0: (0,),
-    GGMLType.Q4_K: (0, 2),
-    GGMLType.Q5_K: (0, 2),
-    GGMLType.Q6_K: (208,),
-}
+
+_F16_FIELDS = {t: GGUF_F16_FIELDS[GGMLType(t)] for t in KEPT_TYPES}
 
 
 def random_blocks(qtype: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -40,10 +32,6 @@ def random_blocks(qtype: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tenso
         scale = (torch.rand(n, k // block, generator=g) * 0.02 + 1e-3).half()
         b[:, :, off : off + 2] = scale.view(torch.uint8).view(n, k // block, 2)
     return b.reshape(n, -1).contiguous()
-
-
-def test_every_kept_type_is_covered() -> None:
-    assert set(_F16_FIELDS) == set(KEPT_TYPES)
 
 
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)

@@ -25,22 +25,9 @@ from moeflow.weights.gguf import (
     gguf_to_hf_config,
     iter_hf_weights,
 )
+from tests.conftest import GGUF_F16_FIELDS
 
 gguf = pytest.importorskip("gguf")
-
-# byte offsets of the fp16 scale fields in one block, per type
-_F16_FIELDS = {
-    GGMLType.Q4_0: (0,),
-    GGMLType.Q4_1: (0, 2),
-    GGMLType.Q5_0: (0,),
-    GGMLType.Q5_1: (0, 2),
-    GGMLType.Q8_0: (0,),
-    GGMLType.Q2_K: (80, 82),
-    GGMLType.Q3_K: (108,),
-    GGMLType.Q4_K: (0, 2),
-    GGMLType.Q5_K: (0, 2),
-    GGMLType.Q6_K: (208,),
-}
 
 
 def _random_blocks(qtype: GGMLType, num_blocks: int, seed: int) -> np.ndarray:
@@ -48,13 +35,13 @@ def _random_blocks(qtype: GGMLType, num_blocks: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     _, type_size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(num_blocks, type_size), dtype=np.uint8)
-    for off in _F16_FIELDS[qtype]:
+    for off in GGUF_F16_FIELDS[qtype]:
         scales = rng.uniform(-2.0, 2.0, size=num_blocks).astype(np.float16)
         blocks[:, off : off + 2] = scales.view(np.uint8).reshape(num_blocks, 2)
     return blocks
 
 
-@pytest.mark.parametrize("qtype", list(_F16_FIELDS), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", list(GGUF_F16_FIELDS), ids=lambda t: t.name)
 def test_dequantize_matches_gguf_py(qtype: GGMLType) -> None:
     block_size, _ = GGML_QUANT_SIZES[qtype]
     num_blocks = 4096

@@ -111,6 +111,9 @@ inline void k_scale_min(int j, const uint8_t* s, int* sc, int* mn) {
 // per-chunk scale and min of a block, chunk() the chunk's q values as 4 x 8 floats.
 struct Q4_0 {
   static constexpr int QK = 32, BYTES = 18, NC = 1;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 2); }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
     mn[0] = -8.0f * sc[0];
@@ -120,6 +123,9 @@ struct Q4_0 {
 
 struct Q4_1 {
   static constexpr int QK = 32, BYTES = 20, NC = 1;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 4); }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
     mn[0] = fp16(b + 2);
@@ -129,6 +135,11 @@ struct Q4_1 {
 
 struct Q5_0 {
   static constexpr int QK = 32, BYTES = 22, NC = 1;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) {
+    return _mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2));
+  }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
     mn[0] = -16.0f * sc[0];
@@ -140,6 +151,11 @@ struct Q5_0 {
 
 struct Q5_1 {
   static constexpr int QK = 32, BYTES = 24, NC = 1;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) {
+    return _mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4));
+  }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
     mn[0] = fp16(b + 2);
@@ -151,6 +167,11 @@ struct Q5_1 {
 
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34, NC = 1;
+  static constexpr bool SIGNED = true;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
     mn[0] = 0.0f;
@@ -181,25 +202,34 @@ inline __m256i k_nibbles(const uint8_t* qs, int c) {
 
 struct Q4_K {
   static constexpr int QK = 256, BYTES = 144, NC = 8;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
+  static __m256i I(const uint8_t* b, int c) { return k_nibbles(b + 16, c); }
   static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
   static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(k_nibbles(b + 16, c), q); }
 };
 
 struct Q5_K {
   static constexpr int QK = 256, BYTES = 176, NC = 8;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 1;
   static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
-  static void chunk(const uint8_t* b, int c, __m256* q) {
+  static __m256i I(const uint8_t* b, int c) {
     // bit c of qh[l] is the 5th bit of element l of chunk c
     __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
     __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c)), _mm256_set1_epi8(1));
     hi = _mm256_slli_epi16(hi, 4);  // bytes are 0 or 1 before the shift, so no spill across bytes
-    u8x32_to_f32(_mm256_or_si256(k_nibbles(b + 48, c), hi), q);
+    return _mm256_or_si256(k_nibbles(b + 48, c), hi);
   }
+  static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(I(b, c), q); }
 };
 
 struct Q6_K {
-  // ql[128] qh[64] scales[16] (int8) d (fp16); 16-weight sub-blocks, folded into q here.
+  // ql[128] qh[64] scales[16] (int8) d (fp16); each chunk has two 16-weight sub-scales, folded
+  // into q by chunk() (float path) or applied per lane by the int8 path (SUB = 2).
   static constexpr int QK = 256, BYTES = 210, NC = 8;
+  static constexpr bool SIGNED = true;
+  static constexpr int SUB = 2;
   static void scales(const uint8_t* b, float* sc, float* mn) {
     const float d = fp16(b + 208);
     for (int c = 0; c < 8; ++c) {
@@ -207,8 +237,9 @@ struct Q6_K {
       mn[c] = 0.0f;
     }
   }
-  static void chunk(const uint8_t* b, int c, __m256* q) {
-    const int half = c / 4, g = c % 4;  // g: 0 low nibbles of ql[0:32], 1 of ql[32:64], 2/3 high
+  // chunk c's q - 32 as signed bytes; g: 0 low nibbles of ql[0:32], 1 of ql[32:64], 2/3 high
+  static __m256i I(const uint8_t* b, int c) {
+    const int half = c / 4, g = c % 4;
     const uint8_t* ql = b + 64 * half + 32 * (g & 1);
     const uint8_t* qh = b + 128 + 32 * half;
     __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
@@ -216,16 +247,27 @@ struct Q6_K {
     lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
     __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
     hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(3));
-    __m256i v = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)),
-                                _mm256_set1_epi8(32));
-    i8x32_to_f32(v, q);
-    const int8_t* s = reinterpret_cast<const int8_t*>(b + 192) + 8 * half + 2 * g;
+    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+  }
+  static const int8_t* sub(const uint8_t* b, int c) {
+    return reinterpret_cast<const int8_t*>(b + 192) + 8 * (c / 4) + 2 * (c % 4);
+  }
+  static void chunk(const uint8_t* b, int c, __m256* q) {
+    i8x32_to_f32(I(b, c), q);
+    const int8_t* s = sub(b, c);
     const __m256 s0 = _mm256_set1_ps(static_cast<float>(s[0]));
     const __m256 s1 = _mm256_set1_ps(static_cast<float>(s[1]));
     q[0] = _mm256_mul_ps(q[0], s0);
     q[1] = _mm256_mul_ps(q[1], s0);
     q[2] = _mm256_mul_ps(q[2], s1);
     q[3] = _mm256_mul_ps(q[3], s1);
+  }
+  // the two sub-scales of chunk c times d
+  static void sub_scales(const uint8_t* b, int c, float* s2) {
+    const float d = fp16(b + 208);
+    const int8_t* s = sub(b, c);
+    s2[0] = d * static_cast<float>(s[0]);
+    s2[1] = d * static_cast<float>(s[1]);
   }
 };
 
@@ -363,74 +405,6 @@ inline void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, floa
   }
 }
 
-struct I4_0 : Q4_0 {
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 2); }
-};
-struct I4_1 : Q4_1 {
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 4); }
-};
-struct I5_0 : Q5_0 {
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) {
-    return _mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2));
-  }
-};
-struct I5_1 : Q5_1 {
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) {
-    return _mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4));
-  }
-};
-struct I8_0 : Q8_0 {
-  static constexpr bool SIGNED = true;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-  }
-};
-struct I4_K : Q4_K {
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int c) { return k_nibbles(b + 16, c); }
-};
-struct I5_K : Q5_K {
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int c) {
-    __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-    __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c)), _mm256_set1_epi8(1));
-    return _mm256_or_si256(k_nibbles(b + 48, c), _mm256_slli_epi16(hi, 4));
-  }
-};
-struct I6_K : Q6_K {
-  static constexpr bool SIGNED = true;
-  static constexpr int SUB = 2;
-  static __m256i I(const uint8_t* b, int c) {
-    const int half = c / 4, g = c % 4;
-    const uint8_t* ql = b + 64 * half + 32 * (g & 1);
-    const uint8_t* qh = b + 128 + 32 * half;
-    __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-    if (g >= 2) lo = _mm256_srli_epi16(lo, 4);
-    lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
-    __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
-    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(3));
-    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-  }
-  // the two 16-weight sub-scales of chunk c (int8 scale times d)
-  static void sub_scales(const uint8_t* b, int c, float* s2) {
-    const float d = fp16(b + 208);
-    const int8_t* s = reinterpret_cast<const int8_t*>(b + 192) + 8 * (c / 4) + 2 * (c % 4);
-    s2[0] = d * static_cast<float>(s[0]);
-    s2[1] = d * static_cast<float>(s[1]);
-  }
-};
-
 // 32 weight bytes . 32 int8 activations -> 8 int32 lanes (lane i sums elements 4i..4i+3)
 template <bool SIGNED>
 inline __m256i dot_i8(__m256i w, __m256i xq) {
@@ -529,21 +503,6 @@ void dispatch_type(int64_t qtype, F&& f) {
   }
 }
 
-template <class F>
-void dispatch_type_i8(int64_t qtype, F&& f) {
-  switch (qtype) {
-    case kQ4_0: f(I4_0{}); break;
-    case kQ4_1: f(I4_1{}); break;
-    case kQ5_0: f(I5_0{}); break;
-    case kQ5_1: f(I5_1{}); break;
-    case kQ8_0: f(I8_0{}); break;
-    case kQ4_K: f(I4_K{}); break;
-    case kQ5_K: f(I5_K{}); break;
-    case kQ6_K: f(I6_K{}); break;
-    default: TORCH_CHECK(false, "moeflow cpu_ops: unsupported ggml type ", qtype);
-  }
-}
-
 template <class T>
 void check_weight(const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
@@ -560,8 +519,9 @@ void check_f32(const at::Tensor& t, const char* what) {
 
 }  // namespace
 
-// x [M, K] float32, w [N, row_bytes] uint8 -> [M, N] float32
-at::Tensor qgemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+// x [M, K] float32, w [N, row_bytes] uint8 -> [M, N] float32; int8: quantise x to int8 per
+// 32-chunk for the products (llama.cpp's scheme) instead of using it as is.
+at::Tensor qgemm_any(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bool int8) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -569,23 +529,22 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
   dispatch_type(qtype, [&](auto t) {
     using T = decltype(t);
     check_weight<T>(w, K);
-    qgemm_impl<T>(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+    const float* xp = x.data_ptr<float>();
+    if (int8) {
+      qgemm_i8_impl<T>(xp, M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+    } else {
+      qgemm_impl<T>(xp, M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+    }
   });
   return y;
 }
 
-// As qgemm, with x quantised to int8 per 32-chunk for the products (llama.cpp's scheme).
+at::Tensor qgemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  return qgemm_any(x, w, qtype, false);
+}
+
 at::Tensor qgemm_i8(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
-  check_f32(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  dispatch_type_i8(qtype, [&](auto t) {
-    using T = decltype(t);
-    check_weight<T>(w, K);
-    qgemm_i8_impl<T>(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
-  });
-  return y;
+  return qgemm_any(x, w, qtype, true);
 }
 
 // rows: optional int64 row indices (an embedding lookup); none -> every row. -> [R, K] float32
