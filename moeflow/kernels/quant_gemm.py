@@ -72,14 +72,15 @@ def qlinear(
     ops = cpu_ext.ops() if x.device.type == "cpu" else None
     if ops is None:
         return qlinear_ref(x, qweight, qtype, bias)
+    gemv = ops.qgemm_i8 if env.MOEFLOW_CPU_INT8 else ops.qgemm
     if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= _GEMV_MAX_ROWS:
         # the decode hot path: no reshapes or casts
-        y = (ops.qgemm_i8 if env.MOEFLOW_CPU_INT8 else ops.qgemm)(x.contiguous(), qweight, qtype)
+        y = gemv(x.contiguous(), qweight, qtype)
         return y if bias is None else y.add_(bias)
     lead = x.shape[:-1]
     xf = x.reshape(-1, x.shape[-1]).float().contiguous()
     if xf.shape[0] <= _GEMV_MAX_ROWS:
-        y = (ops.qgemm_i8 if env.MOEFLOW_CPU_INT8 else ops.qgemm)(xf, qweight, qtype)
+        y = gemv(xf, qweight, qtype)
         if bias is not None:
             y += bias
     else:

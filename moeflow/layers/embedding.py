@@ -18,7 +18,6 @@ class VocabEmbedding(QuantizableWeight):
         super().__init__()
         self.out_features, self.in_features = vocab_size, hidden_size
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.qtype = None
         self.out_dtype = self.weight.dtype  # the model's compute dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -38,7 +37,6 @@ class LMHead(QuantizableWeight):
         self._tied = (tie_to,) if tie_to is not None else ()
         if tie_to is None:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.qtype = None
 
     def forward(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         table: QuantizableWeight = self._tied[0] if self._tied else self

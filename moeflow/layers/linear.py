@@ -62,7 +62,6 @@ class Linear(QuantizableWeight):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.qtype = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qtype is not None:
@@ -95,12 +94,10 @@ class MergedLinear(Linear):
         if shard is None:
             super().load(param_name, tensor)
             return
-        if param_name != "weight" or not isinstance(tensor, QuantizedTensor):
-            self._copy_shard(param_name, shard, tensor)
-        elif self.keep_quantized:
+        if param_name == "weight" and isinstance(tensor, QuantizedTensor) and self.keep_quantized:
             self._pending[shard] = tensor
         else:
-            self._copy_shard(param_name, shard, tensor.dequantize(self.weight.dtype))
+            self._copy_shard(param_name, shard, tensor)  # dequantises a QuantizedTensor
         if param_name == "weight":
             self._seen.add(shard)
             if self._seen >= set(self.shard_offsets):

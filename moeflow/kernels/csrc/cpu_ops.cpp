@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -312,6 +313,33 @@ inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float
   }
 }
 
+// Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for every weight row and
+// every tile of R <= 4 activation rows m..m+R-1 (scratch: K / 32 floats per task), weight rows
+// split across threads, and stores out[r] into y[m + r, n].
+template <class Dot>
+void tile_rows(int64_t M, int64_t N, int64_t row_bytes, int64_t nchunks, const uint8_t* w,
+               float* y, Dot&& dot) {
+  constexpr int MR = 4;
+  // ~16 KB of weights per task keeps both cores busy on the small projections.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    float out[MR];
+    std::vector<float> scratch(static_cast<size_t>(nchunks));
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wrow = w + n * row_bytes;
+      int64_t m = 0;
+      for (; m + MR <= M; m += MR) {
+        dot(wrow, m, std::integral_constant<int, MR>{}, scratch.data(), out);
+        for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
+      }
+      for (; m < M; ++m) {
+        dot(wrow, m, std::integral_constant<int, 1>{}, scratch.data(), out);
+        y[m * N + n] = out[0];
+      }
+    }
+  });
+}
+
 template <class T>
 void qgemm_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
   const int64_t nchunks = K / 32, row_bytes = K / T::QK * T::BYTES;
@@ -322,24 +350,9 @@ void qgemm_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
                              _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
     sx[static_cast<size_t>(i)] = hsum(s);
   }
-  constexpr int MR = 4;
-  // ~16 KB of weights per task keeps both cores busy on the small projections.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    float out[MR];
-    std::vector<float> mins(static_cast<size_t>(nchunks));
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wrow = w + n * row_bytes;
-      int64_t m = 0;
-      for (; m + MR <= M; m += MR) {
-        dot_rows<T, MR>(wrow, K, x + m * K, sx.data() + m * nchunks, mins.data(), out);
-        for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
-      }
-      for (; m < M; ++m) {
-        dot_rows<T, 1>(wrow, K, x + m * K, sx.data() + m * nchunks, mins.data(), out);
-        y[m * N + n] = out[0];
-      }
-    }
+  tile_rows(M, N, row_bytes, nchunks, w, y, [&](const uint8_t* wrow, int64_t m, auto mr,
+                                                float* mins, float* out) {
+    dot_rows<T, decltype(mr)::value>(wrow, K, x + m * K, sx.data() + m * nchunks, mins, out);
   });
 }
 
@@ -463,24 +476,10 @@ void qgemm_i8_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q8(x + m * K, K, xq.data() + m * K, dx.data() + m * nchunks,
                     sx.data() + m * nchunks);
-  constexpr int MR = 4;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    float out[MR];
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wrow = w + n * row_bytes;
-      int64_t m = 0;
-      for (; m + MR <= M; m += MR) {
-        dot_rows_i8<T, MR>(wrow, K, xq.data() + m * K, dx.data() + m * nchunks,
-                           sx.data() + m * nchunks, out);
-        for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
-      }
-      for (; m < M; ++m) {
-        dot_rows_i8<T, 1>(wrow, K, xq.data() + m * K, dx.data() + m * nchunks,
-                          sx.data() + m * nchunks, out);
-        y[m * N + n] = out[0];
-      }
-    }
+  tile_rows(M, N, row_bytes, nchunks, w, y, [&](const uint8_t* wrow, int64_t m, auto mr, float*,
+                                                float* out) {
+    dot_rows_i8<T, decltype(mr)::value>(wrow, K, xq.data() + m * K, dx.data() + m * nchunks,
+                                        sx.data() + m * nchunks, out);
   });
 }
 
