@@ -7,6 +7,7 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,6 +58,21 @@ def write_tiny_tokenizer(folder: Path) -> None:
 
 
 # family -> (transformers config class, model class, extra config kwargs)
+# The tiny DeepSeek shape (MLA dims, 8 experts, top-2, one shared expert, first layer dense) of
+# the V2 and V3 tiny families (which add 4 expert groups, 2 kept) and the GGUF MoE tests.
+TINY_DEEPSEEK_SHAPE: dict[str, Any] = {
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+}
+
 TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
@@ -125,19 +141,10 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
         {
-            "num_key_value_heads": 4,
-            "q_lora_rank": None,
-            "kv_lora_rank": 32,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 8,
-            "v_head_dim": 16,
-            "moe_intermediate_size": 32,
-            "n_routed_experts": 8,
-            "num_experts_per_tok": 2,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": 1,
+            **TINY_DEEPSEEK_SHAPE,
             "n_group": 4,
             "topk_group": 2,
+            "q_lora_rank": None,
             "topk_method": "group_limited_greedy",
             "norm_topk_prob": False,
             "routed_scaling_factor": 1.5,
@@ -156,19 +163,10 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
         {
-            "num_key_value_heads": 4,
-            "q_lora_rank": 48,
-            "kv_lora_rank": 32,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 8,
-            "v_head_dim": 16,
-            "moe_intermediate_size": 32,
-            "n_routed_experts": 8,
-            "num_experts_per_tok": 2,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": 1,
+            **TINY_DEEPSEEK_SHAPE,
             "n_group": 4,
             "topk_group": 2,
+            "q_lora_rank": 48,
             "norm_topk_prob": True,
             "routed_scaling_factor": 2.5,
         },

@@ -4,6 +4,8 @@ decoder_sparse_step grid, keep a dense MLP."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from moeflow.config import ModelConfig
@@ -23,20 +25,29 @@ def is_sparse_layer(config: ModelConfig, layer_idx: int) -> bool:
     )
 
 
+def qwen_moe_mlp(
+    config: ModelConfig, layer_idx: int, norm_topk_default: bool, **moe_kwargs: Any
+) -> nn.Module:
+    """The Qwen MoE families' MLP at `layer_idx`: a dense GatedMLP where HF's rule keeps one,
+    else an MoE (`moe_kwargs`: the family's shared-expert settings)."""
+    hf = config.hf
+    if not is_sparse_layer(config, layer_idx):
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+    return MoE(
+        config.hidden_size,
+        int(hf["moe_intermediate_size"]),
+        config.num_experts,
+        config.num_experts_per_tok,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", norm_topk_default)),
+        hidden_act=config.hidden_act,
+        **moe_kwargs,
+    )
+
+
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     @classmethod
     def make_mlp(cls, config: ModelConfig, layer_idx: int) -> nn.Module:
-        hf = config.hf
-        if not is_sparse_layer(config, layer_idx):
-            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-        return MoE(
-            config.hidden_size,
-            int(hf["moe_intermediate_size"]),
-            config.num_experts,
-            config.num_experts_per_tok,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-            hidden_act=config.hidden_act,
-        )
+        return qwen_moe_mlp(config, layer_idx, norm_topk_default=True)
 
 
 ENTRY_CLASSES = [Qwen3MoeForCausalLM]

@@ -16,7 +16,13 @@ import torch
 from moeflow import LLM, SamplingParams
 from moeflow.engine.model_loader import load_model
 from moeflow.weights.gguf import GGUFReader, gguf_to_hf_config
-from tests.conftest import TINY_EOS, TINY_VOCAB, make_tiny_checkpoint, write_random_checkpoint
+from tests.conftest import (
+    TINY_DEEPSEEK_SHAPE,
+    TINY_EOS,
+    TINY_VOCAB,
+    make_tiny_checkpoint,
+    write_random_checkpoint,
+)
 
 # llama.cpp's names (gguf-py constants.py TENSOR_NAMES), written out so the test does not reuse
 # the mapping it checks.
@@ -88,16 +94,7 @@ _DEEPSEEK_COMMON: dict[str, Any] = {
     "intermediate_size": 96,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "kv_lora_rank": 32,
-    "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 16,
-    "moe_intermediate_size": 32,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "n_shared_experts": 1,
-    "first_k_dense_replace": 1,
+    **TINY_DEEPSEEK_SHAPE,
     "max_position_embeddings": 512,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
