@@ -222,7 +222,8 @@ def write_random_checkpoint(
     return folder
 
 
-def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
+def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny random checkpoint of `family`; `overrides` replace config entries."""
     cfg_name, model_name, extra = TINY_FAMILIES[family]
     kwargs = {
         "vocab_size": TINY_VOCAB,
@@ -242,7 +243,7 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     return write_random_checkpoint(
         cfg_name,
         model_name,
-        {**kwargs, **extra},
+        {**kwargs, **extra, **overrides},
         folder,
         seed,
         lambda p: has_biases and p.dim() == 1 and p.shape[0] != 64,

@@ -13,6 +13,7 @@ from torch import nn
 
 from moeflow.config import ModelConfig
 from moeflow.layers.attention import PagedAttention
+from moeflow.layers.decode_stack import CpuDecodeStack
 from moeflow.layers.embedding import LMHead, VocabEmbedding
 from moeflow.layers.linear import Linear, MergedLinear
 from moeflow.layers.mlp import GatedMLP
@@ -100,8 +101,12 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.decode_stack = CpuDecodeStack()  # the whole decode step in one call, where it fits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        fused = self.decode_stack(self.embed_tokens, self.layers, self.norm, input_ids, positions)
+        if fused is not None:
+            return fused
         hidden = self.embed_tokens(input_ids)  # [T, E]
         residual: torch.Tensor | None = None
         for layer in self.layers:

@@ -313,47 +313,92 @@ inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float
   }
 }
 
-// Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for every weight row and
-// every tile of R <= 4 activation rows m..m+R-1 (scratch: K / 32 floats per task), weight rows
-// split across threads, and stores out[r] into y[m + r, n].
+// Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for weight rows n0..n1-1 and
+// every tile of R <= 4 activation rows m..m+R-1 (scratch: K / 32 floats), and stores out[r]
+// into y[m + r, n].
 template <class Dot>
-void tile_rows(int64_t M, int64_t N, int64_t row_bytes, int64_t nchunks, const uint8_t* w,
-               float* y, Dot&& dot) {
+void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
+                const uint8_t* w, float* y, float* scratch, Dot&& dot) {
   constexpr int MR = 4;
-  // ~16 KB of weights per task keeps both cores busy on the small projections.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    float out[MR];
-    std::vector<float> scratch(static_cast<size_t>(nchunks));
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wrow = w + n * row_bytes;
-      int64_t m = 0;
-      for (; m + MR <= M; m += MR) {
-        dot(wrow, m, std::integral_constant<int, MR>{}, scratch.data(), out);
-        for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
-      }
-      for (; m < M; ++m) {
-        dot(wrow, m, std::integral_constant<int, 1>{}, scratch.data(), out);
-        y[m * N + n] = out[0];
-      }
+  float out[MR];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = w + n * row_bytes;
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) {
+      dot(wrow, m, std::integral_constant<int, MR>{}, scratch, out);
+      for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
     }
-  });
+    for (; m < M; ++m) {
+      dot(wrow, m, std::integral_constant<int, 1>{}, scratch, out);
+      y[m * N + n] = out[0];
+    }
+  }
 }
 
-template <class T>
-void qgemm_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
-  const int64_t nchunks = K / 32, row_bytes = K / T::QK * T::BYTES;
-  std::vector<float> sx(static_cast<size_t>(M * nchunks));  // sum of x over each 32-chunk
+// Weight rows per task: ~16 KB of weights keeps both cores busy on the small projections.
+inline int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
+}
+
+// One GEMV input, prepared once and read by every weight row: each 32-chunk's sum (the min
+// term, both paths) and, for the int8 path, the int8 copy and its per-chunk scales.
+struct Acts {
+  const float* x = nullptr;
+  int64_t M = 0, K = 0;
+  bool int8 = false;
+  std::vector<float> sx, dx;
+  std::vector<int8_t> xq;
+  void prepare(const float* x_, int64_t M_, int64_t K_, bool int8_);
+};
+
+void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s);
+
+void Acts::prepare(const float* x_, int64_t M_, int64_t K_, bool int8_) {
+  x = x_;
+  M = M_;
+  K = K_;
+  int8 = int8_;
+  const int64_t nchunks = K / 32;
+  sx.resize(static_cast<size_t>(M * nchunks));
+  if (int8) {
+    xq.resize(static_cast<size_t>(M * K));
+    dx.resize(static_cast<size_t>(M * nchunks));
+    for (int64_t m = 0; m < M; ++m)
+      quantize_row_q8(x + m * K, K, xq.data() + m * K, dx.data() + m * nchunks,
+                      sx.data() + m * nchunks);
+    return;
+  }
   for (int64_t i = 0; i < M * nchunks; ++i) {
     const float* p = x + i * 32;
     __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
                              _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
     sx[static_cast<size_t>(i)] = hsum(s);
   }
-  tile_rows(M, N, row_bytes, nchunks, w, y, [&](const uint8_t* wrow, int64_t m, auto mr,
-                                                float* mins, float* out) {
-    dot_rows<T, decltype(mr)::value>(wrow, K, x + m * K, sx.data() + m * nchunks, mins, out);
-  });
+}
+
+template <class T, int MR>
+void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
+                 const float* sx, float* out);
+
+// y[:, n0:n1] = x W[n0:n1]^T for the prepared activations (y is [M, N]).
+template <class T>
+void gemv_rows(const Acts& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1, float* y,
+               float* scratch) {
+  const int64_t K = a.K, nchunks = K / 32, row_bytes = K / T::QK * T::BYTES;
+  if (a.int8) {
+    tile_range(a.M, N, row_bytes, n0, n1, w, y, scratch,
+               [&](const uint8_t* wrow, int64_t m, auto mr, float*, float* out) {
+                 dot_rows_i8<T, decltype(mr)::value>(wrow, K, a.xq.data() + m * K,
+                                                     a.dx.data() + m * nchunks,
+                                                     a.sx.data() + m * nchunks, out);
+               });
+  } else {
+    tile_range(a.M, N, row_bytes, n0, n1, w, y, scratch,
+               [&](const uint8_t* wrow, int64_t m, auto mr, float* mins, float* out) {
+                 dot_rows<T, decltype(mr)::value>(wrow, K, a.x + m * K,
+                                                  a.sx.data() + m * nchunks, mins, out);
+               });
+  }
 }
 
 template <class T>
@@ -386,7 +431,7 @@ void dequant_impl(const uint8_t* w, int64_t K, const int64_t* rows, int64_t R, f
 // exact float sum(x). I(...) gives a chunk's weights as 32 unsigned bytes (or signed, SIGNED),
 // SUB = 2 when a chunk has two 16-weight sub-scales (Q6_K).
 
-inline void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
   for (int64_t c = 0; c < K / 32; ++c) {
     const float* p = x + c * 32;
     __m256 v[4];
@@ -431,8 +476,8 @@ inline __m256i dot_i8(__m256i w, __m256i xq) {
 }
 
 template <class T, int MR>
-inline void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
-                        const float* sx, float* out) {
+void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
+                 const float* sx, float* out) {
   const int64_t nb = K / T::QK, nchunks = K / 32;
   __m256 acc[MR];
   float macc[MR];
@@ -466,21 +511,6 @@ inline void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const 
     }
   }
   for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + macc[r];
-}
-
-template <class T>
-void qgemm_i8_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y) {
-  const int64_t nchunks = K / 32, row_bytes = K / T::QK * T::BYTES;
-  std::vector<int8_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> dx(static_cast<size_t>(M * nchunks)), sx(static_cast<size_t>(M * nchunks));
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row_q8(x + m * K, K, xq.data() + m * K, dx.data() + m * nchunks,
-                    sx.data() + m * nchunks);
-  tile_rows(M, N, row_bytes, nchunks, w, y, [&](const uint8_t* wrow, int64_t m, auto mr, float*,
-                                                float* out) {
-    dot_rows_i8<T, decltype(mr)::value>(wrow, K, xq.data() + m * K, dx.data() + m * nchunks,
-                                        sx.data() + m * nchunks, out);
-  });
 }
 
 // ggml type ids (gguf.py GGMLType)
@@ -528,12 +558,14 @@ at::Tensor qgemm_any(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bo
   dispatch_type(qtype, [&](auto t) {
     using T = decltype(t);
     check_weight<T>(w, K);
-    const float* xp = x.data_ptr<float>();
-    if (int8) {
-      qgemm_i8_impl<T>(xp, M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
-    } else {
-      qgemm_impl<T>(xp, M, K, w.data_ptr<uint8_t>(), N, y.data_ptr<float>());
-    }
+    Acts a;
+    a.prepare(x.data_ptr<float>(), M, K, int8);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, row_grain(w.size(1)), [&](int64_t n0, int64_t n1) {
+      std::vector<float> scratch(static_cast<size_t>(K / 32));
+      gemv_rows<T>(a, wp, N, n0, n1, yp, scratch.data());
+    });
   });
   return y;
 }
@@ -569,7 +601,9 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused elementwise ops of a decode step.
+// The other ops of a decode step as row functions, shared by the single ops and the fused
+// decode stack below: RMSNorm with the residual add, SiLU-and-mul, NeoX rotary embedding, and
+// paged decode attention.
 
 namespace {
 
@@ -601,6 +635,211 @@ void check_rows(const at::Tensor& t, const char* what) {
               what, " must be a float32 CPU [T, heads, D] view with contiguous heads");
 }
 
+// out = w * v / rms(v) over E values, v = x, or (add) v = residual + x stored into residual
+// first. out may alias x when !add.
+inline void rms_row(const float* x, float* residual, bool add, const float* w, int64_t E,
+                    float eps, float* out) {
+  const float* v = x;
+  double ss = 0.0;
+  if (add) {
+    for (int64_t i = 0; i < E; ++i) {
+      const float t = residual[i] + x[i];
+      residual[i] = t;
+      ss += static_cast<double>(t) * t;
+    }
+    v = residual;
+  } else {
+    for (int64_t i = 0; i < E; ++i) ss += static_cast<double>(x[i]) * x[i];
+  }
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / E) + eps);
+  for (int64_t i = 0; i < E; ++i) out[i] = w[i] * (v[i] * inv);
+}
+
+// o = silu(g) * u over I values
+inline void silu_row(const float* g, const float* u, float* o, int64_t I) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+// NeoX rotation of one head's first R dims in place; c, s: the position's cos/sin rows [R].
+inline void rope_head(float* x, const float* c, const float* s, int64_t R) {
+  const int64_t half = R / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * c[i] - x2 * s[i];
+    x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+  }
+}
+
+// Paged decode attention of one sequence's new token over its cached context (which already
+// holds that token's K/V). Cache [N, S, Hkv, D] float32; tables [B, maxb]; lens include the new
+// token; window > 0 keeps the last `window` keys.
+struct PagedCtx {
+  const float* kc;
+  const float* vc;
+  int64_t S, Hkv, D;
+  const int64_t* tables;
+  int64_t maxb;
+  const int64_t* lens;
+  int64_t window;
+  float scale;
+};
+
+// Query heads g0..g1-1 of KV head hk of sequence b (q: their rows, D floats apart) -> out (same
+// layout). p: scratch of (g1 - g0) * max_len floats, acc: (g1 - g0) * D. Keys are visited block
+// by block (no division per key); the heads share every K/V row read.
+void attend(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const float* q, float* out,
+            float* p, int64_t max_len, float* acc) {
+  const int64_t S = c.S, D = c.D, tok = c.Hkv * D, L = c.lens[b];
+  const int64_t start = c.window > 0 ? std::max<int64_t>(0, L - c.window) : 0;
+  const int64_t* table = c.tables + b * c.maxb;
+  auto for_keys = [&](auto&& body) {  // body(j, offset of key j's head hk in the cache)
+    for (int64_t blk = start / S; blk * S < L; ++blk) {
+      const int64_t j0 = std::max(blk * S, start), j1 = std::min(blk * S + S, L);
+      const int64_t base = table[blk] * S - blk * S;  // slot of key j = base + j
+      for (int64_t j = j0; j < j1; ++j) body(j, (base + j) * tok + hk * D);
+    }
+  };
+  // scores: 4 keys at a time per query head, 4 independent FMA chains
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* qv = q + g * D;
+    float* pg = p + g * max_len;
+    int64_t pend = 0;
+    int64_t js[4];
+    const float* ks[4];
+    auto flush = [&](int64_t n) {
+      __m256 acc4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                        _mm256_setzero_ps()};
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(qv + d);
+        for (int64_t u = 0; u < 4; ++u)
+          acc4[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(ks[u] + d), acc4[u]);
+      }
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc4[0], acc4[1]),
+                                      _mm256_hadd_ps(acc4[2], acc4[3]));
+      const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t),
+                                             _mm256_extractf128_ps(t, 1)),
+                                  _mm_set1_ps(c.scale));
+      alignas(16) float rs[4];
+      _mm_store_ps(rs, r);
+      for (int64_t u = 0; u < n; ++u) pg[js[u]] = rs[u];
+    };
+    for_keys([&](int64_t j, int64_t off) {
+      js[pend] = j;
+      ks[pend] = c.kc + off;
+      if (++pend == 4) {
+        flush(4);
+        pend = 0;
+      }
+    });
+    if (pend > 0) {
+      for (int64_t u = pend; u < 4; ++u) ks[u] = ks[0];  // padding lanes, results dropped
+      flush(pend);
+    }
+  }
+  float inv[64];  // ng <= 64 (checked by the callers)
+  for (int64_t g = 0; g < ng; ++g) {
+    float* pg = p + g * max_len;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = start; j < L; ++j) mx = std::max(mx, pg[j]);
+    float denom = 0.0f;
+    int64_t j = start;
+    for (; j + 8 <= L; j += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(pg + j), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(pg + j, e);
+      denom += hsum(e);
+    }
+    for (; j < L; ++j) {
+      pg[j] = std::exp(pg[j] - mx);
+      denom += pg[j];
+    }
+    inv[g] = 1.0f / denom;
+  }
+  // out = P V: per query head and 64-wide slice of D, the accumulators stay in registers
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* pg = p + g * max_len;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int64_t nch = std::min<int64_t>(8, (D - d0) / 8);
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      for_keys([&](int64_t j, int64_t off) {
+        const float* vv = c.vc + off + d0;
+        const __m256 w = _mm256_set1_ps(pg[j]);
+        if (nch == 8) {
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u)
+            a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
+        } else {
+          for (int u = 0; u < nch; ++u)
+            a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
+        }
+      });
+      for (int u = 0; u < nch; ++u) _mm256_storeu_ps(acc + g * D + d0 + 8 * u, a[u]);
+    }
+  }
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv[g];
+}
+
+// Checks the paged-cache arguments of B new tokens (one per sequence); returns the longest
+// context. Caches [N, S, Hkv, D] float32.
+int64_t check_paged(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                    const at::Tensor& context_lens, int64_t B, int64_t Hkv, int64_t D) {
+  check_f32(k_cache, "k_cache");
+  check_f32(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.size(2) == Hkv && k_cache.size(3) == D, "cache shape");
+  TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8");
+  for (const at::Tensor* t : {&slot_mapping, &block_tables, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors: int64");
+  TORCH_CHECK(slot_mapping.numel() == B && context_lens.numel() == B &&
+                  block_tables.dim() == 2 && block_tables.size(0) == B, "batch sizes differ");
+  const int64_t S = k_cache.size(1), nblocks = k_cache.size(0), maxb = block_tables.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < nblocks * S, "slot out of range");
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= maxb * S, "context length out of range");
+    for (int64_t i = 0; i < (lens[b] + S - 1) / S; ++i)
+      TORCH_CHECK(tables[b * maxb + i] >= 0 && tables[b * maxb + i] < nblocks, "bad block id");
+    max_len = std::max(max_len, lens[b]);
+  }
+  return max_len;
+}
+
+PagedCtx paged_ctx(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t window,
+                   double scale) {
+  return PagedCtx{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1),
+                  k_cache.size(2), k_cache.size(3), block_tables.data_ptr<int64_t>(),
+                  block_tables.size(1), context_lens.data_ptr<int64_t>(), window,
+                  static_cast<float>(scale)};
+}
+
+// k/v rows (Hkv * D floats each) into cache slot `slot`
+inline void store_kv_row(float* kc, float* vc, int64_t slot, int64_t tok, const float* k,
+                         const float* v) {
+  std::memcpy(kc + slot * tok, k, tok * sizeof(float));
+  std::memcpy(vc + slot * tok, v, tok * sizeof(float));
+}
+
+void check_positions(const at::Tensor& positions, int64_t T, int64_t P) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.numel() == T, "positions must be contiguous int64, one per token");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "position out of range");
+}
+
 }  // namespace
 
 // residual (when given) += x, in place; returns (rmsnorm(residual or x) * weight, residual or x)
@@ -623,18 +862,8 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Te
   float* op = out.data_ptr<float>();
   const bool add = residual.has_value();
   at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      float* r = rp + m * E;
-      const float* xr = xp + m * E;
-      double ss = 0.0;
-      for (int64_t i = 0; i < E; ++i) {
-        const float v = add ? r[i] + xr[i] : xr[i];
-        if (add) r[i] = v;
-        ss += static_cast<double>(v) * v;
-      }
-      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / E) + static_cast<float>(eps));
-      for (int64_t i = 0; i < E; ++i) op[m * E + i] = wp[i] * (r[i] * inv);
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      rms_row(xp + m * E, rp + m * E, add, wp, E, static_cast<float>(eps), op + m * E);
   });
   return {out, res};
 }
@@ -649,20 +878,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* g = xp + m * 2 * I;
-      const float* u = g + I;
-      float* o = op + m * I;
-      int64_t i = 0;
-      for (; i + 8 <= I; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-        const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-      }
-      for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
+    for (int64_t m = m0; m < m1; ++m) silu_row(xp + m * 2 * I, xp + m * 2 * I + I, op + m * I, I);
   });
   return out;
 }
@@ -675,28 +891,17 @@ void rotary_neox_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions,
   check_rows(k, "k");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
-              "positions must be contiguous int64");
-  const int64_t T = q.size(0), R = cos.size(1), half = R / 2, P = cos.size(0);
+  const int64_t T = q.size(0), R = cos.size(1);
   TORCH_CHECK(R % 2 == 0 && R <= q.size(2) && k.size(2) == q.size(2), "bad rotary dims");
+  check_positions(positions, T, cos.size(0));
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "position out of range");
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   auto rotate = [&](float* base, int64_t stride_t, int64_t heads, int64_t D) {
     at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const float* c = cp + pos[t] * R;
-        const float* s = sp + pos[t] * R;
-        for (int64_t h = 0; h < heads; ++h) {
-          float* x = base + t * stride_t + h * D;
-          for (int64_t i = 0; i < half; ++i) {
-            const float x1 = x[i], x2 = x[i + half];
-            x[i] = x1 * c[i] - x2 * s[i];
-            x[i + half] = x2 * c[i + half] + x1 * s[i + half];
-          }
-        }
-      }
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t h = 0; h < heads; ++h)
+          rope_head(base + t * stride_t + h * D, cp + pos[t] * R, sp + pos[t] * R, R);
     });
   };
   rotate(q.data_ptr<float>(), q.stride(0), q.size(1), q.size(2));
@@ -713,143 +918,283 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   check_rows(q, "q");
   check_rows(k, "k");
   check_rows(v, "v");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
-  for (const at::Tensor* t : {&slot_mapping, &block_tables, &context_lens})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors: int64");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
-  const int64_t S = k_cache.size(1), nblocks = k_cache.size(0), maxb = block_tables.size(1);
-  TORCH_CHECK(k_cache.size(2) == Hkv && k_cache.size(3) == D && H % Hkv == 0, "cache shape");
-  TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8");
-  TORCH_CHECK(slot_mapping.numel() == B && context_lens.numel() == B &&
-                  block_tables.size(0) == B, "batch sizes differ");
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= 64 && v.size(1) == Hkv && k.size(2) == D &&
+                  v.size(2) == D && k.size(0) == B && v.size(0) == B, "q/k/v shapes");
+  const int64_t max_len =
+      check_paged(k_cache, v_cache, slot_mapping, block_tables, context_lens, B, Hkv, D);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const int64_t tok = Hkv * D;  // floats per cached token
-  int64_t max_len = 0;
+  const int64_t tok = Hkv * D;
+  std::vector<float> kv(static_cast<size_t>(2 * tok));
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slots[b] >= 0 && slots[b] < nblocks * S, "slot out of range");
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= maxb * S, "context length out of range");
-    for (int64_t i = 0; i < (lens[b] + S - 1) / S; ++i)
-      TORCH_CHECK(tables[b * maxb + i] >= 0 && tables[b * maxb + i] < nblocks, "bad block id");
-    max_len = std::max(max_len, lens[b]);
     for (int64_t h = 0; h < Hkv; ++h) {
-      std::memcpy(kc + slots[b] * tok + h * D, k.data_ptr<float>() + b * k.stride(0) + h * D,
+      std::memcpy(kv.data() + h * D, k.data_ptr<float>() + b * k.stride(0) + h * D,
                   D * sizeof(float));
-      std::memcpy(vc + slots[b] * tok + h * D, v.data_ptr<float>() + b * v.stride(0) + h * D,
+      std::memcpy(kv.data() + tok + h * D, v.data_ptr<float>() + b * v.stride(0) + h * D,
                   D * sizeof(float));
     }
+    store_kv_row(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), slots[b], tok, kv.data(),
+                 kv.data() + tok);
   }
   at::Tensor out = at::empty({B, H, D}, q.options());
+  const PagedCtx c = paged_ctx(k_cache, v_cache, block_tables, context_lens, window, scale);
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t G = H / Hkv, q_stride = q.stride(0);
-  const float sc = static_cast<float>(scale);
-  // One task per (sequence, KV head): its G query heads share every K/V row read. Keys are
-  // visited block by block (no division per key).
+  // One task per (sequence, KV head): its G query heads share every K/V row read.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(static_cast<size_t>(G * max_len));
-    std::vector<float> acc(static_cast<size_t>(G * D));
+    std::vector<float> p(static_cast<size_t>(G * max_len)), acc(static_cast<size_t>(G * D));
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, hk = i % Hkv, L = lens[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-      const int64_t* table = tables + b * maxb;
-      const float* qb = qp + b * q_stride + hk * G * D;  // G query heads, contiguous
-      auto for_keys = [&](auto&& body) {  // body(j, row offset of key j in the cache)
-        for (int64_t blk = start / S; blk * S < L; ++blk) {
-          const int64_t j0 = std::max(blk * S, start), j1 = std::min(blk * S + S, L);
-          const int64_t base = table[blk] * S - blk * S;  // slot of key j = base + j
-          for (int64_t j = j0; j < j1; ++j) body(j, (base + j) * tok + hk * D);
-        }
-      };
-      // scores: 4 keys at a time per query head, 4 independent FMA chains
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qv = qb + g * D;
-        float* pg = p.data() + g * max_len;
-        int64_t pend = 0;
-        int64_t js[4];
-        const float* ks[4];
-        auto flush = [&](int64_t n) {
-          __m256 acc4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                            _mm256_setzero_ps()};
-          for (int64_t d = 0; d < D; d += 8) {
-            const __m256 qd = _mm256_loadu_ps(qv + d);
-            for (int64_t u = 0; u < 4; ++u)
-              acc4[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(ks[u] + d), acc4[u]);
-          }
-          const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc4[0], acc4[1]),
-                                          _mm256_hadd_ps(acc4[2], acc4[3]));
-          const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t),
-                                                 _mm256_extractf128_ps(t, 1)),
-                                      _mm_set1_ps(sc));
-          alignas(16) float rs[4];
-          _mm_store_ps(rs, r);
-          for (int64_t u = 0; u < n; ++u) pg[js[u]] = rs[u];
-        };
-        for_keys([&](int64_t j, int64_t off) {
-          js[pend] = j;
-          ks[pend] = kc + off;
-          if (++pend == 4) {
-            flush(4);
-            pend = 0;
-          }
-        });
-        if (pend > 0) {
-          for (int64_t u = pend; u < 4; ++u) ks[u] = ks[0];  // padding lanes, results dropped
-          flush(pend);
-        }
-      }
-      std::vector<float> inv(static_cast<size_t>(G));
-      for (int64_t g = 0; g < G; ++g) {
-        float* pg = p.data() + g * max_len;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = start; j < L; ++j) mx = std::max(mx, pg[j]);
-        float denom = 0.0f;
-        int64_t j = start;
-        for (; j + 8 <= L; j += 8) {
-          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(pg + j), _mm256_set1_ps(mx)));
-          _mm256_storeu_ps(pg + j, e);
-          denom += hsum(e);
-        }
-        for (; j < L; ++j) {
-          pg[j] = std::exp(pg[j] - mx);
-          denom += pg[j];
-        }
-        inv[g] = 1.0f / denom;
-      }
-      // out = P V: per query head and 64-wide slice of D, the accumulators stay in registers
-      for (int64_t g = 0; g < G; ++g) {
-        const float* pg = p.data() + g * max_len;
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {
-          const int64_t nch = std::min<int64_t>(8, (D - d0) / 8);
-          __m256 a[8];
-          for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
-          for_keys([&](int64_t j, int64_t off) {
-            const float* vv = vc + off + d0;
-            const __m256 w = _mm256_set1_ps(pg[j]);
-            if (nch == 8) {
-#pragma GCC unroll 8
-              for (int u = 0; u < 8; ++u)
-                a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
-            } else {
-              for (int u = 0; u < nch; ++u)
-                a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
-            }
-          });
-          for (int u = 0; u < nch; ++u) _mm256_storeu_ps(acc.data() + g * D + d0 + 8 * u, a[u]);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* o = op + (b * H + hk * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv[g];
-      }
+      const int64_t b = i / Hkv, hk = i % Hkv;
+      attend(c, b, hk, G, qp + b * q_stride + hk * G * D, op + (b * H + hk * G) * D, p.data(),
+             max_len, acc.data());
     }
   });
   return out;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fused decode stack: every decoder layer of a dense Llama-family model (RMSNorm, q/k/v
+// projection with optional bias and per-head q/k norm, NeoX rotary, paged attention, o
+// projection, RMSNorm, gate/up projection, SiLU-and-mul, down projection) and the final norm,
+// for a batch of one new token per sequence, in one call and one OpenMP parallel region: the
+// phases are separated by the region's barriers instead of a Python dispatch and a thread
+// fork/join per op. Every phase runs the same row functions as the single ops, so the result is
+// theirs bit for bit.
+
+namespace {
+
+struct Proj {  // a quantised projection [N, K] and its optional bias
+  at::Tensor w, bias;
+  int64_t qtype = 0, N = 0, K = 0;
+  const uint8_t* wp = nullptr;
+  const float* bp = nullptr;
+};
+
+Proj make_proj(const at::Tensor& w, int64_t qtype, int64_t K,
+               const c10::optional<at::Tensor>& bias) {
+  Proj p;
+  p.w = w;
+  p.qtype = qtype;
+  p.N = w.size(0);
+  p.K = K;
+  dispatch_type(qtype, [&](auto t) { check_weight<decltype(t)>(w, K); });
+  p.wp = w.data_ptr<uint8_t>();
+  if (bias.has_value()) {
+    check_f32(*bias, "bias");
+    TORCH_CHECK(bias->numel() == p.N, "bias has ", bias->numel(), " values, expected ", p.N);
+    p.bias = *bias;
+    p.bp = p.bias.data_ptr<float>();
+  }
+  return p;
+}
+
+// y [M, N] = x W^T (+ bias), the weight rows shared out among the region's threads.
+// Called by every thread of the parallel region; ends with the worksharing loop's barrier.
+void gemv_team(const Acts& a, const Proj& p, float* y, float* scratch) {
+  const int64_t N = p.N, grain = row_grain(p.w.size(1)), ntasks = (N + grain - 1) / grain;
+  dispatch_type(p.qtype, [&](auto t) {
+    using T = decltype(t);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < ntasks; ++i) {
+      const int64_t n0 = i * grain, n1 = std::min(N, n0 + grain);
+      gemv_rows<T>(a, p.wp, N, n0, n1, y, scratch);
+      if (p.bp != nullptr)
+        for (int64_t m = 0; m < a.M; ++m)
+          for (int64_t n = n0; n < n1; ++n) y[m * N + n] += p.bp[n];
+    }
+  });
+}
+
+struct StackLayer {
+  at::Tensor ln1, ln2, q_norm, k_norm, k_cache, v_cache;
+  Proj qkv, o, gate_up, down;
+  int64_t window = 0;
+};
+
+}  // namespace
+
+class DecodeStack {
+ public:
+  // H, Hkv query / KV heads of D dims; rotary tables cos/sin [P, R] (NeoX, R <= D); eps of
+  // every RMSNorm; final_norm [E].
+  DecodeStack(int64_t H, int64_t Hkv, int64_t D, double eps, double scale, at::Tensor cos,
+              at::Tensor sin, at::Tensor final_norm)
+      : H_(H), Hkv_(Hkv), D_(D), eps_(static_cast<float>(eps)), scale_(scale),
+        cos_(std::move(cos)), sin_(std::move(sin)), final_norm_(std::move(final_norm)) {
+    check_f32(cos_, "cos");
+    check_f32(sin_, "sin");
+    check_f32(final_norm_, "final_norm");
+    TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= 64, "bad head counts");
+    TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8");
+    TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == sin_.sizes() && cos_.size(1) % 2 == 0 &&
+                    cos_.size(1) <= D, "bad rotary tables");
+    E_ = final_norm_.numel();
+  }
+
+  void add_layer(const at::Tensor& ln1, const at::Tensor& qkv_w, int64_t qkv_type,
+                 const c10::optional<at::Tensor>& qkv_bias,
+                 const c10::optional<at::Tensor>& q_norm,
+                 const c10::optional<at::Tensor>& k_norm, const at::Tensor& o_w,
+                 int64_t o_type, const c10::optional<at::Tensor>& o_bias,
+                 const at::Tensor& ln2, const at::Tensor& gate_up_w, int64_t gate_up_type,
+                 const at::Tensor& down_w, int64_t down_type, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, int64_t window) {
+    StackLayer l;
+    for (const at::Tensor* t : {&ln1, &ln2}) {
+      check_f32(*t, "norm weight");
+      TORCH_CHECK(t->numel() == E_, "norm weight size");
+    }
+    l.ln1 = ln1;
+    l.ln2 = ln2;
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm go together");
+    if (q_norm.has_value()) {
+      check_f32(*q_norm, "q_norm");
+      check_f32(*k_norm, "k_norm");
+      TORCH_CHECK(q_norm->numel() == D_ && k_norm->numel() == D_, "q/k norm: one head's dims");
+      l.q_norm = *q_norm;
+      l.k_norm = *k_norm;
+    }
+    l.qkv = make_proj(qkv_w, qkv_type, E_, qkv_bias);
+    TORCH_CHECK(l.qkv.N == (H_ + 2 * Hkv_) * D_, "qkv rows");
+    l.o = make_proj(o_w, o_type, H_ * D_, o_bias);
+    TORCH_CHECK(l.o.N == E_, "o rows");
+    l.gate_up = make_proj(gate_up_w, gate_up_type, E_, c10::nullopt);
+    TORCH_CHECK(l.gate_up.N % 2 == 0, "gate_up rows");
+    l.down = make_proj(down_w, down_type, l.gate_up.N / 2, c10::nullopt);
+    TORCH_CHECK(l.down.N == E_, "down rows");
+    check_f32(k_cache, "k_cache");
+    check_f32(v_cache, "v_cache");
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                    k_cache.size(2) == Hkv_ && k_cache.size(3) == D_, "cache shape");
+    if (!layers_.empty())
+      TORCH_CHECK(k_cache.sizes() == layers_[0].k_cache.sizes(), "caches differ in shape");
+    l.k_cache = k_cache;
+    l.v_cache = v_cache;
+    l.window = window;
+    layers_.push_back(std::move(l));
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // hidden [B, E] (the embedded new tokens, one per sequence) -> final-normed hidden [B, E];
+  // the step's K/V are written into every layer's cache.
+  at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions,
+                     const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                     const at::Tensor& context_lens, bool int8) {
+    TORCH_CHECK(!layers_.empty(), "no layers");
+    check_f32(hidden, "hidden");
+    TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == E_, "hidden must be [B, ", E_, "]");
+    const int64_t B = hidden.size(0), H = H_, Hkv = Hkv_, D = D_, E = E_, G = H / Hkv;
+    const int64_t R = cos_.size(1), I = layers_[0].gate_up.N / 2, NQ = (H + 2 * Hkv) * D;
+    const int64_t max_len = check_paged(layers_[0].k_cache, layers_[0].v_cache, slot_mapping,
+                                        block_tables, context_lens, B, Hkv, D);
+    check_positions(positions, B, cos_.size(0));
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    const float* cp = cos_.data_ptr<float>();
+    const float* sp = sin_.data_ptr<float>();
+    int64_t max_i = I;
+    for (const StackLayer& l : layers_) max_i = std::max(max_i, l.gate_up.N / 2);
+    const int64_t max_k = std::max({E, H * D, max_i});
+
+    at::Tensor out = at::empty({B, E}, hidden.options());
+    std::vector<float> res(hidden.data_ptr<float>(), hidden.data_ptr<float>() + B * E);
+    std::vector<float> xn(B * E), qkv(B * NQ), att(B * H * D), h(B * E), gu(B * 2 * max_i),
+        act(B * max_i);
+    Acts acts;
+    // Attention tasks: (sequence, KV head, slice of its query heads); the heads are split when
+    // there are fewer (sequence, KV head) pairs than twice the threads.
+    const int nt = at::get_num_threads();
+    int64_t gsplit = 1;
+    while (gsplit < G && B * Hkv * gsplit < 2 * nt) ++gsplit;
+    const int64_t gper = (G + gsplit - 1) / gsplit;
+    const int64_t ntasks = B * Hkv * gsplit;
+    float* op = out.data_ptr<float>();
+
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<float> scratch(static_cast<size_t>(max_k / 32));
+      std::vector<float> p(static_cast<size_t>(gper * max_len)), acc(static_cast<size_t>(gper * D));
+      for (size_t li = 0; li < layers_.size(); ++li) {
+        const StackLayer& l = layers_[li];
+        const int64_t Il = l.gate_up.N / 2;
+#pragma omp single
+        {
+          for (int64_t b = 0; b < B; ++b)
+            rms_row(li == 0 ? res.data() + b * E : h.data() + b * E, res.data() + b * E, li > 0,
+                    l.ln1.data_ptr<float>(), E, eps_, xn.data() + b * E);
+          acts.prepare(xn.data(), B, E, int8);
+        }
+        gemv_team(acts, l.qkv, qkv.data(), scratch.data());
+#pragma omp single
+        {  // k: norm, rotary, into the cache with v
+          float* kc = l.k_cache.data_ptr<float>();
+          float* vc = l.v_cache.data_ptr<float>();
+          for (int64_t b = 0; b < B; ++b) {
+            float* k = qkv.data() + b * NQ + H * D;
+            for (int64_t hk = 0; hk < Hkv; ++hk) {
+              float* kh = k + hk * D;
+              if (l.k_norm.defined()) rms_row(kh, nullptr, false, l.k_norm.data_ptr<float>(), D,
+                                              eps_, kh);
+              rope_head(kh, cp + pos[b] * R, sp + pos[b] * R, R);
+            }
+            store_kv_row(kc, vc, slots[b], Hkv * D, k, k + Hkv * D);
+          }
+        }
+        const PagedCtx c{l.k_cache.data_ptr<float>(), l.v_cache.data_ptr<float>(),
+                         l.k_cache.size(1), Hkv, D, block_tables.data_ptr<int64_t>(),
+                         block_tables.size(1), context_lens.data_ptr<int64_t>(), l.window,
+                         static_cast<float>(scale_)};
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntasks; ++t) {
+          const int64_t b = t / (Hkv * gsplit), hk = t / gsplit % Hkv, s = t % gsplit;
+          const int64_t g0 = s * gper, g1 = std::min(G, g0 + gper);
+          if (g0 >= g1) continue;
+          float* q = qkv.data() + b * NQ + (hk * G + g0) * D;
+          for (int64_t g = 0; g < g1 - g0; ++g) {
+            float* qh = q + g * D;
+            if (l.q_norm.defined()) rms_row(qh, nullptr, false, l.q_norm.data_ptr<float>(), D,
+                                            eps_, qh);
+            rope_head(qh, cp + pos[b] * R, sp + pos[b] * R, R);
+          }
+          attend(c, b, hk, g1 - g0, q, att.data() + b * H * D + (hk * G + g0) * D, p.data(),
+                 max_len, acc.data());
+        }
+#pragma omp single
+        acts.prepare(att.data(), B, H * D, int8);
+        gemv_team(acts, l.o, h.data(), scratch.data());
+#pragma omp single
+        {
+          for (int64_t b = 0; b < B; ++b)
+            rms_row(h.data() + b * E, res.data() + b * E, true, l.ln2.data_ptr<float>(), E, eps_,
+                    xn.data() + b * E);
+          acts.prepare(xn.data(), B, E, int8);
+        }
+        gemv_team(acts, l.gate_up, gu.data(), scratch.data());
+#pragma omp single
+        {
+          for (int64_t b = 0; b < B; ++b)
+            silu_row(gu.data() + b * 2 * Il, gu.data() + b * 2 * Il + Il, act.data() + b * Il, Il);
+          acts.prepare(act.data(), B, Il, int8);
+        }
+        gemv_team(acts, l.down, h.data(), scratch.data());
+      }
+#pragma omp single
+      for (int64_t b = 0; b < B; ++b)
+        rms_row(h.data() + b * E, res.data() + b * E, true, final_norm_.data_ptr<float>(), E,
+                eps_, op + b * E);
+    }
+    return out;
+  }
+
+ private:
+  int64_t H_, Hkv_, D_, E_ = 0;
+  float eps_;
+  double scale_;
+  at::Tensor cos_, sin_, final_norm_;
+  std::vector<StackLayer> layers_;
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "x [M, K] f32 @ quantised W [N, row_bytes]^T -> [M, N] f32");
@@ -860,4 +1205,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up over [M, 2I]");
   m.def("rotary_neox_", &rotary_neox_, "NeoX rotary embedding in place");
   m.def("decode_attention", &decode_attention, "store K/V and attend, one token per sequence");
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor,
+                    at::Tensor>(),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
+           py::arg("scale"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"))
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("num_layers", &DecodeStack::num_layers)
+      .def("forward", &DecodeStack::forward, "one decode step of the whole stack",
+           py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,132 @@
+"""The fused CPU decode step (layers/decode_stack.py): its tokens and log-probabilities are the
+layer-by-layer path's, for every dense family it takes (q/k/v bias, per-head q/k norm, sliding
+window) and batched decode; models it does not fit run layer by layer and say why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow import LLM, SamplingParams
+from moeflow.kernels import cpu_ext
+from tests.conftest import make_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
+)
+
+# Three sequences of different lengths decode together (a batch of 3 rows per step).
+PROMPTS = [list(range(3, 40)), list(range(50, 60)), list(range(100, 121))]
+
+
+def _run(llm: LLM, fused: bool) -> list[tuple[list[int], list[float]]]:
+    stack = llm.loaded.model.model.decode_stack
+    stack.enabled = fused
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params)
+    assert stack.unfit_reason is None
+    assert (stack._stack is not None) == fused  # the fused step really ran (or not)
+    stack._stack = None
+    return [(o.token_ids, [lp.logprob for lp in o.logprobs or []]) for o in outs]
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("llama", {}),
+        ("qwen2", {}),  # q/k/v bias
+        ("qwen3", {}),  # per-head q/k RMSNorm
+        ("mistral", {"sliding_window": 6}),  # the window cuts every prompt
+    ],
+)
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_fused_step_matches_layer_by_layer(
+    tmp_path: Path, family: str, overrides: dict, kind: str
+) -> None:
+    path = make_tiny_checkpoint(family, tmp_path / family, **overrides)
+    llm = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize=kind)
+    layered = _run(llm, fused=False)
+    fused = _run(llm, fused=True)
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(layered, fused, strict=True):
+        assert ids_a == ids_b
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=1e-4)
+
+
+def test_default_model_fused_step_is_bit_exact() -> None:
+    """The default model's fused step runs exactly the single ops' arithmetic."""
+    llm = LLM(device="cpu", max_model_len=2048, kv_cache_tokens=4096)
+    assert _run(llm, fused=True) == _run(llm, fused=False)
+
+
+def test_moe_model_runs_layer_by_layer(tmp_path: Path) -> None:
+    path = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
+    llm = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize="q8_0")
+    llm.generate([PROMPTS[1]], SamplingParams(max_tokens=3, temperature=0.0))
+    stack = llm.loaded.model.model.decode_stack
+    assert stack._stack is None
+    assert stack.unfit_reason is not None and "gated-MLP" in stack.unfit_reason
+
+
+def test_float_model_runs_layer_by_layer(tmp_path: Path) -> None:
+    path = make_tiny_checkpoint("llama", tmp_path / "llama")
+    llm = LLM(model=str(path), dtype="float32", device="cpu", kv_cache_tokens=1024)
+    llm.generate([PROMPTS[1]], SamplingParams(max_tokens=3, temperature=0.0))
+    stack = llm.loaded.model.model.decode_stack
+    assert stack._stack is None and "not kept quantised" in (stack.unfit_reason or "")
+
+
+def test_decode_stack_rejects_bad_shapes() -> None:
+    ops = cpu_ext.ops()
+    assert ops is not None
+    cos = torch.ones(16, 8)
+    stack = ops.DecodeStack(4, 2, 8, 1e-6, 0.35, cos, cos, torch.ones(32))
+    ln = torch.ones(32)
+    q8 = 8  # ggml Q8_0: 34 bytes per 32 weights
+    qkv = torch.zeros(64, 34, dtype=torch.uint8)
+    cache = torch.zeros(4, 16, 2, 8)
+    good = {
+        "o": torch.zeros(32, 34, dtype=torch.uint8),
+        "gate_up": torch.zeros(128, 34, dtype=torch.uint8),
+        "down": torch.zeros(32, 68, dtype=torch.uint8),
+    }
+
+    def add(qkv_w: torch.Tensor, down: torch.Tensor, k_cache: torch.Tensor) -> None:
+        stack.add_layer(
+            ln,
+            qkv_w,
+            q8,
+            None,
+            None,
+            None,
+            good["o"],
+            q8,
+            None,
+            ln,
+            good["gate_up"],
+            q8,
+            down,
+            q8,
+            k_cache,
+            cache,
+            0,
+        )
+
+    with pytest.raises(RuntimeError, match="qkv rows"):
+        add(torch.zeros(60, 34, dtype=torch.uint8), good["down"], cache)
+    with pytest.raises(RuntimeError, match="bytes"):
+        add(qkv, torch.zeros(32, 34, dtype=torch.uint8), cache)
+    with pytest.raises(RuntimeError, match="cache shape"):
+        add(qkv, good["down"], torch.zeros(4, 16, 3, 8))
+    add(qkv, good["down"], cache)
+    assert stack.num_layers() == 1
+    hidden = torch.randn(1, 32)
+    idx = torch.zeros(1, dtype=torch.int64)
+    table, lens = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="position out of range"):
+        stack.forward(hidden, torch.tensor([16]), idx, table, lens, False)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        stack.forward(hidden, idx, torch.tensor([64]), table, lens, False)
+    out = stack.forward(hidden, idx, idx, table, lens, False)
+    assert out.shape == (1, 32) and torch.isfinite(out).all()
