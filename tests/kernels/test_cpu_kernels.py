@@ -134,7 +134,9 @@ def test_rotary_neox_in_place_on_qkv_views() -> None:
     assert torch.equal(qkv[:, (h + hkv) * d :], v_before)  # v untouched
 
 
-@pytest.mark.parametrize("window", [0, 20])
+# Contexts over 128 keys are split into several tasks and merged: window 200 starts mid-block
+# and mid-split.
+@pytest.mark.parametrize("window", [0, 20, 200])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_attention_matches_reference(window: int, head_dim: int) -> None:
     torch.manual_seed(0)

@@ -24,6 +24,7 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+#include <omp.h>
 
 namespace {
 
@@ -692,29 +693,47 @@ struct PagedCtx {
   float scale;
 };
 
-// Query heads g0..g1-1 of KV head hk of sequence b (q: their rows, D floats apart) -> out (same
-// layout). p: scratch of (g1 - g0) * max_len floats, acc: (g1 - g0) * D. Keys are visited block
-// by block (no division per key); the heads share every K/V row read.
-void attend(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const float* q, float* out,
-            float* p, int64_t max_len, float* acc) {
-  const int64_t S = c.S, D = c.D, tok = c.Hkv * D, L = c.lens[b];
-  const int64_t start = c.window > 0 ? std::max<int64_t>(0, L - c.window) : 0;
+// Attention of one (sequence, KV head) is split into tasks of up to kKeySplit keys each (split
+// by context length only, so a sequence's result never depends on its batch or the thread
+// count); each task leaves a partial result that attend_merge combines (flash-decoding).
+constexpr int64_t kKeySplit = 128;
+
+inline int64_t first_key(const PagedCtx& c, int64_t b) {
+  return c.window > 0 ? std::max<int64_t>(0, c.lens[b] - c.window) : 0;
+}
+
+inline int64_t key_splits(const PagedCtx& c, int64_t b) {
+  return (c.lens[b] - first_key(c, b) + kKeySplit - 1) / kKeySplit;
+}
+
+// Floats per query head of a partial result: D of sum(p_j v_j), then the max score, then
+// sum(p_j) with p_j = exp(score_j - max).
+inline int64_t part_size(int64_t D) { return D + 2; }
+
+// Query heads 0..ng-1 of KV head hk of sequence b (q: their rows, D floats apart) over the keys
+// of split `split` -> part[ng][part_size(D)]. p: scratch of ng * kKeySplit floats. Keys are
+// visited block by block (no division per key); the heads share every K/V row read.
+void attend_part(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const float* q,
+                 int64_t split, float* part, float* p) {
+  const int64_t S = c.S, D = c.D, tok = c.Hkv * D, PS = part_size(D);
+  const int64_t k0 = first_key(c, b) + split * kKeySplit;
+  const int64_t k1 = std::min(c.lens[b], k0 + kKeySplit), n = k1 - k0;
   const int64_t* table = c.tables + b * c.maxb;
-  auto for_keys = [&](auto&& body) {  // body(j, offset of key j's head hk in the cache)
-    for (int64_t blk = start / S; blk * S < L; ++blk) {
-      const int64_t j0 = std::max(blk * S, start), j1 = std::min(blk * S + S, L);
+  auto for_keys = [&](auto&& body) {  // body(j - k0, offset of key j's head hk in the cache)
+    for (int64_t blk = k0 / S; blk * S < k1; ++blk) {
+      const int64_t j0 = std::max(blk * S, k0), j1 = std::min(blk * S + S, k1);
       const int64_t base = table[blk] * S - blk * S;  // slot of key j = base + j
-      for (int64_t j = j0; j < j1; ++j) body(j, (base + j) * tok + hk * D);
+      for (int64_t j = j0; j < j1; ++j) body(j - k0, (base + j) * tok + hk * D);
     }
   };
   // scores: 4 keys at a time per query head, 4 independent FMA chains
   for (int64_t g = 0; g < ng; ++g) {
     const float* qv = q + g * D;
-    float* pg = p + g * max_len;
+    float* pg = p + g * kKeySplit;
     int64_t pend = 0;
     int64_t js[4];
     const float* ks[4];
-    auto flush = [&](int64_t n) {
+    auto flush = [&](int64_t cnt) {
       __m256 acc4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                         _mm256_setzero_ps()};
       for (int64_t d = 0; d < D; d += 8) {
@@ -729,7 +748,7 @@ void attend(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const float* q
                                   _mm_set1_ps(c.scale));
       alignas(16) float rs[4];
       _mm_store_ps(rs, r);
-      for (int64_t u = 0; u < n; ++u) pg[js[u]] = rs[u];
+      for (int64_t u = 0; u < cnt; ++u) pg[js[u]] = rs[u];
     };
     for_keys([&](int64_t j, int64_t off) {
       js[pend] = j;
@@ -744,27 +763,27 @@ void attend(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const float* q
       flush(pend);
     }
   }
-  float inv[64];  // ng <= 64 (checked by the callers)
   for (int64_t g = 0; g < ng; ++g) {
-    float* pg = p + g * max_len;
+    float* pg = p + g * kKeySplit;
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = start; j < L; ++j) mx = std::max(mx, pg[j]);
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, pg[j]);
     float denom = 0.0f;
-    int64_t j = start;
-    for (; j + 8 <= L; j += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
       const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(pg + j), _mm256_set1_ps(mx)));
       _mm256_storeu_ps(pg + j, e);
       denom += hsum(e);
     }
-    for (; j < L; ++j) {
+    for (; j < n; ++j) {
       pg[j] = std::exp(pg[j] - mx);
       denom += pg[j];
     }
-    inv[g] = 1.0f / denom;
+    part[g * PS + D] = mx;
+    part[g * PS + D + 1] = denom;
   }
-  // out = P V: per query head and 64-wide slice of D, the accumulators stay in registers
+  // sum p_j v_j: per query head and 64-wide slice of D, the accumulators stay in registers
   for (int64_t g = 0; g < ng; ++g) {
-    const float* pg = p + g * max_len;
+    const float* pg = p + g * kKeySplit;
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
       const int64_t nch = std::min<int64_t>(8, (D - d0) / 8);
       __m256 a[8];
@@ -781,12 +800,53 @@ void attend(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const float* q
             a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
         }
       });
-      for (int u = 0; u < nch; ++u) _mm256_storeu_ps(acc + g * D + d0 + 8 * u, a[u]);
+      for (int u = 0; u < nch; ++u) _mm256_storeu_ps(part + g * PS + d0 + 8 * u, a[u]);
     }
   }
-  for (int64_t g = 0; g < ng; ++g)
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv[g];
 }
+
+// The nsplit partial results of ng query heads (parts[nsplit][ng][part_size(D)]) -> out [ng, D]
+void attend_merge(int64_t ng, int64_t D, const float* parts, int64_t nsplit, float* out) {
+  const int64_t PS = part_size(D);
+  for (int64_t g = 0; g < ng; ++g) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < nsplit; ++s) mx = std::max(mx, parts[(s * ng + g) * PS + D]);
+    float denom = 0.0f;
+    float* o = out + g * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    for (int64_t s = 0; s < nsplit; ++s) {
+      const float* pt = parts + (s * ng + g) * PS;
+      const float w = std::exp(pt[D] - mx);  // exactly 1 for the split holding the max
+      denom += pt[D + 1] * w;
+      for (int64_t d = 0; d < D; ++d) o[d] += pt[d] * w;
+    }
+    const float inv = 1.0f / denom;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
+}
+
+// The attention tasks of a batch: (sequence, KV head, key split), ordered so that the splits of
+// one (sequence, KV head) are adjacent; first[b] is sequence b's first task.
+struct AttnTasks {
+  std::vector<int64_t> first, splits;
+  int64_t total = 0;
+  AttnTasks(const PagedCtx& c, int64_t B) : first(B + 1), splits(B) {
+    for (int64_t b = 0; b < B; ++b) {
+      splits[b] = key_splits(c, b);
+      first[b] = total;
+      total += c.Hkv * splits[b];
+    }
+    first[B] = total;
+  }
+  // task t -> (b, hk, split)
+  void decode(int64_t t, int64_t* b, int64_t* hk, int64_t* split) const {
+    const int64_t bb = std::upper_bound(first.begin(), first.end() - 1, t) - first.begin() - 1;
+    const int64_t r = t - first[bb];
+    *b = bb;
+    *hk = r / splits[bb];
+    *split = r % splits[bb];
+  }
+};
 
 // Checks the paged-cache arguments of B new tokens (one per sequence); returns the longest
 // context. Caches [N, S, Hkv, D] float32.
@@ -921,8 +981,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
   TORCH_CHECK(H % Hkv == 0 && H / Hkv <= 64 && v.size(1) == Hkv && k.size(2) == D &&
                   v.size(2) == D && k.size(0) == B && v.size(0) == B, "q/k/v shapes");
-  const int64_t max_len =
-      check_paged(k_cache, v_cache, slot_mapping, block_tables, context_lens, B, Hkv, D);
+  check_paged(k_cache, v_cache, slot_mapping, block_tables, context_lens, B, Hkv, D);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t tok = Hkv * D;
   std::vector<float> kv(static_cast<size_t>(2 * tok));
@@ -940,16 +999,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const PagedCtx c = paged_ctx(k_cache, v_cache, block_tables, context_lens, window, scale);
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t G = H / Hkv, q_stride = q.stride(0);
-  // One task per (sequence, KV head): its G query heads share every K/V row read.
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(static_cast<size_t>(G * max_len)), acc(static_cast<size_t>(G * D));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, hk = i % Hkv;
-      attend(c, b, hk, G, qp + b * q_stride + hk * G * D, op + (b * H + hk * G) * D, p.data(),
-             max_len, acc.data());
+  const int64_t G = H / Hkv, q_stride = q.stride(0), PS = G * part_size(D);
+  const AttnTasks tasks(c, B);
+  std::vector<float> parts(static_cast<size_t>(tasks.total * PS));
+  at::parallel_for(0, tasks.total, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(static_cast<size_t>(G * kKeySplit));
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t b, hk, split;
+      tasks.decode(t, &b, &hk, &split);
+      attend_part(c, b, hk, G, qp + b * q_stride + hk * G * D, split, parts.data() + t * PS,
+                  p.data());
     }
   });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hk = 0; hk < Hkv; ++hk)
+      attend_merge(G, D, parts.data() + (tasks.first[b] + hk * tasks.splits[b]) * PS,
+                   tasks.splits[b], op + (b * H + hk * G) * D);
   return out;
 }
 
@@ -989,15 +1054,17 @@ Proj make_proj(const at::Tensor& w, int64_t qtype, int64_t K,
   return p;
 }
 
-// y [M, N] = x W^T (+ bias), the weight rows shared out among the region's threads.
+// y [M, N] = x W^T (+ bias), the weight rows shared out among the region's threads in one
+// contiguous range each (long sequential streams for the hardware prefetcher, as
+// at::parallel_for splits them; small interleaved tasks measured ~20% slower).
 // Called by every thread of the parallel region; ends with the worksharing loop's barrier.
 void gemv_team(const Acts& a, const Proj& p, float* y, float* scratch) {
-  const int64_t N = p.N, grain = row_grain(p.w.size(1)), ntasks = (N + grain - 1) / grain;
+  const int64_t N = p.N, nt = omp_get_num_threads();
   dispatch_type(p.qtype, [&](auto t) {
     using T = decltype(t);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < ntasks; ++i) {
-      const int64_t n0 = i * grain, n1 = std::min(N, n0 + grain);
+#pragma omp for schedule(static, 1)
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t n0 = N * i / nt, n1 = N * (i + 1) / nt;
       gemv_rows<T>(a, p.wp, N, n0, n1, y, scratch);
       if (p.bp != nullptr)
         for (int64_t m = 0; m < a.M; ++m)
@@ -1087,8 +1154,8 @@ class DecodeStack {
     TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == E_, "hidden must be [B, ", E_, "]");
     const int64_t B = hidden.size(0), H = H_, Hkv = Hkv_, D = D_, E = E_, G = H / Hkv;
     const int64_t R = cos_.size(1), I = layers_[0].gate_up.N / 2, NQ = (H + 2 * Hkv) * D;
-    const int64_t max_len = check_paged(layers_[0].k_cache, layers_[0].v_cache, slot_mapping,
-                                        block_tables, context_lens, B, Hkv, D);
+    check_paged(layers_[0].k_cache, layers_[0].v_cache, slot_mapping, block_tables,
+                context_lens, B, Hkv, D);
     check_positions(positions, B, cos_.size(0));
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
@@ -1103,19 +1170,18 @@ class DecodeStack {
     std::vector<float> xn(B * E), qkv(B * NQ), att(B * H * D), h(B * E), gu(B * 2 * max_i),
         act(B * max_i);
     Acts acts;
-    // Attention tasks: (sequence, KV head, slice of its query heads); the heads are split when
-    // there are fewer (sequence, KV head) pairs than twice the threads.
+    // Partial attention results: at most as many tasks as without a sliding window.
+    const PagedCtx whole{nullptr, nullptr, 1, Hkv, D, nullptr, 0, context_lens.data_ptr<int64_t>(),
+                         0, 0.0f};
+    const int64_t PS = G * part_size(D);
+    std::vector<float> parts(static_cast<size_t>(AttnTasks(whole, B).total * PS));
     const int nt = at::get_num_threads();
-    int64_t gsplit = 1;
-    while (gsplit < G && B * Hkv * gsplit < 2 * nt) ++gsplit;
-    const int64_t gper = (G + gsplit - 1) / gsplit;
-    const int64_t ntasks = B * Hkv * gsplit;
     float* op = out.data_ptr<float>();
 
 #pragma omp parallel num_threads(nt)
     {
       std::vector<float> scratch(static_cast<size_t>(max_k / 32));
-      std::vector<float> p(static_cast<size_t>(gper * max_len)), acc(static_cast<size_t>(gper * D));
+      std::vector<float> p(static_cast<size_t>(G * kKeySplit));
       for (size_t li = 0; li < layers_.size(); ++li) {
         const StackLayer& l = layers_[li];
         const int64_t Il = l.gate_up.N / 2;
@@ -1128,16 +1194,17 @@ class DecodeStack {
         }
         gemv_team(acts, l.qkv, qkv.data(), scratch.data());
 #pragma omp single
-        {  // k: norm, rotary, into the cache with v
+        {  // q and k: norm, rotary; k and v into the cache
           float* kc = l.k_cache.data_ptr<float>();
           float* vc = l.v_cache.data_ptr<float>();
           for (int64_t b = 0; b < B; ++b) {
-            float* k = qkv.data() + b * NQ + H * D;
-            for (int64_t hk = 0; hk < Hkv; ++hk) {
-              float* kh = k + hk * D;
-              if (l.k_norm.defined()) rms_row(kh, nullptr, false, l.k_norm.data_ptr<float>(), D,
-                                              eps_, kh);
-              rope_head(kh, cp + pos[b] * R, sp + pos[b] * R, R);
+            float* q = qkv.data() + b * NQ;
+            float* k = q + H * D;
+            for (int64_t hd = 0; hd < H + Hkv; ++hd) {
+              float* x = q + hd * D;  // q heads, then k heads
+              const at::Tensor& norm = hd < H ? l.q_norm : l.k_norm;
+              if (norm.defined()) rms_row(x, nullptr, false, norm.data_ptr<float>(), D, eps_, x);
+              rope_head(x, cp + pos[b] * R, sp + pos[b] * R, R);
             }
             store_kv_row(kc, vc, slots[b], Hkv * D, k, k + Hkv * D);
           }
@@ -1146,23 +1213,22 @@ class DecodeStack {
                          l.k_cache.size(1), Hkv, D, block_tables.data_ptr<int64_t>(),
                          block_tables.size(1), context_lens.data_ptr<int64_t>(), l.window,
                          static_cast<float>(scale_)};
+        const AttnTasks tasks(c, B);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntasks; ++t) {
-          const int64_t b = t / (Hkv * gsplit), hk = t / gsplit % Hkv, s = t % gsplit;
-          const int64_t g0 = s * gper, g1 = std::min(G, g0 + gper);
-          if (g0 >= g1) continue;
-          float* q = qkv.data() + b * NQ + (hk * G + g0) * D;
-          for (int64_t g = 0; g < g1 - g0; ++g) {
-            float* qh = q + g * D;
-            if (l.q_norm.defined()) rms_row(qh, nullptr, false, l.q_norm.data_ptr<float>(), D,
-                                            eps_, qh);
-            rope_head(qh, cp + pos[b] * R, sp + pos[b] * R, R);
-          }
-          attend(c, b, hk, g1 - g0, q, att.data() + b * H * D + (hk * G + g0) * D, p.data(),
-                 max_len, acc.data());
+        for (int64_t t = 0; t < tasks.total; ++t) {
+          int64_t b, hk, split;
+          tasks.decode(t, &b, &hk, &split);
+          attend_part(c, b, hk, G, qkv.data() + b * NQ + hk * G * D, split,
+                      parts.data() + t * PS, p.data());
         }
 #pragma omp single
-        acts.prepare(att.data(), B, H * D, int8);
+        {
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t hk = 0; hk < Hkv; ++hk)
+              attend_merge(G, D, parts.data() + (tasks.first[b] + hk * tasks.splits[b]) * PS,
+                           tasks.splits[b], att.data() + (b * H + hk * G) * D);
+          acts.prepare(att.data(), B, H * D, int8);
+        }
         gemv_team(acts, l.o, h.data(), scratch.data());
 #pragma omp single
         {
