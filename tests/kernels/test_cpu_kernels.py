@@ -37,10 +37,11 @@ def random_blocks(qtype: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tenso
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
 @pytest.mark.parametrize(
     ("n", "k"),
-    [(960, 576), (576, 1536), (256, 2048)],  # SmolLM2 qkv and down; a Qwen3-30B-A3B q slice
-    ids=["smollm2-qkv", "smollm2-down", "qwen3-q"],
+    # SmolLM2 qkv and down; a Qwen3-30B-A3B q slice; rows that are not whole tiles of 4
+    [(960, 576), (576, 1536), (256, 2048), (130, 512)],
+    ids=["smollm2-qkv", "smollm2-down", "qwen3-q", "odd-rows"],
 )
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 9, 16])
 def test_qgemm_matches_dequantise_then_matmul(qtype: int, n: int, k: int, m: int) -> None:
     if k % GGML_QUANT_SIZES[GGMLType(qtype)][0]:
         pytest.skip("K-quant rows are whole 256-weight super-blocks (llama.cpp picks another type)")
@@ -51,8 +52,10 @@ def test_qgemm_matches_dequantise_then_matmul(qtype: int, n: int, k: int, m: int
     # fp32 products summed in another order: errors of a few ulps of the row's magnitude
     scale = x.abs().double() @ dequantize_ref(w, qtype, k).abs().double().T
     assert ((out.double() - ref).abs() / scale).max() < 1e-5
-    # each row's result does not depend on the other rows of the batch (batched == solo)
-    assert torch.equal(ops.qgemm(x[-1:].contiguous(), w, qtype)[0], out[-1])
+    # each row's result does not depend on the other rows of the batch (batched == solo), though
+    # 8 rows and more take weight rows 4 at a time
+    solo = torch.cat([ops.qgemm(x[i : i + 1].contiguous(), w, qtype) for i in range(m)])
+    assert torch.equal(solo, out)
 
 
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
