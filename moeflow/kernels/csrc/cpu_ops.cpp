@@ -799,48 +799,48 @@ void attend_part(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const flo
   const int64_t k0 = first_key(c, b) + split * kKeySplit;
   const int64_t k1 = std::min(c.lens[b], k0 + kKeySplit), n = k1 - k0;
   const int64_t* table = c.tables + b * c.maxb;
-  auto for_keys = [&](auto&& body) {  // body(j - k0, offset of key j's head hk in the cache)
-    for (int64_t blk = k0 / S; blk * S < k1; ++blk) {
-      const int64_t j0 = std::max(blk * S, k0), j1 = std::min(blk * S + S, k1);
-      const int64_t base = table[blk] * S - blk * S;  // slot of key j = base + j
-      for (int64_t j = j0; j < j1; ++j) body(j - k0, (base + j) * tok + hk * D);
-    }
-  };
-  // scores: 4 keys at a time per query head, 4 independent FMA chains
-  for (int64_t g = 0; g < ng; ++g) {
-    const float* qv = q + g * D;
-    float* pg = p + g * kKeySplit;
-    int64_t pend = 0;
-    int64_t js[4];
-    const float* ks[4];
-    auto flush = [&](int64_t cnt) {
-      __m256 acc4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                        _mm256_setzero_ps()};
+  // offsets of the split's keys (head hk) in the cache, visited block by block (no division
+  // per key)
+  int64_t rows[kKeySplit];
+  for (int64_t blk = k0 / S, j = 0; blk * S < k1; ++blk) {
+    const int64_t j0 = std::max(blk * S, k0), j1 = std::min(blk * S + S, k1);
+    const int64_t base = table[blk] * S - blk * S;  // slot of key j = base + j
+    for (int64_t jj = j0; jj < j1; ++jj) rows[j++] = (base + jj) * tok + hk * D;
+  }
+  // scores: 4 keys x 2 query heads at a time (each K row loaded once for both heads), one FMA
+  // chain per (key, head) over D
+  for (int64_t g0 = 0; g0 < ng; g0 += 2) {
+    const bool two = g0 + 1 < ng;
+    const float* qa = q + g0 * D;
+    const float* qb = two ? qa + D : qa;
+    float* pa = p + g0 * kKeySplit;
+    float* pb = two ? pa + kKeySplit : pa;
+    for (int64_t j0 = 0; j0 < n; j0 += 4) {
+      const float* kr[4];
+      for (int64_t u = 0; u < 4; ++u) kr[u] = c.kc + rows[std::min(j0 + u, n - 1)];
+      __m256 aa[4], ab[4];
+      for (int u = 0; u < 4; ++u) aa[u] = ab[u] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
-        const __m256 qd = _mm256_loadu_ps(qv + d);
-        for (int64_t u = 0; u < 4; ++u)
-          acc4[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(ks[u] + d), acc4[u]);
+        const __m256 qva = _mm256_loadu_ps(qa + d), qvb = _mm256_loadu_ps(qb + d);
+        for (int u = 0; u < 4; ++u) {
+          const __m256 kv = _mm256_loadu_ps(kr[u] + d);
+          aa[u] = _mm256_fmadd_ps(qva, kv, aa[u]);
+          ab[u] = _mm256_fmadd_ps(qvb, kv, ab[u]);
+        }
       }
-      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc4[0], acc4[1]),
-                                      _mm256_hadd_ps(acc4[2], acc4[3]));
-      const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t),
-                                             _mm256_extractf128_ps(t, 1)),
-                                  _mm_set1_ps(c.scale));
-      alignas(16) float rs[4];
-      _mm_store_ps(rs, r);
-      for (int64_t u = 0; u < cnt; ++u) pg[js[u]] = rs[u];
-    };
-    for_keys([&](int64_t j, int64_t off) {
-      js[pend] = j;
-      ks[pend] = c.kc + off;
-      if (++pend == 4) {
-        flush(4);
-        pend = 0;
-      }
-    });
-    if (pend > 0) {
-      for (int64_t u = pend; u < 4; ++u) ks[u] = ks[0];  // padding lanes, results dropped
-      flush(pend);
+      const int64_t cnt = std::min<int64_t>(4, n - j0);  // the padding lanes are dropped
+      auto reduce = [&](const __m256* acc4, float* pg) {
+        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc4[0], acc4[1]),
+                                        _mm256_hadd_ps(acc4[2], acc4[3]));
+        const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t),
+                                               _mm256_extractf128_ps(t, 1)),
+                                    _mm_set1_ps(c.scale));
+        alignas(16) float rs[4];
+        _mm_store_ps(rs, r);
+        for (int64_t u = 0; u < cnt; ++u) pg[j0 + u] = rs[u];
+      };
+      reduce(aa, pa);
+      if (two) reduce(ab, pb);
     }
   }
   for (int64_t g = 0; g < ng; ++g) {
@@ -861,26 +861,38 @@ void attend_part(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const flo
     part[g * PS + D] = mx;
     part[g * PS + D + 1] = denom;
   }
-  // sum p_j v_j: per query head and 64-wide slice of D, the accumulators stay in registers
-  for (int64_t g = 0; g < ng; ++g) {
-    const float* pg = p + g * kKeySplit;
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      const int64_t nch = std::min<int64_t>(8, (D - d0) / 8);
-      __m256 a[8];
-      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
-      for_keys([&](int64_t j, int64_t off) {
-        const float* vv = c.vc + off + d0;
-        const __m256 w = _mm256_set1_ps(pg[j]);
-        if (nch == 8) {
-#pragma GCC unroll 8
-          for (int u = 0; u < 8; ++u)
-            a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
+  // sum p_j v_j: 2 query heads x 32-wide slices of D at a time (each V row loaded once for both
+  // heads), the accumulators in registers
+  for (int64_t g0 = 0; g0 < ng; g0 += 2) {
+    const bool two = g0 + 1 < ng;
+    const float* pa = p + g0 * kKeySplit;
+    const float* pb = two ? pa + kKeySplit : pa;
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const int64_t nch = std::min<int64_t>(4, (D - d0) / 8);
+      __m256 aa[4], ab[4];
+      for (int u = 0; u < 4; ++u) aa[u] = ab[u] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vv = c.vc + rows[j] + d0;
+        const __m256 wa = _mm256_set1_ps(pa[j]), wb = _mm256_set1_ps(pb[j]);
+        if (nch == 4) {
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {
+            const __m256 v = _mm256_loadu_ps(vv + 8 * u);
+            aa[u] = _mm256_fmadd_ps(wa, v, aa[u]);
+            ab[u] = _mm256_fmadd_ps(wb, v, ab[u]);
+          }
         } else {
-          for (int u = 0; u < nch; ++u)
-            a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + 8 * u), a[u]);
+          for (int u = 0; u < nch; ++u) {
+            const __m256 v = _mm256_loadu_ps(vv + 8 * u);
+            aa[u] = _mm256_fmadd_ps(wa, v, aa[u]);
+            ab[u] = _mm256_fmadd_ps(wb, v, ab[u]);
+          }
         }
-      });
-      for (int u = 0; u < nch; ++u) _mm256_storeu_ps(part + g * PS + d0 + 8 * u, a[u]);
+      }
+      for (int u = 0; u < nch; ++u) {
+        _mm256_storeu_ps(part + g0 * PS + d0 + 8 * u, aa[u]);
+        if (two) _mm256_storeu_ps(part + (g0 + 1) * PS + d0 + 8 * u, ab[u]);
+      }
     }
   }
 }
