@@ -276,6 +276,17 @@ struct Q6_K {
 // ---------------------------------------------------------------------------------------------
 // GEMV / small GEMM: y[M, N] = x[M, K] W^T for up to MR activation rows at a time per weight row.
 
+// A row's result: its accumulator's lanes plus the min term sum(min_c * sum(x)_c) over chunks.
+inline float finish_row(__m256 acc, const float* mins, const float* sx, int64_t nchunks) {
+  __m256 m = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= nchunks; i += 8)
+    m = _mm256_fmadd_ps(_mm256_loadu_ps(mins + i), _mm256_loadu_ps(sx + i), m);
+  float tail = 0.0f;
+  for (; i < nchunks; ++i) tail += mins[i] * sx[i];
+  return hsum(acc) + hsum(m) + tail;
+}
+
 template <class T, int MR>
 inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float* sx,
                      float* mins, float* out) {
@@ -302,16 +313,7 @@ inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float
       }
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    __m256 m = _mm256_setzero_ps();
-    const float* sr = sx + r * nchunks;
-    int64_t i = 0;
-    for (; i + 8 <= nchunks; i += 8)
-      m = _mm256_fmadd_ps(_mm256_loadu_ps(mins + i), _mm256_loadu_ps(sr + i), m);
-    float tail = 0.0f;
-    for (; i < nchunks; ++i) tail += mins[i] * sr[i];
-    out[r] = hsum(acc[r]) + hsum(m) + tail;
-  }
+  for (int r = 0; r < MR; ++r) out[r] = finish_row(acc[r], mins, sx + r * nchunks, nchunks);
 }
 
 // Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for weight rows n0..n1-1 and
@@ -396,19 +398,10 @@ void tile_nr(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t M, const fl
       }
     }
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* sr = sx + m * nchunks;
-    for (int n = 0; n < NR; ++n) {  // the min term, as dot_rows
-      const float* mn = mins + n * nchunks;
-      __m256 mm = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= nchunks; i += 8)
-        mm = _mm256_fmadd_ps(_mm256_loadu_ps(mn + i), _mm256_loadu_ps(sr + i), mm);
-      float tail = 0.0f;
-      for (; i < nchunks; ++i) tail += mn[i] * sr[i];
-      y[m * N + n0 + n] = hsum(acc[m * NR + n]) + hsum(mm) + tail;
-    }
-  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int n = 0; n < NR; ++n)
+      y[m * N + n0 + n] = finish_row(acc[m * NR + n], mins + n * nchunks, sx + m * nchunks,
+                                     nchunks);
 }
 
 // Weight rows per task: ~16 KB of weights keeps both cores busy on the small projections.
