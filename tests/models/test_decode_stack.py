@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow import LLM, SamplingParams
+from moeflow import LLM, SamplingParams, env
 from moeflow.kernels import cpu_ext
 from tests.conftest import make_tiny_checkpoint
 
@@ -54,10 +54,16 @@ def test_fused_step_matches_layer_by_layer(
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=1e-4)
 
 
-def test_default_model_fused_step_is_bit_exact() -> None:
-    """The default model's fused step runs exactly the single ops' arithmetic."""
+def test_default_model_fused_step_is_bit_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default model's fused step runs exactly the single ops' arithmetic, with the exact
+    GEMV and with MOEFLOW_CPU_INT8's."""
     llm = LLM(device="cpu", max_model_len=2048, kv_cache_tokens=4096)
-    assert _run(llm, fused=True) == _run(llm, fused=False)
+    exact = _run(llm, fused=True)
+    assert exact == _run(llm, fused=False)
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
+    int8 = _run(llm, fused=True)
+    assert int8 == _run(llm, fused=False)
+    assert int8 != exact  # the int8 GEMV really ran (its log-probabilities differ)
 
 
 def test_moe_model_runs_layer_by_layer(tmp_path: Path) -> None:
