@@ -3,8 +3,10 @@
 // GEMV/GEMM over GGUF-quantised weights kept in their file layout ([N, row_bytes] uint8, one
 // row of blocks per output feature), and the small fused ops of a decode step: RMSNorm with the
 // residual add, SiLU-and-mul, NeoX rotary embedding, and paged decode attention that also
-// writes the step's K/V into the cache. Everything computes in fp32; threads come from ATen's
-// intra-op pool (at::parallel_for), so these kernels share torch's OpenMP workers.
+// writes the step's K/V into the cache; and DecodeStack, which runs a dense decoder's whole
+// decode step with them in one call. Everything computes in fp32; threads come from ATen's
+// OpenMP pool (at::parallel_for, or one `omp parallel` region in DecodeStack: the same
+// libgomp as torch's), so these kernels share torch's workers.
 //
 // Quantised dot products: every supported type is read as chunks of 32 weights with value
 //   w = scale * q + min      (q: small integers held as floats)
