@@ -54,9 +54,12 @@ class CpuDecodeStack:
             return None
         layers = list(layers)
         if self._stack is None or _cache_key(layers) != self._key:
-            self.unfit_reason = unfit_reason(layers, norm)
+            self._stack = None
+            self.unfit_reason = unfit_reason(layers, norm)  # the model's make-up: for good
             if self.unfit_reason is not None:
                 logger.debug("fused CPU decode step off: %s", self.unfit_reason)
+                return None
+            if not _cache_fits(layers):  # not yet allocated (or not float32): try again later
                 return None
             self._stack, self._key = _build(ops, layers, norm), _cache_key(layers)
         hidden = embed(input_ids)  # [B, E]
@@ -98,12 +101,11 @@ def unfit_reason(layers: Sequence[Any], norm: Any) -> str | None:
         norms += [attn.q_norm, attn.k_norm] if attn.q_norm is not None else []
         if any(n.eps != eps for n in norms):
             return f"layer {i}'s norms differ in eps"
-        tensors = [n.weight for n in norms] + [attn.attn.k_cache, attn.attn.v_cache]
-        tensors += [p.bias for p in projections if p.bias is not None]
+        tensors = [n.weight for n in norms] + [p.bias for p in projections if p.bias is not None]
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-            return f"layer {i} has norms, biases or a KV cache that are not float32 on the CPU"
-        if attn.attn.k_cache.dim() != 4:
-            return "the KV cache is not allocated"
+            return f"layer {i} has norms or biases that are not float32 on the CPU"
+        if not hasattr(attn, "attn") or not hasattr(attn.attn, "k_cache"):
+            return f"layer {i} has no paged K/V cache"
         if attn.head_dim % 8 or attn.num_heads // attn.num_kv_heads > 64:
             return f"layer {i}'s head shape is not supported by the fused step"
     if norm.weight.dtype != torch.float32:
@@ -112,6 +114,14 @@ def unfit_reason(layers: Sequence[Any], norm: Any) -> str | None:
     if any(layer.self_attn.rotary_emb.cos_cache is not rotary.cos_cache for layer in layers):
         return "the layers' rotary tables differ"
     return None
+
+
+def _cache_fits(layers: Sequence[Any]) -> bool:
+    """Every layer's K/V cache is allocated, float32, on the CPU."""
+    caches = [
+        c for layer in layers for c in (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)
+    ]
+    return all(c.dim() == 4 and c.dtype == torch.float32 and c.device.type == "cpu" for c in caches)
 
 
 def _build(ops: Any, layers: Sequence[Any], norm: Any) -> Any:
