@@ -1258,8 +1258,8 @@ class DecodeStack {
         act(B * max_i);
     Acts acts;
     // Partial attention results: at most as many tasks as without a sliding window.
-    const PagedCtx whole{nullptr, nullptr, 1, Hkv, D, nullptr, 0, context_lens.data_ptr<int64_t>(),
-                         0, 0.0f};
+    const PagedCtx whole = paged_ctx(layers_[0].k_cache, layers_[0].v_cache, block_tables,
+                                     context_lens, 0, scale_);
     const int64_t PS = G * part_size(D);
     std::vector<float> parts(static_cast<size_t>(AttnTasks(whole, B).total * PS));
     const int nt = at::get_num_threads();
@@ -1297,10 +1297,8 @@ class DecodeStack {
             store_kv_row(kc, vc, slots[b], Hkv * D, k, k + Hkv * D);
           }
         }
-        const PagedCtx c{l.k_cache.data_ptr<float>(), l.v_cache.data_ptr<float>(),
-                         l.k_cache.size(1), Hkv, D, block_tables.data_ptr<int64_t>(),
-                         block_tables.size(1), context_lens.data_ptr<int64_t>(), l.window,
-                         static_cast<float>(scale_)};
+        const PagedCtx c =
+            paged_ctx(l.k_cache, l.v_cache, block_tables, context_lens, l.window, scale_);
         const AttnTasks tasks(c, B);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks.total; ++t) {
