@@ -57,6 +57,19 @@ def write_tiny_tokenizer(folder: Path) -> None:
     )
 
 
+# The config entries every tiny checkpoint shares (the families add their own).
+TINY_BASE: dict[str, Any] = {
+    "vocab_size": TINY_VOCAB,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": 256,
+    "eos_token_id": TINY_EOS,
+}
+
 # family -> (transformers config class, model class, extra config kwargs)
 # The tiny DeepSeek shape (MLA dims, 8 experts, top-2, one shared expert, first layer dense) of
 # the V2 and V3 tiny families (which add 4 expert groups, 2 kept) and the GGUF MoE tests.
@@ -226,18 +239,10 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0, **overrides: 
     """A tiny random checkpoint of `family`; `overrides` replace config entries."""
     cfg_name, model_name, extra = TINY_FAMILIES[family]
     kwargs = {
-        "vocab_size": TINY_VOCAB,
-        "hidden_size": 64,
+        **TINY_BASE,
         "intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": 256,
-        "eos_token_id": TINY_EOS,
     }
     has_biases = family.startswith(("qwen2", "glm4"))  # q/k/v biases (1-D, not hidden-sized)
     return write_random_checkpoint(

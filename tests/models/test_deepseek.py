@@ -23,11 +23,16 @@ from moeflow.layers.mla import MLAAttention
 from moeflow.layers.moe import MoE
 from moeflow.models.deepseek_v2 import DeepseekV3ForCausalLM
 from moeflow.models.registry import get_model_class
-from tests.conftest import TINY_EOS, TINY_VOCAB, write_random_checkpoint
-from tests.models.test_parity import _hf_greedy, _hf_model, _prompts, prefill_logits
+from tests.conftest import (
+    TINY_BASE,
+    TINY_DEEPSEEK_SHAPE,
+    write_random_checkpoint,
+)
+from tests.models.test_parity import _prompts, assert_matches_hf
 
-NEW_TOKENS = 40
-KV_LORA_RANK, ROPE_DIM, NUM_LAYERS = 32, 8, 3
+KV_LORA_RANK = TINY_DEEPSEEK_SHAPE["kv_lora_rank"]
+ROPE_DIM = TINY_DEEPSEEK_SHAPE["qk_rope_head_dim"]
+NUM_LAYERS = TINY_BASE["num_hidden_layers"]
 
 _YARN = {
     "rope_type": "yarn",
@@ -65,29 +70,12 @@ _VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 _COMMON: dict[str, Any] = {
-    "vocab_size": TINY_VOCAB,
-    "hidden_size": 64,
+    **TINY_BASE,
+    **TINY_DEEPSEEK_SHAPE,
     "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": NUM_LAYERS,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
-    "kv_lora_rank": KV_LORA_RANK,
-    "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": ROPE_DIM,
-    "v_head_dim": 16,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "n_shared_experts": 1,
     "n_group": 4,
     "topk_group": 2,
-    "first_k_dense_replace": 1,
     "routed_scaling_factor": 1.5,
-    "rms_norm_eps": 1e-6,
-    "bos_token_id": 256,
-    "eos_token_id": TINY_EOS,
-    "tie_word_embeddings": False,
 }
 
 
@@ -115,23 +103,7 @@ def deepseek_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[s
 def test_greedy_and_logits_match_hf(
     variant: str, deepseek_checkpoint: Callable[[str], Path]
 ) -> None:
-    path = deepseek_checkpoint(variant)
-    hf = _hf_model(path)
-    llm = LLM(
-        str(path), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=24
-    )
-    prompts = _prompts(sorted(_VARIANTS).index(variant), [5, 17, 33, 60])
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outs = llm.generate(prompts, params)
-    for ids, out in zip(prompts, outs, strict=True):
-        assert out.token_ids == _hf_greedy(hf, ids, NEW_TOKENS)
-
-    ids = prompts[-1]
-    ours = prefill_logits(llm, ids)
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0].float()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
-    assert llm.engine.block_manager.num_free_blocks == llm.config.num_kv_blocks
+    assert_matches_hf(deepseek_checkpoint(variant), sorted(_VARIANTS).index(variant))
 
 
 def test_latent_cache_size_and_absorbed_decode(

@@ -60,14 +60,19 @@ def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_greedy_and_logits_match_hf(family: str, tiny_checkpoints: dict[str, Path]) -> None:
-    path = tiny_checkpoints[family]
+    llm = assert_matches_hf(tiny_checkpoints[family], sorted(TINY_FAMILIES).index(family))
+    assert llm.loaded.model_config.vocab_size == TINY_VOCAB
+
+
+def assert_matches_hf(path: Path, seed: int) -> LLM:
+    """Greedy ids of 4 prompts (batched; a small token budget forces chunked prefill) and the
+    prefill logits of the longest equal transformers' on the checkpoint at `path`; every KV
+    block is free again afterwards. Returns the LLM for further checks."""
     hf = _hf_model(path)
-    # A small token budget forces chunked prefill; several prompts run batched.
     llm = LLM(
         str(path), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=24
     )
-    assert llm.loaded.model_config.vocab_size == TINY_VOCAB
-    prompts = _prompts(sorted(TINY_FAMILIES).index(family), [5, 17, 33, 60])
+    prompts = _prompts(seed, [5, 17, 33, 60])
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params)
     for ids, out in zip(prompts, outs, strict=True):
@@ -80,6 +85,7 @@ def test_greedy_and_logits_match_hf(family: str, tiny_checkpoints: dict[str, Pat
         ref = hf(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert llm.engine.block_manager.num_free_blocks == llm.config.num_kv_blocks
+    return llm
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from moeflow import LLM, SamplingParams
 from moeflow.engine.model_loader import load_model
 from moeflow.weights.gguf import GGUFReader, gguf_to_hf_config
 from tests.conftest import (
+    TINY_BASE,
     TINY_DEEPSEEK_SHAPE,
     TINY_EOS,
     TINY_VOCAB,
@@ -89,18 +90,10 @@ _DEEPSEEK: dict[str, dict[str, Any]] = {
     },
 }
 _DEEPSEEK_COMMON: dict[str, Any] = {
-    "vocab_size": TINY_VOCAB,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
+    **TINY_BASE,
     **TINY_DEEPSEEK_SHAPE,
-    "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-6,
+    "intermediate_size": 96,
     "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 256,
-    "eos_token_id": TINY_EOS,
 }
 
 
