@@ -30,3 +30,9 @@ MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
 # CPU decode GEMVs over quantised weights quantise activations to int8 (llama.cpp's scheme:
 # faster, but greedy output no longer matches the fp32 reference). Default: exact fp32.
 MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", False)
+# Use the Triton kernels on CUDA tensors; 0 forces the plain-torch references.
+MOEFLOW_TRITON: bool = _bool("MOEFLOW_TRITON", True)
+# Run the Triton kernels on CPU tensors too; only meaningful under TRITON_INTERPRET=1 (tests).
+MOEFLOW_TRITON_ON_CPU: bool = _bool("MOEFLOW_TRITON_ON_CPU", False)
+# Triton's own switch for its numpy interpreter (read here, set by the tests on CPU machines).
+TRITON_INTERPRET: bool = _bool("TRITON_INTERPRET", False)

@@ -3,16 +3,31 @@ transformers at test time, and the `gpu` marker's auto-skip."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's numpy interpreter: it must be chosen before
+# triton is first imported. (Its tl.dot is wrong on bfloat16 inputs, so the interpreted kernel
+# tests use float16/float32; bfloat16 is checked on the GPU.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
+import pytest  # noqa: E402
 
-from moeflow.weights.gguf import GGMLType
+from moeflow import env  # noqa: E402
+from moeflow.kernels.triton_utils import triton_installed  # noqa: E402
+from moeflow.weights.gguf import GGMLType  # noqa: E402
+
+# Device the Triton kernel tests run on: the GPU, or the CPU through the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 # A byte-level BPE with no merges: every byte is one token, 256 ids, plus two specials.
 TINY_VOCAB = 320
@@ -26,6 +41,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the dispatch points take their Triton paths on CPU tensors (interpreted)."""
+    monkeypatch.setattr(env, "MOEFLOW_TRITON_ON_CPU", True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,37 @@
+"""When the Triton fast paths run. On CUDA tensors whenever Triton is installed (and not turned
+off); on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1) with
+MOEFLOW_TRITON_ON_CPU=1, which is how the tests run the kernels without a GPU. Triton itself is
+imported only by moeflow/kernels/triton, so a CPU-only install imports cleanly."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from moeflow import env
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Triton kernels run in its numpy interpreter (set before triton is first imported)."""
+    return env.TRITON_INTERPRET
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the dispatch point for an op on `x` takes its Triton path."""
+    if not env.MOEFLOW_TRITON or not triton_installed():
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and env.TRITON_INTERPRET and env.MOEFLOW_TRITON_ON_CPU
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (>= 1): Triton block shapes must be powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
