@@ -53,11 +53,13 @@ class LLM:
         random_weights: bool = False,
         hf_overrides: dict[str, Any] | None = None,
         quantize: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" with random_weights=True (real shapes, moeflow/presets.py);
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
-        ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels."""
+        ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels;
+        `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are captured at start)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -92,10 +94,16 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            enforce_eager=enforce_eager,
         )
         self.loaded = loaded
+        # One block more than the block manager hands out: the sink of padded graph rows.
         self.kv_cache_bytes = plan_kv_cache(
-            loaded.model, self.config.num_kv_blocks, block_size, torch_dtype, torch.device(device)
+            loaded.model,
+            self.config.num_kv_blocks + 1,
+            block_size,
+            torch_dtype,
+            torch.device(device),
         )
         self.engine = LLMEngine(self.config, loaded)
 

@@ -119,6 +119,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
     seed: int = 0
+    enforce_eager: bool = False  # never capture CUDA graphs for decode
+
+    @property
+    def sink_block(self) -> int:
+        """The KV block past the block manager's, where padding rows of graph batches write."""
+        return self.num_kv_blocks
 
     @property
     def num_kv_blocks(self) -> int:

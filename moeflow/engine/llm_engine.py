@@ -45,6 +45,8 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.runner = ModelRunner(loaded.model, config.block_size, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
         self.sampler = Sampler()
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.model_config.eos_token_ids
@@ -158,6 +160,20 @@ class LLMEngine:
                 self._finish(req)
         return sampled
 
+    def _capture_graphs(self) -> None:
+        """Capture the decode graphs; a model whose decode cannot be captured (a kernel that
+        syncs with the host) runs eagerly, with a warning saying why."""
+        c = self.config
+        graphs = self.runner.make_graph_runner(c.max_num_seqs, c.max_model_len, c.sink_block)
+        try:
+            graphs.capture()
+        except Exception as e:  # any capture failure means "run eagerly"
+            logger.warning(
+                "decode runs without CUDA graphs: capture failed (%s: %s)", type(e).__name__, e
+            )
+            self.runner.graphs = None
+            torch.cuda.synchronize(self.device)
+
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params
         detok = self._detokenizers.get(req.request_id)
@@ -195,6 +211,8 @@ class LLMEngine:
     def enable_routing_stats(self, enabled: bool = True) -> None:
         for m in self._moe_layers():
             setattr(m, "moe_stats_enabled", enabled)  # noqa: B010
+        # Captured graphs hold the layers as they were: count through the eager path.
+        self.runner.graphs_paused = enabled
 
     def routing_stats(self) -> list[list[int]]:
         """Tokens routed to each expert since the last reset, one list per MoE layer."""

@@ -1,12 +1,13 @@
 """Turns a scheduled batch into a ForwardBatch (flat token ids, positions, cache slots, block
-tables), runs the model eagerly under forward_context and returns the logits of the sequences
-that sample this step."""
+tables), runs the model under forward_context (decode batches through CUDA graphs when they are
+captured, engine/cuda_graph.py) and returns the logits of the sequences that sample this step."""
 
 from __future__ import annotations
 
 import torch
 
 from moeflow.context import ForwardBatch, forward_context
+from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.models.base import CausalLM
 
@@ -16,6 +17,23 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.graphs: DecodeGraphRunner | None = None
+        # Routing statistics count on the host-visible path only: graphs are bypassed meanwhile.
+        self.graphs_paused = False
+
+    def make_graph_runner(
+        self, max_num_seqs: int, max_model_len: int, sink_block: int
+    ) -> DecodeGraphRunner:
+        """Static decode buffers for up to max_num_seqs rows (not captured yet)."""
+        self.graphs = DecodeGraphRunner(
+            self.model,
+            graph_batch_sizes(max_num_seqs),
+            -(-max_model_len // self.block_size),
+            self.block_size,
+            sink_block,
+            self.device,
+        )
+        return self.graphs
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         bs = self.block_size
@@ -60,6 +78,14 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order."""
         fb = self.prepare(batch)
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and fb.is_decode
+            and not self.graphs_paused
+            and graphs.padded_size(fb.num_seqs) is not None
+        ):
+            return graphs.run(fb).float()
         with forward_context(fb):
             hidden = self.model(fb.input_ids, fb.positions)  # [T, E]
         if fb.logits_indices.numel() == 0:
