@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from moeflow.config import EngineConfig
-from moeflow.engine.kv_cache import plan_kv_cache
+from moeflow.engine.kv_cache import kv_bytes_per_token, plan_kv_cache
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.model_loader import LoadedModel, default_dtype, load_model, parse_dtype
 from moeflow.engine.output import TextStream
@@ -77,7 +77,9 @@ class LLM:
                 f"max_model_len {max_model_len} exceeds the model's context {model_max}"
             )
         if kv_cache_tokens is None:
-            kv_cache_tokens = max(max_model_len, 16384)
+            kv_cache_tokens = _default_kv_tokens(
+                loaded, max_model_len, torch_dtype, torch.device(device)
+            )
         if kv_cache_tokens < max_model_len:
             raise ValueError(
                 f"kv_cache_tokens {kv_cache_tokens} cannot hold one sequence of max_model_len "
@@ -212,3 +214,22 @@ def _to_output(req: Request) -> RequestOutput:
         logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
         num_cached_tokens=req.num_cached_tokens,
     )
+
+
+# On a GPU the KV cache takes this share of the memory left after the weights, less a reserve for
+# activations and CUDA graphs (vLLM's gpu_memory_utilization, applied to what is left).
+_GPU_KV_SHARE = 0.9
+_GPU_RESERVE_BYTES = 2 * 2**30
+
+
+def _default_kv_tokens(
+    loaded: LoadedModel, max_model_len: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """16384 tokens (at least one full context) on CPU; on a GPU as many as its free memory
+    holds (never fewer than one full context: too little memory then fails in plan_kv_cache)."""
+    if device.type != "cuda":
+        return max(max_model_len, 16384)
+    per_token = kv_bytes_per_token(loaded.model, dtype)
+    free = torch.cuda.mem_get_info(device)[0]
+    fit = int((free * _GPU_KV_SHARE - _GPU_RESERVE_BYTES) // max(per_token, 1))
+    return max(max_model_len, fit)

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantise the float linear layers on load (CPU kernels; GGUF files stay as stored)",
     )
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
+    common.add_argument(
+        "--enforce-eager", action="store_true", help="never capture CUDA graphs for decode"
+    )
     common.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
     common.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     common.add_argument("--top-p", type=float, default=1.0)
@@ -79,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(auto: every installed peer)",
     )
     bench.add_argument("--prompt-len", type=int, default=256, help="prefill prompt length")
-    bench.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed")
+    bench.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=None,
+        help="decode steps timed (default 128; suite: 256 per batch size)",
+    )
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     bench.add_argument(
         "--concurrency",
@@ -90,11 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the results to this file")
     bench.add_argument(
         "--workload",
-        choices=["default", "moe-scaling"],
+        choices=["default", "moe-scaling", "suite"],
         default="default",
         help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
-        "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts",
+        "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts; suite: "
+        "the GPU workloads of a preset (decode per batch size with MBU, prefill NxL with MFU, "
+        "offline throughput) beside HF transformers",
     )
+    bench.add_argument(
+        "--batch-sizes", default="1,16,64", help="suite: decode batch sizes (comma list)"
+    )
+    bench.add_argument(
+        "--prefill-shapes", default="1x2048,8x2048", help="suite: prefill shapes NxL (comma list)"
+    )
+    bench.add_argument(
+        "--num-requests",
+        type=int,
+        default=1000,
+        help="suite: offline throughput requests (0: skip)",
+    )
+    bench.add_argument("--plot", default=None, help="suite: write a PNG of tok/s vs batch size")
+    bench.add_argument(
+        "--hf-overrides",
+        default=None,
+        help='suite: JSON config changes, e.g. {"num_hidden_layers": 4}',
+    )
+    bench.add_argument(
+        "--max-num-seqs", type=int, default=256, help="suite: running sequences at most"
+    )
+    bench.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
 
     serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
@@ -132,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
+        if args.decode_tokens is None:
+            args.decode_tokens = 256 if args.workload == "suite" else 128
+        if args.workload == "suite":
+            from moeflow.bench.gpu import run_suite
+
+            return run_suite(args)
         if args.workload == "moe-scaling":
             from moeflow.bench.moe_scaling import run_moe_scaling
 
@@ -163,6 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         random_weights=_is_preset(args.model),
         quantize=args.quantize,
+        enforce_eager=args.enforce_eager,
         **(
             {"kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs}
             if serving

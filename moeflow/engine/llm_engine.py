@@ -218,9 +218,19 @@ class LLMEngine:
         """Tokens routed to each expert since the last reset, one list per MoE layer."""
         return [m.expert_counts.tolist() for m in self._moe_layers()]  # type: ignore[union-attr]
 
+    def experts_touched_per_step(self) -> list[float]:
+        """Mean number of distinct experts a forward ran, since the last reset, per MoE layer
+        (what a decode step reads of the experts' weights)."""
+        return [
+            m.expert_steps.sum().item() / max(m.stats_forwards, 1)  # type: ignore[union-attr,operator]
+            for m in self._moe_layers()
+        ]
+
     def reset_routing_stats(self) -> None:
         for m in self._moe_layers():
             m.expert_counts.zero_()  # type: ignore[union-attr]
+            m.expert_steps.zero_()  # type: ignore[union-attr]
+            setattr(m, "stats_forwards", 0)  # noqa: B010
 
     def run_to_completion(self) -> None:
         """Step until every request has finished (offline use)."""

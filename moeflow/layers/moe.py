@@ -80,8 +80,10 @@ class MoE(nn.Module):
     `num_shared_experts * moe_intermediate_size` when only the count is given; qwen2_moe scales it
     by sigmoid(shared_expert_gate(x)).
 
-    Set `moe_stats_enabled` to count tokens per expert into `expert_counts` [E] (on the device,
-    no host sync); the engine reads them with `LLMEngine.routing_stats()`."""
+    Set `moe_stats_enabled` to count tokens per expert into `expert_counts` [E] and, per
+    forward, whether each expert was touched at all into `expert_steps` [E] (on the device, no
+    host sync; `stats_forwards` counts the forwards); the engine reads them with
+    `LLMEngine.routing_stats()` and `LLMEngine.experts_touched_per_step()`."""
 
     def __init__(
         self,
@@ -128,6 +130,11 @@ class MoE(nn.Module):
         self.register_buffer(
             "expert_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False
         )
+        self.expert_steps: torch.Tensor
+        self.register_buffer(
+            "expert_steps", torch.zeros(num_experts, dtype=torch.int64), persistent=False
+        )
+        self.stats_forwards = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)  # [T, E]
@@ -145,7 +152,10 @@ class MoE(nn.Module):
         )  # [T, K] each
         if self.moe_stats_enabled:  # NOTE: not bincount, which syncs on CUDA to size its output
             flat = ids.reshape(-1)  # [T*K]
-            self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
+            counts = torch.zeros_like(self.expert_counts).index_add_(0, flat, torch.ones_like(flat))
+            self.expert_counts += counts
+            self.expert_steps += counts > 0
+            self.stats_forwards += 1
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, self.hidden_act)
         shared: nn.Module | None = getattr(self, self.shared_prefix, None)
         if shared is not None:
