@@ -3,8 +3,14 @@ transformers at test time, and the `gpu` marker's auto-skip."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's numpy interpreter: it must be chosen before
@@ -13,13 +19,27 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import pytest  # noqa: E402
+def _interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter keeps a loaded scalar as a 1-element array, and int() of that
+    raises under numpy >= 2.4, so `range(start, end)` over loaded bounds fails: convert with
+    .item() instead (a test-only patch of the interpreter's tensor shim)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_moeflow_index_shim", False):
+        return
+
+    def patched(tensor, scope) -> None:  # noqa: ANN001
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._moeflow_index_shim = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    _interpreter_loop_bounds()
 
 from moeflow import env  # noqa: E402
 from moeflow.kernels.triton_utils import triton_installed  # noqa: E402

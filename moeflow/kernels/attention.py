@@ -1,5 +1,6 @@
 """Paged attention over a block-structured KV cache: the plain-torch reference (defines
-correctness, runs on CPU and GPU) and the `paged_attention` dispatch point layers call.
+correctness, runs on CPU and GPU) and the `paged_attention` dispatch point layers call, which
+takes the Triton kernels (kernels/triton/attention.py) where use_triton says so.
 
 Shape legend: T new tokens in the batch, B sequences, H query heads, Hkv KV heads, D head dim,
 N cache blocks of S tokens each. Cache layout: [N, S, Hkv, D]."""
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.kernels import cpu_ext
+from moeflow.kernels.triton_utils import use_triton
 
 
 def store_kv(
@@ -157,10 +159,34 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     context_lens_gpu: torch.Tensor | None = None,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The dispatch point: the batched decode reference when every sequence has one new token,
-    the per-sequence reference otherwise. The Triton paths come with the GPU issue (#5)."""
-    if context_lens_gpu is not None and all(n == 1 for n in query_lens):
+    """The dispatch point. With Triton (use_triton(q)) and the device-side lengths given: split-K
+    decode when every sequence has one new token, else the extend kernel (needs cu_seqlens_q).
+    Otherwise the batched decode reference for all-decode batches, the per-sequence reference
+    for the rest."""
+    is_decode = all(n == 1 for n in query_lens)
+    if context_lens_gpu is not None and use_triton(q) and (is_decode or cu_seqlens_q is not None):
+        from moeflow.kernels.triton import attention as triton_attention
+
+        if is_decode:
+            return triton_attention.decode_attention_triton(
+                q, k_cache, v_cache, block_tables, context_lens_gpu, scale, sliding_window
+            )
+        assert cu_seqlens_q is not None
+        return triton_attention.extend_attention_triton(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            context_lens_gpu,
+            max(query_lens),
+            scale,
+            sliding_window,
+        )
+    if context_lens_gpu is not None and is_decode:
         return paged_decode_attention_ref(
             q, k_cache, v_cache, block_tables, context_lens_gpu, scale, sliding_window
         )

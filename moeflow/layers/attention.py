@@ -68,4 +68,5 @@ class PagedAttention(nn.Module):
             self.scale,
             self.sliding_window,
             batch.context_lens,
+            cu_seqlens_q=batch.cu_seqlens_q,
         )
