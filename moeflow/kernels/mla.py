@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeflow.kernels.triton_utils import use_triton
+
 
 def store_latent(
     latent: torch.Tensor,  # [T, L + R]
@@ -92,8 +94,27 @@ def mla_prefill(
     context_lens: list[int],
     w_kv_b: torch.Tensor,
     scale: float,
+    cu_seqlens_q: torch.Tensor | None = None,
+    context_lens_gpu: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch point (reference only; the Triton kernels come with #5)."""
+    """Dispatch point: Triton where `use_triton` says so, else the reference. The device twins
+    of the length lists (ForwardBatch.cu_seqlens_q / context_lens) spare the Triton path a copy;
+    without them it builds its own."""
+    if use_triton(q_nope):
+        from moeflow.kernels.triton.mla import mla_prefill_triton
+
+        return mla_prefill_triton(
+            q_nope,
+            q_rope,
+            cache,
+            block_tables,
+            query_lens,
+            context_lens,
+            w_kv_b,
+            scale,
+            cu_seqlens_q=cu_seqlens_q,
+            context_lens_gpu=context_lens_gpu,
+        )
     return mla_prefill_ref(
         q_nope, q_rope, cache, block_tables, query_lens, context_lens, w_kv_b, scale
     )
@@ -107,5 +128,10 @@ def mla_decode(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Dispatch point (reference only; the Triton kernels come with #5)."""
+    """Dispatch point: Triton (split-K, CUDA-graph safe) where `use_triton` says so, else the
+    reference."""
+    if use_triton(q_latent):
+        from moeflow.kernels.triton.mla import mla_decode_triton
+
+        return mla_decode_triton(q_latent, q_rope, cache, block_tables, context_lens, scale)
     return mla_decode_ref(q_latent, q_rope, cache, block_tables, context_lens, scale)

@@ -116,5 +116,7 @@ class MLAAttention(nn.Module):
                 batch.context_lens_cpu,
                 w_kv_b,
                 self.scale,
+                cu_seqlens_q=batch.cu_seqlens_q,
+                context_lens_gpu=batch.context_lens,
             )  # [T, H, Dv]
         return self.o_proj(out.flatten(1))

@@ -115,7 +115,8 @@ def test_latent_cache_size_and_absorbed_decode(
     assert kv_bytes_per_token(model, torch.float32) == per_token
     layers = [m for m in model.modules() if isinstance(m, MLAAttention)]
     assert len(layers) == NUM_LAYERS
-    num_blocks, block_size = llm.config.num_kv_blocks, llm.config.block_size
+    # The block manager's blocks plus the sink block of padded CUDA-graph rows.
+    num_blocks, block_size = llm.config.num_kv_blocks + 1, llm.config.block_size
     for layer in layers:
         assert tuple(layer.latent_cache.shape) == (
             num_blocks,
