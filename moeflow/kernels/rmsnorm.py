@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from moeflow.kernels import cpu_ext
+from moeflow.kernels.triton_utils import use_triton
 
 
 def rms_norm_ref(
@@ -22,7 +23,12 @@ def rms_norm_ref(
 def rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As rms_norm_ref. NOTE: the CPU kernel adds x into `residual` in place and returns it."""
+    """As rms_norm_ref. NOTE: the Triton and CPU kernels add x into `residual` in place and
+    return it."""
+    if use_triton(x):
+        from moeflow.kernels.triton.elementwise import rms_norm_triton
+
+        return rms_norm_triton(x, residual, weight, eps)
     if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
         ops = cpu_ext.ops()
         if (

@@ -1,11 +1,32 @@
-"""NeoX-layout rotary embedding in place through the CPU kernel. The reference (all layouts and
-scalings) lives in layers/rotary.py, which calls this first."""
+"""Rotary embedding of q and k in place: the Triton kernel (every layout) on the GPU, the CPU
+kernel (NeoX layout) on CPU. The reference (all layouts and scalings) lives in layers/rotary.py,
+which calls `rotary_` first and falls back to it when that did nothing."""
 
 from __future__ import annotations
 
 import torch
 
 from moeflow.kernels import cpu_ext
+from moeflow.kernels.triton_utils import use_triton
+
+
+def rotary_(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layout: str,
+) -> bool:
+    """Rotate q [T, H, D] and k [T, Hkv, D] in place (the first R dims of each head) with the
+    fp32 tables cos, sin ([P, R] for neox, [P, R/2] for interleaved / deinterleave) when a
+    kernel applies; returns False (nothing done) otherwise."""
+    if use_triton(q):
+        from moeflow.kernels.triton.elementwise import rotary_triton_
+
+        rotary_triton_(positions, q, k, cos, sin, layout)
+        return True
+    return layout == "neox" and rotary_neox_(positions, q, k, cos, sin)
 
 
 def rotary_neox_(

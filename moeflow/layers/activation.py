@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moeflow.kernels.activation import gated_act_ref, silu_and_mul
+from moeflow.kernels.activation import gelu_and_mul, silu_and_mul
 
-_ACTS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+# hidden_act -> the `approximate` of F.gelu (unused for silu)
+_ACTS = {"silu": "none", "gelu": "none", "gelu_pytorch_tanh": "tanh"}
 
 
 class GatedAct(nn.Module):
@@ -20,10 +16,10 @@ class GatedAct(nn.Module):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"unsupported hidden_act {act!r}; supported: {sorted(_ACTS)}")
-        self.act = _ACTS[act]
         self.is_silu = act == "silu"
+        self.approximate = _ACTS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_silu:
             return silu_and_mul(x)
-        return gated_act_ref(x, self.act)
+        return gelu_and_mul(x, self.approximate)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeflow.kernels.rotary import rotary_neox_
+from moeflow.kernels.rotary import rotary_
 
 
 class RotaryEmbedding(nn.Module):
@@ -52,9 +52,16 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D]; rotates the first rotary_dim dims of each head.
-        The CPU kernel rotates q and k in place (the fused qkv buffer they view)."""
-        if self.layout == "neox" and rotary_neox_(positions, q, k, self.cos_cache, self.sin_cache):
+        NOTE: the kernels (Triton: every layout; CPU: neox) rotate q and k in place (the fused
+        qkv buffer they view) and return them."""
+        if rotary_(positions, q, k, self.cos_cache, self.sin_cache, self.layout):
             return q, k
+        return self.forward_ref(positions, q, k)
+
+    def forward_ref(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain-torch reference: new tensors, q and k untouched."""
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, R] or [T, 1, R/2]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
