@@ -98,12 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the results to this file")
     bench.add_argument(
         "--workload",
-        choices=["default", "moe-scaling", "suite"],
+        choices=["default", "moe-scaling", "suite", "moe-tune"],
         default="default",
         help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
         "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts; suite: "
         "the GPU workloads of a preset (decode per batch size with MBU, prefill NxL with MFU, "
-        "offline throughput) beside HF transformers",
+        "offline throughput) beside HF transformers; moe-tune: time the fused-MoE kernel's "
+        "block sizes for --model's expert shapes on this GPU and write the tuning table",
     )
     bench.add_argument(
         "--batch-sizes", default="1,16,64", help="suite: decode batch sizes (comma list)"
@@ -127,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-seqs", type=int, default=256, help="suite: running sequences at most"
     )
     bench.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    bench.add_argument(
+        "--moe-shape",
+        default=None,
+        help="moe-tune: E,I,H,K (experts, expert intermediate size, hidden, experts per token) "
+        "instead of --model preset:<name>",
+    )
+    bench.add_argument(
+        "--tune-tokens", default=None, help="moe-tune: token counts (default 1,2,4,...,4096)"
+    )
+    bench.add_argument(
+        "--tune-output",
+        default=None,
+        help="moe-tune: table to write, merged with its other shapes (default: the package's "
+        "kernels/configs/fused_moe/<device>.json)",
+    )
 
     serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
@@ -166,6 +182,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         if args.decode_tokens is None:
             args.decode_tokens = 256 if args.workload == "suite" else 128
+        if args.workload == "moe-tune":
+            from moeflow.bench.moe_tune import run_moe_tune
+
+            return run_moe_tune(args)
         if args.workload == "suite":
             from moeflow.bench.gpu import run_suite
 

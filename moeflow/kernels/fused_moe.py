@@ -1,6 +1,6 @@
 """Mixture-of-Experts ops: expert selection (the routers of every family) and the expert
 computation. The reference runs only the experts at least one token chose, tokens grouped by
-expert; fast paths (the fused Triton kernel, issue #5) plug in behind `fused_moe`.
+expert; the Triton kernels (kernels/triton/fused_moe.py) run behind `fused_moe`.
 
 Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K experts per token."""
 
@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from moeflow.kernels.triton_utils import use_triton
+
+# The experts' activations, as HF's ACT2FN names them.
+_ACTS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
 
 
 def select_experts(
@@ -70,7 +79,9 @@ def fused_moe_ref(
     token_of_pair = order // top_k  # [T*K]
     weight_of_pair = topk_weights.reshape(-1)[order]  # [T*K]
     out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-    act_fn = F.silu if act == "silu" else F.gelu
+    act_fn = _ACTS.get(act)
+    if act_fn is None:
+        raise ValueError(f"unsupported expert activation {act!r}; supported: {sorted(_ACTS)}")
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -92,5 +103,21 @@ def fused_moe(
     topk_ids: torch.Tensor,
     act: str = "silu",
 ) -> torch.Tensor:
-    """The dispatch point; only the reference exists so far."""
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, act)
+    """The dispatch point: the reference unless use_triton(x); else the Triton small-batch
+    (matrix-vector) path while T*K fits the config's SMALL_BATCH_MAX_PAIRS, the grouped GEMMs
+    beyond. The config is the device's tuning table entry (kernels/configs/fused_moe)."""
+    if not use_triton(x):
+        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, act)
+    from moeflow.kernels.triton import fused_moe as moe_triton
+
+    num_tokens, hidden = x.shape
+    num_experts, _, inter = w2.shape
+    top_k = topk_ids.shape[1]
+    config = moe_triton.get_moe_config(
+        num_experts, inter, hidden, x.dtype, num_tokens, top_k, x.device
+    )
+    if num_tokens * top_k <= config["SMALL_BATCH_MAX_PAIRS"]:
+        return moe_triton.fused_moe_small_batch_triton(
+            x, w13, w2, topk_weights, topk_ids, act, config
+        )
+    return moe_triton.fused_moe_triton(x, w13, w2, topk_weights, topk_ids, act, config)
