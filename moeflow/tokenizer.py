@@ -107,6 +107,18 @@ class Tokenizer:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """One token per byte (ids 0-255), no merges, no specials: what a random-weight preset
+        uses where the embedded SmolLM2 tokenizer is not installed."""
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        backend = tokenizers.Tokenizer(
+            models.BPE({ch: i for i, ch in enumerate(alphabet)}, [], fuse_unk=False)
+        )
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        return cls(backend, add_bos_token=False)
+
+    @classmethod
     def from_hf_folder(cls, path: str | Path) -> Tokenizer:
         """Load tokenizer.json (+ tokenizer_config, chat_template.*, generation_config)."""
         folder = Path(path)

@@ -436,3 +436,11 @@ def test_message_validation(tok: Tokenizer, messages: Any, param: str) -> None:
     with pytest.raises(RequestError) as info:
         tok.apply_chat_template(messages)
     assert info.value.param == param
+
+
+def test_byte_level_tokenizer_round_trips_utf8() -> None:
+    tok = Tokenizer.byte_level()
+    text = "Paris, Zürich 東京"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256 == tok.vocab_size
+    assert tok.decode(ids) == text

@@ -50,6 +50,9 @@ class DecodeFigure:
     mbu: float | None  # against the datasheet peak (None: no peak known for this device)
     mbu_measured: float  # against the measured copy bandwidth
     roofline_tok_s: float | None
+    # From the engine's step profile over the timed steps:
+    host_overhead_share: float | None = None  # schedule + prepare + post-process / step wall
+    gpu_idle_share: float | None = None  # 1 - GPU time of the forwards / step wall (GPU only)
 
 
 @dataclass(slots=True)
@@ -293,12 +296,15 @@ def _decode(
     engine.enable_routing_stats(False)
     _sync(engine.device)
     done = 0
+    engine.start_profile()
     start = time.perf_counter()
     while not all(r.is_finished for r in reqs):
         engine.step()
         done += 1
     _sync(engine.device)
     elapsed = time.perf_counter() - start
+    profile = engine.stop_profile()
+    gpu_s = profile.gpu_forward_s()
     step_s = elapsed / done
     layers = engine._moe_layers()  # noqa: SLF001
     expert_bytes = sum(t * _one_expert_bytes(m) for t, m in zip(touched, layers, strict=True))
@@ -314,6 +320,8 @@ def _decode(
         mbu=nbytes / step_s / peak if peak else None,
         mbu_measured=nbytes / step_s / bandwidth,
         roofline_tok_s=batch * (peak or bandwidth) / nbytes,
+        host_overhead_share=profile.host_overhead_s / profile.wall_s if profile.wall_s else None,
+        gpu_idle_share=1.0 - gpu_s / elapsed if gpu_s is not None else None,
     )
 
 
@@ -490,6 +498,10 @@ def _print_decode(name: str, d: DecodeFigure) -> None:
             + (f", MBU {100 * d.mbu:.1f}%" if d.mbu is not None else "")
             + f" ({100 * d.mbu_measured:.1f}% of measured copy bandwidth)"
         )
+    if d.host_overhead_share is not None:
+        extra += f"; host overhead {100 * d.host_overhead_share:.1f}% of the step"
+    if d.gpu_idle_share is not None:
+        extra += f", GPU idle {100 * d.gpu_idle_share:.1f}%"
     print(f"{name} decode batch {d.batch}: {d.ms_per_step:.2f} ms/step, {d.tok_s:.1f} tok/s{extra}")
 
 

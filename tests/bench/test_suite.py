@@ -58,6 +58,7 @@ def test_suite_runs_every_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert 4.0 <= three["experts_touched_per_layer"] <= 12.0
     assert three["bytes_per_step"] > one["bytes_per_step"] > 0
     assert one["mbu"] is None  # no datasheet peak for a CPU
+    assert 0 < one["host_overhead_share"] < 1 and one["gpu_idle_share"] is None
     assert one["mbu_measured"] > 0 and one["tok_s"] > 0
     (prefill,) = mf["prefill"]
     assert (prefill["seqs"], prefill["seq_len"]) == (2, 16) and prefill["flops"] > 0

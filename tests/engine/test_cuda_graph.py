@@ -83,3 +83,20 @@ def test_captured_graphs_match_eager(family: str, checkpoints: dict[str, Path]) 
     graphs = llm.engine.runner.graphs
     assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8]
     _assert_same(_decode(llm), want, atol=1e-3)
+
+
+def test_step_profile_splits_the_step(checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(checkpoints["llama"]), dtype="float32", device="cpu", max_model_len=64)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    reqs = [engine.add_request(list(p), params) for p in PROMPTS]
+    engine.start_profile()
+    while not all(r.is_finished for r in reqs):
+        engine.step()
+    profile = engine.stop_profile()
+    assert engine.runner.profile is None
+    assert profile.steps == 4  # one prefill step (all three prompts) and three decode steps
+    phases = (profile.schedule_s, profile.prepare_s, profile.forward_s, profile.sample_s)
+    assert all(t > 0 for t in phases) and profile.postprocess_s > 0
+    assert profile.host_overhead_s < profile.wall_s
+    assert profile.gpu_forward_s() is None  # no CUDA events on CPU

