@@ -68,9 +68,9 @@ def test_suite_runs_every_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_batch_one_bytes_match_the_info_estimate() -> None:
-    """At batch 1 (top-k experts per layer) the suite's byte count is `moeflow info`'s."""
-    llm = LLM(
+@pytest.fixture(scope="module")
+def tiny_preset() -> LLM:
+    return LLM(
         "preset:qwen3-30b-a3b",
         dtype="float32",
         device="cpu",
@@ -79,6 +79,11 @@ def test_batch_one_bytes_match_the_info_estimate() -> None:
         max_model_len=256,
         kv_cache_tokens=256,
     )
+
+
+def test_batch_one_bytes_match_the_info_estimate(tiny_preset: LLM) -> None:
+    """At batch 1 (top-k experts per layer) the suite's byte count is `moeflow info`'s."""
+    llm = tiny_preset
     model = llm.loaded.model
     counts = count_parameters(model, llm.loaded.model_config)
     layers = llm.engine._moe_layers()  # noqa: SLF001
@@ -86,16 +91,8 @@ def test_batch_one_bytes_match_the_info_estimate() -> None:
     assert gpu.weight_bytes_read(counts, 1, expert_bytes) == decode_weight_bytes(counts)
 
 
-def test_prefill_flops_by_hand() -> None:
-    llm = LLM(
-        "preset:qwen3-30b-a3b",
-        dtype="float32",
-        device="cpu",
-        random_weights=True,
-        hf_overrides=TINY_QWEN3_MOE,
-        max_model_len=256,
-        kv_cache_tokens=256,
-    )
+def test_prefill_flops_by_hand(tiny_preset: LLM) -> None:
+    llm = tiny_preset
     cfg = llm.loaded.model_config
     counts = count_parameters(llm.loaded.model, cfg)
     body = counts.active_per_token - counts.embedding - counts.lm_head
