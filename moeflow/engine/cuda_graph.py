@@ -1,6 +1,7 @@
 """Decode steps replayed from CUDA graphs: one graph per padded batch size, captured at start-up
-over static input buffers; each step copies its batch into the buffers (padding rows point at a
-sink block that no sequence owns) and replays the graph of the next size up.
+over static input buffers; each step writes its batch into a pinned host twin of the buffers
+(padding rows point at a sink block that no sequence owns), copies it over in two transfers and
+replays the graph of the next size up.
 
 The same runner without capture (`capture=False`) runs the padded static batch eagerly: that is
 how the padding is tested on machines without a GPU."""
@@ -13,6 +14,7 @@ import time
 import torch
 
 from moeflow.context import ForwardBatch, forward_context
+from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.models.base import CausalLM
 
 logger = logging.getLogger("moeflow")
@@ -42,23 +44,26 @@ class DecodeGraphRunner:
     ) -> None:
         self.model = model
         self.batch_sizes = sorted(batch_sizes)
-        self.max_bs = self.batch_sizes[-1]
+        self.max_bs = n = self.batch_sizes[-1]
+        self.width = w = max_blocks_per_seq
         self.block_size = block_size
         self.sink_block = sink_block
         self.device = device
-        n, w = self.max_bs, max_blocks_per_seq
-
-        def buf(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.int64, device=device)
-
-        self.input_ids = buf(n)
-        self.positions = buf(n)
-        self.slot_mapping = buf(n)
-        self.block_tables = buf(n, w)
-        self.context_lens = buf(n)
+        # One int64 buffer, [ids | positions | slots | context lens] x n rows, then the block
+        # tables [n, w]; every static input is a contiguous slice of it. Its host twin is pinned
+        # so each step is two asynchronous copies.
+        self._buf = torch.zeros(n * (4 + w), dtype=torch.int64, device=device)
+        pin = device.type == "cuda"
+        self._host = torch.zeros(n * (4 + w), dtype=torch.int64, pin_memory=pin)
+        self._host_np = self._host.numpy()
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = (
+            self._buf[i * n : (i + 1) * n] for i in range(4)
+        )
+        self.block_tables = self._buf[4 * n :].view(n, w)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int64, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
-        self._fill_padding(0)
+        self._fill_padding(0, n)
+        self._buf.copy_(self._host)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
 
@@ -110,20 +115,17 @@ class DecodeGraphRunner:
         return self.capture_s
 
     @torch.inference_mode()
-    def run(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits [B, V] of a decode batch of B <= max_bs rows, through the graph of the next
-        size up (or eagerly over the same padded buffers when nothing was captured)."""
-        n = fb.num_seqs
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [B, V] of a decode batch of B <= max_bs rows (one new token each), through the
+        graph of the next size up (or eagerly over the same padded buffers when nothing was
+        captured)."""
+        self.load(batch)
+        return self.replay(len(batch.reqs))
+
+    def replay(self, n: int) -> torch.Tensor:
+        """Logits [n, V] of the n rows `load` wrote (see `run`)."""
         bs = self.padded_size(n)
-        assert fb.is_decode and bs is not None, "not a decode batch the graphs cover"
-        self.input_ids[:n].copy_(fb.input_ids)
-        self.positions[:n].copy_(fb.positions)
-        self.slot_mapping[:n].copy_(fb.slot_mapping)
-        self.context_lens[:n].copy_(fb.context_lens)
-        width = fb.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(fb.block_tables)
-        self.block_tables[:n, width:].fill_(-1)
-        self._fill_padding(n)
+        assert bs is not None, f"no graph holds {n} rows"
         if bs in self.graphs:
             graph, logits = self.graphs[bs]
             graph.replay()
@@ -133,15 +135,40 @@ class DecodeGraphRunner:
                 logits = self._forward(padded)
         return logits[:n]
 
+    def load(self, batch: ScheduledBatch) -> None:
+        """Write the batch's rows (and padding after them) into the host twin, copy it over."""
+        h, n, w, bs = self._host_np, self.max_bs, self.width, self.block_size
+        rows = len(batch.reqs)
+        padded = self.padded_size(rows)
+        assert padded is not None and all(k == 1 for k in batch.num_new_tokens), "not a graph batch"
+        for i, req in enumerate(batch.reqs):
+            pos = req.num_computed_tokens
+            table = req.block_table
+            assert len(table) <= w, "a block table wider than max_model_len allows"
+            (h[i],) = req.tokens_slice(pos, pos + 1)
+            h[n + i] = pos
+            h[2 * n + i] = table[pos // bs] * bs + pos % bs
+            h[3 * n + i] = pos + 1
+            row = 4 * n + i * w
+            h[row : row + len(table)] = table
+            h[row + len(table) : row + w] = -1
+        self._fill_padding(rows, padded)
+        # NOTE: non_blocking from pinned memory; the host twin is next written after the
+        # sampler has waited for this step, so the copies are done by then.
+        self._buf[: 4 * n].copy_(self._host[: 4 * n], non_blocking=True)
+        used = 4 * n + padded * w
+        self._buf[4 * n : used].copy_(self._host[4 * n : used], non_blocking=True)
+
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
         hidden = self.model(fb.input_ids, fb.positions)  # [bs, E]
         return self.model.compute_logits(hidden, fb.logits_indices)  # [bs, V]
 
-    def _fill_padding(self, first: int) -> None:
-        """Rows first.. of the buffers become padding rows (see the class docstring)."""
-        self.input_ids[first:].zero_()
-        self.positions[first:].zero_()
-        self.slot_mapping[first:].fill_(self.sink_block * self.block_size)
-        self.context_lens[first:].fill_(1)
-        self.block_tables[first:].fill_(-1)
-        self.block_tables[first:, 0].fill_(self.sink_block)
+    def _fill_padding(self, first: int, last: int) -> None:
+        """Host rows first..last-1 become padding rows (see the class docstring)."""
+        h, n, w = self._host_np, self.max_bs, self.width
+        h[first:last] = 0
+        h[n + first : n + last] = 0
+        h[2 * n + first : 2 * n + last] = self.sink_block * self.block_size
+        h[3 * n + first : 3 * n + last] = 1
+        h[4 * n + first * w : 4 * n + last * w] = -1
+        h[4 * n + first * w : 4 * n + last * w : w] = self.sink_block

@@ -115,32 +115,48 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order."""
         profile = self.profile
+        start = time.perf_counter() if profile is not None else 0.0
+        graphs = self._graphs_for(batch)
+        fb = None
+        if graphs is not None:
+            graphs.load(batch)
+        else:
+            fb = self.prepare(batch)
         if profile is None:
-            return self._run(self.prepare(batch))
-        start = time.perf_counter()
-        fb = self.prepare(batch)
+            return self._launch(graphs, fb, len(batch.reqs))
         launched = time.perf_counter()
         profile.prepare_s += launched - start
         events = None
         if self.device.type == "cuda":
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
-        logits = self._run(fb)
+        logits = self._launch(graphs, fb, len(batch.reqs))
         if events is not None:
             events[1].record()
             profile.events.append(events)
         profile.forward_s += time.perf_counter() - launched
         return logits
 
-    def _run(self, fb: ForwardBatch) -> torch.Tensor:
+    def _graphs_for(self, batch: ScheduledBatch) -> DecodeGraphRunner | None:
+        """The graph runner when it takes this batch: few enough rows, not paused, and every row
+        one new token that samples (the graphs compute logits for every row)."""
         graphs = self.graphs
         if (
-            graphs is not None
-            and fb.is_decode
-            and not self.graphs_paused
-            and graphs.padded_size(fb.num_seqs) is not None
+            graphs is None
+            or self.graphs_paused
+            or graphs.padded_size(len(batch.reqs)) is None
+            or any(n != 1 for n in batch.num_new_tokens)
+            or any(r.num_computed_tokens + 1 != r.num_tokens for r in batch.reqs)
         ):
-            return graphs.run(fb).float()
+            return None
+        return graphs
+
+    def _launch(
+        self, graphs: DecodeGraphRunner | None, fb: ForwardBatch | None, n: int
+    ) -> torch.Tensor:
+        if graphs is not None:
+            return graphs.replay(n).float()
+        assert fb is not None
         with forward_context(fb):
             hidden = self.model(fb.input_ids, fb.positions)  # [T, E]
         if fb.logits_indices.numel() == 0:

@@ -63,8 +63,8 @@ def test_padded_static_batches_match_plain_decode(
     graphs = runner.make_graph_runner(4, llm.config.max_model_len, llm.config.sink_block)
     assert graphs.batch_sizes == [1, 2, 4]
     calls: list[int] = []
-    run = graphs.run
-    graphs.run = lambda fb: (calls.append(fb.num_seqs), run(fb))[1]  # type: ignore[method-assign]
+    replay = graphs.replay
+    graphs.replay = lambda n: (calls.append(n), replay(n))[1]  # type: ignore[method-assign]
     got = _decode(llm)
     assert 3 in calls  # decode steps went through the padded static batch
     _assert_same(got, want, atol=1e-4)
@@ -100,3 +100,22 @@ def test_step_profile_splits_the_step(checkpoints: dict[str, Path]) -> None:
     assert all(t > 0 for t in phases) and profile.postprocess_s > 0
     assert profile.host_overhead_s < profile.wall_s
     assert profile.gpu_forward_s() is None  # no CUDA events on CPU
+
+
+def test_only_sampling_decode_rows_take_the_graphs(checkpoints: dict[str, Path]) -> None:
+    """A one-token prompt chunk that does not sample yet (chunked prefill) runs eagerly: the
+    graphs compute logits for every row."""
+    from moeflow.engine.scheduler import ScheduledBatch
+
+    llm = LLM(str(checkpoints["llama"]), dtype="float32", device="cpu", max_model_len=64)
+    runner = llm.engine.runner
+    c = llm.config
+    runner.make_graph_runner(4, c.max_model_len, c.sink_block)
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    req = llm.engine.add_request([5, 6, 7, 8], params)
+    req.num_computed_tokens = 2  # two prompt tokens left: a 1-token chunk does not sample
+    assert runner._graphs_for(ScheduledBatch([req], [1])) is None  # noqa: SLF001
+    req.num_computed_tokens = 3  # the last prompt token samples
+    assert runner._graphs_for(ScheduledBatch([req], [1])) is runner.graphs  # noqa: SLF001
+    runner.graphs_paused = True
+    assert runner._graphs_for(ScheduledBatch([req], [1])) is None  # noqa: SLF001
