@@ -102,13 +102,17 @@ def _moe_gate_up_kernel(
     )
     if pid_m * BLOCK_SIZE_M >= tl.load(num_pairs_post_padded_ptr):
         return
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)  # [BM]
-    row_mask = pair < num_pairs
-    expert = tl.load(expert_block_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_wn = offs_n % INTER  # weight rows stay in bounds; only the store is masked
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    pair, row_mask, expert, offs_n, offs_wn, offs_k = _block_rows(
+        pid_m,
+        pid_n,
+        sorted_pair_ids_ptr,
+        expert_block_ids_ptr,
+        num_pairs,
+        INTER,
+        BLOCK_SIZE_M,
+        BLOCK_SIZE_N,
+        BLOCK_SIZE_K,
+    )
     a_ptrs = x_ptr + (pair // TOP_K)[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
     g_ptrs = w13_ptr + expert * stride_we + offs_wn[None, :] * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + INTER * stride_wn  # [BK, BN] each
@@ -163,13 +167,17 @@ def _moe_down_kernel(
     )
     if pid_m * BLOCK_SIZE_M >= tl.load(num_pairs_post_padded_ptr):
         return
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)  # [BM]
-    row_mask = pair < num_pairs
-    expert = tl.load(expert_block_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_wn = offs_n % HIDDEN
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    pair, row_mask, expert, offs_n, offs_wn, offs_k = _block_rows(
+        pid_m,
+        pid_n,
+        sorted_pair_ids_ptr,
+        expert_block_ids_ptr,
+        num_pairs,
+        HIDDEN,
+        BLOCK_SIZE_M,
+        BLOCK_SIZE_N,
+        BLOCK_SIZE_K,
+    )
     a_ptrs = h_ptr + pair[:, None] * stride_hn + offs_k[None, :]  # [BM, BK]
     b_ptrs = w2_ptr + expert * stride_we + offs_wn[None, :] * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
@@ -574,6 +582,29 @@ def _check_inputs(
     assert topk_ids.dtype in (torch.int32, torch.int64), topk_ids.dtype
     assert x.device == w13.device == w2.device == topk_ids.device == topk_weights.device
     return num_tokens, hidden, num_experts, inter, top_k
+
+
+@triton.jit
+def _block_rows(
+    pid_m,
+    pid_n,
+    sorted_pair_ids_ptr,
+    expert_block_ids_ptr,
+    num_pairs,
+    N: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+):
+    """A grouped GEMM tile's rows: its pairs (sentinel padding masked), their expert, and the
+    output columns; weight rows are taken modulo N so loads stay in bounds (stores are masked)."""
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)  # [BM]
+    row_mask = pair < num_pairs
+    expert = tl.load(expert_block_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    return pair, row_mask, expert, offs_n, offs_n % N, offs_k
 
 
 @triton.jit
