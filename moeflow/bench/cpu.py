@@ -56,7 +56,7 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark described by the `moeflow bench` arguments; 0 on success."""
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    peers = _parse_compare(args.compare)
+    peers = parse_compare(args.compare)
     machine = _machine_info(threads)
     print(
         f"machine: {machine['cpu']} ({machine['cores']} cores, {threads} threads used"
@@ -65,7 +65,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     print(f"workload: prompt {args.prompt_len} tokens, {args.decode_tokens} decode tokens, batch 1")
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     bandwidth = measure_bandwidth(torch.device(device))
     mf = _bench_moeflow(args, device)
     gc.collect()
@@ -175,10 +175,10 @@ def measure_bandwidth(device: torch.device) -> float:
     dst = torch.empty_like(src)  # [N]
     best = float("inf")
     for _ in range(BANDWIDTH_REPEATS):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     del src, dst
     return 2 * BANDWIDTH_BYTES / best
@@ -217,7 +217,7 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
 
     engine = llm.engine
     steps_before = engine.stats.num_steps
-    _sync(torch.device(device))
+    sync(torch.device(device))
     start = time.perf_counter()
     (out,) = llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=1))
     prefill_s = time.perf_counter() - start
@@ -310,7 +310,8 @@ def _prompt_ids(text_ids: list[int], prompt_len: int) -> list[int]:
     return (text_ids * repeats)[:prompt_len]
 
 
-def _parse_compare(compare: str) -> list[str]:
+def parse_compare(compare: str) -> list[str]:
+    """`--compare` as a list of peer names ("auto": every peer, "none" or empty: none)."""
     names = [c.strip() for c in compare.split(",") if c.strip()]
     if names in ([], ["none"]):
         return []
@@ -322,13 +323,15 @@ def _parse_compare(compare: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """`--device auto` is the GPU when there is one."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings are whole."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import random
 import sys
@@ -19,7 +18,8 @@ from typing import Any
 import torch
 
 from moeflow.api import LLM
-from moeflow.bench.cpu import measure_bandwidth
+from moeflow.bench.cpu import measure_bandwidth, parse_compare, resolve_device, sync
+from moeflow.bench.peers import skip_reason
 from moeflow.bench.report import ParamCounts, count_parameters
 from moeflow.config import ModelConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token
@@ -80,19 +80,17 @@ def run_suite(args: argparse.Namespace) -> int:
     """The `--workload suite` benchmark; 0 on success."""
     if not args.model or not args.model.startswith("preset:"):
         raise ValueError("--workload suite runs a preset: --model preset:<name>")
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = torch.device(resolve_device(args.device))
     dtype = (
         args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     )
     overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
     batches = _int_list(args.batch_sizes)
     prefills = [_shape(s) for s in args.prefill_shapes.split(",") if s]
-    peers = [p for p in args.compare.split(",") if p and p not in ("none", "auto")]
-    if args.compare == "auto" and importlib.util.find_spec("transformers") is not None:
-        peers = ["hf"]
-    if any(p != "hf" for p in peers):
+    peers = parse_compare(args.compare)
+    if args.compare.strip() == "auto":  # the installed peers that run a preset
+        peers = [p for p in peers if p == "hf" and skip_reason(p, args.model) is None]
+    if peers not in ([], ["hf"]):
         raise ValueError("--workload suite compares with hf only (or none)")
     bw_name, bw_peak, flops_peak = device_peaks(device)
     bandwidth = measure_bandwidth(device)
@@ -294,14 +292,14 @@ def _decode(
         engine.step()
     touched = engine.experts_touched_per_step()
     engine.enable_routing_stats(False)
-    _sync(engine.device)
+    sync(engine.device)
     done = 0
     engine.start_profile()
     start = time.perf_counter()
     while not all(r.is_finished for r in reqs):
         engine.step()
         done += 1
-    _sync(engine.device)
+    sync(engine.device)
     elapsed = time.perf_counter() - start
     profile = engine.stop_profile()
     gpu_s = profile.gpu_forward_s()
@@ -339,11 +337,11 @@ def _prefill(
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     for timed in (False, True):
         reqs = [engine.add_request(_random_ids(rng, vocab, length), params) for _ in range(n)]
-        _sync(engine.device)
+        sync(engine.device)
         start = time.perf_counter()
         while not all(r.is_finished for r in reqs):
             engine.step()
-        _sync(engine.device)
+        sync(engine.device)
         elapsed = time.perf_counter() - start
         if timed:
             flops = prefill_flops(counts, config, n, length)
@@ -365,13 +363,19 @@ def prefill_flops(counts: ParamCounts, config: ModelConfig, n: int, length: int)
     head = counts.lm_head if not counts.is_tied else counts.embedding
     body = counts.active_per_token - counts.embedding - counts.lm_head
     hf = config.hf
-    heads = int(hf.get("num_attention_heads", 0))
     if "kv_lora_rank" in hf:  # MLA prefill attends decompressed: qk = nope + rope, v
         d_qk = int(hf["qk_nope_head_dim"]) + int(hf["qk_rope_head_dim"])
         d_v = int(hf["v_head_dim"])
     else:
-        d_qk = d_v = int(hf.get("head_dim") or hf["hidden_size"] // heads)
-    attn = 2 * heads * (d_qk + d_v) * (length * (length + 1) / 2) * config.num_hidden_layers * n
+        d_qk = d_v = config.head_dim
+    attn = (
+        2
+        * config.num_attention_heads
+        * (d_qk + d_v)
+        * (length * (length + 1) / 2)
+        * config.num_hidden_layers
+        * n
+    )
     return 2.0 * body * tokens + 2.0 * head * n + attn
 
 
@@ -383,10 +387,10 @@ def _throughput(engine: LLMEngine, rng: random.Random, vocab: int, num: int) -> 
         n_out = rng.randint(*THROUGHPUT_OUTPUT)
         params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
         reqs.append(engine.add_request(_random_ids(rng, vocab, n_in), params))
-    _sync(engine.device)
+    sync(engine.device)
     start = time.perf_counter()
     engine.run_to_completion()
-    _sync(engine.device)
+    sync(engine.device)
     elapsed = time.perf_counter() - start
     n_out = sum(len(r.output_ids) for r in reqs)
     n_in = sum(len(r.prompt_ids) for r in reqs)
@@ -438,10 +442,10 @@ def _run_hf(
                     [_random_ids(rng, vocab, length) for _ in range(n)], device=device
                 )
                 net(ids[:, :16], use_cache=False, logits_to_keep=1)  # warm-up
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 net(ids, use_cache=False, logits_to_keep=1)
-                _sync(device)
+                sync(device)
                 elapsed = time.perf_counter() - start
                 flops = prefill_flops(counts, config, n, length)
                 fig.prefill.append(
@@ -464,12 +468,12 @@ def _run_hf(
                 for _ in range(2):  # warm-up steps
                     out = net(token, past_key_values=past, use_cache=True)
                     past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 for _ in range(steps):
                     out = net(token, past_key_values=past, use_cache=True)
                     past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                _sync(device)
+                sync(device)
                 step_s = (time.perf_counter() - start) / steps
                 del out, past
                 fig.decode.append(
@@ -560,8 +564,3 @@ def _shape(text: str) -> tuple[int, int]:
     if not n.isdigit() or not length.isdigit() or int(n) < 1 or int(length) < 1:
         raise ValueError(f"a prefill shape is NxL (e.g. 8x2048), got {text!r}")
     return int(n), int(length)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
