@@ -115,15 +115,9 @@ class DecodeGraphRunner:
         return self.capture_s
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [B, V] of a decode batch of B <= max_bs rows (one new token each), through the
-        graph of the next size up (or eagerly over the same padded buffers when nothing was
-        captured)."""
-        self.load(batch)
-        return self.replay(len(batch.reqs))
-
     def replay(self, n: int) -> torch.Tensor:
-        """Logits [n, V] of the n rows `load` wrote (see `run`)."""
+        """Logits [n, V] of the n decode rows `load` wrote, through the graph of the next size
+        up (or eagerly over the same padded buffers when nothing was captured)."""
         bs = self.padded_size(n)
         assert bs is not None, f"no graph holds {n} rows"
         if bs in self.graphs:
