@@ -32,7 +32,8 @@ def _decode(llm: LLM) -> list[tuple[list[int], list[float]]]:
     return [(o.token_ids, [lp.logprob for lp in o.logprobs or []]) for o in outs]
 
 
-def _assert_same(got: list, want: list, atol: float) -> None:
+def assert_same_outputs(got: list, want: list, atol: float) -> None:
+    """Same greedy tokens per sequence, log-probs within `atol`."""
     for (ids, lps), (ref_ids, ref_lps) in zip(got, want, strict=True):
         assert ids == ref_ids
         assert torch.allclose(torch.tensor(lps), torch.tensor(ref_lps), atol=atol)
@@ -67,7 +68,7 @@ def test_padded_static_batches_match_plain_decode(
     graphs.replay = lambda n: (calls.append(n), replay(n))[1]  # type: ignore[method-assign]
     got = _decode(llm)
     assert 3 in calls  # decode steps went through the padded static batch
-    _assert_same(got, want, atol=1e-4)
+    assert_same_outputs(got, want, atol=1e-4)
     assert all(0 <= t < TINY_VOCAB for ids, _ in got for t in ids)
 
 
@@ -82,7 +83,7 @@ def test_captured_graphs_match_eager(family: str, checkpoints: dict[str, Path]) 
     llm = LLM(path, dtype="float32", device="cuda", max_model_len=64, max_num_seqs=8)
     graphs = llm.engine.runner.graphs
     assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8]
-    _assert_same(_decode(llm), want, atol=1e-3)
+    assert_same_outputs(_decode(llm), want, atol=1e-3)
 
 
 def test_step_profile_splits_the_step(checkpoints: dict[str, Path]) -> None:

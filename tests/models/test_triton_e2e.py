@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from moeflow import env
 from moeflow.api import LLM
 from moeflow.kernels import cpu_ext
 from moeflow.sampling_params import SamplingParams
 from tests.conftest import TRITON_DEVICE, make_tiny_checkpoint, needs_triton
+from tests.engine.test_cuda_graph import assert_same_outputs
 from tests.models.test_deepseek import make_deepseek_checkpoint
 
 pytest.importorskip("triton")
@@ -91,9 +91,7 @@ def test_triton_paths_match_the_reference(
     got = _decode(path, graphs=True)
 
     assert set(calls) == {name for _, name in LAUNCHERS[family]}, calls
-    for (ids, lps), (ref_ids, ref_lps) in zip(got, want, strict=True):
-        assert ids == ref_ids
-        assert torch.allclose(torch.tensor(lps), torch.tensor(ref_lps), atol=2e-4)
+    assert_same_outputs(got, want, atol=2e-4)
 
 
 def _counted(fn: Callable[..., Any], name: str, calls: Counter[str]) -> Callable[..., Any]:
