@@ -335,7 +335,8 @@ def _prefill(
 ) -> PrefillFigure:
     """n prompts of `length` tokens in one step (after a warm-up of the same shape)."""
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for timed in (False, True):
+    elapsed = 0.0
+    for _ in range(2):  # the first run warms up; the second is timed
         reqs = [engine.add_request(_random_ids(rng, vocab, length), params) for _ in range(n)]
         sync(engine.device)
         start = time.perf_counter()
@@ -343,17 +344,9 @@ def _prefill(
             engine.step()
         sync(engine.device)
         elapsed = time.perf_counter() - start
-        if timed:
-            flops = prefill_flops(counts, config, n, length)
-            return PrefillFigure(
-                n,
-                length,
-                elapsed,
-                n * length / elapsed,
-                flops,
-                flops / elapsed / peak if peak else None,
-            )
-    raise AssertionError("unreachable")
+    flops = prefill_flops(counts, config, n, length)
+    mfu = flops / elapsed / peak if peak else None
+    return PrefillFigure(n, length, elapsed, n * length / elapsed, flops, mfu)
 
 
 def prefill_flops(counts: ParamCounts, config: ModelConfig, n: int, length: int) -> float:
