@@ -54,12 +54,15 @@ class LLM:
         hf_overrides: dict[str, Any] | None = None,
         quantize: str | None = None,
         enforce_eager: bool = False,
+        overlap_schedule: bool | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" with random_weights=True (real shapes, moeflow/presets.py);
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
         ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels;
-        `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are captured at start)."""
+        `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are captured at start);
+        `overlap_schedule` launches each step before reading the previous step's tokens
+        (default: on for a CUDA device, where the host's work then hides behind the GPU's)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -85,6 +88,7 @@ class LLM:
                 f"kv_cache_tokens {kv_cache_tokens} cannot hold one sequence of max_model_len "
                 f"{max_model_len}; raise kv_cache_tokens or lower max_model_len"
             )
+        is_cuda = torch.device(device).type == "cuda"
         self.config = EngineConfig(
             model=loaded.path,
             device=device,
@@ -97,6 +101,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
             enforce_eager=enforce_eager,
+            overlap_schedule=(is_cuda if (overlap_schedule is None) else overlap_schedule),
         )
         self.loaded = loaded
         # One block more than the block manager hands out: the sink of padded graph rows.

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--enforce-eager", action="store_true", help="never capture CUDA graphs for decode"
     )
+    common.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="read each step's tokens before launching the next (on a GPU the next step is "
+        "launched first, so the host's scheduling hides behind the device's work)",
+    )
     common.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
     common.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     common.add_argument("--top-p", type=float, default=1.0)
@@ -222,6 +228,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         random_weights=_is_preset(args.model),
         quantize=args.quantize,
         enforce_eager=args.enforce_eager,
+        overlap_schedule=False if args.disable_overlap_schedule else None,
         **(
             {"kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs}
             if serving

@@ -120,6 +120,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     enforce_eager: bool = False  # never capture CUDA graphs for decode
+    # Launch step N+1 before reading step N's sampled ids (engine/llm_engine.py step()); the
+    # offline API and CLI turn it on for CUDA devices.
+    overlap_schedule: bool = False
 
     @property
     def sink_block(self) -> int:

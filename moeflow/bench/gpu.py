@@ -52,7 +52,8 @@ class DecodeFigure:
     roofline_tok_s: float | None
     # From the engine's step profile over the timed steps:
     host_overhead_share: float | None = None  # schedule + prepare + post-process / step wall
-    gpu_idle_share: float | None = None  # 1 - GPU time of the forwards / step wall (GPU only)
+    gpu_idle_share: float | None = None  # 1 - GPU time of forward + sampling / wall (GPU only)
+    overlap: bool = False  # run with the overlap schedule
 
 
 @dataclass(slots=True)
@@ -70,6 +71,9 @@ class EngineFigures:
     name: str
     note: str = ""
     decode: list[DecodeFigure] = field(default_factory=list)
+    # The smallest decode batch again, with the overlap schedule off (when it was on): the
+    # idle gap the overlap closes.
+    decode_without_overlap: list[DecodeFigure] = field(default_factory=list)
     prefill: list[PrefillFigure] = field(default_factory=list)
     throughput: dict[str, float] | None = None
     load_s: float | None = None
@@ -123,6 +127,7 @@ def run_suite(args: argparse.Namespace) -> int:
         random_weights=True,
         hf_overrides=overrides,
         enforce_eager=args.enforce_eager,
+        overlap_schedule=False if args.disable_overlap_schedule else None,
     )
     mf = EngineFigures("moeflow", note=dtype, load_s=time.perf_counter() - start)
     graphs = llm.engine.runner.graphs
@@ -150,6 +155,13 @@ def run_suite(args: argparse.Namespace) -> int:
             _decode(engine, rng, vocab, b, steps, counts, kv_per_token, bandwidth, bw_peak)
         )
         _print_decode("moeflow", mf.decode[-1])
+    if batches and engine.overlap_schedule:
+        engine.overlap_schedule = False
+        mf.decode_without_overlap.append(
+            _decode(engine, rng, vocab, batches[0], steps, counts, kv_per_token, bandwidth, bw_peak)
+        )
+        engine.overlap_schedule = True
+        _print_decode("moeflow (overlap schedule off)", mf.decode_without_overlap[-1])
     if args.num_requests:
         mf.throughput = _throughput(engine, rng, vocab, args.num_requests)
         t = mf.throughput
@@ -293,17 +305,16 @@ def _decode(
     touched = engine.experts_touched_per_step()
     engine.enable_routing_stats(False)
     sync(engine.device)
-    done = 0
+    first_step = engine.stats.num_steps
     engine.start_profile()
     start = time.perf_counter()
     while not all(r.is_finished for r in reqs):
         engine.step()
-        done += 1
     sync(engine.device)
     elapsed = time.perf_counter() - start
     profile = engine.stop_profile()
-    gpu_s = profile.gpu_forward_s()
-    step_s = elapsed / done
+    gpu_s = profile.gpu_busy_s()
+    step_s = elapsed / (engine.stats.num_steps - first_step)
     layers = engine._moe_layers()  # noqa: SLF001
     expert_bytes = sum(t * _one_expert_bytes(m) for t, m in zip(touched, layers, strict=True))
     mean_ctx = DECODE_PROMPT_LEN + 1 + ROUTING_STEPS + steps / 2
@@ -320,6 +331,7 @@ def _decode(
         roofline_tok_s=batch * (peak or bandwidth) / nbytes,
         host_overhead_share=profile.host_overhead_s / profile.wall_s if profile.wall_s else None,
         gpu_idle_share=1.0 - gpu_s / elapsed if gpu_s is not None else None,
+        overlap=engine.overlap_schedule,
     )
 
 
@@ -519,10 +531,13 @@ def _table(results: list[EngineFigures]) -> str:
                 f"| {r.name} | prefill {p.seqs}x{p.seq_len} | {1000 * p.seconds:.1f} | "
                 f"{p.tok_s:.0f} | {mfu} |"
             )
-        for d in r.decode:
+        modes = [(d, "") for d in r.decode] + [
+            (d, ", no overlap") for d in r.decode_without_overlap
+        ]
+        for d, mode in modes:
             mbu = f"MBU {100 * d.mbu:.1f}%" if d.mbu is not None else "-"
             rows.append(
-                f"| {r.name} | decode bs{d.batch} | {d.ms_per_step:.2f}/step | "
+                f"| {r.name} | decode bs{d.batch}{mode} | {d.ms_per_step:.2f}/step | "
                 f"{d.tok_s:.1f} | {mbu} |"
             )
         if r.throughput:

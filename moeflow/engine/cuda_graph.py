@@ -50,11 +50,16 @@ class DecodeGraphRunner:
         self.sink_block = sink_block
         self.device = device
         # One int64 buffer, [ids | positions | slots | context lens] x n rows, then the block
-        # tables [n, w]; every static input is a contiguous slice of it. Its host twin is pinned
-        # so each step is two asynchronous copies.
+        # tables [n, w]; every static input is a contiguous slice of it. Its host twins are
+        # pinned so each step is two asynchronous copies. There are two, used in turn: with the
+        # overlap schedule, step N+1 is written while step N's copies may still be queued.
         self._buf = torch.zeros(n * (4 + w), dtype=torch.int64, device=device)
         pin = device.type == "cuda"
-        self._host = torch.zeros(n * (4 + w), dtype=torch.int64, pin_memory=pin)
+        self._hosts = [
+            torch.zeros(n * (4 + w), dtype=torch.int64, pin_memory=pin) for _ in range(2)
+        ]
+        self._turn = 0
+        self._host = self._hosts[0]
         self._host_np = self._host.numpy()
         self.input_ids, self.positions, self.slot_mapping, self.context_lens = (
             self._buf[i * n : (i + 1) * n] for i in range(4)
@@ -62,7 +67,9 @@ class DecodeGraphRunner:
         self.block_tables = self._buf[4 * n :].view(n, w)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int64, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
-        self._fill_padding(0, n)
+        for host in self._hosts:
+            self._host, self._host_np = host, host.numpy()
+            self._fill_padding(0, n)
         self._buf.copy_(self._host)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
@@ -129,17 +136,28 @@ class DecodeGraphRunner:
                 logits = self._forward(padded)
         return logits[:n]
 
-    def load(self, batch: ScheduledBatch) -> None:
-        """Write the batch's rows (and padding after them) into the host twin, copy it over."""
-        h, n, w, bs = self._host_np, self.max_bs, self.width, self.block_size
+    def load(self, batch: ScheduledBatch) -> tuple[list[int], list[str]]:
+        """Write the batch's rows (and padding after them) into a host twin, copy it over.
+        Returns the rows whose input token is pending (left 0 here) and their request ids."""
+        self._turn ^= 1
+        self._host = self._hosts[self._turn]
+        self._host_np = h = self._host.numpy()
+        n, w, bs = self.max_bs, self.width, self.block_size
         rows = len(batch.reqs)
         padded = self.padded_size(rows)
         assert padded is not None and all(k == 1 for k in batch.num_new_tokens), "not a graph batch"
+        pending_at: list[int] = []
+        pending_reqs: list[str] = []
         for i, req in enumerate(batch.reqs):
             pos = req.num_computed_tokens
             table = req.block_table
             assert len(table) <= w, "a block table wider than max_model_len allows"
-            (h[i],) = req.tokens_slice(pos, pos + 1)
+            if req.num_pending:  # a decode row's one token is its last
+                h[i] = 0
+                pending_at.append(i)
+                pending_reqs.append(req.request_id)
+            else:
+                (h[i],) = req.tokens_slice(pos, pos + 1)
             h[n + i] = pos
             h[2 * n + i] = table[pos // bs] * bs + pos % bs
             h[3 * n + i] = pos + 1
@@ -147,11 +165,12 @@ class DecodeGraphRunner:
             h[row : row + len(table)] = table
             h[row + len(table) : row + w] = -1
         self._fill_padding(rows, padded)
-        # NOTE: non_blocking from pinned memory; the host twin is next written after the
-        # sampler has waited for this step, so the copies are done by then.
+        # NOTE: non_blocking from pinned memory; this twin is next written two steps later,
+        # after the engine has waited for the sampled ids of the step these copies precede.
         self._buf[: 4 * n].copy_(self._host[: 4 * n], non_blocking=True)
         used = 4 * n + padded * w
         self._buf[4 * n : used].copy_(self._host[4 * n : used], non_blocking=True)
+        return pending_at, pending_reqs
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
         hidden = self.model(fb.input_ids, fb.positions)  # [bs, E]

@@ -1,5 +1,6 @@
-"""The synchronous engine core: add_request / step / abort. Each step schedules a batch, runs the
-model, samples, appends tokens, checks stop conditions and frees finished requests' blocks."""
+"""The engine core: add_request / step / abort. Each step schedules a batch, runs the model,
+samples, appends tokens, checks stop conditions and frees finished requests' blocks. With the
+overlap schedule the host reads a step's tokens after launching the next one (see step())."""
 
 from __future__ import annotations
 
@@ -13,15 +14,30 @@ import torch
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
 from moeflow.engine.model_loader import LoadedModel
-from moeflow.engine.model_runner import ModelRunner, StepProfile
+from moeflow.engine.model_runner import ModelRunner, StepProfile, TokenCarry
 from moeflow.engine.request import Request, RequestStatus
-from moeflow.engine.sampler import Sampler, SamplingRow, make_generator
-from moeflow.engine.scheduler import Scheduler
+from moeflow.engine.sampler import (
+    SampledBatch,
+    Sampler,
+    SamplingRow,
+    has_penalties,
+    make_generator,
+)
+from moeflow.engine.scheduler import ScheduledBatch, Scheduler
 from moeflow.errors import RequestError
 from moeflow.sampling_params import FinishReason, SamplingParams
 from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("moeflow")
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step's sampling rows, their ids still on the device (or on their way)."""
+
+    reqs: list[Request]
+    sampled: SampledBatch
+    row_of: dict[str, int]  # request id -> row of `sampled`
 
 
 @dataclass(slots=True)
@@ -55,6 +71,8 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self._in_flight: _InFlight | None = None  # the launch whose ids the host has not read
+        self.overlap_schedule = config.overlap_schedule  # may change between steps
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -118,18 +136,26 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one batch; returns the requests that gained a token or finished (finished ones are
-        no longer tracked by the engine after this; `req.error` is set on those that failed)."""
+        no longer tracked by the engine after this; `req.error` is set on those that failed).
+
+        With the overlap schedule (`EngineConfig.overlap_schedule`), a step launches its batch
+        and only then reads the ids sampled by the step before, so the host's work (scheduling,
+        preparing, stop checks) runs while the device computes: a step returns the requests of
+        the previous launch. A request that finishes has one wasted row in the launch after."""
         profile = self.runner.profile
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if profile is not None:
             profile.schedule_s += time.perf_counter() - start
+        prev, self._in_flight = self._in_flight, None
         if not batch.reqs:
+            if prev is not None:
+                return self._resolve(prev)
             if self.scheduler.waiting and not self.scheduler.running:
                 # Nothing runs and the head of the queue still does not fit: it never will.
                 req = self.scheduler.waiting[0]
@@ -141,22 +167,78 @@ class LLMEngine:
                 self._finish(req)
                 return [req]
             return []
-        logits = self.runner.run(batch)
+        done: list[Request] = []
+        overlap = self.overlap_schedule and not any(has_penalties(r.params) for r in batch.reqs)
+        if prev is not None and not overlap:
+            # Penalties count every earlier token: read the pending ones first.
+            done = self._resolve(prev)
+            prev = None
+            keep = [i for i, r in enumerate(batch.reqs) if not r.is_finished]
+            batch = ScheduledBatch(
+                [batch.reqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep]
+            )
+            if not batch.reqs:
+                return done
+        launched = self._launch(batch, prev)
+        if prev is not None:
+            done = self._resolve(prev)
+        for req in batch.reqs:
+            if not req.is_finished:  # every computed token is known to the host by now
+                self.block_manager.cache_full_blocks(req)
+        if launched is not None:
+            if overlap:
+                self._in_flight = launched
+            else:
+                done += self._resolve(launched)
+        return done
+
+    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight | None:
+        """Run the model over `batch` and sample on the device; returns the sampled rows with
+        their ids still on the way to the host (None when no row samples)."""
+        profile = self.runner.profile
+        events = None
+        if profile is not None and self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        carry = TokenCarry(prev.sampled.token_ids, prev.row_of) if prev is not None else None
+        logits = self.runner.run(batch, carry)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += batch.num_tokens
-        sampled: list[Request] = []
+        reqs: list[Request] = []
         for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
             req.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(req)
             if req.num_computed_tokens == req.num_tokens:
-                sampled.append(req)
-        if not sampled:
-            return []
-        rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampled]
-        sample_start = time.perf_counter()
-        token_ids, logprobs = self.sampler(logits, rows)
+                reqs.append(req)
+        launched = None
+        if reqs:
+            sample_start = time.perf_counter()
+            rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs]
+            sampled = self.sampler.sample(logits, rows)
+            for req in reqs:
+                req.num_pending += 1
+            launched = _InFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
+            if profile is not None:
+                profile.sample_s += time.perf_counter() - sample_start
+        if profile is not None:
+            profile.steps += 1
+            if events is not None:
+                events[1].record()
+                profile.events.append(events)
+        return launched
+
+    def _resolve(self, launched: _InFlight) -> list[Request]:
+        """Read a launch's sampled ids on the host: append them, check stop conditions, finish
+        requests. Requests that ended meanwhile (aborted, or stopped by an earlier token) are
+        skipped."""
+        profile = self.runner.profile
+        wait_start = time.perf_counter()
+        token_ids, logprobs = launched.sampled.to_host()
         post_start = time.perf_counter()
-        for req, token, lp in zip(sampled, token_ids, logprobs, strict=True):
+        done: list[Request] = []
+        for req, token, lp in zip(launched.reqs, token_ids, logprobs, strict=True):
+            req.num_pending -= 1
+            if req.is_finished:
+                continue
             req.output_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(lp)
@@ -164,11 +246,11 @@ class LLMEngine:
             self._check_stop(req, token)
             if req.finish_reason is not None:
                 self._finish(req)
+            done.append(req)
         if profile is not None:
-            profile.steps += 1
-            profile.sample_s += post_start - sample_start
+            profile.wait_s += post_start - wait_start
             profile.postprocess_s += time.perf_counter() - post_start
-        return sampled
+        return done
 
     def start_profile(self) -> None:
         """Time the phases of every step from now on (ModelRunner.StepProfile)."""
@@ -211,7 +293,9 @@ class LLMEngine:
                 return
         if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
             req.finish_reason, req.stop_reason = FinishReason.STOP, token
-        elif len(req.output_ids) >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+        elif len(req.output_ids) >= req.max_tokens or (
+            len(req.prompt_ids) + len(req.output_ids) >= self.config.max_model_len
+        ):
             req.finish_reason = FinishReason.LENGTH
 
     def _finish(self, req: Request) -> None:

@@ -13,39 +13,56 @@ from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.models.base import CausalLM
+from moeflow.utils.device import to_device
 
 
 @dataclass(slots=True)
 class StepProfile:
     """Where the profiled engine steps spent their time: host seconds per phase, and CUDA events
-    around each forward (GPU busy time). The engine is synchronous, so a step's GPU idle time is
-    its wall time less the forward's GPU time."""
+    around each step's device work (forward and sampling). Without the overlap schedule the
+    device waits for all the host work of a step; with it, for what the host does before the
+    launch only (schedule, prepare) while the previous step still runs."""
 
-    steps: int = 0
+    steps: int = 0  # steps that launched a forward
     schedule_s: float = 0.0  # scheduler: which requests run, block allocation
     prepare_s: float = 0.0  # host lists -> device tensors of the ForwardBatch
     forward_s: float = 0.0  # host time launching the forward (on CPU: running it)
-    sample_s: float = 0.0  # sampling, the wait for the device included
+    sample_s: float = 0.0  # host time launching the sampling (on CPU: running it)
+    wait_s: float = 0.0  # waiting for sampled ids to reach the host
     postprocess_s: float = 0.0  # appending tokens, stop checks, freeing finished requests
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
     @property
     def wall_s(self) -> float:
         return (
-            self.schedule_s + self.prepare_s + self.forward_s + self.sample_s + self.postprocess_s
+            self.schedule_s
+            + self.prepare_s
+            + self.forward_s
+            + self.sample_s
+            + self.wait_s
+            + self.postprocess_s
         )
 
     @property
     def host_overhead_s(self) -> float:
-        """Host work the device always waits for: scheduling, preparing, post-processing."""
+        """The engine's own Python work: scheduling, preparing, post-processing."""
         return self.schedule_s + self.prepare_s + self.postprocess_s
 
-    def gpu_forward_s(self) -> float | None:
-        """GPU seconds of the forwards (None on CPU); waits for the last one."""
+    def gpu_busy_s(self) -> float | None:
+        """GPU seconds of the steps' forwards and sampling (None on CPU); waits for the last."""
         if not self.events:
             return None
         self.events[-1][1].synchronize()
         return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
+
+
+@dataclass(slots=True)
+class TokenCarry:
+    """The previous step's sampled ids, still on the device, for the rows of this step whose
+    input token is pending (overlap schedule): `row_of` maps a request id to its row there."""
+
+    token_ids: torch.Tensor  # [S] long
+    row_of: dict[str, int]
 
 
 class ModelRunner:
@@ -73,6 +90,12 @@ class ModelRunner:
         return self.graphs
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        """The ForwardBatch of `batch` (pending input tokens left 0)."""
+        return self._prepare(batch)[0]
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int], list[str]]:
+        """The ForwardBatch, and its pending input tokens: their flat indices in input_ids, and
+        the ids of their requests (TokenCarry.row_of finds their rows in the previous step)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -80,10 +103,18 @@ class ModelRunner:
         context_lens: list[int] = []
         cu_seqlens = [0]
         logits_indices: list[int] = []
+        pending_at: list[int] = []
+        pending_reqs: list[str] = []
         for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
             start = req.num_computed_tokens
             end = start + n
-            input_ids.extend(req.tokens_slice(start, end))
+            if end == req.num_tokens and req.num_pending:  # the last token is still on the device
+                input_ids.extend(req.tokens_slice(start, end - 1))
+                pending_at.append(len(input_ids))
+                pending_reqs.append(req.request_id)
+                input_ids.append(0)
+            else:
+                input_ids.extend(req.tokens_slice(start, end))
             positions.extend(range(start, end))
             table = req.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -96,9 +127,9 @@ class ModelRunner:
         dev = self.device
 
         def t(x: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+            return to_device(x, torch.int64, dev)
 
-        return ForwardBatch(
+        fb = ForwardBatch(
             input_ids=t(input_ids),
             positions=t(positions),
             slot_mapping=t(slots),
@@ -110,30 +141,33 @@ class ModelRunner:
             context_lens_cpu=context_lens,
             is_decode=all(n == 1 for n in batch.num_new_tokens),
         )
+        return fb, pending_at, pending_reqs
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order."""
+    def run(self, batch: ScheduledBatch, carry: TokenCarry | None = None) -> torch.Tensor:
+        """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order.
+        Rows whose input token is pending take it from `carry` on the device."""
         profile = self.profile
         start = time.perf_counter() if profile is not None else 0.0
         graphs = self._graphs_for(batch)
         fb = None
         if graphs is not None:
-            graphs.load(batch)
+            pending_at, pending_reqs = graphs.load(batch)
+            input_ids = graphs.input_ids
         else:
-            fb = self.prepare(batch)
+            fb, pending_at, pending_reqs = self._prepare(batch)
+            input_ids = fb.input_ids
+        if pending_at:
+            assert carry is not None, "a pending input token without the step that sampled it"
+            src = [carry.row_of[r] for r in pending_reqs]
+            dst_t = to_device(pending_at, torch.int64, self.device)
+            src_t = to_device(src, torch.int64, self.device)
+            input_ids.index_copy_(0, dst_t, carry.token_ids.index_select(0, src_t))
         if profile is None:
             return self._launch(graphs, fb, len(batch.reqs))
         launched = time.perf_counter()
         profile.prepare_s += launched - start
-        events = None
-        if self.device.type == "cuda":
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
         logits = self._launch(graphs, fb, len(batch.reqs))
-        if events is not None:
-            events[1].record()
-            profile.events.append(events)
         profile.forward_s += time.perf_counter() - launched
         return logits
 

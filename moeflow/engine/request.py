@@ -35,7 +35,10 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
     # Set by the engine after each sampled token.
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # tokens that reached the host
+    # Tokens sampled on the device whose ids the host has not read yet (0 or 1): with the
+    # overlap schedule, the next step is launched before the host reads this step's token.
+    num_pending: int = 0
     output_logprobs: list[Any] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
@@ -45,7 +48,14 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt, output and pending tokens: what the next step computes up to."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def reached_max_tokens(self) -> bool:
+        """The tokens sampled so far, pending ones included, reach max_tokens: nothing more is
+        computed for this request, whatever its pending token turns out to be."""
+        return len(self.output_ids) + self.num_pending >= self.max_tokens
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -56,6 +66,7 @@ class Request:
         return self.prompt_ids[index] if index < n else self.output_ids[index - n]
 
     def tokens_slice(self, start: int, end: int) -> list[int]:
+        """Token ids start..end-1 the host knows (pending ones are not: end stops before them)."""
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]

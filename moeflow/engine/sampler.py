@@ -1,5 +1,6 @@
 """Sampler: penalties, temperature, top-k / top-p / min-p, per-request seeds and logprobs, with
-vLLM's semantics. Owns no model state; its one host sync is the final copy of the results."""
+vLLM's semantics. Owns no model state; its one host sync is the copy of the results, which
+`Sampler.sample` leaves for the caller to wait for (SampledBatch.to_host)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.sampling_params import SamplingParams
+from moeflow.utils.device import to_device
 
 # Shapes: N rows in the batch, V vocab, S sampled (non-greedy) rows, L rows asking for logprobs,
 # K the largest top-logprobs count among those L rows.
@@ -53,16 +55,22 @@ class Sampler:
         self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [N, V], any float dtype, never written -> (token id, logprobs) per row."""
+        return self.sample(logits, rows).to_host()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
+        """Like __call__, but returns at once: the ids stay on the device (for the next step's
+        inputs) and their copy to the host is queued behind the sampling."""
         num_rows = logits.shape[0]
         if logits.dim() != 2 or len(rows) != num_rows:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         if all(_is_plain_greedy(row.params) for row in rows):
-            return logits.argmax(dim=-1).tolist(), [None] * num_rows
+            token_ids = logits.argmax(dim=-1)  # [N]
+            return SampledBatch(token_ids, token_ids, [], 0, [row.params for row in rows])
 
         device = logits.device
         raw = logits.float()  # [N, V]; NOTE: may alias `logits`, so nothing below writes in place
         lp_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-        lp_idx = torch.tensor(lp_rows, dtype=torch.long, device=device)  # [L]
+        lp_idx = to_device(lp_rows, torch.long, device)  # [L]
         logprobs = raw[lp_idx].log_softmax(dim=-1) if lp_rows else None  # [L, V]
 
         x = apply_penalties(raw, rows)  # [N, V]
@@ -72,12 +80,73 @@ class Sampler:
         else:
             token_ids = x.argmax(dim=-1)  # [N]
             if sample_rows:
-                sample_idx = torch.tensor(sample_rows, dtype=torch.long, device=device)  # [S]
+                sample_idx = to_device(sample_rows, torch.long, device)  # [S]
                 token_ids[sample_idx] = _sample(x[sample_idx], [rows[i] for i in sample_rows])
 
+        params = [row.params for row in rows]
         if logprobs is None:
-            return token_ids.tolist(), [None] * num_rows
-        return _with_logprobs(token_ids, logprobs, lp_idx, lp_rows, rows)
+            return SampledBatch(token_ids, token_ids, [], 0, params)
+        vocab_size = logprobs.shape[1]
+        sampled_lp = logprobs.gather(1, token_ids[lp_idx][:, None]).squeeze(1)  # [L]
+        max_n = min(max(rows[i].params.logprobs or 0 for i in lp_rows), vocab_size)
+        top_lp, top_ids = logprobs.topk(max_n, dim=-1)  # [L, K] each, by falling logprob
+        # float64 holds every token id and float32 logprob exactly: one copy for everything
+        flat = torch.cat(
+            [
+                token_ids.double(),
+                sampled_lp.double(),
+                top_lp.double().flatten(),
+                top_ids.double().flatten(),
+            ]
+        )
+        return SampledBatch(token_ids, flat, lp_rows, max_n, params)
+
+
+class SampledBatch:
+    """One step's sampled ids on the device, and everything the host reads of it (ids, then
+    logprobs when asked for) in one flat tensor whose copy to the host is already queued: on a
+    GPU into pinned memory, so `to_host` waits for this step only, not for work queued after."""
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        flat: torch.Tensor,
+        lp_rows: list[int],
+        max_n: int,
+        params: list[SamplingParams],
+    ) -> None:
+        self.token_ids = token_ids  # [N] long, on the device
+        self._lp_rows = lp_rows
+        self._max_n = max_n
+        self._params = params
+        self._ready: torch.cuda.Event | None = None
+        if flat.device.type == "cuda":
+            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = flat.cpu()
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """(token id, logprobs or None) per row; waits for the copy."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        flat = self._host.tolist()
+        num_rows = len(self._params)
+        ids = [int(t) for t in flat[:num_rows]]
+        out: list[TokenLogprobs | None] = [None] * num_rows
+        lp_rows, max_n = self._lp_rows, self._max_n
+        sampled = flat[num_rows : num_rows + len(lp_rows)]
+        top_off = num_rows + len(lp_rows)
+        ids_off = top_off + len(lp_rows) * max_n
+        for j, i in enumerate(lp_rows):
+            n = self._params[i].logprobs or 0
+            row_lp = flat[top_off + j * max_n : top_off + j * max_n + n]
+            row_ids = flat[ids_off + j * max_n : ids_off + j * max_n + n]
+            top = {int(t): lp for t, lp in zip(row_ids, row_lp, strict=True)}
+            out[i] = TokenLogprobs(token_id=ids[i], logprob=sampled[j], top=top)
+        return ids, out
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -131,7 +200,7 @@ def _is_greedy(params: SamplingParams) -> bool:
     return params.temperature < _SAMPLING_EPS
 
 
-def _has_penalties(params: SamplingParams) -> bool:
+def has_penalties(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
@@ -141,11 +210,11 @@ def _has_penalties(params: SamplingParams) -> bool:
 
 
 def _is_plain_greedy(params: SamplingParams) -> bool:
-    return _is_greedy(params) and params.logprobs is None and not _has_penalties(params)
+    return _is_greedy(params) and params.logprobs is None and not has_penalties(params)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # [N, 1]
+    return to_device(values, torch.float32, device)[:, None]  # [N, 1]
 
 
 def _flat_index(
@@ -192,7 +261,7 @@ def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
     device = x.device
     # stable: ties at the top-k edge keep the lower token id, whatever the batch
     sorted_x, sorted_idx = x.sort(dim=-1, descending=True, stable=True)  # [S, V] each
-    k = torch.tensor(top_k, dtype=torch.long, device=device)[:, None]  # [S, 1]
+    k = to_device(top_k, torch.long, device)[:, None]  # [S, 1]
     drop = torch.arange(vocab_size, device=device)[None, :] >= k  # [S, V], sorted order
     if any(p < 1.0 for p in top_p):
         p = _column(top_p, device)  # [S, 1]
@@ -202,40 +271,3 @@ def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
         drop |= (mass_before >= p) & (p < 1.0)
     drop = torch.empty_like(drop).scatter_(1, sorted_idx, drop)  # [S, V], vocab order
     return x.masked_fill(drop, float("-inf"))
-
-
-def _with_logprobs(
-    token_ids: torch.Tensor,
-    logprobs: torch.Tensor,
-    lp_idx: torch.Tensor,
-    lp_rows: list[int],
-    rows: list[SamplingRow],
-) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Sampled ids [N] and raw logprobs [L, V] -> lists, with one host copy for everything."""
-    num_rows = token_ids.shape[0]
-    vocab_size = logprobs.shape[1]
-    sampled_lp = logprobs.gather(1, token_ids[lp_idx][:, None]).squeeze(1)  # [L]
-    max_n = min(max(rows[i].params.logprobs or 0 for i in lp_rows), vocab_size)
-    top_lp, top_ids = logprobs.topk(max_n, dim=-1)  # [L, K] each, by falling logprob
-    # float64 holds every token id and float32 logprob exactly
-    flat = torch.cat(
-        [
-            token_ids.double(),
-            sampled_lp.double(),
-            top_lp.double().flatten(),
-            top_ids.double().flatten(),
-        ]
-    ).tolist()
-    ids = [int(t) for t in flat[:num_rows]]
-    sampled = flat[num_rows : num_rows + len(lp_rows)]
-    top_off = num_rows + len(lp_rows)
-    ids_off = top_off + len(lp_rows) * max_n
-
-    out: list[TokenLogprobs | None] = [None] * num_rows
-    for j, i in enumerate(lp_rows):
-        n = rows[i].params.logprobs or 0
-        row_lp = flat[top_off + j * max_n : top_off + j * max_n + n]
-        row_ids = flat[ids_off + j * max_n : ids_off + j * max_n + n]
-        top = {int(t): lp for t, lp in zip(row_ids, row_lp, strict=True)}
-        out[i] = TokenLogprobs(token_id=ids[i], logprob=sampled[j], top=top)
-    return ids, out

@@ -1,6 +1,9 @@
 """Admission and batching: each step, running sequences first (decodes and unfinished prefill
 chunks), then waiting ones, under a per-step token budget (chunked prefill). When blocks run
-out, the newest running sequence is preempted and later recomputed from its tokens."""
+out, the newest running sequence is preempted and later recomputed from its tokens.
+
+With the overlap schedule a request may have a pending token (sampled on the device, not yet
+read by the host): it counts in `num_tokens`, so its decode row is scheduled all the same."""
 
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending and req.reached_max_tokens:
+                i += 1  # its last token is on the way (overlap schedule): nothing left to compute
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not bm.allocate_slots(req, n):
                 victim = self.running.pop()  # the newest running sequence
@@ -68,6 +74,8 @@ class Scheduler:
             not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
         ):
             req = self.waiting[0]
+            if req.num_pending:  # preempted while its token was on the way: admit it next step
+                break
             hits = bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_hit = len(hits) * bm.block_size
             n = min(req.num_tokens - req.num_computed_tokens - num_hit, budget)

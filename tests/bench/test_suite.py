@@ -68,6 +68,36 @@ def test_suite_runs_every_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_suite_times_the_idle_gap_without_overlap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the overlap schedule on (a GPU's default; forced here), the smallest batch runs
+    again without it, and both runs decode the same number of steps."""
+    monkeypatch.setattr(gpu, "LLM", lambda *a, **k: LLM(*a, **{**k, "overlap_schedule": True}))
+    out = tmp_path / "suite.json"
+    args = [
+        "bench",
+        "--workload=suite",
+        "--model=preset:qwen3-30b-a3b",
+        f"--hf-overrides={json.dumps(TINY_QWEN3_MOE)}",
+        "--device=cpu",
+        "--batch-sizes=2,3",
+        "--prefill-shapes=1x8",
+        "--decode-tokens=4",
+        "--num-requests=0",
+        f"--json={out}",
+    ]
+    assert main(args) == 0
+    mf = json.loads(out.read_text())["results"][0]
+    assert [(d["batch"], d["overlap"]) for d in mf["decode"]] == [(2, True), (3, True)]
+    (plain,) = mf["decode_without_overlap"]
+    assert plain["batch"] == 2 and not plain["overlap"]
+    assert plain["experts_touched_per_layer"] == pytest.approx(
+        mf["decode"][0]["experts_touched_per_layer"], abs=8.0
+    )
+    assert plain["tok_s"] > 0 and 0 < plain["host_overhead_share"] < 1
+
+
 @pytest.fixture(scope="module")
 def tiny_preset() -> LLM:
     return LLM(

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from moeflow.kernels.triton.attention import extend_attention_triton
 from moeflow.kernels.triton_utils import next_power_of_2
+from moeflow.utils.device import to_device
 
 _LOG2E = 1.4426950408889634
 
@@ -283,9 +284,9 @@ def mla_prefill_triton(
     if num_tokens == 0 or total_blocks == 0:
         return q_nope.new_zeros(num_tokens, num_heads, v_dim)
     if cu_seqlens_q is None:
-        cu_seqlens_q = _to_device([0, *accumulate(query_lens)], device)
+        cu_seqlens_q = to_device([0, *accumulate(query_lens)], torch.int64, device)
     if context_lens_gpu is None:
-        context_lens_gpu = _to_device(context_lens, device)
+        context_lens_gpu = to_device(context_lens, torch.int64, device)
     # Which (sequence, table column) each gathered block comes from, built on the device from
     # the device lengths (no host sync; the host lists give only the sizes).
     num_blocks_t = (context_lens_gpu + page_size - 1) // page_size  # [B]
@@ -324,9 +325,3 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """Host ints to an int64 device tensor without waiting on the device (pinned staging)."""
-    host = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
