@@ -52,6 +52,7 @@ class DecodeFigure:
     roofline_tok_s: float | None
     # From the engine's step profile over the timed steps:
     host_overhead_share: float | None = None  # schedule + prepare + post-process / step wall
+    host_us_per_step: float | None = None  # the same host work, microseconds per step
     gpu_idle_share: float | None = None  # 1 - GPU time of forward + sampling / wall (GPU only)
     overlap: bool = False  # run with the overlap schedule
 
@@ -330,6 +331,7 @@ def _decode(
         mbu_measured=nbytes / step_s / bandwidth,
         roofline_tok_s=batch * (peak or bandwidth) / nbytes,
         host_overhead_share=profile.host_overhead_s / profile.wall_s if profile.wall_s else None,
+        host_us_per_step=1e6 * profile.host_overhead_s / profile.steps if profile.steps else None,
         gpu_idle_share=1.0 - gpu_s / elapsed if gpu_s is not None else None,
         overlap=engine.overlap_schedule,
     )
@@ -507,8 +509,11 @@ def _print_decode(name: str, d: DecodeFigure) -> None:
             + (f", MBU {100 * d.mbu:.1f}%" if d.mbu is not None else "")
             + f" ({100 * d.mbu_measured:.1f}% of measured copy bandwidth)"
         )
-    if d.host_overhead_share is not None:
-        extra += f"; host overhead {100 * d.host_overhead_share:.1f}% of the step"
+    if d.host_overhead_share is not None and d.host_us_per_step is not None:
+        extra += (
+            f"; host overhead {d.host_us_per_step:.0f} us/step, "
+            f"{100 * d.host_overhead_share:.1f}% of the step"
+        )
     if d.gpu_idle_share is not None:
         extra += f", GPU idle {100 * d.gpu_idle_share:.1f}%"
     print(f"{name} decode batch {d.batch}: {d.ms_per_step:.2f} ms/step, {d.tok_s:.1f} tok/s{extra}")

@@ -59,6 +59,7 @@ def test_suite_runs_every_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert three["bytes_per_step"] > one["bytes_per_step"] > 0
     assert one["mbu"] is None  # no datasheet peak for a CPU
     assert 0 < one["host_overhead_share"] < 1 and one["gpu_idle_share"] is None
+    assert 0 < one["host_us_per_step"] < 1e6 * one["ms_per_step"] / 1000
     assert one["mbu_measured"] > 0 and one["tok_s"] > 0
     (prefill,) = mf["prefill"]
     assert (prefill["seqs"], prefill["seq_len"]) == (2, 16) and prefill["flops"] > 0
