@@ -1,7 +1,7 @@
 """End to end through the Triton kernels: tiny models of each attention/MoE kind decode with
 every op on its Triton path (interpreted on CPU; compiled on a GPU) and give the torch reference
 path's greedy tokens and log-probs. The decode steps go through the padded static batches of
-the CUDA-graph runner, as they do on a GPU."""
+the CUDA-graph runner under the overlap schedule, as they do on a GPU."""
 
 from __future__ import annotations
 
@@ -65,7 +65,16 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _decode(path: str, graphs: bool) -> list[tuple[list[int], list[float]]]:
-    llm = LLM(path, dtype="float32", device=TRITON_DEVICE, max_model_len=64, max_num_seqs=4)
+    """`graphs`: the GPU's way (graph batches, overlap schedule), else plain eager steps."""
+    llm = LLM(
+        path,
+        dtype="float32",
+        device=TRITON_DEVICE,
+        max_model_len=64,
+        max_num_seqs=4,
+        enforce_eager=not graphs,
+        overlap_schedule=graphs,
+    )
     if graphs and llm.engine.runner.graphs is None:  # CPU: padded static batches, run eagerly
         c = llm.config
         llm.engine.runner.make_graph_runner(c.max_num_seqs, c.max_model_len, c.sink_block)
