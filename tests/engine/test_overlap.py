@@ -186,3 +186,20 @@ def test_async_engine_with_overlap(tiny_checkpoints: dict[str, Path]) -> None:
 
     assert asyncio.run(main()) == want
     assert_idle(llm)
+
+
+def test_stream_with_overlap(tiny_checkpoints: dict[str, Path]) -> None:
+    """LLM.stream (what `moeflow chat` prints) yields the plain schedule's text, and the engine
+    reads the wasted launch after a stop token on its next step."""
+    path = tiny_checkpoints["llama"]
+    prompt = _workload(1, seed=16)[0][0]
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    full = _llm(path, False).generate([prompt], greedy)[0]
+    stop = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[full.token_ids[4]])
+    want = _llm(path, False).generate([prompt], stop)[0].text
+    llm = _llm(path, True)
+    assert "".join(llm.stream(prompt, greedy)) == full.text
+    assert "".join(llm.stream(prompt, stop)) == want
+    assert llm.engine.has_unfinished()  # the launch after the stop token, not read yet
+    assert llm.engine.step() == []
+    assert_idle(llm)
