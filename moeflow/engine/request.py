@@ -36,8 +36,9 @@ class Request:
     num_preemptions: int = 0
     # Set by the engine after each sampled token.
     output_ids: list[int] = field(default_factory=list)  # tokens that reached the host
-    # Tokens sampled on the device whose ids the host has not read yet (0 or 1): with the
-    # overlap schedule, the next step is launched before the host reads this step's token.
+    # Tokens sampled on the device whose ids the host has not read yet: with the overlap
+    # schedule, the next step is launched before the host reads this step's token (0 or 1
+    # between steps; 2 for a moment inside one, between its launch and the read of the last).
     num_pending: int = 0
     output_logprobs: list[Any] = field(default_factory=list)
     generator: torch.Generator | None = None
