@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from moeflow.context import ForwardBatch, forward_context
@@ -59,8 +60,6 @@ class DecodeGraphRunner:
             torch.zeros(n * (4 + w), dtype=torch.int64, pin_memory=pin) for _ in range(2)
         ]
         self._turn = 0
-        self._host = self._hosts[0]
-        self._host_np = self._host.numpy()
         self.input_ids, self.positions, self.slot_mapping, self.context_lens = (
             self._buf[i * n : (i + 1) * n] for i in range(4)
         )
@@ -68,9 +67,8 @@ class DecodeGraphRunner:
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int64, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
         for host in self._hosts:
-            self._host, self._host_np = host, host.numpy()
-            self._fill_padding(0, n)
-        self._buf.copy_(self._host)
+            self._fill_padding(host.numpy(), 0, n)
+        self._buf.copy_(self._hosts[0])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
 
@@ -140,8 +138,8 @@ class DecodeGraphRunner:
         """Write the batch's rows (and padding after them) into a host twin, copy it over.
         Returns the rows whose input token is pending (left 0 here) and their request ids."""
         self._turn ^= 1
-        self._host = self._hosts[self._turn]
-        self._host_np = h = self._host.numpy()
+        host = self._hosts[self._turn]
+        h = host.numpy()
         n, w, bs = self.max_bs, self.width, self.block_size
         rows = len(batch.reqs)
         padded = self.padded_size(rows)
@@ -164,21 +162,22 @@ class DecodeGraphRunner:
             row = 4 * n + i * w
             h[row : row + len(table)] = table
             h[row + len(table) : row + w] = -1
-        self._fill_padding(rows, padded)
+        self._fill_padding(h, rows, padded)
         # NOTE: non_blocking from pinned memory; this twin is next written two steps later,
         # after the engine has waited for the sampled ids of the step these copies precede.
-        self._buf[: 4 * n].copy_(self._host[: 4 * n], non_blocking=True)
+        self._buf[: 4 * n].copy_(host[: 4 * n], non_blocking=True)
         used = 4 * n + padded * w
-        self._buf[4 * n : used].copy_(self._host[4 * n : used], non_blocking=True)
+        self._buf[4 * n : used].copy_(host[4 * n : used], non_blocking=True)
         return pending_at, pending_reqs
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
         hidden = self.model(fb.input_ids, fb.positions)  # [bs, E]
         return self.model.compute_logits(hidden, fb.logits_indices)  # [bs, V]
 
-    def _fill_padding(self, first: int, last: int) -> None:
-        """Host rows first..last-1 become padding rows (see the class docstring)."""
-        h, n, w = self._host_np, self.max_bs, self.width
+    def _fill_padding(self, h: np.ndarray, first: int, last: int) -> None:
+        """Rows first..last-1 of the host twin `h` become padding rows (see the class
+        docstring)."""
+        n, w = self.max_bs, self.width
         h[first:last] = 0
         h[n + first : n + last] = 0
         h[2 * n + first : 2 * n + last] = self.sink_block * self.block_size

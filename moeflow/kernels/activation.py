@@ -34,5 +34,5 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if use_triton(x):
         from moeflow.kernels.triton.elementwise import act_and_mul_triton
 
-        return act_and_mul_triton(x, "gelu_tanh" if approximate == "tanh" else "gelu")
+        return act_and_mul_triton(x, "gelu_pytorch_tanh" if approximate == "tanh" else "gelu")
     return gated_act_ref(x, lambda g: F.gelu(g, approximate=approximate))

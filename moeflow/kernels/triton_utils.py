@@ -18,11 +18,6 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def interpreting() -> bool:
-    """Triton kernels run in its numpy interpreter (set before triton is first imported)."""
-    return env.TRITON_INTERPRET
-
-
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the dispatch point for an op on `x` takes its Triton path."""
     if not env.MOEFLOW_TRITON or not triton_installed():

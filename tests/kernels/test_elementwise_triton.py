@@ -34,7 +34,7 @@ ROTARY_TOL = {
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
-    "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),
 }
 
 
@@ -248,7 +248,7 @@ def test_layers_dispatch_to_triton(monkeypatch: pytest.MonkeyPatch, dtype: torch
 
     h = _randn(3, 2 * 40, dtype=dtype, seed=20)
     _close(GatedAct("silu")(h), gated_act_ref(h, F.silu), TOL)
-    _close(GatedAct("gelu_pytorch_tanh")(h), gated_act_ref(h, ACTS["gelu_tanh"]), TOL)
+    _close(GatedAct("gelu_pytorch_tanh")(h), gated_act_ref(h, ACTS["gelu_pytorch_tanh"]), TOL)
     _close(GatedAct("gelu")(h), gated_act_ref(h, F.gelu), TOL)
 
     assert len(norm_calls) == 2 and len(rotary_calls) == 1 and len(act_calls) == 3

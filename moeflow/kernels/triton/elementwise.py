@@ -16,7 +16,8 @@ from moeflow.kernels.triton_utils import next_power_of_2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_NORM_BLOCK = 8192  # widest row kept in registers (DeepSeek-V3's 7168 fits)
 _ROTARY_LAYOUTS = {"neox": 0, "interleaved": 1, "deinterleave": 2}
-_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+# Gated activations (HF's hidden_act names) -> the ACT constexpr of `activation`.
+ACTS: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
 
 
 # ---- RMSNorm (+ residual) -------------------------------------------------------------------
@@ -312,23 +313,30 @@ def _act_and_mul_kernel(
     mask = cols < inter
     gate = tl.load(x_ptr + row * x_stride_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride_row + inter + cols, mask=mask, other=0.0)
-    if ACT == 0:  # silu
-        act = gate * tl.sigmoid(gate)
-    elif ACT == 1:  # gelu (erf)
-        act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
-    else:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
-        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = gate * tl.sigmoid(2.0 * z)
+    act = activation(gate, ACT)
     dtype = x_ptr.dtype.element_ty
     # act(gate) rounded to the input dtype before the product, as torch computes it
     out = act.to(dtype).to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * inter + cols, out.to(dtype), mask=mask)
 
 
+@triton.jit
+def activation(gate, ACT: tl.constexpr):
+    """act(gate) of an fp32 tile; ACT codes as in ACTS (the fused MoE kernels use it too)."""
+    if ACT == 0:  # silu
+        a = gate * tl.sigmoid(gate)
+    elif ACT == 1:  # gelu (erf)
+        a = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
+    else:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        a = gate * tl.sigmoid(2.0 * z)
+    return a
+
+
 def act_and_mul_triton(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """act(gate) * up over x [.., 2I] = [gate | up] -> [.., I] (contiguous); act is one of
-    silu, gelu, gelu_tanh."""
-    assert act in _ACTS, act
+    """act(gate) * up over x [.., 2I] = [gate | up] -> [.., I] (contiguous); act is a key of
+    ACTS."""
+    assert act in ACTS, act
     assert x.dtype in _DTYPES and x.shape[-1] % 2 == 0, (x.dtype, x.shape)
     inter = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
@@ -344,7 +352,7 @@ def act_and_mul_triton(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
         out,
         x2.stride(0),
         inter,
-        ACT=_ACTS[act],
+        ACT=ACTS[act],
         BLOCK=block,
         num_warps=4,  # pyright: ignore[reportCallIssue]
     )

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.kernels.triton.elementwise import ACTS, activation
+
 # Token-count buckets of the tuning table (the tuning command's default list).
 TOKEN_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(13))  # 1 .. 4096
 # Where the tuning tables live: one JSON per device, <device name with '_' for ' '>.json.
@@ -32,8 +34,6 @@ CONFIG_KEYS: tuple[str, ...] = (
 )
 # T*K up to which the default config takes the small-batch path.
 _SMALL_BATCH_MAX_PAIRS = 32
-# Gated activations the kernels fuse; the code is the kernels' ACT constexpr.
-ACTS: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
 
 
 def moe_align_block_size(
@@ -133,7 +133,7 @@ def _moe_gate_up_kernel(
         a_ptrs += BLOCK_SIZE_K
         g_ptrs += BLOCK_SIZE_K
         u_ptrs += BLOCK_SIZE_K
-    h = _act_and_mul(acc_g, acc_u, ACT)
+    h = activation(acc_g, ACT) * acc_u
     out_ptrs = out_ptr + pair[:, None] * stride_on + offs_n[None, :]
     tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_n < INTER))
 
@@ -244,7 +244,7 @@ def _moe_gate_up_gemv_kernel(
         x_ptrs += BLOCK_SIZE_K
         g_ptrs += BLOCK_SIZE_K
         u_ptrs += BLOCK_SIZE_K
-    h = _act_and_mul(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), ACT)  # [BN]
+    h = activation(tl.sum(acc_g, axis=1), ACT) * tl.sum(acc_u, axis=1)  # [BN]
     tl.store(
         out_ptr + pair * stride_on + offs_n, h.to(out_ptr.dtype.element_ty), mask=offs_n < INTER
     )
@@ -616,16 +616,3 @@ def _swizzle(pid, num_blocks_m, num_blocks_n, GROUP_SIZE_M: tl.constexpr):
     group_m = tl.minimum(num_blocks_m - first_m, GROUP_SIZE_M)
     in_group = pid % blocks_per_group
     return first_m + in_group % group_m, in_group // group_m
-
-
-@triton.jit
-def _act_and_mul(gate, up, ACT: tl.constexpr):
-    """act(gate) * up in fp32; ACT codes as in ACTS."""
-    if ACT == 0:
-        a = gate * tl.sigmoid(gate)
-    elif ACT == 1:
-        a = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
-    else:  # tanh approximation; tanh(y) = 2 sigmoid(2y) - 1
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        a = gate * tl.sigmoid(2.0 * inner)  # 0.5 * gate * (1 + tanh(inner))
-    return a * up
