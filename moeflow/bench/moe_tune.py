@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import torch
 
+from moeflow.engine.model_loader import parse_dtype
 from moeflow.errors import MoeflowError
 from moeflow.kernels.fused_moe import select_experts
 from moeflow.presets import preset_config
@@ -244,11 +245,8 @@ def _shapes(model: str | None, moe_shape: str | None) -> list[tuple[int, int, in
 
 
 def _dtype(name: str | None) -> torch.dtype:
-    names = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    names["float32"] = torch.float32
-    if (name or "auto") not in names:
-        raise ValueError(f"--dtype {name!r}: one of {', '.join(names)}")
-    return names[name or "auto"]
+    """--dtype, "auto" (or none) being bfloat16."""
+    return parse_dtype("bfloat16" if name in (None, "auto") else name)
 
 
 def _tokens(spec: str | Sequence[int] | None, default: Sequence[int]) -> tuple[int, ...]:

@@ -27,6 +27,21 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and env.TRITON_INTERPRET and env.MOEFLOW_TRITON_ON_CPU
 
 
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill with split-K programs; an H100's 132 where there is no
+    GPU (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """tl.dot's input_precision for inputs of x's dtype: fp32 keeps fp32 products (the tests'
+    tight tolerance); half inputs use the MMA (where the setting is ignored)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (>= 1): Triton block shapes must be powers of two."""
     return 1 << max(n - 1, 0).bit_length()

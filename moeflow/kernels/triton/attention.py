@@ -6,14 +6,14 @@ dims of keys and values, N cache blocks of S tokens each (cache [N, S, Hkv, D]),
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from moeflow.kernels.triton_utils import next_power_of_2
+from moeflow.kernels.triton_utils import dot_precision, next_power_of_2, num_sms
+from moeflow.utils import cdiv
 
 _LOG2E = math.log2(math.e)
 # Decode: the shortest slice of context one split program takes (two 64-token tiles), and the
@@ -89,7 +89,7 @@ def extend_attention_triton(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         SLIDING_WINDOW=sliding_window or 0,
-        DOT_PRECISION=_dot_precision(q),
+        DOT_PRECISION=dot_precision(q),
         num_warps=num_warps,  # pyright: ignore[reportCallIssue] (a launch option)
         num_stages=num_stages,  # pyright: ignore[reportCallIssue]
     )
@@ -233,8 +233,8 @@ def decode_attention_triton(
     capacity = block_tables.shape[1] * block_size
     num_splits = min(
         _MAX_SPLITS,
-        _cdiv(2 * _num_sms(q.device), batch * num_kv_heads),
-        _cdiv(capacity, _MIN_SPLIT_LEN),
+        cdiv(2 * num_sms(q.device), batch * num_kv_heads),
+        cdiv(capacity, _MIN_SPLIT_LEN),
     )
     num_splits = max(num_splits, 1)
     min_split_len = max(_MIN_SPLIT_LEN, block_n)
@@ -277,7 +277,7 @@ def decode_attention_triton(
         BLOCK_N=block_n,
         MIN_SPLIT_LEN=min_split_len,
         SLIDING_WINDOW=sliding_window or 0,
-        DOT_PRECISION=_dot_precision(q),
+        DOT_PRECISION=dot_precision(q),
         num_warps=4,  # pyright: ignore[reportCallIssue] (a launch option)
         num_stages=2,  # pyright: ignore[reportCallIssue]
     )
@@ -562,20 +562,3 @@ def _check_cache(
     assert block_tables.dtype in (torch.int32, torch.int64) and block_tables.stride(1) == 1
     assert context_lens.shape == (block_tables.shape[0],)
     assert block_tables.device == context_lens.device == k_cache.device == q.device
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _dot_precision(q: torch.Tensor) -> str:
-    """fp32 inputs keep fp32 products (the tests' tight tolerance); half inputs use the MMA."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    """SMs to fill with decode splits; the H100's 132 where there is no GPU (the interpreter)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from moeflow.kernels.triton.elementwise import ACTS, activation
+from moeflow.kernels.triton_utils import dot_precision
 
 # Token-count buckets of the tuning table (the tuning command's default list).
 TOKEN_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(13))  # 1 .. 4096
@@ -316,7 +317,7 @@ def fused_moe_triton(
     block_m, block_n, block_k = (
         config[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
     )
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # ignored below fp32
+    precision = dot_precision(x)
     sorted_pair_ids, expert_block_ids, num_post = moe_align_block_size(
         topk_ids, num_experts, block_m
     )

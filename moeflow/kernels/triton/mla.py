@@ -6,7 +6,6 @@ Dv value dim, N blocks of S tokens, P splits of a context. Cache: [N, S, L + R].
 
 from __future__ import annotations
 
-import functools
 from itertools import accumulate
 
 import torch
@@ -14,7 +13,7 @@ import triton
 import triton.language as tl
 
 from moeflow.kernels.triton.attention import extend_attention_triton
-from moeflow.kernels.triton_utils import next_power_of_2
+from moeflow.kernels.triton_utils import dot_precision, next_power_of_2, num_sms
 from moeflow.utils.device import to_device
 
 _LOG2E = 1.4426950408889634
@@ -196,7 +195,7 @@ def mla_decode_triton(
     max_tokens = block_tables.shape[1] * page_size
     if num_splits is None:
         # About two programs per SM over the batch, no split shorter than one tile.
-        target = 2 * _num_sms(q_latent.device)
+        target = 2 * num_sms(q_latent.device)
         num_splits = min(-(-target // (batch * num_head_blocks)), -(-max_tokens // block_n))
     num_splits = max(1, num_splits)
     part_out = torch.empty(
@@ -205,7 +204,7 @@ def mla_decode_triton(
     part_lse = torch.empty(
         batch, num_heads, num_splits, dtype=torch.float32, device=q_latent.device
     )  # [B, H, P]
-    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
+    precision = dot_precision(q_latent)
     _mla_decode_split_kernel[(num_head_blocks, num_splits, batch)](
         q_latent,
         q_rope,
@@ -317,11 +316,3 @@ def mla_prefill_triton(
         max(query_lens),
         scale,
     )  # [T, H, Dv]
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (an H100's 132 for the interpreter)."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
