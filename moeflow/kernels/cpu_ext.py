@@ -23,7 +23,9 @@ from moeflow import env
 
 logger = logging.getLogger("moeflow")
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "moe.cpp")
+_HEADERS = (_CSRC / "cpu_common.h",)
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
@@ -48,7 +50,9 @@ _reason: list[str | None] = [None]
 
 def build_dir() -> Path:
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
+        b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
+        + " ".join(_CFLAGS).encode()
+        + torch.__version__.encode()
     ).hexdigest()[:16]
     return (
         Path(env.MOEFLOW_CACHE_DIR)
@@ -77,7 +81,7 @@ def _load() -> ModuleType | None:
         directory.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
             name="moeflow_cpu_ops",
-            sources=[str(_SOURCE)],
+            sources=[str(s) for s in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),

@@ -1,628 +1,15 @@
 // moeflow CPU kernels (x86-64 AVX2 + FMA + F16C), built on first use by kernels/cpu_ext.py.
 //
 // GEMV/GEMM over GGUF-quantised weights kept in their file layout ([N, row_bytes] uint8, one
-// row of blocks per output feature), and the small fused ops of a decode step: RMSNorm with the
-// residual add, SiLU-and-mul, NeoX rotary embedding, and paged decode attention that also
-// writes the step's K/V into the cache; and DecodeStack, which runs a dense decoder's whole
-// decode step with them in one call. Everything computes in fp32; threads come from ATen's
-// OpenMP pool (at::parallel_for, or one `omp parallel` region in DecodeStack: the same
-// libgomp as torch's), so these kernels share torch's workers.
-//
-// Quantised dot products: every supported type is read as chunks of 32 weights with value
-//   w = scale * q + min      (q: small integers held as floats)
-// so for an activation row x:  sum(w * x) = scale * sum(q * x) + min * sum(x)
-// where sum(x) over each 32-chunk is computed once per call. Block layouts follow ggml's
-// (ggml-common.h): Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 are 32-weight blocks, Q4_K Q5_K Q6_K 256-weight
-// super-blocks of 8 chunks.
+// row of blocks per output feature; the block types are in cpu_common.h), and the small fused
+// ops of a decode step: RMSNorm with the residual add, SiLU-and-mul, NeoX rotary embedding, and
+// paged decode attention that also writes the step's K/V into the cache; and DecodeStack, which
+// runs a dense decoder's whole decode step with them in one call. The grouped MoE kernel is in
+// moe.cpp. Everything computes in fp32; threads come from ATen's OpenMP pool (at::parallel_for,
+// or one `omp parallel` region in DecodeStack: the same libgomp as torch's), so these kernels
+// share torch's workers.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <vector>
-#include <omp.h>
-
-namespace {
-
-inline float fp16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// 16 bytes of uint8 -> two __m256 (elements 0..7, 8..15) as float
-inline void u8x16_to_f32(__m128i v, __m256* out) {
-  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
-}
-
-inline void i8x16_to_f32(__m128i v, __m256* out) {
-  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
-}
-
-// 32 bytes -> four __m256 of 8 floats each
-inline void u8x32_to_f32(__m256i v, __m256* q) {
-  u8x16_to_f32(_mm256_castsi256_si128(v), q);
-  u8x16_to_f32(_mm256_extracti128_si256(v, 1), q + 2);
-}
-
-inline void i8x32_to_f32(__m256i v, __m256* q) {
-  i8x16_to_f32(_mm256_castsi256_si128(v), q);
-  i8x16_to_f32(_mm256_extracti128_si256(v, 1), q + 2);
-}
-
-// The 5th bits of a Q5_0/Q5_1 block (uint32, bit j = element j) as 32 bytes of 0 or 16.
-inline __m256i q5_high_bits(const uint8_t* qh) {
-  uint32_t bits;
-  std::memcpy(&bits, qh, 4);
-  // Byte i of the result takes byte i/8 of `bits`, then tests bit i%8 of it.
-  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                         0x0101010101010101LL, 0x0000000000000000LL);
-  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), shuf);
-  const __m256i sel = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
-  v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
-  return _mm256_and_si256(v, _mm256_set1_epi8(16));
-}
-
-// Nibbles of a 32-weight block (16 bytes): low nibbles are elements 0..15, high 16..31.
-inline __m256i nibbles32(const uint8_t* qs) {
-  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  __m128i lo = _mm_and_si128(raw, m4);
-  __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-  return _mm256_set_m128i(hi, lo);
-}
-
-// The 32 nibbles of a 16-byte block straight to floats: bytes widen to 32-bit lanes from memory,
-// then the low nibble (elements 0..15) is a mask and the high one (16..31) a shift away.
-inline void nibble_block_to_f32(const uint8_t* qs, __m256* q) {
-  const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
-  const __m256i b1 =
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8)));
-  const __m256i m4 = _mm256_set1_epi32(0x0F);
-  q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m4));
-  q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m4));
-  q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
-  q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
-}
-
-// K-quant 6-bit (scale, min) of sub-block j from the 12-byte field (ggml get_scale_min_k4).
-inline void k_scale_min(int j, const uint8_t* s, int* sc, int* mn) {
-  if (j < 4) {
-    *sc = s[j] & 63;
-    *mn = s[j + 4] & 63;
-  } else {
-    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
-
-// Each type: QK weights per block of BYTES bytes, NC = QK / 32 chunks; scales() fills the
-// per-chunk scale and min of a block, chunk() the chunk's q values as 4 x 8 floats.
-struct Q4_0 {
-  static constexpr int QK = 32, BYTES = 18, NC = 1;
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 2); }
-  static void scales(const uint8_t* b, float* sc, float* mn) {
-    sc[0] = fp16(b);
-    mn[0] = -8.0f * sc[0];
-  }
-  static void chunk(const uint8_t* b, int, __m256* q) { nibble_block_to_f32(b + 2, q); }
-};
-
-struct Q4_1 {
-  static constexpr int QK = 32, BYTES = 20, NC = 1;
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) { return nibbles32(b + 4); }
-  static void scales(const uint8_t* b, float* sc, float* mn) {
-    sc[0] = fp16(b);
-    mn[0] = fp16(b + 2);
-  }
-  static void chunk(const uint8_t* b, int, __m256* q) { nibble_block_to_f32(b + 4, q); }
-};
-
-struct Q5_0 {
-  static constexpr int QK = 32, BYTES = 22, NC = 1;
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) {
-    return _mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2));
-  }
-  static void scales(const uint8_t* b, float* sc, float* mn) {
-    sc[0] = fp16(b);
-    mn[0] = -16.0f * sc[0];
-  }
-  static void chunk(const uint8_t* b, int, __m256* q) {
-    u8x32_to_f32(_mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2)), q);
-  }
-};
-
-struct Q5_1 {
-  static constexpr int QK = 32, BYTES = 24, NC = 1;
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) {
-    return _mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4));
-  }
-  static void scales(const uint8_t* b, float* sc, float* mn) {
-    sc[0] = fp16(b);
-    mn[0] = fp16(b + 2);
-  }
-  static void chunk(const uint8_t* b, int, __m256* q) {
-    u8x32_to_f32(_mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4)), q);
-  }
-};
-
-struct Q8_0 {
-  static constexpr int QK = 32, BYTES = 34, NC = 1;
-  static constexpr bool SIGNED = true;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-  }
-  static void scales(const uint8_t* b, float* sc, float* mn) {
-    sc[0] = fp16(b);
-    mn[0] = 0.0f;
-  }
-  static void chunk(const uint8_t* b, int, __m256* q) {
-    for (int i = 0; i < 4; ++i)
-      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i))));
-  }
-};
-
-inline void k4_scales(const uint8_t* b, float* sc, float* mn) {
-  const float d = fp16(b), dmin = fp16(b + 2);
-  for (int j = 0; j < 8; ++j) {
-    int s, m;
-    k_scale_min(j, b + 4, &s, &m);
-    sc[j] = d * static_cast<float>(s);
-    mn[j] = -dmin * static_cast<float>(m);
-  }
-}
-
-// Chunk c of a Q4_K/Q5_K super-block: the low (c even) or high (c odd) nibbles of 32 bytes.
-inline __m256i k_nibbles(const uint8_t* qs, int c) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (c / 2)));
-  if (c & 1) raw = _mm256_srli_epi16(raw, 4);
-  return _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
-}
-
-struct Q4_K {
-  static constexpr int QK = 256, BYTES = 144, NC = 8;
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static __m256i I(const uint8_t* b, int c) { return k_nibbles(b + 16, c); }
-  static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
-  static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(k_nibbles(b + 16, c), q); }
-};
-
-struct Q5_K {
-  static constexpr int QK = 256, BYTES = 176, NC = 8;
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
-  static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
-  static __m256i I(const uint8_t* b, int c) {
-    // bit c of qh[l] is the 5th bit of element l of chunk c
-    __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-    __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c)), _mm256_set1_epi8(1));
-    hi = _mm256_slli_epi16(hi, 4);  // bytes are 0 or 1 before the shift, so no spill across bytes
-    return _mm256_or_si256(k_nibbles(b + 48, c), hi);
-  }
-  static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(I(b, c), q); }
-};
-
-struct Q6_K {
-  // ql[128] qh[64] scales[16] (int8) d (fp16); each chunk has two 16-weight sub-scales, folded
-  // into q by chunk() (float path) or applied per lane by the int8 path (SUB = 2).
-  static constexpr int QK = 256, BYTES = 210, NC = 8;
-  static constexpr bool SIGNED = true;
-  static constexpr int SUB = 2;
-  static void scales(const uint8_t* b, float* sc, float* mn) {
-    const float d = fp16(b + 208);
-    for (int c = 0; c < 8; ++c) {
-      sc[c] = d;
-      mn[c] = 0.0f;
-    }
-  }
-  // chunk c's q - 32 as signed bytes; g: 0 low nibbles of ql[0:32], 1 of ql[32:64], 2/3 high
-  static __m256i I(const uint8_t* b, int c) {
-    const int half = c / 4, g = c % 4;
-    const uint8_t* ql = b + 64 * half + 32 * (g & 1);
-    const uint8_t* qh = b + 128 + 32 * half;
-    __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-    if (g >= 2) lo = _mm256_srli_epi16(lo, 4);
-    lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
-    __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
-    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(3));
-    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-  }
-  static const int8_t* sub(const uint8_t* b, int c) {
-    return reinterpret_cast<const int8_t*>(b + 192) + 8 * (c / 4) + 2 * (c % 4);
-  }
-  static void chunk(const uint8_t* b, int c, __m256* q) {
-    i8x32_to_f32(I(b, c), q);
-    const int8_t* s = sub(b, c);
-    const __m256 s0 = _mm256_set1_ps(static_cast<float>(s[0]));
-    const __m256 s1 = _mm256_set1_ps(static_cast<float>(s[1]));
-    q[0] = _mm256_mul_ps(q[0], s0);
-    q[1] = _mm256_mul_ps(q[1], s0);
-    q[2] = _mm256_mul_ps(q[2], s1);
-    q[3] = _mm256_mul_ps(q[3], s1);
-  }
-  // the two sub-scales of chunk c times d
-  static void sub_scales(const uint8_t* b, int c, float* s2) {
-    const float d = fp16(b + 208);
-    const int8_t* s = sub(b, c);
-    s2[0] = d * static_cast<float>(s[0]);
-    s2[1] = d * static_cast<float>(s[1]);
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// GEMV / small GEMM: y[M, N] = x[M, K] W^T for up to MR activation rows at a time per weight row.
-
-// A row's result: its accumulator's lanes plus the min term sum(min_c * sum(x)_c) over chunks.
-inline float finish_row(__m256 acc, const float* mins, const float* sx, int64_t nchunks) {
-  __m256 m = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= nchunks; i += 8)
-    m = _mm256_fmadd_ps(_mm256_loadu_ps(mins + i), _mm256_loadu_ps(sx + i), m);
-  float tail = 0.0f;
-  for (; i < nchunks; ++i) tail += mins[i] * sx[i];
-  return hsum(acc) + hsum(m) + tail;
-}
-
-template <class T, int MR>
-inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float* sx,
-                     float* mins, float* out) {
-  // mins: scratch of K / 32 floats, each chunk's min; sum(min * sum(x)) is done after the loop
-  const int64_t nb = K / T::QK, nchunks = K / 32;
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  float sc[T::NC];
-  __m256 q[4];
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wrow + b * T::BYTES;
-    T::scales(blk, sc, mins + b * T::NC);
-    for (int c = 0; c < T::NC; ++c) {
-      T::chunk(blk, c, q);
-      const int64_t ci = b * T::NC + c;
-      const __m256 s = _mm256_set1_ps(sc[c]);
-      for (int r = 0; r < MR; ++r) {
-        const float* xr = x + r * K + ci * 32;
-        __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xr));
-        t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xr + 8), t);
-        t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xr + 16), t);
-        t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xr + 24), t);
-        acc[r] = _mm256_fmadd_ps(s, t, acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r) out[r] = finish_row(acc[r], mins, sx + r * nchunks, nchunks);
-}
-
-// Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for weight rows n0..n1-1 and
-// every tile of R <= 4 activation rows m..m+R-1 (scratch: K / 32 floats), and stores out[r]
-// into y[m + r, n].
-template <class Dot>
-void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
-                const uint8_t* w, float* y, float* scratch, Dot&& dot) {
-  constexpr int MR = 4;
-  float out[MR];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = w + n * row_bytes;
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) {
-      dot(wrow, m, std::integral_constant<int, MR>{}, scratch, out);
-      for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
-    }
-    for (; m < M; ++m) {
-      dot(wrow, m, std::integral_constant<int, 1>{}, scratch, out);
-      y[m * N + n] = out[0];
-    }
-  }
-}
-
-// Per-thread scratch of the exact GEMV: each chunk's min for up to kNR weight rows, and the
-// accumulators of an (activation row, weight row) tile.
-constexpr int kNR = 4;
-
-struct GemvScratch {
-  std::vector<float> mins;
-  std::vector<__m256> acc;
-  void reserve(int64_t M, int64_t K) {
-    if (static_cast<int64_t>(mins.size()) < kNR * (K / 32))
-      mins.resize(static_cast<size_t>(kNR * (K / 32)));
-    if (static_cast<int64_t>(acc.size()) < M * kNR) acc.resize(static_cast<size_t>(M * kNR));
-  }
-};
-
-// The exact GEMV takes weight rows kNR at a time (tile_nr) once the activation rows outgrow L1
-// (32 KB on the Zen 3 this was tuned on: measured better from 8 rows x 1536 or 16 x 576 floats
-// on, worse at 8 or 12 x 576); otherwise activation rows MR at a time (tile_range + dot_rows).
-inline bool use_tile_nr(int64_t M, int64_t K) { return M >= 8 && M * K >= 8192; }
-
-// y[m, n0 + n] for every activation row m < M and weight rows n0..n0+NR-1. Each weight chunk is
-// decoded once into a small buffer and each activation chunk loaded once for the NR rows, so
-// many activation rows (which no longer fit L1) are read NR times less often than by dot_rows.
-// Every (m, n) accumulates exactly as dot_rows does (same operations, same order): the result
-// is dot_rows' bit for bit.
-template <class T, int NR>
-void tile_nr(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t M, const float* x,
-             const float* sx, GemvScratch& scratch, float* y, int64_t N, int64_t n0) {
-  const int64_t nb = K / T::QK, nchunks = K / 32;
-  float* mins = scratch.mins.data();
-  __m256* acc = scratch.acc.data();
-  for (int64_t i = 0; i < M * NR; ++i) acc[i] = _mm256_setzero_ps();
-  alignas(32) float qbuf[NR][32];
-  float sc[NR][T::NC];
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int n = 0; n < NR; ++n)
-      T::scales(w + n * row_bytes + b * T::BYTES, sc[n], mins + n * nchunks + b * T::NC);
-    for (int c = 0; c < T::NC; ++c) {
-      const int64_t ci = b * T::NC + c;
-      __m256 s[NR];
-      for (int n = 0; n < NR; ++n) {
-        __m256 q[4];
-        T::chunk(w + n * row_bytes + b * T::BYTES, c, q);
-        for (int i = 0; i < 4; ++i) _mm256_store_ps(qbuf[n] + 8 * i, q[i]);
-        s[n] = _mm256_set1_ps(sc[n][c]);
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * K + ci * 32;
-        const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
-        const __m256 x2 = _mm256_loadu_ps(xr + 16), x3 = _mm256_loadu_ps(xr + 24);
-#pragma GCC unroll 4
-        for (int n = 0; n < NR; ++n) {
-          __m256 t = _mm256_mul_ps(_mm256_load_ps(qbuf[n]), x0);
-          t = _mm256_fmadd_ps(_mm256_load_ps(qbuf[n] + 8), x1, t);
-          t = _mm256_fmadd_ps(_mm256_load_ps(qbuf[n] + 16), x2, t);
-          t = _mm256_fmadd_ps(_mm256_load_ps(qbuf[n] + 24), x3, t);
-          acc[m * NR + n] = _mm256_fmadd_ps(s[n], t, acc[m * NR + n]);
-        }
-      }
-    }
-  }
-  for (int64_t m = 0; m < M; ++m)
-    for (int n = 0; n < NR; ++n)
-      y[m * N + n0 + n] = finish_row(acc[m * NR + n], mins + n * nchunks, sx + m * nchunks,
-                                     nchunks);
-}
-
-// Weight rows per task: ~16 KB of weights keeps both cores busy on the small projections.
-inline int64_t row_grain(int64_t row_bytes) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));
-}
-
-// One GEMV input, prepared once and read by every weight row: each 32-chunk's sum (the min
-// term, both paths) and, for the int8 path, the int8 copy and its per-chunk scales.
-struct Acts {
-  const float* x = nullptr;
-  int64_t M = 0, K = 0;
-  bool int8 = false;
-  std::vector<float> sx, dx;
-  std::vector<int8_t> xq;
-  void prepare(const float* x_, int64_t M_, int64_t K_, bool int8_);
-};
-
-void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s);
-
-void Acts::prepare(const float* x_, int64_t M_, int64_t K_, bool int8_) {
-  x = x_;
-  M = M_;
-  K = K_;
-  int8 = int8_;
-  const int64_t nchunks = K / 32;
-  sx.resize(static_cast<size_t>(M * nchunks));
-  if (int8) {
-    xq.resize(static_cast<size_t>(M * K));
-    dx.resize(static_cast<size_t>(M * nchunks));
-    for (int64_t m = 0; m < M; ++m)
-      quantize_row_q8(x + m * K, K, xq.data() + m * K, dx.data() + m * nchunks,
-                      sx.data() + m * nchunks);
-    return;
-  }
-  for (int64_t i = 0; i < M * nchunks; ++i) {
-    const float* p = x + i * 32;
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
-                             _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
-    sx[static_cast<size_t>(i)] = hsum(s);
-  }
-}
-
-template <class T, int MR>
-void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
-                 const float* sx, float* out);
-
-// y[:, n0:n1] = x W[n0:n1]^T for the prepared activations (y is [M, N]).
-template <class T>
-void gemv_rows(const Acts& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1, float* y,
-               GemvScratch& scratch) {
-  const int64_t K = a.K, nchunks = K / 32, row_bytes = K / T::QK * T::BYTES;
-  scratch.reserve(a.M, K);
-  if (a.int8) {
-    tile_range(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
-               [&](const uint8_t* wrow, int64_t m, auto mr, float*, float* out) {
-                 dot_rows_i8<T, decltype(mr)::value>(wrow, K, a.xq.data() + m * K,
-                                                     a.dx.data() + m * nchunks,
-                                                     a.sx.data() + m * nchunks, out);
-               });
-    return;
-  }
-  if (use_tile_nr(a.M, K)) {
-    for (; n0 + kNR <= n1; n0 += kNR)
-      tile_nr<T, kNR>(w + n0 * row_bytes, row_bytes, K, a.M, a.x, a.sx.data(), scratch, y, N, n0);
-  }
-  tile_range(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
-             [&](const uint8_t* wrow, int64_t m, auto mr, float* mins, float* out) {
-               dot_rows<T, decltype(mr)::value>(wrow, K, a.x + m * K, a.sx.data() + m * nchunks,
-                                                mins, out);
-             });
-}
-
-template <class T>
-void dequant_impl(const uint8_t* w, int64_t K, const int64_t* rows, int64_t R, float* y) {
-  const int64_t row_bytes = K / T::QK * T::BYTES, nb = K / T::QK;
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    float sc[T::NC], mn[T::NC];
-    __m256 q[4];
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* wrow = w + (rows ? rows[r] : r) * row_bytes;
-      float* out = y + r * K;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = wrow + b * T::BYTES;
-        T::scales(blk, sc, mn);
-        for (int c = 0; c < T::NC; ++c) {
-          T::chunk(blk, c, q);
-          const __m256 s = _mm256_set1_ps(sc[c]), m = _mm256_set1_ps(mn[c]);
-          float* o = out + (b * T::NC + c) * 32;
-          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(q[i], s, m));
-        }
-      }
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// The same products with the activations quantised to int8 per 32-chunk (xq = round(x / dx),
-// dx = max|x| / 127, as llama.cpp's Q8 activations): sum(q * xq) in int16/int32 lanes through
-// maddubs (u8 x s8 pairs) and madd, one int->float conversion per chunk. The min term keeps the
-// exact float sum(x). I(...) gives a chunk's weights as 32 unsigned bytes (or signed, SIGNED),
-// SUB = 2 when a chunk has two 16-weight sub-scales (Q6_K).
-
-void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
-  for (int64_t c = 0; c < K / 32; ++c) {
-    const float* p = x + c * 32;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(p + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-      sum = _mm256_add_ps(sum, v[i]);
-    }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float mx = _mm_cvtss_f32(m);
-    const float dx = mx / 127.0f;
-    d[c] = dx;
-    s[c] = hsum(sum);
-    const __m256 inv = _mm256_set1_ps(dx > 0.0f ? 1.0f / dx : 0.0f);
-    __m256i i32[4];
-    for (int i = 0; i < 4; ++i)
-      i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
-                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    // pack 32 x int32 -> 32 x int8 in element order
-    __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
-    __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
-    __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-    p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c * 32), p8);
-  }
-}
-
-// 32 weight bytes . 32 int8 activations -> 8 int32 lanes (lane i sums elements 4i..4i+3)
-template <bool SIGNED>
-inline __m256i dot_i8(__m256i w, __m256i xq) {
-  __m256i p;
-  if (SIGNED) {  // maddubs wants unsigned x signed: move w's sign onto x
-    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
-  } else {
-    p = _mm256_maddubs_epi16(w, xq);
-  }
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-
-template <class T, int MR>
-void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
-                 const float* sx, float* out) {
-  const int64_t nb = K / T::QK, nchunks = K / 32;
-  __m256 acc[MR];
-  float macc[MR];
-  for (int r = 0; r < MR; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    macc[r] = 0.0f;
-  }
-  float sc[T::NC], mn[T::NC];
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wrow + b * T::BYTES;
-    T::scales(blk, sc, mn);
-    for (int c = 0; c < T::NC; ++c) {
-      const __m256i w = T::I(blk, c);
-      const int64_t ci = b * T::NC + c;
-      __m256 s;
-      if constexpr (T::SUB == 2) {
-        float s2[2];
-        T::sub_scales(blk, c, s2);
-        s = _mm256_set_m128(_mm_set1_ps(s2[1]), _mm_set1_ps(s2[0]));
-      } else {
-        s = _mm256_set1_ps(sc[c]);
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256i x = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(xq + r * K + ci * 32));
-        const __m256 v = _mm256_cvtepi32_ps(dot_i8<T::SIGNED>(w, x));
-        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(dx[r * nchunks + ci])), v,
-                                 acc[r]);
-        if constexpr (T::SUB == 1) macc[r] += mn[c] * sx[r * nchunks + ci];
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + macc[r];
-}
-
-// ggml type ids (gguf.py GGMLType)
-enum : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                 kQ5_K = 13, kQ6_K = 14 };
-
-template <class F>
-void dispatch_type(int64_t qtype, F&& f) {
-  switch (qtype) {
-    case kQ4_0: f(Q4_0{}); break;
-    case kQ4_1: f(Q4_1{}); break;
-    case kQ5_0: f(Q5_0{}); break;
-    case kQ5_1: f(Q5_1{}); break;
-    case kQ8_0: f(Q8_0{}); break;
-    case kQ4_K: f(Q4_K{}); break;
-    case kQ5_K: f(Q5_K{}); break;
-    case kQ6_K: f(Q6_K{}); break;
-    default: TORCH_CHECK(false, "moeflow cpu_ops: unsupported ggml type ", qtype);
-  }
-}
-
-template <class T>
-void check_weight(const at::Tensor& w, int64_t K) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
-              "quantised weight must be a contiguous 2-D uint8 tensor");
-  TORCH_CHECK(K % T::QK == 0, "in_features ", K, " is not a multiple of the block size ", T::QK);
-  TORCH_CHECK(w.size(1) == K / T::QK * T::BYTES, "weight rows hold ", w.size(1),
-              " bytes, expected ", K / T::QK * T::BYTES);
-}
-
-void check_f32(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), what,
-              " must be a contiguous float32 CPU tensor");
-}
-
-}  // namespace
+#include "cpu_common.h"
 
 // x [M, K] float32, w [N, row_bytes] uint8 -> [M, N] float32; int8: quantise x to int8 per
 // 32-chunk for the products (llama.cpp's scheme) instead of using it as is.
@@ -654,6 +41,30 @@ at::Tensor qgemm_i8(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
   return qgemm_any(x, w, qtype, true);
 }
 
+// The int8 activations the int8 path multiplies, for tests: x [M, K] -> (q int8 [M, K],
+// d float32 [M, K / block]) with block 32 (the 32-weight block types) or 256 (the K-quants'
+// Q8_K; then also the int16 sums of each 16 values, [M, K / 16]).
+std::vector<at::Tensor> quantize_acts(const at::Tensor& x, int64_t block) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && (block == 32 || block == 256) && x.size(1) % block == 0,
+              "x must be [M, K] with K a multiple of the block (32 or 256)");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, at::TensorOptions().dtype(at::kChar));
+  at::Tensor d = at::empty({M, K / block}, x.options());
+  at::Tensor bs = at::zeros({M, K / 16}, at::TensorOptions().dtype(at::kShort));
+  std::vector<float> sums(static_cast<size_t>(K / 32));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x.data_ptr<float>() + m * K;
+    if (block == 32)
+      quantize_row_q8(row, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / 32),
+                      sums.data());
+    else
+      quantize_row_q8k(row, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / 256),
+                       bs.data_ptr<int16_t>() + m * (K / 16));
+  }
+  return {q, d, bs};
+}
+
 // rows: optional int64 row indices (an embedding lookup); none -> every row. -> [R, K] float32
 at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
                       const c10::optional<at::Tensor>& rows) {
@@ -683,28 +94,6 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
 
 namespace {
 
-// exp(x) for 8 floats: Cody-Waite range reduction and a degree-5 polynomial on [-ln2/2, ln2/2]
-// (the Cephes expf scheme); relative error ~2e-7, underflows to 0 below -87.3.
-inline __m256 exp256(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT |
-                                                         _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
-                                23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 3 &&
                   t.stride(2) == 1 && t.stride(1) == t.size(2),
@@ -729,19 +118,6 @@ inline void rms_row(const float* x, float* residual, bool add, const float* w, i
   }
   const float inv = 1.0f / std::sqrt(static_cast<float>(ss / E) + eps);
   for (int64_t i = 0; i < E; ++i) out[i] = w[i] * (v[i] * inv);
-}
-
-// o = silu(g) * u over I values
-inline void silu_row(const float* g, const float* u, float* o, int64_t I) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  int64_t i = 0;
-  for (; i + 8 <= I; i += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + i);
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-    _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-  }
-  for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
 // NeoX rotation of one head's first R dims in place; c, s: the position's cos/sin rows [R].
@@ -1348,15 +724,25 @@ class DecodeStack {
   std::vector<StackLayer> layers_;
 };
 
+// moe.cpp
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate, int64_t gate_type,
+                       const at::Tensor& up, int64_t up_type, const at::Tensor& down,
+                       int64_t down_type, const at::Tensor& topk_ids,
+                       const at::Tensor& topk_weights, bool int8);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "x [M, K] f32 @ quantised W [N, row_bytes]^T -> [M, N] f32");
   m.def("qgemm_i8", &qgemm_i8, "qgemm with int8-quantised activations");
+  m.def("quantize_acts", &quantize_acts, "the int8 path's activation quantisation (tests)");
   m.def("dequantize", &dequantize, "quantised rows -> float32 [R, K]", py::arg("w"),
         py::arg("qtype"), py::arg("K"), py::arg("rows") = py::none());
   m.def("rms_norm", &rms_norm, "residual += x (in place); rmsnorm * weight");
   m.def("silu_mul", &silu_mul, "silu(gate) * up over [M, 2I]");
   m.def("rotary_neox_", &rotary_neox_, "NeoX rotary embedding in place");
   m.def("decode_attention", &decode_attention, "store K/V and attend, one token per sequence");
+  m.def("moe_experts", &moe_experts,
+        "routed experts over quantised [E, N, row_bytes] weights, grouped by expert",
+        py::call_guard<py::gil_scoped_release>());
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor,
                     at::Tensor>(),

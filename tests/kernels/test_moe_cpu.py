@@ -1,0 +1,193 @@
+"""The int8 activation path and the grouped MoE kernel (kernels/csrc/moe.cpp) against
+plain-torch references: products over the kernel's own int8 activations equal a float64 matmul
+of the dequantised weights and activations up to fp32 rounding; the MoE kernel equals
+`fused_moe_ref` on the dequantised experts (exactly up to rounding on the fp32 path, within the
+activation quantisation's error on the int8 path), including experts with no tokens, one expert
+taking every token and tied routing, and each token's output does not depend on its batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow.kernels import cpu_ext
+from moeflow.kernels.fused_moe import fused_moe_ref
+from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref
+from moeflow.weights.gguf import GGML_QUANT_SIZES, GGMLType
+from tests.conftest import GGUF_F16_FIELDS
+from tests.kernels.test_cpu_kernels import random_blocks
+
+ops = cpu_ext.ops()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
+
+_K_QUANTS = sorted(t for t in KEPT_TYPES if GGML_QUANT_SIZES[GGMLType(t)][0] == 256)
+
+
+def dequantized_acts(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The activations the int8 path multiplies, as float64 (q * d per block)."""
+    q, d, _ = ops.quantize_acts(x, block)
+    m, k = x.shape
+    return (q.double().view(m, k // block, block) * d.double()[..., None]).view(m, k)
+
+
+@pytest.mark.parametrize("block", [32, 256])
+def test_activation_quantisation(block: int) -> None:
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1)) * 4
+    q, d, bsums = ops.quantize_acts(x, block)
+    blocks = x.view(3, -1, block)
+    assert torch.allclose(d, blocks.abs().amax(-1) / 127)
+    assert q.abs().max() <= 127
+    # each value is its nearest multiple of d (ties either way)
+    assert (
+        (dequantized_acts(x, block) - x.double()).abs()
+        <= d.double().repeat_interleave(block, 1) / 2 + 1e-6
+    ).all()
+    if block == 256:
+        assert torch.equal(bsums, q.view(3, -1, 16).sum(-1).to(torch.int16))
+
+
+def block_mins(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """Each weight's block minimum (what a quant of 0 decodes to) of 32-weight block types."""
+    block, size = GGML_QUANT_SIZES[GGMLType(qtype)]
+    keep = torch.zeros(size, dtype=torch.bool)
+    for off in GGUF_F16_FIELDS[GGMLType(qtype)]:
+        keep[off : off + 2] = True
+    zeroed = w.view(w.shape[0], -1, size) * keep.to(torch.uint8)
+    return dequantize_ref(zeroed.reshape(w.shape).contiguous(), qtype, k).double()
+
+
+@pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_int8_gemv_is_exact_over_its_int8_activations(qtype: int, m: int) -> None:
+    """The K-quants read Q8_K activations (one scale per 256, the min term from their int8
+    sums); the other types int8 activations per 32 and the float sums for the min term."""
+    n, k = 96, 1024
+    w = random_blocks(GGMLType(qtype), n, k, seed=qtype + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    block = 256 if qtype in _K_QUANTS else 32
+    xa = dequantized_acts(x, block)
+    wd = dequantize_ref(w, qtype, k).double()
+    ref = xa @ wd.T
+    if block == 32:
+        ref += (x.double() - xa) @ block_mins(w, qtype, k).T
+    out = ops.qgemm_i8(x, w, qtype)
+    scale = xa.abs() @ wd.abs().T
+    assert ((out.double() - ref).abs() / scale).max() < 1e-5
+    solo = torch.cat([ops.qgemm_i8(x[i : i + 1].contiguous(), w, qtype) for i in range(m)])
+    assert torch.equal(solo, out)
+
+
+def _experts(qtype: GGMLType, e: int, n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.stack([random_blocks(qtype, n, k, seed=seed + i) for i in range(e)])
+
+
+def _dequantized(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    return torch.stack([dequantize_ref(w[i], qtype, k) for i in range(w.shape[0])])
+
+
+# (gate/up type, down type): Q4_K_M's pairs, and 32-weight block types
+_TYPE_PAIRS = [
+    (GGMLType.Q4_K, GGMLType.Q6_K),
+    (GGMLType.Q5_K, GGMLType.Q4_K),
+    (GGMLType.Q8_0, GGMLType.Q8_0),
+    (GGMLType.Q4_0, GGMLType.Q5_1),
+]
+
+
+def _routing(case: str, t: int, e: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(t + k)
+    if case == "random":
+        return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    if case == "one-expert-all-tokens":  # expert 3 in every token's first slot
+        rest = torch.stack([torch.randperm(e - 1, generator=g)[: k - 1] for _ in range(t)])
+        return torch.cat([torch.full((t, 1), 3), rest + (rest >= 3).long()], 1)
+    assert case == "few-experts"  # most experts get no token
+    return torch.stack([torch.randperm(k, generator=g) for _ in range(t)])
+
+
+@pytest.mark.parametrize(("up_type", "down_type"), _TYPE_PAIRS, ids=lambda t: t.name)
+@pytest.mark.parametrize("case", ["random", "one-expert-all-tokens", "few-experts"])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_moe_experts_matches_reference(
+    up_type: GGMLType, down_type: GGMLType, case: str, int8: bool
+) -> None:
+    e, h, i, k, t = 8, 512, 256, 3, 11
+    gate = _experts(up_type, e, i, h, 0)
+    up = _experts(up_type, e, i, h, 100)
+    down = _experts(down_type, e, h, i, 200)
+    w13 = torch.cat([_dequantized(gate, up_type, h), _dequantized(up, up_type, h)], 1)
+    w2 = _dequantized(down, down_type, i)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(7))
+    ids = _routing(case, t, e, k)
+    weights = torch.rand(t, k, generator=torch.Generator().manual_seed(8))
+    if int8:  # the int8 GEMVs (tested above) pair by pair, the C++ SiLU-and-mul between
+        ref = _int8_pairs_ref(x, gate, up, down, up_type, down_type, ids, weights)
+    else:
+        ref = fused_moe_ref(x, w13, w2, weights, ids).double()
+    out = ops.moe_experts(x, gate, up_type, up, up_type, down, down_type, ids, weights, int8)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    # batched rows == solo rows, bit for bit
+    for j in (0, t - 1):
+        solo = ops.moe_experts(
+            x[j : j + 1].contiguous(),
+            gate,
+            up_type,
+            up,
+            up_type,
+            down,
+            down_type,
+            ids[j : j + 1].contiguous(),
+            weights[j : j + 1].contiguous(),
+            int8,
+        )
+        assert torch.equal(solo, out[j : j + 1])
+
+
+def _int8_pairs_ref(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    up_type: int,
+    down_type: int,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xt = x[t : t + 1].contiguous()
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            g = ops.qgemm_i8(xt, gate[e], up_type)
+            u = ops.qgemm_i8(xt, up[e], up_type)
+            y = ops.qgemm_i8(ops.silu_mul(torch.cat([g, u], 1)), down[e], down_type)
+            out[t] += weights[t, k].double() * y[0].double()
+    return out
+
+
+def test_moe_experts_tied_scores_and_gate_up_views() -> None:
+    """Gate and up as two views of one stacked [E, 2I, ..] tensor; equal router weights."""
+    qt = GGMLType.Q4_K
+    e, h, i, k, t = 4, 256, 256, 2, 5
+    w13 = _experts(qt, e, 2 * i, h, 0)
+    down = _experts(qt, e, h, i, 50)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(1))
+    ids = _routing("random", t, e, k)
+    weights = torch.full((t, k), 0.5)
+    ref = fused_moe_ref(
+        x, _dequantized(w13, qt, h), _dequantized(down, qt, i), weights, ids
+    ).double()
+    out = ops.moe_experts(x, w13[:, :i], qt, w13[:, i:], qt, down, qt, ids, weights, False)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_moe_experts_rejects_bad_ids_and_shapes() -> None:
+    qt = GGMLType.Q8_0
+    gate = _experts(qt, 2, 64, 64, 0)
+    down = _experts(qt, 2, 64, 64, 9)
+    x = torch.randn(1, 64)
+    w = torch.ones(1, 1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.moe_experts(x, gate, qt, gate, qt, down, qt, torch.tensor([[2]]), w, False)
+    with pytest.raises(RuntimeError, match="down"):
+        ops.moe_experts(x, gate, qt, gate, qt, gate[:, :32], qt, torch.tensor([[0]]), w, False)
