@@ -36,3 +36,5 @@ MOEFLOW_TRITON: bool = _bool("MOEFLOW_TRITON", True)
 MOEFLOW_TRITON_ON_CPU: bool = _bool("MOEFLOW_TRITON_ON_CPU", False)
 # Triton's own switch for its numpy interpreter (read here, set by the tests on CPU machines).
 TRITON_INTERPRET: bool = _bool("TRITON_INTERPRET", False)
+# The instruction set of the CPU kernels: avx512 | avx2 (default: the best the CPU runs).
+MOEFLOW_CPU_ISA: str = os.environ.get("MOEFLOW_CPU_ISA", "")

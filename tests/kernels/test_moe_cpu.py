@@ -3,9 +3,13 @@ plain-torch references: products over the kernel's own int8 activations equal a 
 of the dequantised weights and activations up to fp32 rounding; the MoE kernel equals
 `fused_moe_ref` on the dequantised experts (exactly up to rounding on the fp32 path, within the
 activation quantisation's error on the int8 path), including experts with no tokens, one expert
-taking every token and tied routing, and each token's output does not depend on its batch."""
+taking every token and tied routing, and each token's output does not depend on its batch.
+Every test runs on each instruction set the machine has (kernels/cpu_ext.py ISAS), AVX2 always
+among them, and the builds agree bit for bit."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -17,13 +21,24 @@ from moeflow.weights.gguf import GGML_QUANT_SIZES, GGMLType
 from tests.conftest import GGUF_F16_FIELDS
 from tests.kernels.test_cpu_kernels import random_blocks
 
-ops = cpu_ext.ops()
-pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
+)
+
+
+@pytest.fixture(params=list(cpu_ext.ISAS))
+def ops(request: pytest.FixtureRequest) -> Any:
+    """The kernels built for one instruction set (skipped where this CPU lacks it)."""
+    module = cpu_ext.ops_for(request.param)
+    if module is None:
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    return module
+
 
 _K_QUANTS = sorted(t for t in KEPT_TYPES if GGML_QUANT_SIZES[GGMLType(t)][0] == 256)
 
 
-def dequantized_acts(x: torch.Tensor, block: int) -> torch.Tensor:
+def dequantized_acts(ops: Any, x: torch.Tensor, block: int) -> torch.Tensor:
     """The activations the int8 path multiplies, as float64 (q * d per block)."""
     q, d, _ = ops.quantize_acts(x, block)
     m, k = x.shape
@@ -31,7 +46,7 @@ def dequantized_acts(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block", [32, 256])
-def test_activation_quantisation(block: int) -> None:
+def test_activation_quantisation(ops: Any, block: int) -> None:
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1)) * 4
     q, d, bsums = ops.quantize_acts(x, block)
     blocks = x.view(3, -1, block)
@@ -39,7 +54,7 @@ def test_activation_quantisation(block: int) -> None:
     assert q.abs().max() <= 127
     # each value is its nearest multiple of d (ties either way)
     assert (
-        (dequantized_acts(x, block) - x.double()).abs()
+        (dequantized_acts(ops, x, block) - x.double()).abs()
         <= d.double().repeat_interleave(block, 1) / 2 + 1e-6
     ).all()
     if block == 256:
@@ -58,14 +73,14 @@ def block_mins(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
 @pytest.mark.parametrize("m", [1, 3, 6])
-def test_int8_gemv_is_exact_over_its_int8_activations(qtype: int, m: int) -> None:
+def test_int8_gemv_is_exact_over_its_int8_activations(ops: Any, qtype: int, m: int) -> None:
     """The K-quants read Q8_K activations (one scale per 256, the min term from their int8
     sums); the other types int8 activations per 32 and the float sums for the min term."""
     n, k = 96, 1024
     w = random_blocks(GGMLType(qtype), n, k, seed=qtype + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     block = 256 if qtype in _K_QUANTS else 32
-    xa = dequantized_acts(x, block)
+    xa = dequantized_acts(ops, x, block)
     wd = dequantize_ref(w, qtype, k).double()
     ref = xa @ wd.T
     if block == 32:
@@ -109,7 +124,7 @@ def _routing(case: str, t: int, e: int, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("case", ["random", "one-expert-all-tokens", "few-experts"])
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
 def test_moe_experts_matches_reference(
-    up_type: GGMLType, down_type: GGMLType, case: str, int8: bool
+    ops: Any, up_type: GGMLType, down_type: GGMLType, case: str, int8: bool
 ) -> None:
     e, h, i, k, t = 8, 512, 256, 3, 11
     gate = _experts(up_type, e, i, h, 0)
@@ -121,7 +136,7 @@ def test_moe_experts_matches_reference(
     ids = _routing(case, t, e, k)
     weights = torch.rand(t, k, generator=torch.Generator().manual_seed(8))
     if int8:  # the int8 GEMVs (tested above) pair by pair, the C++ SiLU-and-mul between
-        ref = _int8_pairs_ref(x, gate, up, down, up_type, down_type, ids, weights)
+        ref = _int8_pairs_ref(ops, x, gate, up, down, up_type, down_type, ids, weights)
     else:
         ref = fused_moe_ref(x, w13, w2, weights, ids).double()
     out = ops.moe_experts(x, gate, up_type, up, up_type, down, down_type, ids, weights, int8)
@@ -144,6 +159,7 @@ def test_moe_experts_matches_reference(
 
 
 def _int8_pairs_ref(
+    ops: Any,
     x: torch.Tensor,
     gate: torch.Tensor,
     up: torch.Tensor,
@@ -165,7 +181,7 @@ def _int8_pairs_ref(
     return out
 
 
-def test_moe_experts_tied_scores_and_gate_up_views() -> None:
+def test_moe_experts_tied_scores_and_gate_up_views(ops: Any) -> None:
     """Gate and up as two views of one stacked [E, 2I, ..] tensor; equal router weights."""
     qt = GGMLType.Q4_K
     e, h, i, k, t = 4, 256, 256, 2, 5
@@ -181,7 +197,7 @@ def test_moe_experts_tied_scores_and_gate_up_views() -> None:
     assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
-def test_moe_experts_rejects_bad_ids_and_shapes() -> None:
+def test_moe_experts_rejects_bad_ids_and_shapes(ops: Any) -> None:
     qt = GGMLType.Q8_0
     gate = _experts(qt, 2, 64, 64, 0)
     down = _experts(qt, 2, 64, 64, 9)
@@ -191,3 +207,28 @@ def test_moe_experts_rejects_bad_ids_and_shapes() -> None:
         ops.moe_experts(x, gate, qt, gate, qt, down, qt, torch.tensor([[2]]), w, False)
     with pytest.raises(RuntimeError, match="down"):
         ops.moe_experts(x, gate, qt, gate, qt, gate[:, :32], qt, torch.tensor([[0]]), w, False)
+
+
+def test_isa_builds_agree_bit_for_bit() -> None:
+    """Every build this CPU runs gives the AVX2 build's results, bit for bit."""
+    builds = [m for m in (cpu_ext.ops_for(isa) for isa in cpu_ext.ISAS) if m is not None]
+    if len(builds) < 2:
+        pytest.skip("this CPU runs one build only")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 512, generator=g)
+    results = []
+    for module in builds:
+        out = [
+            module.qgemm_i8(x, random_blocks(GGMLType(t), 64, 512, seed=t), t) for t in KEPT_TYPES
+        ]
+        out += [module.qgemm(x, random_blocks(GGMLType(t), 64, 512, seed=t), t) for t in KEPT_TYPES]
+        gate = _experts(GGMLType.Q4_K, 4, 256, 512, 0)
+        down = _experts(GGMLType.Q6_K, 4, 512, 256, 9)
+        ids = _routing("random", 5, 4, 2)
+        for int8 in (False, True):
+            out.append(
+                module.moe_experts(x, gate, 12, gate, 12, down, 14, ids, torch.ones(5, 2), int8)
+            )
+        results.append(out)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))

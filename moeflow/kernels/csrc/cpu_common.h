@@ -627,16 +627,34 @@ void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
   }
 }
 
+// With AVX-512 VNNI (the "avx512" build) the int8 products fuse into vpdpbusd / vpdpwssd; the
+// integer results are the same as AVX2's maddubs + madd (no int16 step saturates here).
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MOEFLOW_VNNI 1
+#endif
+
 // 32 weight bytes . 32 int8 activations -> 8 int32 lanes (lane i sums elements 4i..4i+3)
 template <bool SIGNED>
 inline __m256i dot_i8(__m256i w, __m256i xq) {
-  __m256i p;
-  if (SIGNED) {  // maddubs wants unsigned x signed: move w's sign onto x
-    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
-  } else {
-    p = _mm256_maddubs_epi16(w, xq);
+  __m256i wu = w, xs = xq;
+  if (SIGNED) {  // the unsigned x signed products want w >= 0: move w's sign onto x
+    wu = _mm256_sign_epi8(w, w);
+    xs = _mm256_sign_epi8(xq, w);
   }
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#ifdef MOEFLOW_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, xs);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), _mm256_set1_epi16(1));
+#endif
+}
+
+// acc + (int16 pairs of a times those of b, summed per pair) in int32 lanes
+inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
+#ifdef MOEFLOW_VNNI
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
 }
 
 template <class T, int MR>
@@ -783,9 +801,8 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
         const int8_t* q = a.q + r * a.K + b * 256 + 64 * j;
         const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
         const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-        const __m256i p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), s_lo);
-        const __m256i p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), s_hi);
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p_lo, p_hi));
+        sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(lo, x_lo), s_lo);
+        sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(hi, x_hi), s_hi);
       }
     }
     for (int r = 0; r < MR; ++r) {
@@ -845,7 +862,7 @@ void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
         for (int r = 0; r < MR; ++r) {
           const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
               a.q + r * a.K + b * 256 + 128 * half + 32 * g));
-          sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), s2));
+          sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(q, x), s2);
         }
       }
     }

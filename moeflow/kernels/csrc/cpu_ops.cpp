@@ -1,4 +1,5 @@
-// moeflow CPU kernels (x86-64 AVX2 + FMA + F16C), built on first use by kernels/cpu_ext.py.
+// moeflow CPU kernels (x86-64 AVX2 + FMA + F16C, or AVX-512 + VNNI), built on first use by
+// kernels/cpu_ext.py (once per instruction set).
 //
 // GEMV/GEMM over GGUF-quantised weights kept in their file layout ([N, row_bytes] uint8, one
 // row of blocks per output feature; the block types are in cpu_common.h), and the small fused
@@ -743,7 +744,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &moe_experts,
         "routed experts over quantised [E, N, row_bytes] weights, grouped by expert",
         py::call_guard<py::gil_scoped_release>());
-  py::class_<DecodeStack>(m, "DecodeStack")
+  // module_local: the avx2 and avx512 builds may both be loaded (tests), each with its class
+  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor,
                     at::Tensor>(),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
