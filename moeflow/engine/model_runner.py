@@ -4,56 +4,16 @@ captured, engine/cuda_graph.py) and returns the logits of the sequences that sam
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
+from moeflow.engine.profile import StepProfile, timed
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.models.base import CausalLM
 from moeflow.utils.device import to_device
-
-
-@dataclass(slots=True)
-class StepProfile:
-    """Where the profiled engine steps spent their time: host seconds per phase, and CUDA events
-    around each step's device work (forward and sampling). Without the overlap schedule the
-    device waits for all the host work of a step; with it, for what the host does before the
-    launch only (schedule, prepare) while the previous step still runs."""
-
-    steps: int = 0  # steps that launched a forward
-    schedule_s: float = 0.0  # scheduler: which requests run, block allocation
-    prepare_s: float = 0.0  # host lists -> device tensors of the ForwardBatch
-    forward_s: float = 0.0  # host time launching the forward (on CPU: running it)
-    sample_s: float = 0.0  # host time launching the sampling (on CPU: running it)
-    wait_s: float = 0.0  # waiting for sampled ids to reach the host
-    postprocess_s: float = 0.0  # appending tokens, stop checks, freeing finished requests
-    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
-
-    @property
-    def wall_s(self) -> float:
-        return (
-            self.schedule_s
-            + self.prepare_s
-            + self.forward_s
-            + self.sample_s
-            + self.wait_s
-            + self.postprocess_s
-        )
-
-    @property
-    def host_overhead_s(self) -> float:
-        """The engine's own Python work: scheduling, preparing, post-processing."""
-        return self.schedule_s + self.prepare_s + self.postprocess_s
-
-    def gpu_busy_s(self) -> float | None:
-        """GPU seconds of the steps' forwards and sampling (None on CPU); waits for the last."""
-        if not self.events:
-            return None
-        self.events[-1][1].synchronize()
-        return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
 
 
 @dataclass(slots=True)
@@ -73,7 +33,6 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         # Routing statistics count on the host-visible path only: graphs are bypassed meanwhile.
         self.graphs_paused = False
-        self.profile: StepProfile | None = None
 
     def make_graph_runner(
         self, max_num_seqs: int, max_model_len: int, sink_block: int
@@ -144,32 +103,31 @@ class ModelRunner:
         return fb, pending_at, pending_reqs
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, carry: TokenCarry | None = None) -> torch.Tensor:
+    def run(
+        self,
+        batch: ScheduledBatch,
+        carry: TokenCarry | None = None,
+        profile: StepProfile | None = None,
+    ) -> torch.Tensor:
         """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order.
         Rows whose input token is pending take it from `carry` on the device."""
-        profile = self.profile
-        start = time.perf_counter() if profile is not None else 0.0
-        graphs = self._graphs_for(batch)
-        fb = None
-        if graphs is not None:
-            pending_at, pending_reqs = graphs.load(batch)
-            input_ids = graphs.input_ids
-        else:
-            fb, pending_at, pending_reqs = self._prepare(batch)
-            input_ids = fb.input_ids
-        if pending_at:
-            assert carry is not None, "a pending input token without the step that sampled it"
-            src = [carry.row_of[r] for r in pending_reqs]
-            dst_t = to_device(pending_at, torch.int64, self.device)
-            src_t = to_device(src, torch.int64, self.device)
-            input_ids.index_copy_(0, dst_t, carry.token_ids.index_select(0, src_t))
-        if profile is None:
+        with timed(profile, "prepare_s"):
+            graphs = self._graphs_for(batch)
+            fb = None
+            if graphs is not None:
+                pending_at, pending_reqs = graphs.load(batch)
+                input_ids = graphs.input_ids
+            else:
+                fb, pending_at, pending_reqs = self._prepare(batch)
+                input_ids = fb.input_ids
+            if pending_at:
+                assert carry is not None, "a pending input token without the step that sampled it"
+                src = [carry.row_of[r] for r in pending_reqs]
+                dst_t = to_device(pending_at, torch.int64, self.device)
+                src_t = to_device(src, torch.int64, self.device)
+                input_ids.index_copy_(0, dst_t, carry.token_ids.index_select(0, src_t))
+        with timed(profile, "forward_s"):
             return self._launch(graphs, fb, len(batch.reqs))
-        launched = time.perf_counter()
-        profile.prepare_s += launched - start
-        logits = self._launch(graphs, fb, len(batch.reqs))
-        profile.forward_s += time.perf_counter() - launched
-        return logits
 
     def _graphs_for(self, batch: ScheduledBatch) -> DecodeGraphRunner | None:
         """The graph runner when it takes this batch: few enough rows, not paused, and every row

@@ -17,9 +17,10 @@ from moeflow.layers.decode_stack import CpuDecodeStack
 from moeflow.layers.embedding import LMHead, VocabEmbedding
 from moeflow.layers.linear import Linear, MergedLinear
 from moeflow.layers.mlp import GatedMLP
+from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
-from moeflow.models.base import CausalLM
+from moeflow.models.base import CausalLM, MoEStats
 from moeflow.weights.gguf import QuantizedTensor
 from moeflow.weights.loader import HF_EXPERT_PARAMS, load_weights
 
@@ -156,6 +157,9 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden, indices)  # [S, V]
+
+    def moe_layers(self) -> list[MoEStats]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         skip = ("lm_head.weight",) if self.config.tie_word_embeddings else ()
