@@ -1,5 +1,5 @@
-"""Turns a scheduled batch into a ForwardBatch (flat token ids, positions, cache slots, block
-tables), runs the model under forward_context (decode batches through CUDA graphs when they are
+"""Runs a scheduled batch: flattens it (engine/flatten.py), fills its pending input tokens on the
+device, runs the model under forward_context (decode batches through CUDA graphs when they are
 captured, engine/cuda_graph.py) and returns the logits of the sequences that sample this step."""
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ import torch
 
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
+from moeflow.engine.flatten import flatten_batch
 from moeflow.engine.profile import StepProfile, timed
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.models.base import CausalLM
+from moeflow.utils import cdiv
 from moeflow.utils.device import to_device
 
 
@@ -41,66 +43,12 @@ class ModelRunner:
         self.graphs = DecodeGraphRunner(
             self.model,
             graph_batch_sizes(max_num_seqs),
-            -(-max_model_len // self.block_size),
+            cdiv(max_model_len, self.block_size),
             self.block_size,
             sink_block,
             self.device,
         )
         return self.graphs
-
-    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
-        """The ForwardBatch of `batch` (pending input tokens left 0)."""
-        return self._prepare(batch)[0]
-
-    def _prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int], list[str]]:
-        """The ForwardBatch, and its pending input tokens: their flat indices in input_ids, and
-        the ids of their requests (TokenCarry.row_of finds their rows in the previous step)."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        cu_seqlens = [0]
-        logits_indices: list[int] = []
-        pending_at: list[int] = []
-        pending_reqs: list[str] = []
-        for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
-            start = req.num_computed_tokens
-            end = start + n
-            if end == req.num_tokens and req.num_pending:  # the last token is still on the device
-                input_ids.extend(req.tokens_slice(start, end - 1))
-                pending_at.append(len(input_ids))
-                pending_reqs.append(req.request_id)
-                input_ids.append(0)
-            else:
-                input_ids.extend(req.tokens_slice(start, end))
-            positions.extend(range(start, end))
-            table = req.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            context_lens.append(end)
-            cu_seqlens.append(cu_seqlens[-1] + n)
-            if end == req.num_tokens:  # the prompt (or recompute) is done: sample
-                logits_indices.append(cu_seqlens[-1] - 1)
-        max_blocks = max(len(r.block_table) for r in batch.reqs)
-        tables = [r.block_table + [-1] * (max_blocks - len(r.block_table)) for r in batch.reqs]
-        dev = self.device
-
-        def t(x: list[int] | list[list[int]]) -> torch.Tensor:
-            return to_device(x, torch.int64, dev)
-
-        fb = ForwardBatch(
-            input_ids=t(input_ids),
-            positions=t(positions),
-            slot_mapping=t(slots),
-            block_tables=t(tables),
-            context_lens=t(context_lens),
-            cu_seqlens_q=t(cu_seqlens),
-            logits_indices=t(logits_indices),
-            query_lens_cpu=list(batch.num_new_tokens),
-            context_lens_cpu=context_lens,
-            is_decode=all(n == 1 for n in batch.num_new_tokens),
-        )
-        return fb, pending_at, pending_reqs
 
     @torch.inference_mode()
     def run(
@@ -115,15 +63,15 @@ class ModelRunner:
             graphs = self._graphs_for(batch)
             fb = None
             if graphs is not None:
-                pending_at, pending_reqs = graphs.load(batch)
+                pending = graphs.load(batch)
                 input_ids = graphs.input_ids
             else:
-                fb, pending_at, pending_reqs = self._prepare(batch)
+                fb, pending = flatten_batch(batch, self.block_size, self.device)
                 input_ids = fb.input_ids
-            if pending_at:
+            if pending.at:
                 assert carry is not None, "a pending input token without the step that sampled it"
-                src = [carry.row_of[r] for r in pending_reqs]
-                dst_t = to_device(pending_at, torch.int64, self.device)
+                src = [carry.row_of[r] for r in pending.request_ids]
+                dst_t = to_device(pending.at, torch.int64, self.device)
                 src_t = to_device(src, torch.int64, self.device)
                 input_ids.index_copy_(0, dst_t, carry.token_ids.index_select(0, src_t))
         with timed(profile, "forward_s"):
