@@ -1,6 +1,7 @@
 """Runs a scheduled batch: flattens it (engine/flatten.py), fills its pending input tokens on the
-device, runs the model under forward_context (decode batches through CUDA graphs when they are
-captured, engine/cuda_graph.py) and returns the logits of the sequences that sample this step."""
+device, runs the model under forward_context and returns the logits of the sequences that sample
+this step. Decode steps replay CUDA graphs when captured (engine/cuda_graph.py), or on the CPU
+take the fused decode step where the model fits it (kernels/decode_stack.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
 from moeflow.engine.flatten import flatten_batch
 from moeflow.engine.profile import StepProfile, timed
 from moeflow.engine.scheduler import ScheduledBatch
+from moeflow.kernels.decode_stack import CpuDecodeStack
 from moeflow.models.base import CausalLM
 from moeflow.utils import cdiv
 from moeflow.utils.device import to_device
@@ -35,6 +37,8 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         # Routing statistics count on the host-visible path only: graphs are bypassed meanwhile.
         self.graphs_paused = False
+        # The fused CPU decode step (kernels/decode_stack.py), tried on every eager step.
+        self.decode_stack = CpuDecodeStack(model.dense_decoder())
 
     def make_graph_runner(
         self, max_num_seqs: int, max_model_len: int, sink_block: int
@@ -98,7 +102,10 @@ class ModelRunner:
             return graphs.replay(n).float()
         assert fb is not None
         with forward_context(fb):
-            hidden = self.model(fb.input_ids, fb.positions)  # [T, E]
+            if self.decode_stack.fits(fb):
+                hidden = self.decode_stack.forward(fb)  # [T, E]
+            else:
+                hidden = self.model(fb.input_ids, fb.positions)  # [T, E]
         if fb.logits_indices.numel() == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         return self.model.compute_logits(hidden, fb.logits_indices).float()  # [S, V]

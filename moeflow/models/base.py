@@ -1,14 +1,22 @@
-"""The interface every family's top-level class implements (the engine calls only these)."""
+"""The interface every family's top-level class implements (the engine calls only these), and the
+views of a model's parts it hands out: its MoE layers' routing statistics, its dense decoder."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from moeflow.layers.activation import GatedAct
+from moeflow.layers.attention import PagedAttention
+from moeflow.layers.embedding import VocabEmbedding
+from moeflow.layers.linear import Linear
+from moeflow.layers.norm import RMSNorm
+from moeflow.layers.rotary import RotaryEmbedding
 from moeflow.weights.gguf import QuantizedTensor
 
 
@@ -34,6 +42,38 @@ class MoEStats(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class DenseLayer:
+    """One pre-norm decoder layer of attention + gated MLP, as its parts (HF names in brackets):
+      h = x + o_proj(attn(rotary(norm_qk(clip(qkv_proj(input_norm(x)))))))
+      out = h + down_proj(act(gate_up_proj(post_norm(h))))
+    q_norm / k_norm normalise each head or, without qk_norm_per_head, the whole projection."""
+
+    input_norm: RMSNorm  # [input_layernorm]
+    qkv_proj: Linear
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    qk_norm_per_head: bool
+    clip_qkv: float | None
+    rotary: RotaryEmbedding  # [rotary_emb]
+    attn: PagedAttention  # heads, scale, window, and the K/V cache the engine binds
+    o_proj: Linear
+    post_norm: RMSNorm  # [post_attention_layernorm]
+    gate_up_proj: Linear
+    down_proj: Linear
+    act: GatedAct  # [act_fn]
+
+
+@dataclass(frozen=True, slots=True)
+class DenseDecoder:
+    """A model whose every layer is a DenseLayer: embedding -> layers -> final norm. A backend
+    may run it as one step (kernels/decode_stack.py)."""
+
+    embed: VocabEmbedding
+    layers: list[DenseLayer]
+    norm: RMSNorm
+
+
 class CausalLM(nn.Module):
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -50,3 +90,8 @@ class CausalLM(nn.Module):
     def moe_layers(self) -> list[MoEStats]:
         """The MoE layers, in model order; none in a dense model."""
         return []
+
+    def dense_decoder(self) -> DenseDecoder | None:
+        """The decoder as its parts when every layer is dense attention + a gated MLP; None
+        otherwise (MoE, latent attention)."""
+        return None
