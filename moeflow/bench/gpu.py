@@ -316,8 +316,8 @@ def _decode(
     profile = engine.stop_profile()
     gpu_s = profile.gpu_busy_s()
     step_s = elapsed / (engine.stats.num_steps - first_step)
-    layers = engine._moe_layers()  # noqa: SLF001
-    expert_bytes = sum(t * _one_expert_bytes(m) for t, m in zip(touched, layers, strict=True))
+    layers = engine.moe_layers()
+    expert_bytes = sum(t * m.expert_bytes() for t, m in zip(touched, layers, strict=True))
     mean_ctx = DECODE_PROMPT_LEN + 1 + ROUTING_STEPS + steps / 2
     kv = int(batch * mean_ctx * kv_per_token)
     nbytes = weight_bytes_read(counts, batch, expert_bytes) + kv
@@ -552,13 +552,6 @@ def _table(results: list[EngineFigures]) -> str:
                 f"{t['total_tok_s']:.0f} (output {t['output_tok_s']:.0f}) | - |"
             )
     return "\n".join(rows)
-
-
-def _one_expert_bytes(moe: torch.nn.Module) -> int:
-    """Bytes of one routed expert of an MoE layer (its gate, up and down rows)."""
-    experts: Any = moe.experts
-    w13, w2 = experts.w13, experts.w2  # [E, 2I, H], [E, H, I]
-    return (w13[0].numel() + w2[0].numel()) * w13.element_size()
 
 
 def _random_ids(rng: random.Random, vocab: int, n: int) -> list[int]:

@@ -117,8 +117,7 @@ def test_batch_one_bytes_match_the_info_estimate(tiny_preset: LLM) -> None:
     llm = tiny_preset
     model = llm.loaded.model
     counts = count_parameters(model, llm.loaded.model_config)
-    layers = llm.engine._moe_layers()  # noqa: SLF001
-    expert_bytes = sum(4 * gpu._one_expert_bytes(m) for m in layers)  # noqa: SLF001
+    expert_bytes = sum(4 * m.expert_bytes() for m in llm.engine.moe_layers())
     assert gpu.weight_bytes_read(counts, 1, expert_bytes) == decode_weight_bytes(counts)
 
 
