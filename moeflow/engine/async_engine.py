@@ -17,13 +17,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.request import Request
 from moeflow.engine.sampler import TokenLogprobs
 from moeflow.errors import EngineDeadError, MoeflowError
 from moeflow.sampling_params import SamplingParams
+from moeflow.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeflow")
 
@@ -46,6 +46,15 @@ class RequestUpdate:
     num_cached_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class KVStats:
+    """The KV cache's occupancy and the prefix cache's hit rate, as /metrics shows them."""
+
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_hit_rate: float  # share of queried prompt tokens found in the prefix cache
+
+
 @dataclass(slots=True)
 class _Sink:
     loop: asyncio.AbstractEventLoop
@@ -53,12 +62,39 @@ class _Sink:
     sent: int = 0  # output tokens already handed over
 
 
+# ---- commands from the event loop to the engine thread ------------------------------------------
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: _Sink
+    ack: concurrent.futures.Future[None]  # the engine's RequestError, or None once admitted
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(slots=True)
+class _AbortAll:
+    """Drain's last word: end every request still open."""
+
+
+_Command = _Add | _Abort | _AbortAll
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256, exit_on_death: bool = False):
+    """An LLMEngine stepped by its own thread, driven from asyncio (module docstring)."""
+
+    def __init__(
+        self, engine: LLMEngine, max_waiting: int = 256, exit_on_death: bool = False
+    ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.exit_on_death = exit_on_death
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, _Sink] = {}  # owned by the engine thread
         self._num_pending_adds = 0
@@ -73,6 +109,26 @@ class AsyncEngine:
         self.outcomes: Counter[str] = Counter()
         self.num_running = 0
         self.num_waiting = 0
+
+    # ---- what the server reads of the engine --------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary: prompt token ids must be below it."""
+        return self.engine.model_config.vocab_size
+
+    def kv_stats(self) -> KVStats:
+        """Read from any thread: plain counters the engine thread updates."""
+        bm = self.engine.block_manager
+        hit_rate = bm.num_hit_tokens / max(1, bm.num_queried_tokens)
+        return KVStats(bm.num_free_blocks, bm.num_blocks, hit_rate)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -101,7 +157,7 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout_s
         while self.num_open and time.monotonic() < deadline and self.is_alive:
             await asyncio.sleep(0.05)
-        self._commands.put(("abort_all", None))
+        self._commands.put(_AbortAll())
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10.0)
@@ -124,7 +180,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, asyncio.Queue())
         ack: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(("add", (request_id, prompt_ids, params, sink, ack)))
+        self._commands.put(_Add(request_id, prompt_ids, params, sink, ack))
         self._wake.set()
         await asyncio.wrap_future(ack)  # raises the engine's RequestError, if any
         return self._updates(request_id, sink)
@@ -143,7 +199,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(_Abort(request_id))
         self._wake.set()
 
     # ---- the engine thread ---------------------------------------------------------------------
@@ -177,32 +233,35 @@ class AsyncEngine:
     def _run_commands(self) -> None:
         while True:
             try:
-                kind, arg = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                request_id, prompt_ids, params, sink, ack = arg
-                try:
-                    req = self.engine.add_request(prompt_ids, params, request_id)
-                except BaseException as e:  # noqa: BLE001 - handed to the submitting coroutine
-                    with self._lock:
-                        self._num_pending_adds -= 1
-                    self.outcomes["rejected"] += 1
-                    ack.set_exception(e)
-                    continue
-                with self._lock:
-                    self._num_pending_adds -= 1
-                    self._sinks[request_id] = sink
-                self.outcomes["accepted"] += 1
-                ack.set_result(None)
-                del req
-            elif kind == "abort":
-                if self.engine.abort(arg):
-                    self._end(arg, RequestUpdate([], finish_reason="abort"), "aborted")
-            elif kind == "abort_all":
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self._abort(command.request_id)
+            else:
                 for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
-                    self._end(request_id, RequestUpdate([], finish_reason="abort"), "aborted")
+                    self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        if self.engine.abort(request_id):
+            self._end(request_id, RequestUpdate([], finish_reason="abort"), "aborted")
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.engine.add_request(command.prompt_ids, command.params, command.request_id)
+        except BaseException as e:  # noqa: BLE001 - handed to the submitting coroutine
+            with self._lock:
+                self._num_pending_adds -= 1
+            self.outcomes["rejected"] += 1
+            command.ack.set_exception(e)
+            return
+        with self._lock:
+            self._num_pending_adds -= 1
+            self._sinks[command.request_id] = command.sink
+        self.outcomes["accepted"] += 1
+        command.ack.set_result(None)
 
     def _publish(self, req: Request) -> None:
         sink = self._sinks.get(req.request_id)

@@ -373,10 +373,9 @@ def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0)
 
 
 def logprobs_content_entry(
-    token_text: str, token_id: int, logprob: float, top: list[tuple[str, float]]
+    token_text: str, logprob: float, top: list[tuple[str, float]]
 ) -> dict[str, Any]:
-    """One entry of a chat choice's `logprobs.content` list."""
-    del token_id  # clients read the text; the id stays in the signature for callers' clarity
+    """One entry of a chat choice's `logprobs.content` list; top: (token text, logprob)."""
     return {
         "token": token_text,
         "logprob": logprob,

@@ -426,7 +426,7 @@ def test_response_shapes() -> None:
     }
     rid = P.new_id("chatcmpl")
     assert rid.startswith("chatcmpl-")
-    entry = P.logprobs_content_entry("é", 7, -0.5, [("é", -0.5), ("a", -1.0)])
+    entry = P.logprobs_content_entry("é", -0.5, [("é", -0.5), ("a", -1.0)])
     assert entry == {
         "token": "é",
         "logprob": -0.5,
