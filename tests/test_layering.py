@@ -32,7 +32,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "moeflow.api": ("moeflow.engine",),
     "moeflow.server": (
         "moeflow.engine.async_engine",
-        "moeflow.engine.output",
+        "moeflow.engine.output_processor",
         "moeflow.engine.llm_engine",
     ),
     "moeflow.bench": ("moeflow.api", "moeflow.engine", "moeflow.models", "moeflow.kernels"),

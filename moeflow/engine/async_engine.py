@@ -1,6 +1,7 @@
-"""The engine thread and its asyncio bridge. One thread owns the LLMEngine and steps it; coroutines
-submit requests and aborts through a command queue and read each request's updates from its own
-asyncio.Queue. Bounded: a full waiting queue refuses new work at once (QueueFullError).
+"""The engine thread and its asyncio bridge. One thread owns the LLMEngine and steps it, and runs
+the OutputProcessor right after each step (so updates carry text); coroutines submit requests and
+aborts through a command queue and read each request's updates from its own asyncio.Queue.
+Bounded: a full waiting queue refuses new work at once (QueueFullError).
 
 NOTE: if a step raises, engine state is unknown: every open request gets an error update, the
 engine is marked dead (health fails) and, when `exit_on_death`, the process exits non-zero."""
@@ -16,11 +17,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.request import Request
-from moeflow.engine.sampler import TokenLogprobs
+from moeflow.engine.output_processor import OutputProcessor, RequestState, RequestUpdate
 from moeflow.errors import EngineDeadError, MoeflowError
 from moeflow.sampling_params import SamplingParams
 from moeflow.tokenizer import Tokenizer
@@ -30,20 +30,6 @@ logger = logging.getLogger("moeflow")
 
 class QueueFullError(MoeflowError):
     """The waiting queue is at its cap; the caller should retry later (HTTP 503)."""
-
-
-@dataclass(slots=True)
-class RequestUpdate:
-    """What one engine step did to one request."""
-
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
-    stop_reason: str | int | None = None
-    text: str | None = None  # the final text, once finished
-    error: str | None = None  # the engine failed this request (or died)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +45,6 @@ class KVStats:
 class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestUpdate]
-    sent: int = 0  # output tokens already handed over
 
 
 # ---- commands from the event loop to the engine thread ------------------------------------------
@@ -92,6 +77,7 @@ class AsyncEngine:
         self, engine: LLMEngine, max_waiting: int = 256, exit_on_death: bool = False
     ) -> None:
         self.engine = engine
+        self._outputs = OutputProcessor(engine)  # used by the engine thread only
         self.max_waiting = max_waiting
         self.exit_on_death = exit_on_death
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -210,8 +196,8 @@ class AsyncEngine:
                 self._run_commands()
                 self.last_tick = time.monotonic()
                 if engine.has_unfinished():
-                    for req in engine.step():
-                        self._publish(req)
+                    for state in self._outputs.process(engine.step()):
+                        self._publish(state)
                     self._snapshot()
                 else:
                     self._snapshot()
@@ -222,7 +208,8 @@ class AsyncEngine:
             self.dead_reason = f"{type(e).__name__}: {e}"
             logger.exception("engine loop died")
             for request_id in list(self._sinks):
-                self._push(request_id, RequestUpdate([], error=f"engine failure: {e}"))
+                update = RequestUpdate(request_id, [], error=f"engine failure: {e}")
+                self._push(request_id, update)
                 self.outcomes["error"] += 1
             with self._lock:
                 self._sinks.clear()
@@ -245,12 +232,13 @@ class AsyncEngine:
                     self._abort(request_id)
 
     def _abort(self, request_id: str) -> None:
-        if self.engine.abort(request_id):
-            self._end(request_id, RequestUpdate([], finish_reason="abort"), "aborted")
+        if self._outputs.abort(request_id):
+            update = RequestUpdate(request_id, [], finish_reason="abort")
+            self._end(request_id, update, "aborted")
 
     def _add(self, command: _Add) -> None:
         try:
-            self.engine.add_request(command.prompt_ids, command.params, command.request_id)
+            self._outputs.add_request(command.prompt_ids, command.params, command.request_id)
         except BaseException as e:  # noqa: BLE001 - handed to the submitting coroutine
             with self._lock:
                 self._num_pending_adds -= 1
@@ -263,27 +251,14 @@ class AsyncEngine:
         self.outcomes["accepted"] += 1
         command.ack.set_result(None)
 
-    def _publish(self, req: Request) -> None:
-        sink = self._sinks.get(req.request_id)
-        if sink is None:
+    def _publish(self, state: RequestState) -> None:
+        if state.request_id not in self._sinks:
             return
-        new_ids = req.output_ids[sink.sent :]
-        new_lps = req.output_logprobs[sink.sent :] if req.params.logprobs is not None else []
-        sink.sent = len(req.output_ids)
-        update = RequestUpdate(
-            new_ids,
-            new_lps,
-            num_prompt_tokens=len(req.prompt_ids),
-            num_cached_tokens=req.num_cached_tokens,
-        )
-        if req.is_finished:
-            update.finish_reason = req.finish_reason.value if req.finish_reason else None
-            update.stop_reason = req.stop_reason
-            update.text = req.text
-            update.error = req.error
-            self._end(req.request_id, update, "error" if req.error else "finished")
+        update = state.take_update()
+        if state.finished:
+            self._end(state.request_id, update, "error" if update.error else "finished")
         else:
-            self._push(req.request_id, update)
+            self._push(state.request_id, update)
 
     def _end(self, request_id: str, update: RequestUpdate, outcome: str) -> None:
         if request_id not in self._sinks:

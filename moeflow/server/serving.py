@@ -17,8 +17,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from moeflow.engine.async_engine import AsyncEngine, QueueFullError, RequestUpdate
-from moeflow.engine.output import TextStream
+from moeflow.engine.async_engine import AsyncEngine, QueueFullError
+from moeflow.engine.output_processor import RequestUpdate
 from moeflow.errors import EngineDeadError, RequestError
 from moeflow.sampling_params import SamplingParams
 from moeflow.server import protocol
@@ -75,10 +75,10 @@ class _Choice:
     """One of the n generations of a request, as the server turns it into text."""
 
     index: int
-    stream: TextStream
     splitter: ReasoningSplitter | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
+    text_pieces: list[str] = field(default_factory=list)  # the text deltas so far
     finish_reason: str | None = None
     final_text: str = ""
     num_cached_tokens: int = 0
@@ -238,8 +238,7 @@ class OpenAIServing:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
                     splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning)
-                    stream = TextStream(self.tokenizer, ids, p)
-                    choices.append(_Choice(idx, stream, splitter if reasoning else None))
+                    choices.append(_Choice(idx, splitter if reasoning else None))
         except BaseException as e:
             for it in iterators:
                 await _close(it)
@@ -259,16 +258,17 @@ class OpenAIServing:
         )
 
     def _absorb(self, choice: _Choice, update: RequestUpdate) -> str:
-        """Record one update into its choice; returns the new text delta."""
+        """Record one update into its choice; returns its text delta (the engine thread
+        detokenised it: the final text is the deltas joined)."""
         choice.token_ids.extend(update.new_token_ids)
         choice.logprobs.extend(update.new_logprobs)
         choice.num_cached_tokens = max(choice.num_cached_tokens, update.num_cached_tokens)
         self.metrics.generation_tokens.inc(len(update.new_token_ids))
-        delta = choice.stream.update(update.new_token_ids, update.text)
+        choice.text_pieces.append(update.text_delta)
         if update.finish_reason is not None:
             choice.finish_reason = update.finish_reason
-            choice.final_text = choice.stream.text
-        return delta
+            choice.final_text = "".join(choice.text_pieces)
+        return update.text_delta
 
     # ---- a full response -----------------------------------------------------------------------
     async def _collect_or_leave(self, request: Request, job: _Job) -> bool:
