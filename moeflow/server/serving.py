@@ -394,14 +394,10 @@ class OpenAIServing:
             payload["reasoning_content"] = reasoning_delta
         if not (payload or finish is not None or entries):
             return None
+        logprobs = protocol.chat_logprobs(entries) if entries else None
+        model = self.config.served_model_name
         return protocol.chat_completion_chunk(
-            job.rid,
-            job.created,
-            self.config.served_model_name,
-            c.index,
-            payload,
-            finish_reason=finish,
-            logprobs=protocol.chat_logprobs(entries) if entries else None,
+            job.rid, job.created, model, c.index, payload, finish, logprobs
         )
 
     def _completion_chunk(
@@ -410,14 +406,10 @@ class OpenAIServing:
         finish = update.finish_reason
         if not (delta or finish is not None or (job.want_logprobs and update.new_logprobs)):
             return None
+        logprobs = self._legacy_logprobs(c, start) if job.want_logprobs else None
+        model = self.config.served_model_name
         return protocol.completion_chunk(
-            job.rid,
-            job.created,
-            self.config.served_model_name,
-            c.index,
-            delta,
-            finish_reason=finish,
-            logprobs=self._legacy_logprobs(c, start) if job.want_logprobs else None,
+            job.rid, job.created, model, c.index, delta, finish, logprobs
         )
 
     # ---- logprobs and usage --------------------------------------------------------------------
