@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +14,7 @@ from moeflow.config import EngineConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token, plan_kv_cache
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.model_loader import LoadedModel, default_dtype, load_model, parse_dtype
-from moeflow.engine.output import TextStream
-from moeflow.engine.request import Request
+from moeflow.engine.output_processor import OutputProcessor, RequestState
 from moeflow.engine.sampler import TokenLogprobs
 from moeflow.errors import RequestError
 from moeflow.sampling_params import SamplingParams
@@ -154,22 +154,25 @@ class LLM:
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
         """Generate for one prompt, yielding text deltas as tokens arrive (never a split UTF-8
         character). Stop strings end the stream before the stop string is yielded."""
-        engine = self.engine
-        req = engine.add_request(prompt_ids, params)
-        stream = TextStream(self.tokenizer, prompt_ids, params)
-        fed = 0
+        engine, outputs = self.engine, self._outputs
+        state = outputs.add_request(prompt_ids, params)
         try:
-            while not req.is_finished:
-                engine.step()
-                new_ids, fed = req.output_ids[fed:], len(req.output_ids)
-                delta = stream.update(new_ids, req.text if req.is_finished else None)
+            while not state.finished:
+                outputs.process(engine.step())
+                delta = state.text.next_delta()
                 if delta:
                     yield delta
-            if req.error is not None:
-                raise RequestError(req.error)
+            if state.req.error is not None:
+                raise RequestError(state.req.error)
         finally:
-            if not req.is_finished:
-                engine.abort(req.request_id)
+            if not state.finished:
+                outputs.abort(state.request_id)
+
+    @functools.cached_property
+    def _outputs(self) -> OutputProcessor:
+        """Text and stop strings of every request this LLM runs, whichever call steps the
+        engine (a suspended `stream` keeps its text while `generate` runs)."""
+        return OutputProcessor(self.engine)
 
     def _run(
         self,
@@ -183,20 +186,21 @@ class LLM:
         )
         if len(per_prompt) != len(prompt_ids):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompt_ids)} prompts")
-        engine = self.engine
-        reqs: list[Request] = []
+        engine, outputs = self.engine, self._outputs
+        states: list[RequestState] = []
         try:
             for ids, p in zip(prompt_ids, per_prompt, strict=True):
-                reqs.append(engine.add_request(ids, p))
-            engine.run_to_completion()
+                states.append(outputs.add_request(ids, p))
+            while engine.has_unfinished():  # as run_to_completion, through the processor
+                outputs.process(engine.step())
         except BaseException:
-            for r in reqs:
-                engine.abort(r.request_id)
+            for s in states:
+                outputs.abort(s.request_id)
             raise
-        for r in reqs:
-            if r.error is not None:
-                raise RequestError(r.error)
-        return [_to_output(r) for r in reqs]
+        for s in states:
+            if s.req.error is not None:
+                raise RequestError(s.req.error)
+        return [_to_output(s) for s in states]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -208,15 +212,16 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items  # type: ignore[return-value]
 
 
-def _to_output(req: Request) -> RequestOutput:
+def _to_output(state: RequestState) -> RequestOutput:
+    req = state.req
     return RequestOutput(
         request_id=req.request_id,
         prompt_token_ids=req.prompt_ids,
-        text=req.text,
-        token_ids=list(req.output_ids),
-        finish_reason=req.finish_reason.value if req.finish_reason else None,
-        stop_reason=req.stop_reason,
-        logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
+        text=state.text.text,
+        token_ids=list(state.token_ids),
+        finish_reason=state.finish_reason,
+        stop_reason=state.stop_reason,
+        logprobs=state.logprobs,
         num_cached_tokens=req.num_cached_tokens,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -237,8 +238,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     )
     if serving:
         from moeflow.server.run import serve
+        from moeflow.server.serving import ServerConfig
 
-        return serve(llm.engine, args)
+        default_name = os.path.basename(llm.config.model.rstrip("/"))
+        config = ServerConfig(
+            served_model_name=args.served_model_name or default_name,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            max_waiting=args.max_waiting,
+            reasoning=args.reasoning_parser,
+        )
+        return serve(llm.engine, config)
     if args.command == "info":
         from moeflow.bench.report import model_info
 

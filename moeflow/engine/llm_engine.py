@@ -1,6 +1,7 @@
 """The engine core: add_request / step / abort. Each step schedules a batch, runs the model,
-samples, appends tokens, checks stop conditions and frees finished requests' blocks. With the
-overlap schedule the host reads a step's tokens after launching the next one (see step())."""
+samples, appends tokens, checks stop ids, eos and lengths, and frees finished requests' blocks.
+It sees token ids only: text and stop strings are output_processor.py's. With the overlap
+schedule the host reads a step's tokens after launching the next one (see step())."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from moeflow.engine.scheduler import ScheduledBatch, Scheduler
 from moeflow.errors import RequestError
 from moeflow.models.base import MoEStats
 from moeflow.sampling_params import FinishReason, SamplingParams
-from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+from moeflow.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeflow")
 
@@ -70,7 +71,6 @@ class LLMEngine:
             self.model_config.eos_token_ids
         )
         self.requests: dict[str, Request] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
         self._in_flight: _InFlight | None = None  # the launch whose ids the host has not read
@@ -119,21 +119,24 @@ class LLMEngine:
         )
         if not params.is_greedy:
             req.generator = make_generator(params.seed, self.device)
-        if params.stop:
-            self._detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, req.prompt_ids, params.skip_special_tokens
-            )
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.stats.num_prompt_tokens += len(prompt_ids)
         return req
 
-    def abort(self, request_id: str) -> bool:
-        """Finish a request now (client gone); its blocks are freed. False if already ended."""
+    def abort(
+        self,
+        request_id: str,
+        finish_reason: FinishReason = FinishReason.ABORT,
+        stop_reason: str | None = None,
+    ) -> bool:
+        """Finish a request now; its blocks are freed. False if it had already ended. A client
+        gone aborts; a stop string (found by the output processor, which sees the text) finishes
+        with FinishReason.STOP and the string as stop_reason."""
         req = self.requests.get(request_id)
         if req is None:
             return False
-        req.finish_reason = FinishReason.ABORT
+        req.finish_reason, req.stop_reason = finish_reason, stop_reason
         self._finish(req)
         return True
 
@@ -287,20 +290,9 @@ class LLMEngine:
             torch.cuda.synchronize(self.device)
 
     def _check_stop(self, req: Request, token: int) -> None:
+        """Stop ids, eos and lengths; stop strings are the output processor's (token ids only
+        here)."""
         p = req.params
-        detok = self._detokenizers.get(req.request_id)
-        if detok is not None:
-            prev_len = len(detok.text)
-            detok.add([token])
-            text = detok.text
-            longest = max(len(s) for s in p.stop)
-            search_from = max(0, prev_len - longest + 1)
-            hits = [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
-            if hits:
-                index, stop = min(hits)
-                req.text = text[:index]
-                req.finish_reason, req.stop_reason = FinishReason.STOP, stop
-                return
         if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
             req.finish_reason, req.stop_reason = FinishReason.STOP, token
         elif len(req.output_ids) >= req.max_tokens or (
@@ -312,9 +304,6 @@ class LLMEngine:
         if req.status is RequestStatus.FINISHED:
             return
         self.scheduler.finish(req)
-        self._detokenizers.pop(req.request_id, None)
-        if not isinstance(req.stop_reason, str):  # a stop string already cut req.text
-            req.text = self.tokenizer.decode(req.output_ids, req.params.skip_special_tokens)
         self.requests.pop(req.request_id, None)
 
     # ---- routing statistics (MoE) ----------------------------------------------------------------

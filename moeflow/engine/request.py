@@ -44,7 +44,6 @@ class Request:
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    text: str = ""  # detokenised output, set when the request finishes
     error: str | None = None  # set when the engine had to fail this request
 
     @property
