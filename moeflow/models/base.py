@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from moeflow.weights.gguf import QuantizedTensor
+from moeflow.weights.ggml_quants import QuantizedTensor
 
 
 class CausalLM(nn.Module):

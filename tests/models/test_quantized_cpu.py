@@ -14,8 +14,7 @@ from moeflow import LLM, SamplingParams
 from moeflow.engine import model_loader
 from moeflow.kernels import cpu_ext
 from moeflow.layers.linear import Linear, MergedLinear
-from moeflow.weights.gguf import GGMLType, QuantizedTensor
-from moeflow.weights.quantize import quantize
+from moeflow.weights.ggml_quants import GGMLType, QuantizedTensor, quantize
 from tests.conftest import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(

@@ -15,7 +15,8 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.engine.model_loader import load_model
-from moeflow.weights.gguf import GGUFReader, gguf_to_hf_config
+from moeflow.weights.gguf import GGUFReader
+from moeflow.weights.gguf_hf import gguf_to_hf_config
 from tests.conftest import (
     TINY_BASE,
     TINY_DEEPSEEK_SHAPE,
