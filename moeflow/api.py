@@ -12,11 +12,12 @@ import torch
 from moeflow.config import EngineConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token, plan_kv_cache
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import LoadedModel, default_dtype, load_model, parse_dtype
 from moeflow.engine.output import TextStream
 from moeflow.engine.request import Request
 from moeflow.engine.sampler import TokenLogprobs
 from moeflow.errors import RequestError
+from moeflow.loading.loader import LoadedModel, default_dtype, load_model, parse_dtype
+from moeflow.loading.source import parse_model_source
 from moeflow.sampling_params import SamplingParams
 from moeflow.tokenizer import Tokenizer
 
@@ -50,28 +51,26 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         seed: int = 0,
-        random_weights: bool = False,
         hf_overrides: dict[str, Any] | None = None,
         quantize: str | None = None,
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
-        "preset:<name>" with random_weights=True (real shapes, moeflow/presets.py);
+        "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
         ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels;
         `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are captured at start);
         `overlap_schedule` launches each step before reading the previous step's tokens
         (default: on for a CUDA device, where the host's work then hides behind the GPU's)."""
+        source = parse_model_source(model)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
-            dtype = default_dtype(model, device, quantize)
+            dtype = default_dtype(source, device, quantize)
         torch_dtype = parse_dtype(dtype)
         torch.manual_seed(seed)
-        loaded: LoadedModel = load_model(
-            model, device, torch_dtype, random_weights, hf_overrides, quantize
-        )
+        loaded: LoadedModel = load_model(source, device, torch_dtype, hf_overrides, quantize)
         model_max = loaded.model_config.max_position_embeddings
         if max_model_len is None:
             max_model_len = min(model_max, 8192)
@@ -112,7 +111,7 @@ class LLM:
             torch_dtype,
             torch.device(device),
         )
-        self.engine = LLMEngine(self.config, loaded)
+        self.engine = LLMEngine(self.config, loaded.model, loaded.model_config, loaded.tokenizer)
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from moeflow import env
 from moeflow.errors import MoeflowError
+from moeflow.loading.presets import PRESETS
 
 if TYPE_CHECKING:
     from moeflow.api import LLM
@@ -31,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="HF folder, .gguf file, or preset:<name> (random weights of a real shape: "
-        "olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, deepseek-v3-4l, kimi-k2-4l); "
-        "default: the embedded SmolLM2",
+        f"{', '.join(PRESETS)}); default: the embedded SmolLM2",
     )
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     common.add_argument(
@@ -225,7 +225,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
-        random_weights=_is_preset(args.model),
         quantize=args.quantize,
         enforce_eager=args.enforce_eager,
         overlap_schedule=False if args.disable_overlap_schedule else None,
@@ -257,11 +256,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
         return 0
     return _interactive(llm, messages, params)
-
-
-def _is_preset(model: str | None) -> bool:
-    """`--model preset:<name>` builds a real shape with random weights (moeflow/presets.py)."""
-    return bool(model and model.startswith("preset:"))
 
 
 def _fit(llm: LLM, ids: list[int], params: SamplingParams) -> SamplingParams:

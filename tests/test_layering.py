@@ -15,7 +15,7 @@ LEAF = (
     "moeflow.env",
     "moeflow.context",
     "moeflow.utils",
-    "moeflow.presets",
+    "moeflow.loading.presets",
     "moeflow.tokenizer",
     "moeflow.weights",
     "moeflow.distributed",
@@ -28,14 +28,28 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "moeflow.kernels": (),
     "moeflow.layers": ("moeflow.kernels",),
     "moeflow.models": ("moeflow.layers",),
+    # loading builds models from files: it may use the layers (quantize_linears)
+    "moeflow.loading": (
+        "moeflow.models.registry",
+        "moeflow.models.base",
+        "moeflow.layers",
+        "moeflow.kernels",
+    ),
+    # the engine never imports layers, nor loading (which does): it is handed a built model
     "moeflow.engine": ("moeflow.models.registry", "moeflow.models.base", "moeflow.kernels"),
-    "moeflow.api": ("moeflow.engine",),
+    "moeflow.api": ("moeflow.engine", "moeflow.loading"),
     "moeflow.server": (
         "moeflow.engine.async_engine",
         "moeflow.engine.output",
         "moeflow.engine.llm_engine",
     ),
-    "moeflow.bench": ("moeflow.api", "moeflow.engine", "moeflow.models", "moeflow.kernels"),
+    "moeflow.bench": (
+        "moeflow.api",
+        "moeflow.engine",
+        "moeflow.loading",
+        "moeflow.models",
+        "moeflow.kernels",
+    ),
     "moeflow.cli": ("moeflow.api", "moeflow.server", "moeflow.bench"),
     "moeflow.__main__": ("moeflow.cli",),
     "moeflow": ("moeflow.api",),  # the package __init__ re-exports

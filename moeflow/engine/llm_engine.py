@@ -13,7 +13,6 @@ import torch
 
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
-from moeflow.engine.model_loader import LoadedModel
 from moeflow.engine.model_runner import ModelRunner, StepProfile, TokenCarry
 from moeflow.engine.request import Request, RequestStatus
 from moeflow.engine.sampler import (
@@ -25,6 +24,7 @@ from moeflow.engine.sampler import (
 )
 from moeflow.engine.scheduler import ScheduledBatch, Scheduler
 from moeflow.errors import RequestError
+from moeflow.models.base import CausalLM
 from moeflow.sampling_params import FinishReason, SamplingParams
 from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -49,10 +49,16 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: CausalLM,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+    ) -> None:
         self.config = config
-        self.model_config: ModelConfig = loaded.model_config
-        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.model_config = model_config
+        self.tokenizer = tokenizer
         self.device = torch.device(config.device)
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, config.enable_prefix_caching
@@ -60,7 +66,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(loaded.model, config.block_size, self.device)
+        self.runner = ModelRunner(model, config.block_size, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         self.sampler = Sampler()

@@ -14,7 +14,6 @@ from moeflow import LLM, SamplingParams
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.kv_cache import allocate_kv_cache
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import LoadedModel
 from moeflow.models.mixtral import MixtralForCausalLM
 from moeflow.weights import gguf, gguf_hf
 
@@ -65,7 +64,7 @@ def test_identical_experts_give_the_dense_output(smollm2_gguf: str) -> None:
         model="smollm2-as-mixtral", max_model_len=512, kv_cache_tokens=4096
     )
     allocate_kv_cache(model, engine_config.num_kv_blocks, 16, torch.float32, torch.device("cpu"))
-    engine = LLMEngine(engine_config, LoadedModel(model, config, dense.tokenizer, "", 0.0))
+    engine = LLMEngine(engine_config, model, config, dense.tokenizer)
     engine.enable_routing_stats()
     reqs = [engine.add_request(p, params) for p in prompts]
     engine.run_to_completion()

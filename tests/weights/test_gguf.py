@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeflow.engine.model_loader import default_model_path
 from moeflow.errors import ModelFormatError, ModelNotFoundError
+from moeflow.loading.source import default_model_path
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, dequantize
 from moeflow.weights.gguf import GGUFReader
 from moeflow.weights.gguf_hf import gguf_to_hf_config, iter_hf_weights
