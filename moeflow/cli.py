@@ -204,6 +204,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_bench(args)
     from moeflow.api import LLM
+    from moeflow.config import EngineArgs
     from moeflow.sampling_params import SamplingParams
 
     if env.MOEFLOW_NUM_THREADS:
@@ -219,8 +220,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     serving = args.command == "serve"
-    # A server loads (and sizes its KV cache) before binding: too little memory exits non-zero.
-    llm = LLM(
+    engine_args = EngineArgs(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
@@ -235,9 +235,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         ),
     )
     if serving:
+        from moeflow.engine.factory import build_engine
         from moeflow.server.run import serve
 
-        return serve(llm.engine, args)
+        # The engine loads (and sizes its KV cache) before the server binds: too little memory
+        # exits non-zero.
+        return serve(build_engine(engine_args), args)
+    llm = LLM.from_engine_args(engine_args)
     if args.command == "info":
         from moeflow.bench.report import model_info
 

@@ -21,8 +21,8 @@ from moeflow.bench.peers import PEERS, BenchResult, run_peer, skip_reason
 from moeflow.bench.report import count_parameters, decode_weight_bytes
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.loading.loader import parse_dtype
 from moeflow.sampling_params import SamplingParams
+from moeflow.utils.dtype import parse_dtype
 
 # Real text, tokenised and repeated/cut to the prompt length, so every engine sees the same ids.
 PROMPT_TEXT = (

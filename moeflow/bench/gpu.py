@@ -24,10 +24,10 @@ from moeflow.bench.report import ParamCounts, count_parameters
 from moeflow.config import ModelConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.loading.loader import parse_dtype
 from moeflow.loading.presets import preset_config
 from moeflow.loading.source import Preset, parse_preset
 from moeflow.sampling_params import SamplingParams
+from moeflow.utils.dtype import parse_dtype
 
 # Datasheet peaks: (name fragment, memory bytes/s, dense bf16 FLOP/s). H100 SXM / H200 SXM.
 _PEAKS = (

