@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
-
-from moeflow.config import EngineConfig
-from moeflow.engine.kv_cache import kv_bytes_per_token, plan_kv_cache
-from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import LoadedModel, default_dtype, load_model, parse_dtype
+from moeflow.config import EngineArgs, EngineConfig
+from moeflow.engine.factory import build_engine, load
 from moeflow.engine.output_processor import OutputProcessor, RequestState
 from moeflow.engine.sampler import TokenLogprobs
 from moeflow.errors import RequestError
+from moeflow.loading.loader import LoadedModel
 from moeflow.sampling_params import SamplingParams
 from moeflow.tokenizer import Tokenizer
 
@@ -50,69 +47,50 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         seed: int = 0,
-        random_weights: bool = False,
         hf_overrides: dict[str, Any] | None = None,
         quantize: str | None = None,
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
-        "preset:<name>" with random_weights=True (real shapes, moeflow/presets.py);
+        "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
         ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels;
         `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are captured at start);
         `overlap_schedule` launches each step before reading the previous step's tokens
-        (default: on for a CUDA device, where the host's work then hides behind the GPU's)."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = default_dtype(model, device, quantize)
-        torch_dtype = parse_dtype(dtype)
-        torch.manual_seed(seed)
-        loaded: LoadedModel = load_model(
-            model, device, torch_dtype, random_weights, hf_overrides, quantize
-        )
-        model_max = loaded.model_config.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = min(model_max, 8192)
-        elif max_model_len > model_max:
-            raise ValueError(
-                f"max_model_len {max_model_len} exceeds the model's context {model_max}"
-            )
-        if kv_cache_tokens is None:
-            kv_cache_tokens = _default_kv_tokens(
-                loaded, max_model_len, torch_dtype, torch.device(device)
-            )
-        if kv_cache_tokens < max_model_len:
-            raise ValueError(
-                f"kv_cache_tokens {kv_cache_tokens} cannot hold one sequence of max_model_len "
-                f"{max_model_len}; raise kv_cache_tokens or lower max_model_len"
-            )
-        is_cuda = torch.device(device).type == "cuda"
-        self.config = EngineConfig(
-            model=loaded.path,
-            device=device,
+        (default: on for a CUDA device, where the host's work then hides behind the GPU's).
+        The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by
+        engine/factory.py."""
+        args = EngineArgs(
+            model=model,
             dtype=dtype,
+            device=device,
             max_model_len=max_model_len,
-            block_size=block_size,
             kv_cache_tokens=kv_cache_tokens,
+            block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            hf_overrides=hf_overrides,
+            quantize=quantize,
             enforce_eager=enforce_eager,
-            overlap_schedule=(is_cuda if (overlap_schedule is None) else overlap_schedule),
+            overlap_schedule=overlap_schedule,
         )
-        self.loaded = loaded
-        # One block more than the block manager hands out: the sink of padded graph rows.
-        self.kv_cache_bytes = plan_kv_cache(
-            loaded.model,
-            self.config.num_kv_blocks + 1,
-            block_size,
-            torch_dtype,
-            torch.device(device),
-        )
-        self.engine = LLMEngine(self.config, loaded)
+        self.loaded: LoadedModel = load(args)
+        self.engine = build_engine(args, self.loaded)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(args)})
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.engine.kv_cache_bytes
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -224,22 +202,3 @@ def _to_output(state: RequestState) -> RequestOutput:
         logprobs=state.logprobs,
         num_cached_tokens=req.num_cached_tokens,
     )
-
-
-# On a GPU the KV cache takes this share of the memory left after the weights, less a reserve for
-# activations and CUDA graphs (vLLM's gpu_memory_utilization, applied to what is left).
-_GPU_KV_SHARE = 0.9
-_GPU_RESERVE_BYTES = 2 * 2**30
-
-
-def _default_kv_tokens(
-    loaded: LoadedModel, max_model_len: int, dtype: torch.dtype, device: torch.device
-) -> int:
-    """16384 tokens (at least one full context) on CPU; on a GPU as many as its free memory
-    holds (never fewer than one full context: too little memory then fails in plan_kv_cache)."""
-    if device.type != "cuda":
-        return max(max_model_len, 16384)
-    per_token = kv_bytes_per_token(loaded.model, dtype)
-    free = torch.cuda.mem_get_info(device)[0]
-    fit = int((free * _GPU_KV_SHARE - _GPU_RESERVE_BYTES) // max(per_token, 1))
-    return max(max_model_len, fit)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from moeflow import env
 from moeflow.errors import MoeflowError
+from moeflow.loading.presets import PRESETS
 
 if TYPE_CHECKING:
     from moeflow.api import LLM
@@ -32,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="HF folder, .gguf file, or preset:<name> (random weights of a real shape: "
-        "olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, deepseek-v3-4l, kimi-k2-4l); "
-        "default: the embedded SmolLM2",
+        f"{', '.join(PRESETS)}); default: the embedded SmolLM2",
     )
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     common.add_argument(
@@ -205,6 +205,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_bench(args)
     from moeflow.api import LLM
+    from moeflow.config import EngineArgs
     from moeflow.sampling_params import SamplingParams
 
     if env.MOEFLOW_NUM_THREADS:
@@ -220,13 +221,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     serving = args.command == "serve"
-    # A server loads (and sizes its KV cache) before binding: too little memory exits non-zero.
-    llm = LLM(
+    engine_args = EngineArgs(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
-        random_weights=_is_preset(args.model),
         quantize=args.quantize,
         enforce_eager=args.enforce_eager,
         overlap_schedule=False if args.disable_overlap_schedule else None,
@@ -237,19 +236,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         ),
     )
     if serving:
+        from moeflow.engine.factory import build_engine
         from moeflow.server.run import serve
         from moeflow.server.serving import ServerConfig
 
-        default_name = os.path.basename(llm.config.model.rstrip("/"))
+        # The engine loads (and sizes its KV cache) before the server binds: too little memory
+        # exits non-zero.
+        engine = build_engine(engine_args)
         config = ServerConfig(
-            served_model_name=args.served_model_name or default_name,
+            served_model_name=args.served_model_name
+            or os.path.basename(engine.config.model.rstrip("/")),
             host=args.host,
             port=args.port,
             api_key=args.api_key,
             max_waiting=args.max_waiting,
             reasoning=args.reasoning_parser,
         )
-        return serve(llm.engine, config)
+        return serve(engine, config)
+    llm = LLM.from_engine_args(engine_args)
     if args.command == "info":
         from moeflow.bench.report import model_info
 
@@ -268,11 +272,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
         return 0
     return _interactive(llm, messages, params)
-
-
-def _is_preset(model: str | None) -> bool:
-    """`--model preset:<name>` builds a real shape with random weights (moeflow/presets.py)."""
-    return bool(model and model.startswith("preset:"))
 
 
 def _fit(llm: LLM, ids: list[int], params: SamplingParams) -> SamplingParams:

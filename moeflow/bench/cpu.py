@@ -21,8 +21,8 @@ from moeflow.bench.peers import PEERS, BenchResult, run_peer, skip_reason
 from moeflow.bench.report import count_parameters, decode_weight_bytes
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import parse_dtype
 from moeflow.sampling_params import SamplingParams
+from moeflow.utils.dtype import parse_dtype
 
 # Real text, tokenised and repeated/cut to the prompt length, so every engine sees the same ids.
 PROMPT_TEXT = (
@@ -198,7 +198,6 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=max(2048, prompt_len),  # the prompt is one chunk
         seed=args.seed if args.seed is not None else 0,
-        random_weights=bool(args.model and args.model.startswith("preset:")),
         quantize=args.quantize,
     )
     load_s = time.perf_counter() - start

@@ -24,9 +24,10 @@ from moeflow.bench.report import ParamCounts, count_parameters
 from moeflow.config import ModelConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import parse_dtype
-from moeflow.presets import preset_config
+from moeflow.loading.presets import preset_config
+from moeflow.loading.source import Preset, parse_preset
 from moeflow.sampling_params import SamplingParams
+from moeflow.utils.dtype import parse_dtype
 
 # Datasheet peaks: (name fragment, memory bytes/s, dense bf16 FLOP/s). H100 SXM / H200 SXM.
 _PEAKS = (
@@ -83,8 +84,9 @@ class EngineFigures:
 
 def run_suite(args: argparse.Namespace) -> int:
     """The `--workload suite` benchmark; 0 on success."""
-    if not args.model or not args.model.startswith("preset:"):
+    if not args.model:
         raise ValueError("--workload suite runs a preset: --model preset:<name>")
+    preset = parse_preset(args.model)  # a checkpoint's path is no preset's name: ValueError
     device = torch.device(resolve_device(args.device))
     dtype = (
         args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
@@ -118,14 +120,13 @@ def run_suite(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     llm = LLM(
-        model=args.model,
+        model=str(preset),
         dtype=dtype,
         device=str(device),
         max_model_len=max_len,
         kv_cache_tokens=args.kv_cache_tokens,
         max_num_seqs=max([*batches, args.max_num_seqs]),
         max_num_batched_tokens=max([2048] + [n * length for n, length in prefills]),
-        random_weights=True,
         hf_overrides=overrides,
         enforce_eager=args.enforce_eager,
         overlap_schedule=False if args.disable_overlap_schedule else None,
@@ -179,7 +180,7 @@ def run_suite(args: argparse.Namespace) -> int:
     for _peer in peers:  # only hf so far
         try:
             hf = _run_hf(
-                args.model,
+                preset,
                 overrides,
                 dtype,
                 device,
@@ -414,7 +415,7 @@ def _throughput(engine: LLMEngine, rng: random.Random, vocab: int, num: int) -> 
 
 
 def _run_hf(
-    model: str,
+    preset: Preset,
     overrides: dict[str, Any] | None,
     dtype: str,
     device: torch.device,
@@ -429,7 +430,7 @@ def _run_hf(
     of n x L, decode as greedy steps over its own KV cache (model(token, past_key_values))."""
     import transformers
 
-    hf_cfg = dict(preset_config(model.removeprefix("preset:"), overrides))
+    hf_cfg = dict(preset_config(preset.name, overrides))
     cfg_cls = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
     start = time.perf_counter()
     with torch.device(device):

@@ -51,7 +51,6 @@ def measure_moe_scaling(
     for name, overrides in VARIANTS.items():
         llm = LLM(
             "preset:qwen3-30b-a3b",
-            random_weights=True,
             hf_overrides={**BASE, **overrides},
             dtype=dtype,
             device="cpu",

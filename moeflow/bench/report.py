@@ -12,7 +12,7 @@ from torch import nn
 
 from moeflow.config import ModelConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token
-from moeflow.engine.model_loader import parse_dtype
+from moeflow.utils.dtype import parse_dtype
 
 if TYPE_CHECKING:
     from moeflow.api import LLM

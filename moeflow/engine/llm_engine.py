@@ -14,7 +14,7 @@ import torch
 
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
-from moeflow.engine.model_loader import LoadedModel
+from moeflow.engine.kv_cache import plan_kv_cache
 from moeflow.engine.model_runner import ModelRunner, TokenCarry
 from moeflow.engine.profile import StepProfile, device_timed, timed
 from moeflow.engine.request import Request, RequestStatus
@@ -27,9 +27,10 @@ from moeflow.engine.sampler import (
 )
 from moeflow.engine.scheduler import ScheduledBatch, Scheduler
 from moeflow.errors import RequestError
-from moeflow.models.base import MoEStats
+from moeflow.models.base import CausalLM, MoEStats
 from moeflow.sampling_params import FinishReason, SamplingParams
 from moeflow.tokenizer import Tokenizer
+from moeflow.utils.dtype import parse_dtype
 
 logger = logging.getLogger("moeflow")
 
@@ -52,18 +53,35 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    """Built by engine/factory.py build_engine(). Construction allocates the KV cache, the sink
+    block included, and captures the decode graphs on a GPU: a built engine is ready to step."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: CausalLM,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+    ) -> None:
         self.config = config
-        self.model_config: ModelConfig = loaded.model_config
-        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.model_config = model_config
+        self.tokenizer = tokenizer
         self.device = torch.device(config.device)
+        # The cache the block manager's blocks index, and the sink block (EngineConfig.sink_block).
+        self.kv_cache_bytes = plan_kv_cache(
+            model,
+            config.num_cache_blocks,
+            config.block_size,
+            parse_dtype(config.dtype),
+            self.device,
+        )
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(loaded.model, config.block_size, self.device)
+        self.runner = ModelRunner(model, config.block_size, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         self.sampler = Sampler()

@@ -17,7 +17,7 @@ from moeflow.layers.embedding import VocabEmbedding
 from moeflow.layers.linear import Linear
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
-from moeflow.weights.gguf import QuantizedTensor
+from moeflow.weights.ggml_quants import QuantizedTensor
 
 
 class MoEStats(Protocol):

@@ -20,7 +20,7 @@ from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
 from moeflow.models.base import CausalLM, DenseDecoder, DenseLayer, MoEStats
-from moeflow.weights.gguf import QuantizedTensor
+from moeflow.weights.ggml_quants import QuantizedTensor
 from moeflow.weights.loader import HF_EXPERT_PARAMS, load_weights
 
 

@@ -105,7 +105,6 @@ def tiny_preset() -> LLM:
         "preset:qwen3-30b-a3b",
         dtype="float32",
         device="cpu",
-        random_weights=True,
         hf_overrides=TINY_QWEN3_MOE,
         max_model_len=256,
         kv_cache_tokens=256,
