@@ -29,12 +29,6 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._read_offset = 0
         self._prefix_offset = 0
-        self._pieces: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """All output text emitted so far."""
-        return "".join(self._pieces)
 
     def add(self, token_ids: list[int]) -> str:
         """Append output ids; return the text they complete ("" while a character is partial)."""
@@ -63,8 +57,6 @@ class IncrementalDetokenizer:
             del self._ids[: self._prefix_offset]
             self._read_offset -= self._prefix_offset
             self._prefix_offset = 0
-        if delta:
-            self._pieces.append(delta)
         return delta
 
 
