@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from moeflow.config import EngineArgs, EngineConfig
@@ -31,7 +31,6 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class LLM:

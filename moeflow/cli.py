@@ -28,6 +28,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    common = _common_parser()
+    chat = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="answer one message, or chat interactively with no message",
+        description="With a message: print the answer and exit. Without: an interactive "
+        "session that streams tokens and keeps the conversation (Ctrl-D or /exit to leave).",
+    )
+    chat.add_argument("message", nargs="?", help="the user message")
+    chat.add_argument("--system", default=None, help="a system message")
+
+    gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
+    gen.add_argument("--prompt", required=True)
+
+    sub.add_parser("info", parents=[common], help="model config, parameter counts and memory plan")
+
+    _add_bench_parser(sub, common)
+    _add_serve_parser(sub, common)
+    return parser
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    """The flags every command takes: the model, its device and dtype, sampling."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--model",
@@ -64,21 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--top-k", type=int, default=0)
     common.add_argument("--seed", type=int, default=None, help="sampling seed")
 
-    chat = sub.add_parser(
-        "chat",
-        parents=[common],
-        help="answer one message, or chat interactively with no message",
-        description="With a message: print the answer and exit. Without: an interactive "
-        "session that streams tokens and keeps the conversation (Ctrl-D or /exit to leave).",
-    )
-    chat.add_argument("message", nargs="?", help="the user message")
-    chat.add_argument("--system", default=None, help="a system message")
+    return common
 
-    gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
-    gen.add_argument("--prompt", required=True)
 
-    sub.add_parser("info", parents=[common], help="model config, parameter counts and memory plan")
-
+def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser(
         "bench", parents=[common], help="load time, prefill and decode speed beside peers"
     )
@@ -151,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels/configs/fused_moe/<device>.json)",
     )
 
+
+def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
@@ -168,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="split <think>...</think> into reasoning_content (auto: when the vocabulary has "
         "both tags)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,14 +207,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return run_moe_tune(args)
         if args.workload == "suite":
-            from moeflow.bench.gpu import run_suite
+            from moeflow.bench.suite import run_suite
 
             return run_suite(args)
         if args.workload == "moe-scaling":
             from moeflow.bench.moe_scaling import run_moe_scaling
 
             return run_moe_scaling(args)
-        from moeflow.bench.cpu import run_bench
+        from moeflow.bench.default import run_bench
 
         return run_bench(args)
     from moeflow.api import LLM

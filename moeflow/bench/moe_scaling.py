@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moeflow.api import LLM
-from moeflow.bench.cpu import routing_imbalance
+from moeflow.bench.common import routing_imbalance
 from moeflow.bench.report import count_parameters
 from moeflow.sampling_params import SamplingParams
 

@@ -1,5 +1,5 @@
 """`moeflow info`: parameter counts and the memory plan, computed from the built module (never
-from a table of known models). No timing here; bench/cpu.py measures speed."""
+from a table of known models). No timing here; bench/default.py measures speed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OpenAI API's requests (pydantic, every field bounded: shared/RELIABILITY.md) and responses
+"""The OpenAI API's requests (pydantic, every field bounded: docs/RELIABILITY.md) and responses
 (plain dicts in OpenAI's shapes), the error envelope, and a strict JSON body parser.
 Never imports torch or fastapi."""
 

@@ -227,9 +227,6 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
-        return [self._backend.id_to_token(i) for i in ids]
-
     # ---- encode / decode -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; BOS is added only when the checkpoint asks for it."""

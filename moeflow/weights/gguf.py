@@ -18,11 +18,12 @@ from typing import Any, NoReturn
 import torch
 
 from moeflow.errors import ModelFormatError, ModelNotFoundError
+from moeflow.utils import cdiv
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, dequantize
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
-# Header caps (RELIABILITY.md rule 3): well above any real model, far below a memory blow-up.
+# Header caps (docs/RELIABILITY.md, rule 3): well above any real model, far below a memory blow-up.
 MAX_TENSORS = 1_000_000
 MAX_KV = 1_000_000
 MAX_ARRAY_LEN = 1 << 24
@@ -324,7 +325,7 @@ def _parse(
             cur.fail(f"tensor {name!r}: offset {offset} is not a multiple of {alignment}")
         entries.append((name, qtype, ne, offset))
 
-    data_start = -(-cur.pos // alignment) * alignment
+    data_start = cdiv(cur.pos, alignment) * alignment
     file_size = len(buf)
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, qtype, ne, offset in entries:

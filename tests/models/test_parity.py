@@ -1,5 +1,6 @@
-"""Dense families against HF transformers on the same weights: greedy token ids for 32+ new
-tokens through the paged engine (batched, chunked prefill), and prefill logits."""
+"""Every tiny family (dense and MoE, TINY_FAMILIES) against HF transformers on the same
+weights: greedy token ids for 32+ new tokens through the paged engine (batched, chunked
+prefill), and prefill logits."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from moeflow.config import ModelConfig
 from moeflow.loading.presets import PRESETS, preset_config
 from moeflow.models.registry import get_model_class
 
-# Published totals (BENCHMARKS.md): billions of parameters.
+# Published totals (docs/BENCHMARKS.md): billions of parameters.
 TOTALS = {
     "olmoe-1b-7b": 6.92,
     "qwen3-30b-a3b": 30.53,

@@ -1,4 +1,4 @@
-"""protocol.py against shared/RELIABILITY.md's bad-input table: every field bounded, strict JSON,
+"""protocol.py against docs/RELIABILITY.md's bad-input table: every field bounded, strict JSON,
 errors that name the field; valid requests give the right SamplingParams keyword arguments."""
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ def test_gguf_properties(tok: Tokenizer, hf_tok: Any) -> None:
     assert tok.bos_token_id == hf_tok.bos_token_id == 1
     assert tok.eos_token_ids == (hf_tok.eos_token_id,) == (2,)
     assert tok.chat_template is not None and "im_start" in tok.chat_template
-    assert tok.convert_ids_to_tokens([1, 2]) == ["<|im_start|>", "<|im_end|>"]
+    assert [tok.backend.id_to_token(i) for i in (1, 2)] == ["<|im_start|>", "<|im_end|>"]
+    assert (tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")) == (1, 2)
 
 
 @pytest.mark.parametrize("text", TEXTS)
