@@ -3,20 +3,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
-
-from moeflow.config import EngineConfig
-from moeflow.engine.kv_cache import kv_bytes_per_token, plan_kv_cache
-from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import LoadedModel, default_dtype, load_model, parse_dtype
-from moeflow.engine.output import TextStream
-from moeflow.engine.request import Request
+from moeflow.config import EngineArgs, EngineConfig
+from moeflow.engine.factory import build_engine, load
+from moeflow.engine.output_processor import OutputProcessor, RequestState
 from moeflow.engine.sampler import TokenLogprobs
 from moeflow.errors import RequestError
+from moeflow.loading.loader import LoadedModel
 from moeflow.sampling_params import SamplingParams
 from moeflow.tokenizer import Tokenizer
 
@@ -34,7 +31,6 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class LLM:
@@ -50,69 +46,50 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         seed: int = 0,
-        random_weights: bool = False,
         hf_overrides: dict[str, Any] | None = None,
         quantize: str | None = None,
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
-        "preset:<name>" with random_weights=True (real shapes, moeflow/presets.py);
+        "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
         ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels;
         `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are captured at start);
         `overlap_schedule` launches each step before reading the previous step's tokens
-        (default: on for a CUDA device, where the host's work then hides behind the GPU's)."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = default_dtype(model, device, quantize)
-        torch_dtype = parse_dtype(dtype)
-        torch.manual_seed(seed)
-        loaded: LoadedModel = load_model(
-            model, device, torch_dtype, random_weights, hf_overrides, quantize
-        )
-        model_max = loaded.model_config.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = min(model_max, 8192)
-        elif max_model_len > model_max:
-            raise ValueError(
-                f"max_model_len {max_model_len} exceeds the model's context {model_max}"
-            )
-        if kv_cache_tokens is None:
-            kv_cache_tokens = _default_kv_tokens(
-                loaded, max_model_len, torch_dtype, torch.device(device)
-            )
-        if kv_cache_tokens < max_model_len:
-            raise ValueError(
-                f"kv_cache_tokens {kv_cache_tokens} cannot hold one sequence of max_model_len "
-                f"{max_model_len}; raise kv_cache_tokens or lower max_model_len"
-            )
-        is_cuda = torch.device(device).type == "cuda"
-        self.config = EngineConfig(
-            model=loaded.path,
-            device=device,
+        (default: on for a CUDA device, where the host's work then hides behind the GPU's).
+        The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by
+        engine/factory.py."""
+        args = EngineArgs(
+            model=model,
             dtype=dtype,
+            device=device,
             max_model_len=max_model_len,
-            block_size=block_size,
             kv_cache_tokens=kv_cache_tokens,
+            block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            hf_overrides=hf_overrides,
+            quantize=quantize,
             enforce_eager=enforce_eager,
-            overlap_schedule=(is_cuda if (overlap_schedule is None) else overlap_schedule),
+            overlap_schedule=overlap_schedule,
         )
-        self.loaded = loaded
-        # One block more than the block manager hands out: the sink of padded graph rows.
-        self.kv_cache_bytes = plan_kv_cache(
-            loaded.model,
-            self.config.num_kv_blocks + 1,
-            block_size,
-            torch_dtype,
-            torch.device(device),
-        )
-        self.engine = LLMEngine(self.config, loaded)
+        self.loaded: LoadedModel = load(args)
+        self.engine = build_engine(args, self.loaded)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(args)})
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.engine.kv_cache_bytes
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -154,22 +131,25 @@ class LLM:
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
         """Generate for one prompt, yielding text deltas as tokens arrive (never a split UTF-8
         character). Stop strings end the stream before the stop string is yielded."""
-        engine = self.engine
-        req = engine.add_request(prompt_ids, params)
-        stream = TextStream(self.tokenizer, prompt_ids, params)
-        fed = 0
+        engine, outputs = self.engine, self._outputs
+        state = outputs.add_request(prompt_ids, params)
         try:
-            while not req.is_finished:
-                engine.step()
-                new_ids, fed = req.output_ids[fed:], len(req.output_ids)
-                delta = stream.update(new_ids, req.text if req.is_finished else None)
+            while not state.finished:
+                outputs.process(engine.step())
+                delta = state.text.next_delta()
                 if delta:
                     yield delta
-            if req.error is not None:
-                raise RequestError(req.error)
+            if state.req.error is not None:
+                raise RequestError(state.req.error)
         finally:
-            if not req.is_finished:
-                engine.abort(req.request_id)
+            if not state.finished:
+                outputs.abort(state.request_id)
+
+    @functools.cached_property
+    def _outputs(self) -> OutputProcessor:
+        """Text and stop strings of every request this LLM runs, whichever call steps the
+        engine (a suspended `stream` keeps its text while `generate` runs)."""
+        return OutputProcessor(self.engine)
 
     def _run(
         self,
@@ -183,20 +163,21 @@ class LLM:
         )
         if len(per_prompt) != len(prompt_ids):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompt_ids)} prompts")
-        engine = self.engine
-        reqs: list[Request] = []
+        engine, outputs = self.engine, self._outputs
+        states: list[RequestState] = []
         try:
             for ids, p in zip(prompt_ids, per_prompt, strict=True):
-                reqs.append(engine.add_request(ids, p))
-            engine.run_to_completion()
+                states.append(outputs.add_request(ids, p))
+            while engine.has_unfinished():  # as run_to_completion, through the processor
+                outputs.process(engine.step())
         except BaseException:
-            for r in reqs:
-                engine.abort(r.request_id)
+            for s in states:
+                outputs.abort(s.request_id)
             raise
-        for r in reqs:
-            if r.error is not None:
-                raise RequestError(r.error)
-        return [_to_output(r) for r in reqs]
+        for s in states:
+            if s.req.error is not None:
+                raise RequestError(s.req.error)
+        return [_to_output(s) for s in states]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -208,33 +189,15 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items  # type: ignore[return-value]
 
 
-def _to_output(req: Request) -> RequestOutput:
+def _to_output(state: RequestState) -> RequestOutput:
+    req = state.req
     return RequestOutput(
         request_id=req.request_id,
         prompt_token_ids=req.prompt_ids,
-        text=req.text,
-        token_ids=list(req.output_ids),
-        finish_reason=req.finish_reason.value if req.finish_reason else None,
-        stop_reason=req.stop_reason,
-        logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
+        text=state.text.text,
+        token_ids=list(state.token_ids),
+        finish_reason=state.finish_reason,
+        stop_reason=state.stop_reason,
+        logprobs=state.logprobs,
         num_cached_tokens=req.num_cached_tokens,
     )
-
-
-# On a GPU the KV cache takes this share of the memory left after the weights, less a reserve for
-# activations and CUDA graphs (vLLM's gpu_memory_utilization, applied to what is left).
-_GPU_KV_SHARE = 0.9
-_GPU_RESERVE_BYTES = 2 * 2**30
-
-
-def _default_kv_tokens(
-    loaded: LoadedModel, max_model_len: int, dtype: torch.dtype, device: torch.device
-) -> int:
-    """16384 tokens (at least one full context) on CPU; on a GPU as many as its free memory
-    holds (never fewer than one full context: too little memory then fails in plan_kv_cache)."""
-    if device.type != "cuda":
-        return max(max_model_len, 16384)
-    per_token = kv_bytes_per_token(loaded.model, dtype)
-    free = torch.cuda.mem_get_info(device)[0]
-    fit = int((free * _GPU_KV_SHARE - _GPU_RESERVE_BYTES) // max(per_token, 1))
-    return max(max_model_len, fit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from moeflow import env
 from moeflow.errors import MoeflowError
+from moeflow.loading.presets import PRESETS
 
 if TYPE_CHECKING:
     from moeflow.api import LLM
@@ -26,13 +28,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    common = _common_parser()
+    chat = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="answer one message, or chat interactively with no message",
+        description="With a message: print the answer and exit. Without: an interactive "
+        "session that streams tokens and keeps the conversation (Ctrl-D or /exit to leave).",
+    )
+    chat.add_argument("message", nargs="?", help="the user message")
+    chat.add_argument("--system", default=None, help="a system message")
+
+    gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
+    gen.add_argument("--prompt", required=True)
+
+    sub.add_parser("info", parents=[common], help="model config, parameter counts and memory plan")
+
+    _add_bench_parser(sub, common)
+    _add_serve_parser(sub, common)
+    return parser
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    """The flags every command takes: the model, its device and dtype, sampling."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--model",
         default=None,
         help="HF folder, .gguf file, or preset:<name> (random weights of a real shape: "
-        "olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, deepseek-v3-4l, kimi-k2-4l); "
-        "default: the embedded SmolLM2",
+        f"{', '.join(PRESETS)}); default: the embedded SmolLM2",
     )
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     common.add_argument(
@@ -63,21 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--top-k", type=int, default=0)
     common.add_argument("--seed", type=int, default=None, help="sampling seed")
 
-    chat = sub.add_parser(
-        "chat",
-        parents=[common],
-        help="answer one message, or chat interactively with no message",
-        description="With a message: print the answer and exit. Without: an interactive "
-        "session that streams tokens and keeps the conversation (Ctrl-D or /exit to leave).",
-    )
-    chat.add_argument("message", nargs="?", help="the user message")
-    chat.add_argument("--system", default=None, help="a system message")
+    return common
 
-    gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
-    gen.add_argument("--prompt", required=True)
 
-    sub.add_parser("info", parents=[common], help="model config, parameter counts and memory plan")
-
+def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser(
         "bench", parents=[common], help="load time, prefill and decode speed beside peers"
     )
@@ -150,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels/configs/fused_moe/<device>.json)",
     )
 
+
+def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
@@ -167,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="split <think>...</think> into reasoning_content (auto: when the vocabulary has "
         "both tags)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,17 +207,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return run_moe_tune(args)
         if args.workload == "suite":
-            from moeflow.bench.gpu import run_suite
+            from moeflow.bench.suite import run_suite
 
             return run_suite(args)
         if args.workload == "moe-scaling":
             from moeflow.bench.moe_scaling import run_moe_scaling
 
             return run_moe_scaling(args)
-        from moeflow.bench.cpu import run_bench
+        from moeflow.bench.default import run_bench
 
         return run_bench(args)
     from moeflow.api import LLM
+    from moeflow.config import EngineArgs
     from moeflow.sampling_params import SamplingParams
 
     if env.MOEFLOW_NUM_THREADS:
@@ -219,13 +234,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     serving = args.command == "serve"
-    # A server loads (and sizes its KV cache) before binding: too little memory exits non-zero.
-    llm = LLM(
+    engine_args = EngineArgs(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
-        random_weights=_is_preset(args.model),
         quantize=args.quantize,
         enforce_eager=args.enforce_eager,
         overlap_schedule=False if args.disable_overlap_schedule else None,
@@ -236,9 +249,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         ),
     )
     if serving:
+        from moeflow.engine.factory import build_engine
         from moeflow.server.run import serve
+        from moeflow.server.serving import ServerConfig
 
-        return serve(llm.engine, args)
+        # The engine loads (and sizes its KV cache) before the server binds: too little memory
+        # exits non-zero.
+        engine = build_engine(engine_args)
+        config = ServerConfig(
+            served_model_name=args.served_model_name
+            or os.path.basename(engine.config.model.rstrip("/")),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            max_waiting=args.max_waiting,
+            reasoning=args.reasoning_parser,
+        )
+        return serve(engine, config)
+    llm = LLM.from_engine_args(engine_args)
     if args.command == "info":
         from moeflow.bench.report import model_info
 
@@ -257,11 +285,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
         return 0
     return _interactive(llm, messages, params)
-
-
-def _is_preset(model: str | None) -> bool:
-    """`--model preset:<name>` builds a real shape with random weights (moeflow/presets.py)."""
-    return bool(model and model.startswith("preset:"))
 
 
 def _fit(llm: LLM, ids: list[int], params: SamplingParams) -> SamplingParams:

@@ -1,5 +1,6 @@
-"""EngineConfig (the user's knobs, frozen once "auto" is resolved) and ModelConfig (one normalised
-view of an HF config.json or of GGUF metadata converted to the same keys). Leaf module."""
+"""EngineArgs (the user's knobs as given), EngineConfig (the same, frozen once "auto" is resolved
+from plain numbers) and ModelConfig (one normalised view of an HF config.json or of GGUF metadata
+converted to the same keys). Leaf module: no device queries here (engine/factory.py makes them)."""
 
 from __future__ import annotations
 
@@ -105,9 +106,36 @@ class ModelConfig:
         return cfg
 
 
+# KV cache tokens on a device without a free-memory figure (a CPU): at least one full context.
+CPU_KV_CACHE_TOKENS = 16384
+# max_model_len when the user gives none: the model's context, capped.
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The user's knobs as given (vLLM's EngineArgs): "auto" and None are resolved when the
+    engine is built (engine/factory.py build_engine)."""
+
+    model: str | None = None  # None: the embedded SmolLM2; a folder; a .gguf; "preset:<name>"
+    dtype: str = "auto"  # compute dtype: float32 | bfloat16 | float16 | auto
+    device: str = "auto"  # cpu | cuda | cuda:N | auto
+    max_model_len: int | None = None  # None: the model's context, at most DEFAULT_MAX_MODEL_LEN
+    kv_cache_tokens: int | None = None  # None: CPU_KV_CACHE_TOKENS, or what a GPU's memory holds
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    hf_overrides: dict[str, Any] | None = None  # config.json changes of a preset
+    quantize: str | None = None  # q8_0 | q4_0: quantise float linear layers on load
+    enforce_eager: bool = False
+    overlap_schedule: bool | None = None  # None: on for a CUDA device
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the user chose, with every "auto" resolved before freezing."""
+    """What the user chose, with every "auto" resolved before freezing (resolve())."""
 
     model: str  # a folder, a .gguf file, or "preset:<name>"
     device: str = "cpu"
@@ -120,18 +148,74 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     enforce_eager: bool = False  # never capture CUDA graphs for decode
-    # Launch step N+1 before reading step N's sampled ids (engine/llm_engine.py step()); the
-    # offline API and CLI turn it on for CUDA devices.
+    # Launch step N+1 before reading step N's sampled ids (engine/llm_engine.py step()); on by
+    # default for CUDA devices (resolve()).
     overlap_schedule: bool = False
 
-    @property
-    def sink_block(self) -> int:
-        """The KV block past the block manager's, where padding rows of graph batches write."""
-        return self.num_kv_blocks
+    @classmethod
+    def resolve(
+        cls,
+        args: EngineArgs,
+        *,
+        model: str,
+        device: str,
+        dtype: str,
+        model_max_len: int,
+        kv_tokens_that_fit: int | None,
+    ) -> EngineConfig:
+        """`args` with "auto" resolved, from what the factory chose and measured: `device` and
+        `dtype`, the model's context `model_max_len`, and `kv_tokens_that_fit`, the KV tokens a
+        GPU's free memory holds (None off a GPU; never fewer than one full context is used:
+        too little memory then fails when the engine allocates the cache)."""
+        max_model_len = args.max_model_len
+        if max_model_len is None:
+            max_model_len = min(model_max_len, DEFAULT_MAX_MODEL_LEN)
+        elif max_model_len > model_max_len:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's context {model_max_len}"
+            )
+        kv_cache_tokens = args.kv_cache_tokens
+        if kv_cache_tokens is None:
+            fit = CPU_KV_CACHE_TOKENS if kv_tokens_that_fit is None else kv_tokens_that_fit
+            kv_cache_tokens = max(max_model_len, fit)
+        if kv_cache_tokens < max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens {kv_cache_tokens} cannot hold one sequence of max_model_len "
+                f"{max_model_len}; raise kv_cache_tokens or lower max_model_len"
+            )
+        overlap = args.overlap_schedule
+        return cls(
+            model=model,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            block_size=args.block_size,
+            kv_cache_tokens=kv_cache_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=args.enable_prefix_caching,
+            seed=args.seed,
+            enforce_eager=args.enforce_eager,
+            overlap_schedule=device.startswith("cuda") if overlap is None else overlap,
+        )
 
     @property
     def num_kv_blocks(self) -> int:
+        """Blocks the block manager hands out to sequences."""
         return max(1, math.ceil(self.kv_cache_tokens / self.block_size))
+
+    @property
+    def sink_block(self) -> int:
+        """NOTE: the KV cache holds one block more than the block manager hands out. The rows
+        that pad a decode batch up to its CUDA graph's size write their K/V into this block
+        (engine/cuda_graph.py), so they never touch a live sequence's cache. LLMEngine allocates
+        `num_cache_blocks` itself, so no engine exists without it."""
+        return self.num_kv_blocks
+
+    @property
+    def num_cache_blocks(self) -> int:
+        """Blocks the KV cache allocates: the block manager's and the sink."""
+        return self.num_kv_blocks + 1
 
 
 def _pos_int(hf: dict[str, Any], key: str) -> int:

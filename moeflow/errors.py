@@ -1,4 +1,4 @@
-"""The errors a user can meet (shared/RELIABILITY.md). Each carries one clear message line;
+"""The errors a user can meet (docs/RELIABILITY.md). Each carries one clear message line;
 the CLI prints it without a traceback."""
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-9 would overflow
+# float32.
+GREEDY_EPS = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """vLLM-shaped. temperature 0 means greedy; max_tokens None means the rest of the context."""
@@ -79,7 +84,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures this close to 0 take the argmax (vLLM's _SAMPLING_EPS): the one
+        definition the engine (no generator) and the sampler (no draw) share."""
+        return self.temperature < GREEDY_EPS
 
 
 def _finite(x: float) -> bool:

@@ -43,7 +43,7 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
 
 from moeflow import env  # noqa: E402
 from moeflow.kernels.triton_utils import triton_installed  # noqa: E402
-from moeflow.weights.gguf import GGMLType  # noqa: E402
+from moeflow.weights.ggml_quants import GGMLType  # noqa: E402
 
 # Device the Triton kernel tests run on: the GPU, or the CPU through the interpreter.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

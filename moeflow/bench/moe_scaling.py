@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moeflow.api import LLM
-from moeflow.bench.cpu import routing_imbalance
+from moeflow.bench.common import routing_imbalance
 from moeflow.bench.report import count_parameters
 from moeflow.sampling_params import SamplingParams
 
@@ -51,7 +51,6 @@ def measure_moe_scaling(
     for name, overrides in VARIANTS.items():
         llm = LLM(
             "preset:qwen3-30b-a3b",
-            random_weights=True,
             hf_overrides={**BASE, **overrides},
             dtype=dtype,
             device="cpu",

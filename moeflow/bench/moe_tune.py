@@ -19,10 +19,11 @@ from typing import Any, cast
 
 import torch
 
-from moeflow.engine.model_loader import parse_dtype
 from moeflow.errors import MoeflowError
 from moeflow.kernels.fused_moe import select_experts
-from moeflow.presets import preset_config
+from moeflow.loading.presets import preset_config
+from moeflow.loading.source import parse_preset
+from moeflow.utils.dtype import parse_dtype
 
 # Search space. Grouped path: BLOCK_SIZE_M is capped by the pairs per expert (below).
 _GROUPED_SPACE = {
@@ -234,7 +235,7 @@ def _shapes(model: str | None, moe_shape: str | None) -> list[tuple[int, int, in
         raise ValueError("name the shape: --model preset:<name>[,preset:<name>...] or --moe-shape")
     shapes = []
     for name in model.split(","):
-        cfg = preset_config(name.strip().removeprefix("preset:"))
+        cfg = preset_config(parse_preset(name.strip()).name)
         num_experts = cfg.get("num_experts") or cfg.get("n_routed_experts")
         num_experts = num_experts or cfg.get("num_local_experts")
         if not num_experts:

@@ -1,5 +1,5 @@
 """`moeflow info`: parameter counts and the memory plan, computed from the built module (never
-from a table of known models). No timing here; bench/cpu.py measures speed."""
+from a table of known models). No timing here; bench/default.py measures speed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from moeflow.config import ModelConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token
-from moeflow.engine.model_loader import parse_dtype
+from moeflow.utils.dtype import parse_dtype
 
 if TYPE_CHECKING:
     from moeflow.api import LLM

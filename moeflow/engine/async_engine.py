@@ -1,6 +1,7 @@
-"""The engine thread and its asyncio bridge. One thread owns the LLMEngine and steps it; coroutines
-submit requests and aborts through a command queue and read each request's updates from its own
-asyncio.Queue. Bounded: a full waiting queue refuses new work at once (QueueFullError).
+"""The engine thread and its asyncio bridge. One thread owns the LLMEngine and steps it, and runs
+the OutputProcessor right after each step (so updates carry text); coroutines submit requests and
+aborts through a command queue and read each request's updates from its own asyncio.Queue.
+Bounded: a full waiting queue refuses new work at once (QueueFullError).
 
 NOTE: if a step raises, engine state is unknown: every open request gets an error update, the
 engine is marked dead (health fails) and, when `exit_on_death`, the process exits non-zero."""
@@ -16,14 +17,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.request import Request
-from moeflow.engine.sampler import TokenLogprobs
+from moeflow.engine.output_processor import OutputProcessor, RequestState, RequestUpdate
 from moeflow.errors import EngineDeadError, MoeflowError
 from moeflow.sampling_params import SamplingParams
+from moeflow.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeflow")
 
@@ -32,33 +32,55 @@ class QueueFullError(MoeflowError):
     """The waiting queue is at its cap; the caller should retry later (HTTP 503)."""
 
 
-@dataclass(slots=True)
-class RequestUpdate:
-    """What one engine step did to one request."""
+@dataclass(frozen=True, slots=True)
+class KVStats:
+    """The KV cache's occupancy and the prefix cache's hit rate, as /metrics shows them."""
 
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
-    stop_reason: str | int | None = None
-    text: str | None = None  # the final text, once finished
-    error: str | None = None  # the engine failed this request (or died)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_hit_rate: float  # share of queried prompt tokens found in the prefix cache
 
 
 @dataclass(slots=True)
 class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestUpdate]
-    sent: int = 0  # output tokens already handed over
+
+
+# ---- commands from the event loop to the engine thread ------------------------------------------
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: _Sink
+    ack: concurrent.futures.Future[None]  # the engine's RequestError, or None once admitted
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(slots=True)
+class _AbortAll:
+    """Drain's last word: end every request still open."""
+
+
+_Command = _Add | _Abort | _AbortAll
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256, exit_on_death: bool = False):
+    """An LLMEngine stepped by its own thread, driven from asyncio (module docstring)."""
+
+    def __init__(
+        self, engine: LLMEngine, max_waiting: int = 256, exit_on_death: bool = False
+    ) -> None:
         self.engine = engine
+        self._outputs = OutputProcessor(engine)  # used by the engine thread only
         self.max_waiting = max_waiting
         self.exit_on_death = exit_on_death
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, _Sink] = {}  # owned by the engine thread
         self._num_pending_adds = 0
@@ -73,6 +95,26 @@ class AsyncEngine:
         self.outcomes: Counter[str] = Counter()
         self.num_running = 0
         self.num_waiting = 0
+
+    # ---- what the server reads of the engine --------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary: prompt token ids must be below it."""
+        return self.engine.model_config.vocab_size
+
+    def kv_stats(self) -> KVStats:
+        """Read from any thread: plain counters the engine thread updates."""
+        bm = self.engine.block_manager
+        hit_rate = bm.num_hit_tokens / max(1, bm.num_queried_tokens)
+        return KVStats(bm.num_free_blocks, bm.num_blocks, hit_rate)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -101,7 +143,7 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout_s
         while self.num_open and time.monotonic() < deadline and self.is_alive:
             await asyncio.sleep(0.05)
-        self._commands.put(("abort_all", None))
+        self._commands.put(_AbortAll())
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10.0)
@@ -124,7 +166,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, asyncio.Queue())
         ack: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(("add", (request_id, prompt_ids, params, sink, ack)))
+        self._commands.put(_Add(request_id, prompt_ids, params, sink, ack))
         self._wake.set()
         await asyncio.wrap_future(ack)  # raises the engine's RequestError, if any
         return self._updates(request_id, sink)
@@ -143,7 +185,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(_Abort(request_id))
         self._wake.set()
 
     # ---- the engine thread ---------------------------------------------------------------------
@@ -154,8 +196,8 @@ class AsyncEngine:
                 self._run_commands()
                 self.last_tick = time.monotonic()
                 if engine.has_unfinished():
-                    for req in engine.step():
-                        self._publish(req)
+                    for state in self._outputs.process(engine.step()):
+                        self._publish(state)
                     self._snapshot()
                 else:
                     self._snapshot()
@@ -166,7 +208,8 @@ class AsyncEngine:
             self.dead_reason = f"{type(e).__name__}: {e}"
             logger.exception("engine loop died")
             for request_id in list(self._sinks):
-                self._push(request_id, RequestUpdate([], error=f"engine failure: {e}"))
+                update = RequestUpdate(request_id, [], error=f"engine failure: {e}")
+                self._push(request_id, update)
                 self.outcomes["error"] += 1
             with self._lock:
                 self._sinks.clear()
@@ -177,54 +220,45 @@ class AsyncEngine:
     def _run_commands(self) -> None:
         while True:
             try:
-                kind, arg = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                request_id, prompt_ids, params, sink, ack = arg
-                try:
-                    req = self.engine.add_request(prompt_ids, params, request_id)
-                except BaseException as e:  # noqa: BLE001 - handed to the submitting coroutine
-                    with self._lock:
-                        self._num_pending_adds -= 1
-                    self.outcomes["rejected"] += 1
-                    ack.set_exception(e)
-                    continue
-                with self._lock:
-                    self._num_pending_adds -= 1
-                    self._sinks[request_id] = sink
-                self.outcomes["accepted"] += 1
-                ack.set_result(None)
-                del req
-            elif kind == "abort":
-                if self.engine.abort(arg):
-                    self._end(arg, RequestUpdate([], finish_reason="abort"), "aborted")
-            elif kind == "abort_all":
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self._abort(command.request_id)
+            else:
                 for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
-                    self._end(request_id, RequestUpdate([], finish_reason="abort"), "aborted")
+                    self._abort(request_id)
 
-    def _publish(self, req: Request) -> None:
-        sink = self._sinks.get(req.request_id)
-        if sink is None:
+    def _abort(self, request_id: str) -> None:
+        if self._outputs.abort(request_id):
+            update = RequestUpdate(request_id, [], finish_reason="abort")
+            self._end(request_id, update, "aborted")
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self._outputs.add_request(command.prompt_ids, command.params, command.request_id)
+        except BaseException as e:  # noqa: BLE001 - handed to the submitting coroutine
+            with self._lock:
+                self._num_pending_adds -= 1
+            self.outcomes["rejected"] += 1
+            command.ack.set_exception(e)
             return
-        new_ids = req.output_ids[sink.sent :]
-        new_lps = req.output_logprobs[sink.sent :] if req.params.logprobs is not None else []
-        sink.sent = len(req.output_ids)
-        update = RequestUpdate(
-            new_ids,
-            new_lps,
-            num_prompt_tokens=len(req.prompt_ids),
-            num_cached_tokens=req.num_cached_tokens,
-        )
-        if req.is_finished:
-            update.finish_reason = req.finish_reason.value if req.finish_reason else None
-            update.stop_reason = req.stop_reason
-            update.text = req.text
-            update.error = req.error
-            self._end(req.request_id, update, "error" if req.error else "finished")
+        with self._lock:
+            self._num_pending_adds -= 1
+            self._sinks[command.request_id] = command.sink
+        self.outcomes["accepted"] += 1
+        command.ack.set_result(None)
+
+    def _publish(self, state: RequestState) -> None:
+        if state.request_id not in self._sinks:
+            return
+        update = state.take_update()
+        if state.finished:
+            self._end(state.request_id, update, "error" if update.error else "finished")
         else:
-            self._push(req.request_id, update)
+            self._push(state.request_id, update)
 
     def _end(self, request_id: str, update: RequestUpdate, outcome: str) -> None:
         if request_id not in self._sinks:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moeflow.context import ForwardBatch, forward_context
+from moeflow.engine.flatten import HostBatch, PendingTokens, flatten_into
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.models.base import CausalLM
 
@@ -134,41 +135,32 @@ class DecodeGraphRunner:
                 logits = self._forward(padded)
         return logits[:n]
 
-    def load(self, batch: ScheduledBatch) -> tuple[list[int], list[str]]:
+    def load(self, batch: ScheduledBatch) -> PendingTokens:
         """Write the batch's rows (and padding after them) into a host twin, copy it over.
-        Returns the rows whose input token is pending (left 0 here) and their request ids."""
+        Returns the rows whose input token is pending (left 0 here)."""
         self._turn ^= 1
         host = self._hosts[self._turn]
         h = host.numpy()
-        n, w, bs = self.max_bs, self.width, self.block_size
+        n, w = self.max_bs, self.width
         rows = len(batch.reqs)
         padded = self.padded_size(rows)
         assert padded is not None and all(k == 1 for k in batch.num_new_tokens), "not a graph batch"
-        pending_at: list[int] = []
-        pending_reqs: list[str] = []
-        for i, req in enumerate(batch.reqs):
-            pos = req.num_computed_tokens
-            table = req.block_table
-            assert len(table) <= w, "a block table wider than max_model_len allows"
-            if req.num_pending:  # a decode row's one token is its last
-                h[i] = 0
-                pending_at.append(i)
-                pending_reqs.append(req.request_id)
-            else:
-                (h[i],) = req.tokens_slice(pos, pos + 1)
-            h[n + i] = pos
-            h[2 * n + i] = table[pos // bs] * bs + pos % bs
-            h[3 * n + i] = pos + 1
-            row = 4 * n + i * w
-            h[row : row + len(table)] = table
-            h[row + len(table) : row + w] = -1
+        # One token per row: the first `rows` entries of each field of the twin.
+        buf = HostBatch(
+            input_ids=h[:rows],
+            positions=h[n : n + rows],
+            slot_mapping=h[2 * n : 2 * n + rows],
+            context_lens=h[3 * n : 3 * n + rows],
+            block_tables=h[4 * n : 4 * n + rows * w].reshape(rows, w),
+        )
+        pending = flatten_into(buf, batch, self.block_size)
         self._fill_padding(h, rows, padded)
         # NOTE: non_blocking from pinned memory; this twin is next written two steps later,
         # after the engine has waited for the sampled ids of the step these copies precede.
         self._buf[: 4 * n].copy_(host[: 4 * n], non_blocking=True)
         used = 4 * n + padded * w
         self._buf[4 * n : used].copy_(host[4 * n : used], non_blocking=True)
-        return pending_at, pending_reqs
+        return pending
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
         hidden = self.model(fb.input_ids, fb.positions)  # [bs, E]

@@ -1,6 +1,7 @@
 """The engine core: add_request / step / abort. Each step schedules a batch, runs the model,
-samples, appends tokens, checks stop conditions and frees finished requests' blocks. With the
-overlap schedule the host reads a step's tokens after launching the next one (see step())."""
+samples, appends tokens, checks stop ids, eos and lengths, and frees finished requests' blocks.
+It sees token ids only: text and stop strings are output_processor.py's. With the overlap
+schedule the host reads a step's tokens after launching the next one (see step())."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
-from moeflow.engine.model_loader import LoadedModel
-from moeflow.engine.model_runner import ModelRunner, StepProfile, TokenCarry
+from moeflow.engine.kv_cache import plan_kv_cache
+from moeflow.engine.model_runner import ModelRunner, TokenCarry
+from moeflow.engine.profile import StepProfile, device_timed, timed
 from moeflow.engine.request import Request, RequestStatus
 from moeflow.engine.sampler import (
     SampledBatch,
@@ -25,8 +27,10 @@ from moeflow.engine.sampler import (
 )
 from moeflow.engine.scheduler import ScheduledBatch, Scheduler
 from moeflow.errors import RequestError
+from moeflow.models.base import CausalLM, MoEStats
 from moeflow.sampling_params import FinishReason, SamplingParams
-from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+from moeflow.tokenizer import Tokenizer
+from moeflow.utils.dtype import parse_dtype
 
 logger = logging.getLogger("moeflow")
 
@@ -49,18 +53,35 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    """Built by engine/factory.py build_engine(). Construction allocates the KV cache, the sink
+    block included, and captures the decode graphs on a GPU: a built engine is ready to step."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: CausalLM,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+    ) -> None:
         self.config = config
-        self.model_config: ModelConfig = loaded.model_config
-        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.model_config = model_config
+        self.tokenizer = tokenizer
         self.device = torch.device(config.device)
+        # The cache the block manager's blocks index, and the sink block (EngineConfig.sink_block).
+        self.kv_cache_bytes = plan_kv_cache(
+            model,
+            config.num_cache_blocks,
+            config.block_size,
+            parse_dtype(config.dtype),
+            self.device,
+        )
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(loaded.model, config.block_size, self.device)
+        self.runner = ModelRunner(model, config.block_size, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         self.sampler = Sampler()
@@ -68,7 +89,6 @@ class LLMEngine:
             self.model_config.eos_token_ids
         )
         self.requests: dict[str, Request] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
         self._in_flight: _InFlight | None = None  # the launch whose ids the host has not read
@@ -117,21 +137,24 @@ class LLMEngine:
         )
         if not params.is_greedy:
             req.generator = make_generator(params.seed, self.device)
-        if params.stop:
-            self._detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, req.prompt_ids, params.skip_special_tokens
-            )
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.stats.num_prompt_tokens += len(prompt_ids)
         return req
 
-    def abort(self, request_id: str) -> bool:
-        """Finish a request now (client gone); its blocks are freed. False if already ended."""
+    def abort(
+        self,
+        request_id: str,
+        finish_reason: FinishReason = FinishReason.ABORT,
+        stop_reason: str | None = None,
+    ) -> bool:
+        """Finish a request now; its blocks are freed. False if it had already ended. A client
+        gone aborts; a stop string (found by the output processor, which sees the text) finishes
+        with FinishReason.STOP and the string as stop_reason."""
         req = self.requests.get(request_id)
         if req is None:
             return False
-        req.finish_reason = FinishReason.ABORT
+        req.finish_reason, req.stop_reason = finish_reason, stop_reason
         self._finish(req)
         return True
 
@@ -146,119 +169,127 @@ class LLMEngine:
         With the overlap schedule (`EngineConfig.overlap_schedule`), a step launches its batch
         and only then reads the ids sampled by the step before, so the host's work (scheduling,
         preparing, stop checks) runs while the device computes: a step returns the requests of
-        the previous launch. A request that finishes has one wasted row in the launch after."""
-        profile = self.runner.profile
-        start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if profile is not None:
-            profile.schedule_s += time.perf_counter() - start
-        prev, self._in_flight = self._in_flight, None
+        the previous launch. A request that finishes has one wasted row in the launch after.
+        A batch with penalties takes the normal schedule: they count every earlier token."""
+        with timed(self.profile, "schedule_s"):
+            batch = self.scheduler.schedule()
         if not batch.reqs:
-            if prev is not None:
-                return self._resolve(prev)
-            if self.scheduler.waiting and not self.scheduler.running:
-                # Nothing runs and the head of the queue still does not fit: it never will.
-                req = self.scheduler.waiting[0]
-                req.finish_reason = FinishReason.ABORT
-                req.error = (
-                    f"request {req.request_id} needs more KV blocks than the cache has "
-                    f"({self.block_manager.num_blocks} blocks of {self.config.block_size})"
-                )
-                self._finish(req)
-                return [req]
-            return []
+            return self._idle_step()
+        if self.overlap_schedule and not any(has_penalties(r.params) for r in batch.reqs):
+            return self._overlap_step(batch)
+        return self._normal_step(batch)
+
+    def _normal_step(self, batch: ScheduledBatch) -> list[Request]:
+        """Launch the batch and read its ids before returning. A launch still in flight (from an
+        overlapped step before) is read first, and the requests it finished leave the batch."""
         done: list[Request] = []
-        overlap = self.overlap_schedule and not any(has_penalties(r.params) for r in batch.reqs)
-        if prev is not None and not overlap:
-            # Penalties count every earlier token: read the pending ones first.
-            done = self._resolve(prev)
-            prev = None
-            keep = [i for i, r in enumerate(batch.reqs) if not r.is_finished]
-            batch = ScheduledBatch(
-                [batch.reqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep]
-            )
-            if not batch.reqs:
-                return done
-        launched = self._launch(batch, prev)
+        prev = self._take_in_flight()
         if prev is not None:
             done = self._resolve(prev)
+            batch = _without_finished(batch)
+            if not batch.reqs:
+                return done
+        launched = self._launch(batch, None)
+        self._cache_full_blocks(batch)
+        if launched is not None:
+            done += self._resolve(launched)
+        return done
+
+    def _overlap_step(self, batch: ScheduledBatch) -> list[Request]:
+        """Launch the batch (its pending input tokens come from the launch before, on the
+        device), then read the launch before while the device computes; this launch's ids are
+        read by the next step."""
+        prev = self._take_in_flight()
+        launched = self._launch(batch, prev)
+        done = self._resolve(prev) if prev is not None else []
+        self._cache_full_blocks(batch)
+        self._in_flight = launched
+        return done
+
+    def _idle_step(self) -> list[Request]:
+        """Nothing was scheduled: read the launch still in flight, or fail a request that can
+        never fit."""
+        prev = self._take_in_flight()
+        if prev is not None:
+            return self._resolve(prev)
+        if self.scheduler.waiting and not self.scheduler.running:
+            # Nothing runs and the head of the queue still does not fit: it never will.
+            req = self.scheduler.waiting[0]
+            req.finish_reason = FinishReason.ABORT
+            req.error = (
+                f"request {req.request_id} needs more KV blocks than the cache has "
+                f"({self.block_manager.num_blocks} blocks of {self.config.block_size})"
+            )
+            self._finish(req)
+            return [req]
+        return []
+
+    def _take_in_flight(self) -> _InFlight | None:
+        launched, self._in_flight = self._in_flight, None
+        return launched
+
+    def _cache_full_blocks(self, batch: ScheduledBatch) -> None:
         for req in batch.reqs:
             if not req.is_finished:  # every computed token is known to the host by now
                 self.block_manager.cache_full_blocks(req)
-        if launched is not None:
-            if overlap:
-                self._in_flight = launched
-            else:
-                done += self._resolve(launched)
-        return done
 
     def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight | None:
         """Run the model over `batch` and sample on the device; returns the sampled rows with
         their ids still on the way to the host (None when no row samples)."""
-        profile = self.runner.profile
-        events = None
-        if profile is not None and self.device.type == "cuda":
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
-        carry = TokenCarry(prev.sampled.token_ids, prev.row_of) if prev is not None else None
-        logits = self.runner.run(batch, carry)
-        self.stats.num_steps += 1
-        self.stats.num_computed_tokens += batch.num_tokens
-        reqs: list[Request] = []
-        for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
-                reqs.append(req)
-        launched = None
-        if reqs:
-            sample_start = time.perf_counter()
-            rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs]
-            sampled = self.sampler.sample(logits, rows)
-            for req in reqs:
-                req.num_pending += 1
-            launched = _InFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
-            if profile is not None:
-                profile.sample_s += time.perf_counter() - sample_start
-        if profile is not None:
-            profile.steps += 1
-            if events is not None:
-                events[1].record()
-                profile.events.append(events)
-        return launched
+        profile = self.profile
+        with device_timed(profile, self.device):
+            carry = TokenCarry(prev.sampled.token_ids, prev.row_of) if prev is not None else None
+            logits = self.runner.run(batch, carry, profile)
+            self.stats.num_steps += 1
+            self.stats.num_computed_tokens += batch.num_tokens
+            reqs: list[Request] = []
+            for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
+                req.num_computed_tokens += n
+                if req.num_computed_tokens == req.num_tokens:
+                    reqs.append(req)
+            if not reqs:
+                return None
+            with timed(profile, "sample_s"):
+                rows = [
+                    SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs
+                ]
+                sampled = self.sampler.sample(logits, rows)
+                for req in reqs:
+                    req.num_pending += 1
+            return _InFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
 
     def _resolve(self, launched: _InFlight) -> list[Request]:
         """Read a launch's sampled ids on the host: append them, check stop conditions, finish
         requests. Requests that ended meanwhile (aborted, or stopped by an earlier token) are
         skipped."""
-        profile = self.runner.profile
-        wait_start = time.perf_counter()
-        token_ids, logprobs = launched.sampled.to_host()
-        post_start = time.perf_counter()
+        with timed(self.profile, "wait_s"):
+            token_ids, logprobs = launched.sampled.to_host()
         done: list[Request] = []
-        for req, token, lp in zip(launched.reqs, token_ids, logprobs, strict=True):
-            req.num_pending -= 1
-            if req.is_finished:
-                continue
-            req.output_ids.append(token)
-            if lp is not None:
-                req.output_logprobs.append(lp)
-            self.stats.num_generated_tokens += 1
-            self._check_stop(req, token)
-            if req.finish_reason is not None:
-                self._finish(req)
-            done.append(req)
-        if profile is not None:
-            profile.wait_s += post_start - wait_start
-            profile.postprocess_s += time.perf_counter() - post_start
+        with timed(self.profile, "postprocess_s"):
+            for req, token, lp in zip(launched.reqs, token_ids, logprobs, strict=True):
+                req.num_pending -= 1
+                if req.is_finished:
+                    continue
+                req.output_ids.append(token)
+                if lp is not None:
+                    req.output_logprobs.append(lp)
+                self.stats.num_generated_tokens += 1
+                self._check_stop(req, token)
+                if req.finish_reason is not None:
+                    self._finish(req)
+                done.append(req)
         return done
 
+    # ---- profiling ---------------------------------------------------------------------------
+    # The phases of every step between start_profile and stop_profile (engine/profile.py).
+    profile: StepProfile | None = None
+
     def start_profile(self) -> None:
-        """Time the phases of every step from now on (ModelRunner.StepProfile)."""
-        self.runner.profile = StepProfile()
+        """Time the phases of every step from now on."""
+        self.profile = StepProfile()
 
     def stop_profile(self) -> StepProfile:
-        profile = self.runner.profile
-        self.runner.profile = None
+        profile, self.profile = self.profile, None
         assert profile is not None, "start_profile was not called"
         return profile
 
@@ -277,20 +308,9 @@ class LLMEngine:
             torch.cuda.synchronize(self.device)
 
     def _check_stop(self, req: Request, token: int) -> None:
+        """Stop ids, eos and lengths; stop strings are the output processor's (token ids only
+        here)."""
         p = req.params
-        detok = self._detokenizers.get(req.request_id)
-        if detok is not None:
-            prev_len = len(detok.text)
-            detok.add([token])
-            text = detok.text
-            longest = max(len(s) for s in p.stop)
-            search_from = max(0, prev_len - longest + 1)
-            hits = [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
-            if hits:
-                index, stop = min(hits)
-                req.text = text[:index]
-                req.finish_reason, req.stop_reason = FinishReason.STOP, stop
-                return
         if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
             req.finish_reason, req.stop_reason = FinishReason.STOP, token
         elif len(req.output_ids) >= req.max_tokens or (
@@ -302,39 +322,31 @@ class LLMEngine:
         if req.status is RequestStatus.FINISHED:
             return
         self.scheduler.finish(req)
-        self._detokenizers.pop(req.request_id, None)
-        if not isinstance(req.stop_reason, str):  # a stop string already cut req.text
-            req.text = self.tokenizer.decode(req.output_ids, req.params.skip_special_tokens)
         self.requests.pop(req.request_id, None)
 
     # ---- routing statistics (MoE) ----------------------------------------------------------------
-    def _moe_layers(self) -> list[torch.nn.Module]:
-        """Modules that count tokens per expert (layers/moe.py MoE), in model order."""
-        return [m for m in self.runner.model.modules() if hasattr(m, "expert_counts")]
+    def moe_layers(self) -> list[MoEStats]:
+        """The model's MoE layers, in model order (none for a dense model)."""
+        return self.runner.model.moe_layers()
 
     def enable_routing_stats(self, enabled: bool = True) -> None:
-        for m in self._moe_layers():
-            setattr(m, "moe_stats_enabled", enabled)  # noqa: B010
+        for m in self.moe_layers():
+            m.enable_stats(enabled)
         # Captured graphs hold the layers as they were: count through the eager path.
         self.runner.graphs_paused = enabled
 
     def routing_stats(self) -> list[list[int]]:
         """Tokens routed to each expert since the last reset, one list per MoE layer."""
-        return [m.expert_counts.tolist() for m in self._moe_layers()]  # type: ignore[union-attr]
+        return [m.tokens_per_expert() for m in self.moe_layers()]
 
     def experts_touched_per_step(self) -> list[float]:
         """Mean number of distinct experts a forward ran, since the last reset, per MoE layer
         (what a decode step reads of the experts' weights)."""
-        return [
-            m.expert_steps.sum().item() / max(m.stats_forwards, 1)  # type: ignore[union-attr,operator]
-            for m in self._moe_layers()
-        ]
+        return [m.experts_touched_per_forward() for m in self.moe_layers()]
 
     def reset_routing_stats(self) -> None:
-        for m in self._moe_layers():
-            m.expert_counts.zero_()  # type: ignore[union-attr]
-            m.expert_steps.zero_()  # type: ignore[union-attr]
-            setattr(m, "stats_forwards", 0)  # noqa: B010
+        for m in self.moe_layers():
+            m.reset_stats()
 
     def run_to_completion(self) -> None:
         """Step until every request has finished (offline use)."""
@@ -342,3 +354,9 @@ class LLMEngine:
         while self.has_unfinished():
             self.step()
         logger.debug("drained in %.3f s", time.perf_counter() - start)
+
+
+def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:
+    """`batch` less the requests that finished since it was scheduled (their blocks are free)."""
+    keep = [i for i, r in enumerate(batch.reqs) if not r.is_finished]
+    return ScheduledBatch([batch.reqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep])

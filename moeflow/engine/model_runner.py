@@ -1,59 +1,23 @@
-"""Turns a scheduled batch into a ForwardBatch (flat token ids, positions, cache slots, block
-tables), runs the model under forward_context (decode batches through CUDA graphs when they are
-captured, engine/cuda_graph.py) and returns the logits of the sequences that sample this step."""
+"""Runs a scheduled batch: flattens it (engine/flatten.py), fills its pending input tokens on the
+device, runs the model under forward_context and returns the logits of the sequences that sample
+this step. Decode steps replay CUDA graphs when captured (engine/cuda_graph.py), or on the CPU
+take the fused decode step where the model fits it (kernels/decode_stack.py)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
+from moeflow.engine.flatten import flatten_batch
+from moeflow.engine.profile import StepProfile, timed
 from moeflow.engine.scheduler import ScheduledBatch
+from moeflow.kernels.decode_stack import CpuDecodeStack
 from moeflow.models.base import CausalLM
+from moeflow.utils import cdiv
 from moeflow.utils.device import to_device
-
-
-@dataclass(slots=True)
-class StepProfile:
-    """Where the profiled engine steps spent their time: host seconds per phase, and CUDA events
-    around each step's device work (forward and sampling). Without the overlap schedule the
-    device waits for all the host work of a step; with it, for what the host does before the
-    launch only (schedule, prepare) while the previous step still runs."""
-
-    steps: int = 0  # steps that launched a forward
-    schedule_s: float = 0.0  # scheduler: which requests run, block allocation
-    prepare_s: float = 0.0  # host lists -> device tensors of the ForwardBatch
-    forward_s: float = 0.0  # host time launching the forward (on CPU: running it)
-    sample_s: float = 0.0  # host time launching the sampling (on CPU: running it)
-    wait_s: float = 0.0  # waiting for sampled ids to reach the host
-    postprocess_s: float = 0.0  # appending tokens, stop checks, freeing finished requests
-    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
-
-    @property
-    def wall_s(self) -> float:
-        return (
-            self.schedule_s
-            + self.prepare_s
-            + self.forward_s
-            + self.sample_s
-            + self.wait_s
-            + self.postprocess_s
-        )
-
-    @property
-    def host_overhead_s(self) -> float:
-        """The engine's own Python work: scheduling, preparing, post-processing."""
-        return self.schedule_s + self.prepare_s + self.postprocess_s
-
-    def gpu_busy_s(self) -> float | None:
-        """GPU seconds of the steps' forwards and sampling (None on CPU); waits for the last."""
-        if not self.events:
-            return None
-        self.events[-1][1].synchronize()
-        return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
 
 
 @dataclass(slots=True)
@@ -73,7 +37,8 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         # Routing statistics count on the host-visible path only: graphs are bypassed meanwhile.
         self.graphs_paused = False
-        self.profile: StepProfile | None = None
+        # The fused CPU decode step (kernels/decode_stack.py), tried on every eager step.
+        self.decode_stack = CpuDecodeStack(model.dense_decoder())
 
     def make_graph_runner(
         self, max_num_seqs: int, max_model_len: int, sink_block: int
@@ -82,94 +47,39 @@ class ModelRunner:
         self.graphs = DecodeGraphRunner(
             self.model,
             graph_batch_sizes(max_num_seqs),
-            -(-max_model_len // self.block_size),
+            cdiv(max_model_len, self.block_size),
             self.block_size,
             sink_block,
             self.device,
         )
         return self.graphs
 
-    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
-        """The ForwardBatch of `batch` (pending input tokens left 0)."""
-        return self._prepare(batch)[0]
-
-    def _prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int], list[str]]:
-        """The ForwardBatch, and its pending input tokens: their flat indices in input_ids, and
-        the ids of their requests (TokenCarry.row_of finds their rows in the previous step)."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        cu_seqlens = [0]
-        logits_indices: list[int] = []
-        pending_at: list[int] = []
-        pending_reqs: list[str] = []
-        for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
-            start = req.num_computed_tokens
-            end = start + n
-            if end == req.num_tokens and req.num_pending:  # the last token is still on the device
-                input_ids.extend(req.tokens_slice(start, end - 1))
-                pending_at.append(len(input_ids))
-                pending_reqs.append(req.request_id)
-                input_ids.append(0)
-            else:
-                input_ids.extend(req.tokens_slice(start, end))
-            positions.extend(range(start, end))
-            table = req.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            context_lens.append(end)
-            cu_seqlens.append(cu_seqlens[-1] + n)
-            if end == req.num_tokens:  # the prompt (or recompute) is done: sample
-                logits_indices.append(cu_seqlens[-1] - 1)
-        max_blocks = max(len(r.block_table) for r in batch.reqs)
-        tables = [r.block_table + [-1] * (max_blocks - len(r.block_table)) for r in batch.reqs]
-        dev = self.device
-
-        def t(x: list[int] | list[list[int]]) -> torch.Tensor:
-            return to_device(x, torch.int64, dev)
-
-        fb = ForwardBatch(
-            input_ids=t(input_ids),
-            positions=t(positions),
-            slot_mapping=t(slots),
-            block_tables=t(tables),
-            context_lens=t(context_lens),
-            cu_seqlens_q=t(cu_seqlens),
-            logits_indices=t(logits_indices),
-            query_lens_cpu=list(batch.num_new_tokens),
-            context_lens_cpu=context_lens,
-            is_decode=all(n == 1 for n in batch.num_new_tokens),
-        )
-        return fb, pending_at, pending_reqs
-
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, carry: TokenCarry | None = None) -> torch.Tensor:
+    def run(
+        self,
+        batch: ScheduledBatch,
+        carry: TokenCarry | None = None,
+        profile: StepProfile | None = None,
+    ) -> torch.Tensor:
         """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order.
         Rows whose input token is pending take it from `carry` on the device."""
-        profile = self.profile
-        start = time.perf_counter() if profile is not None else 0.0
-        graphs = self._graphs_for(batch)
-        fb = None
-        if graphs is not None:
-            pending_at, pending_reqs = graphs.load(batch)
-            input_ids = graphs.input_ids
-        else:
-            fb, pending_at, pending_reqs = self._prepare(batch)
-            input_ids = fb.input_ids
-        if pending_at:
-            assert carry is not None, "a pending input token without the step that sampled it"
-            src = [carry.row_of[r] for r in pending_reqs]
-            dst_t = to_device(pending_at, torch.int64, self.device)
-            src_t = to_device(src, torch.int64, self.device)
-            input_ids.index_copy_(0, dst_t, carry.token_ids.index_select(0, src_t))
-        if profile is None:
+        with timed(profile, "prepare_s"):
+            graphs = self._graphs_for(batch)
+            fb = None
+            if graphs is not None:
+                pending = graphs.load(batch)
+                input_ids = graphs.input_ids
+            else:
+                fb, pending = flatten_batch(batch, self.block_size, self.device)
+                input_ids = fb.input_ids
+            if pending.at:
+                assert carry is not None, "a pending input token without the step that sampled it"
+                src = [carry.row_of[r] for r in pending.request_ids]
+                dst_t = to_device(pending.at, torch.int64, self.device)
+                src_t = to_device(src, torch.int64, self.device)
+                input_ids.index_copy_(0, dst_t, carry.token_ids.index_select(0, src_t))
+        with timed(profile, "forward_s"):
             return self._launch(graphs, fb, len(batch.reqs))
-        launched = time.perf_counter()
-        profile.prepare_s += launched - start
-        logits = self._launch(graphs, fb, len(batch.reqs))
-        profile.forward_s += time.perf_counter() - launched
-        return logits
 
     def _graphs_for(self, batch: ScheduledBatch) -> DecodeGraphRunner | None:
         """The graph runner when it takes this batch: few enough rows, not paused, and every row
@@ -192,7 +102,10 @@ class ModelRunner:
             return graphs.replay(n).float()
         assert fb is not None
         with forward_context(fb):
-            hidden = self.model(fb.input_ids, fb.positions)  # [T, E]
+            if self.decode_stack.fits(fb):
+                hidden = self.decode_stack.forward(fb)  # [T, E]
+            else:
+                hidden = self.model(fb.input_ids, fb.positions)  # [T, E]
         if fb.logits_indices.numel() == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         return self.model.compute_logits(hidden, fb.logits_indices).float()  # [S, V]

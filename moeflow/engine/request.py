@@ -1,5 +1,6 @@
-"""Request: one generation's state from admission to finish (tokens, blocks, status, stop
-checks). Owned by the engine thread; leaf module (torch only for the sampling generator)."""
+"""Request: one generation's state from admission to finish (tokens, blocks, status, the
+finish reason). Owned by the engine thread, which checks its stop ids, eos and length; stop
+strings are engine/output_processor.py's. Leaf module (torch only for the sampling generator)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ class Request:
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    text: str = ""  # detokenised output, set when the request finishes
     error: str | None = None  # set when the engine had to fail this request
 
     @property
@@ -57,14 +57,6 @@ class Request:
         """The tokens sampled so far, pending ones included, reach max_tokens: nothing more is
         computed for this request, whatever its pending token turns out to be."""
         return len(self.output_ids) + self.num_pending >= self.max_tokens
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
 
     def tokens_slice(self, start: int, end: int) -> list[int]:
         """Token ids start..end-1 the host knows (pending ones are not: end stops before them)."""

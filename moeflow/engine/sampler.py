@@ -14,9 +14,6 @@ from moeflow.utils.device import to_device
 # Shapes: N rows in the batch, V vocab, S sampled (non-greedy) rows, L rows asking for logprobs,
 # K the largest top-logprobs count among those L rows.
 
-# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-9 would overflow float32.
-_SAMPLING_EPS = 1e-5
-
 
 @dataclass(slots=True)
 class SamplingRow:
@@ -51,15 +48,10 @@ class Sampler:
     """Stateless: a request's random state lives in its SamplingRow.generator, so a seeded request
     draws the same tokens alone or in any batch, at any row, whatever its neighbours."""
 
-    def __call__(
-        self, logits: torch.Tensor, rows: list[SamplingRow]
-    ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """logits [N, V], any float dtype, never written -> (token id, logprobs) per row."""
-        return self.sample(logits, rows).to_host()
-
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
-        """Like __call__, but returns at once: the ids stay on the device (for the next step's
-        inputs) and their copy to the host is queued behind the sampling."""
+        """logits [N, V], any float dtype, never written -> the sampled ids, which stay on the
+        device (for the next step's inputs) while their copy to the host is queued behind the
+        sampling (SampledBatch.to_host() waits for it)."""
         num_rows = logits.shape[0]
         if logits.dim() != 2 or len(rows) != num_rows:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
@@ -74,7 +66,7 @@ class Sampler:
         logprobs = raw[lp_idx].log_softmax(dim=-1) if lp_rows else None  # [L, V]
 
         x = apply_penalties(raw, rows)  # [N, V]
-        sample_rows = [i for i, row in enumerate(rows) if not _is_greedy(row.params)]
+        sample_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if len(sample_rows) == num_rows:
             token_ids = _sample(x, rows)  # [N]
         else:
@@ -196,10 +188,6 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits
 
 
-def _is_greedy(params: SamplingParams) -> bool:
-    return params.temperature < _SAMPLING_EPS
-
-
 def has_penalties(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
@@ -210,7 +198,7 @@ def has_penalties(params: SamplingParams) -> bool:
 
 
 def _is_plain_greedy(params: SamplingParams) -> bool:
-    return _is_greedy(params) and params.logprobs is None and not has_penalties(params)
+    return params.is_greedy and params.logprobs is None and not has_penalties(params)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Paged attention over a block-structured KV cache: the plain-torch reference (defines
-correctness, runs on CPU and GPU) and the `paged_attention` dispatch point layers call, which
-takes the Triton kernels (kernels/triton/attention.py) where use_triton says so.
+correctness, runs on CPU and GPU), the `paged_attention` dispatch point, which takes the Triton
+kernels (kernels/triton/attention.py) where use_triton says so, and `store_kv_and_attend`, the
+one entry point layers call (cache write + attention; the CPU decode kernel does both at once).
 
 Shape legend: T new tokens in the batch, B sequences, H query heads, Hkv KV heads, D head dim,
 N cache blocks of S tokens each. Cache layout: [N, S, Hkv, D]."""
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.triton_utils import use_triton
+from moeflow.utils import cdiv
 
 
 def store_kv(
@@ -47,7 +49,7 @@ def paged_attention_ref(
     out = torch.empty_like(q)
     start = 0
     for i, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens, strict=True)):
-        num_blocks = -(-ctx_len // block_size)
+        num_blocks = cdiv(ctx_len, block_size)
         blocks = block_tables[i, :num_blocks]
         # [num_blocks, S, Hkv, D] -> [ctx, Hkv, D] -> [Hkv, ctx, D]
         k = k_cache[blocks].flatten(0, 1)[:ctx_len].transpose(0, 1)
@@ -113,42 +115,6 @@ def _work_dtype(q: torch.Tensor) -> torch.dtype:
     return q.dtype
 
 
-def paged_decode_attention_cpu(
-    q: torch.Tensor,  # [B, H, D]
-    k: torch.Tensor,  # [B, Hkv, D]
-    v: torch.Tensor,  # [B, Hkv, D]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [B]
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,  # [B]
-    scale: float,
-    sliding_window: int | None,
-) -> torch.Tensor | None:
-    """store_kv + decode attention in one CPU kernel call (float32 caches); None where the
-    kernel does not apply, and then nothing was written."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
-        return None
-    ops = cpu_ext.ops()
-    if ops is None or q.shape[-1] % 8 != 0:
-        return None
-    for t in (q, k, v):
-        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
-            return None
-    return ops.decode_attention(
-        q,
-        k,
-        v,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        block_tables,
-        context_lens,
-        scale,
-        sliding_window or 0,
-    )
-
-
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -193,3 +159,90 @@ def paged_attention(
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, sliding_window
     )
+
+
+def store_kv_and_attend(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, S, Hkv, D]
+    v_cache: torch.Tensor,  # [N, S, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T]
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    query_lens: list[int],
+    context_lens: list[int],
+    context_lens_gpu: torch.Tensor,  # [B], the device twin of context_lens
+    cu_seqlens_q: torch.Tensor,  # [B + 1]
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [T, H, D]
+    """One attention layer's step, the entry point layers call: write the new tokens' K/V into
+    their cache slots, then attend. A CPU decode step over float32 caches does both in one
+    kernel call (paged_decode_attention_cpu); otherwise store_kv, then paged_attention."""
+    if all(n == 1 for n in query_lens) and _cpu_decode_fits(q, k, v, k_cache):
+        return paged_decode_attention_cpu(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            block_tables,
+            context_lens_gpu,
+            scale,
+            sliding_window,
+        )
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_lens,
+        context_lens,
+        scale,
+        sliding_window,
+        context_lens_gpu,
+        cu_seqlens_q=cu_seqlens_q,
+    )
+
+
+def paged_decode_attention_cpu(
+    q: torch.Tensor,  # [B, H, D]
+    k: torch.Tensor,  # [B, Hkv, D]
+    v: torch.Tensor,  # [B, Hkv, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [B]
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,  # [B]
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [B, H, D]
+    """store_kv + decode attention in one CPU kernel call, where _cpu_decode_fits."""
+    ops = cpu_ext.ops()
+    assert ops is not None
+    return ops.decode_attention(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        scale,
+        sliding_window or 0,
+    )
+
+
+def _cpu_decode_fits(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
+) -> bool:
+    """The CPU decode kernel takes float32 q and caches, head dims a multiple of 8, and heads
+    that are contiguous rows (views of a fused qkv buffer are)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return False
+    if cpu_ext.ops() is None or q.shape[-1] % 8 != 0:
+        return False
+    return all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k, v))

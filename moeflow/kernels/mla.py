@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.kernels.triton_utils import use_triton
+from moeflow.utils import cdiv
 
 
 def store_latent(
@@ -21,7 +22,7 @@ def store_latent(
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
-    num_blocks = -(-ctx_len // cache.shape[1])
+    num_blocks = cdiv(ctx_len, cache.shape[1])
     return cache[block_table[:num_blocks]].flatten(0, 1)[:ctx_len]  # [ctx, L + R]
 
 

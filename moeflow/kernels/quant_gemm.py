@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moeflow import env
 from moeflow.kernels import cpu_ext
-from moeflow.weights.gguf import GGML_QUANT_SIZES, GGMLType, dequantize
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, dequantize
 
 # Types kept quantised in memory (the compiled kernels read each of them).
 KEPT_TYPES = frozenset(

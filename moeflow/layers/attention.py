@@ -1,5 +1,6 @@
-"""Attention over the paged KV cache: writes this step's K/V into the cache and attends through
-the kernel dispatch point. The engine binds the cache tensors (engine/kv_cache.py)."""
+"""Attention over the paged KV cache: writes this step's K/V into the cache and attends, both
+through kernels.attention.store_kv_and_attend. The engine binds the cache tensors
+(engine/kv_cache.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from moeflow.context import get_forward_batch
-from moeflow.kernels.attention import paged_attention, paged_decode_attention_cpu, store_kv
+from moeflow.kernels.attention import store_kv_and_attend
 
 
 class PagedAttention(nn.Module):
@@ -42,31 +43,18 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
         batch = get_forward_batch()
-        if batch.is_decode:
-            out = paged_decode_attention_cpu(
-                q,
-                k,
-                v,
-                self.k_cache,
-                self.v_cache,
-                batch.slot_mapping,
-                batch.block_tables,
-                batch.context_lens,
-                self.scale,
-                self.sliding_window,
-            )
-            if out is not None:
-                return out
-        store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
-        return paged_attention(
+        return store_kv_and_attend(
             q,
+            k,
+            v,
             self.k_cache,
             self.v_cache,
+            batch.slot_mapping,
             batch.block_tables,
             batch.query_lens_cpu,
             batch.context_lens_cpu,
+            batch.context_lens,
+            batch.cu_seqlens_q,
             self.scale,
             self.sliding_window,
-            batch.context_lens,
-            cu_seqlens_q=batch.cu_seqlens_q,
         )

@@ -12,7 +12,7 @@ from torch import nn
 from moeflow.errors import ModelFormatError
 from moeflow.kernels.gemm import linear
 from moeflow.kernels.quant_gemm import qlinear, row_bytes
-from moeflow.weights.gguf import QuantizedTensor
+from moeflow.weights.ggml_quants import QuantizedTensor
 
 
 class QuantizableWeight(nn.Module):

@@ -80,10 +80,10 @@ class MoE(nn.Module):
     `num_shared_experts * moe_intermediate_size` when only the count is given; qwen2_moe scales it
     by sigmoid(shared_expert_gate(x)).
 
-    Set `moe_stats_enabled` to count tokens per expert into `expert_counts` [E] and, per
-    forward, whether each expert was touched at all into `expert_steps` [E] (on the device, no
-    host sync; `stats_forwards` counts the forwards); the engine reads them with
-    `LLMEngine.routing_stats()` and `LLMEngine.experts_touched_per_step()`."""
+    Routing statistics (models/base.py MoEStats, read by `LLMEngine.routing_stats()` and
+    `LLMEngine.experts_touched_per_step()`): while enabled, tokens per expert add up in
+    `expert_counts` [E] and, per forward, whether each expert was touched at all in
+    `expert_steps` [E], on the device; `stats_forwards` counts the forwards."""
 
     def __init__(
         self,
@@ -125,7 +125,7 @@ class MoE(nn.Module):
             setattr(self, shared_prefix, shared)
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
         # Routing statistics: tokens routed to each expert since the last reset.
-        self.moe_stats_enabled = False
+        self.stats_enabled = False
         self.expert_counts: torch.Tensor
         self.register_buffer(
             "expert_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False
@@ -150,7 +150,7 @@ class MoE(nn.Module):
             self.routed_scaling_factor,
             self.group_mask_value,
         )  # [T, K] each
-        if self.moe_stats_enabled:  # NOTE: not bincount, which syncs on CUDA to size its output
+        if self.stats_enabled:  # NOTE: not bincount, which syncs on CUDA to size its output
             flat = ids.reshape(-1)  # [T*K]
             counts = torch.zeros_like(self.expert_counts).index_add_(0, flat, torch.ones_like(flat))
             self.expert_counts += counts
@@ -164,3 +164,22 @@ class MoE(nn.Module):
                 s = torch.sigmoid(self.shared_expert_gate(x)) * s
             out = out + s
         return out
+
+    # ---- routing statistics (models/base.py MoEStats) ----------------------------------------
+    def enable_stats(self, enabled: bool) -> None:
+        self.stats_enabled = enabled
+
+    def reset_stats(self) -> None:
+        self.expert_counts.zero_()
+        self.expert_steps.zero_()
+        self.stats_forwards = 0
+
+    def tokens_per_expert(self) -> list[int]:
+        return self.expert_counts.tolist()
+
+    def experts_touched_per_forward(self) -> float:
+        return self.expert_steps.sum().item() / max(self.stats_forwards, 1)
+
+    def expert_bytes(self) -> int:
+        w13, w2 = self.experts.w13, self.experts.w2  # [E, 2I, H], [E, H, I]
+        return (w13[0].numel() + w2[0].numel()) * w13.element_size()

@@ -1,9 +1,7 @@
-"""Rotary position embedding with the rope_scaling variants of HF (default, linear, llama3, yarn
-with its attention factor) and three layouts of the rotated dims:
-  neox         halves pair up: (x[i], x[i + R/2])                    (Llama, Qwen, GLM)
-  interleaved  neighbours pair up, result stays interleaved          (DeepSeek-V2)
-  deinterleave neighbours pair up, result as [rotated evens, odds]   (DeepSeek-V3 rope_interleave)
-Tables are computed once, in fp32, as HF computes them."""
+"""Rotary position embedding: the cos/sin tables of HF's rope_scaling variants (default, linear,
+llama3, yarn with its attention factor), computed once in fp32 as HF computes them, applied by
+kernels/rotary.py in one of three layouts of the rotated dims: neox (Llama, Qwen, GLM),
+interleaved (DeepSeek-V2) or deinterleave (DeepSeek-V3 rope_interleave)."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeflow.kernels.rotary import rotary_
+from moeflow.kernels.rotary import rotary
 
 
 class RotaryEmbedding(nn.Module):
@@ -52,33 +50,8 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D]; rotates the first rotary_dim dims of each head.
-        NOTE: the kernels (Triton: every layout; CPU: neox) rotate q and k in place (the fused
-        qkv buffer they view) and return them."""
-        if rotary_(positions, q, k, self.cos_cache, self.sin_cache, self.layout):
-            return q, k
-        return self.forward_ref(positions, q, k)
-
-    def forward_ref(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The plain-torch reference: new tensors, q and k untouched."""
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, R] or [T, 1, R/2]
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        if self.layout == "neox":
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-        else:
-            even, odd = rot[..., 0::2], rot[..., 1::2]
-            r_even, r_odd = even * cos - odd * sin, odd * cos + even * sin
-            if self.layout == "interleaved":
-                out = torch.stack((r_even, r_odd), dim=-1).flatten(-2)
-            else:
-                out = torch.cat((r_even, r_odd), dim=-1)
-        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+        NOTE: may rotate q and k in place (kernels/rotary.py): use the returned pair."""
+        return rotary(positions, q, k, self.cos_cache, self.sin_cache, self.layout)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,14 +1,77 @@
-"""The interface every family's top-level class implements (the engine calls only these)."""
+"""The interface every family's top-level class implements (the engine calls only these), and the
+views of a model's parts it hands out: its MoE layers' routing statistics, its dense decoder."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from moeflow.weights.gguf import QuantizedTensor
+from moeflow.layers.activation import GatedAct
+from moeflow.layers.attention import PagedAttention
+from moeflow.layers.embedding import VocabEmbedding
+from moeflow.layers.linear import Linear
+from moeflow.layers.norm import RMSNorm
+from moeflow.layers.rotary import RotaryEmbedding
+from moeflow.weights.ggml_quants import QuantizedTensor
+
+
+class MoEStats(Protocol):
+    """Routing statistics of one MoE layer (layers/moe.py MoE). While enabled, every forward
+    counts its tokens per expert and which experts it touched, on the device (no host sync);
+    reading them syncs."""
+
+    def enable_stats(self, enabled: bool) -> None: ...
+
+    def reset_stats(self) -> None: ...
+
+    def tokens_per_expert(self) -> list[int]:
+        """Tokens routed to each expert since the last reset."""
+        ...
+
+    def experts_touched_per_forward(self) -> float:
+        """Mean number of distinct experts a forward ran since the last reset (0 if none ran)."""
+        ...
+
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert's weights (what touching it reads)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DenseLayer:
+    """One pre-norm decoder layer of attention + gated MLP, as its parts (HF names in brackets):
+      h = x + o_proj(attn(rotary(norm_qk(clip(qkv_proj(input_norm(x)))))))
+      out = h + down_proj(act(gate_up_proj(post_norm(h))))
+    q_norm / k_norm normalise each head or, without qk_norm_per_head, the whole projection."""
+
+    input_norm: RMSNorm  # [input_layernorm]
+    qkv_proj: Linear
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    qk_norm_per_head: bool
+    clip_qkv: float | None
+    rotary: RotaryEmbedding  # [rotary_emb]
+    attn: PagedAttention  # heads, scale, window, and the K/V cache the engine binds
+    o_proj: Linear
+    post_norm: RMSNorm  # [post_attention_layernorm]
+    gate_up_proj: Linear
+    down_proj: Linear
+    act: GatedAct  # [act_fn]
+
+
+@dataclass(frozen=True, slots=True)
+class DenseDecoder:
+    """A model whose every layer is a DenseLayer: embedding -> layers -> final norm. A backend
+    may run it as one step (kernels/decode_stack.py)."""
+
+    embed: VocabEmbedding
+    layers: list[DenseLayer]
+    norm: RMSNorm
 
 
 class CausalLM(nn.Module):
@@ -23,3 +86,12 @@ class CausalLM(nn.Module):
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         """Fill every parameter from (HF checkpoint name, tensor) pairs."""
+
+    def moe_layers(self) -> list[MoEStats]:
+        """The MoE layers, in model order; none in a dense model."""
+        return []
+
+    def dense_decoder(self) -> DenseDecoder | None:
+        """The decoder as its parts when every layer is dense attention + a gated MLP; None
+        otherwise (MoE, latent attention)."""
+        return None

@@ -20,7 +20,7 @@ from moeflow.models.llama import LlamaForCausalLM
 
 @dataclass(frozen=True)
 class DeepseekConfig:
-    """The family-only fields, read once from config.json (STYLE §2.6)."""
+    """The family-only fields, read once from config.json (docs/STYLE.md §2.6)."""
 
     q_lora_rank: int | None
     kv_lora_rank: int

@@ -13,14 +13,14 @@ from torch import nn
 
 from moeflow.config import ModelConfig
 from moeflow.layers.attention import PagedAttention
-from moeflow.layers.decode_stack import CpuDecodeStack
 from moeflow.layers.embedding import LMHead, VocabEmbedding
 from moeflow.layers.linear import Linear, MergedLinear
 from moeflow.layers.mlp import GatedMLP
+from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
-from moeflow.models.base import CausalLM
-from moeflow.weights.gguf import QuantizedTensor
+from moeflow.models.base import CausalLM, DenseDecoder, DenseLayer, MoEStats
+from moeflow.weights.ggml_quants import QuantizedTensor
 from moeflow.weights.loader import HF_EXPERT_PARAMS, load_weights
 
 
@@ -101,12 +101,8 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.decode_stack = CpuDecodeStack()  # the whole decode step in one call, where it fits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        fused = self.decode_stack(self.embed_tokens, self.layers, self.norm, input_ids, positions)
-        if fused is not None:
-            return fused
         hidden = self.embed_tokens(input_ids)  # [T, E]
         residual: torch.Tensor | None = None
         for layer in self.layers:
@@ -156,6 +152,35 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden, indices)  # [S, V]
+
+    def dense_decoder(self) -> DenseDecoder | None:
+        layers: list[DenseLayer] = []
+        for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            if not isinstance(attn, LlamaAttention) or not isinstance(mlp, GatedMLP):
+                return None
+            layers.append(
+                DenseLayer(
+                    input_norm=layer.input_layernorm,
+                    qkv_proj=attn.qkv_proj,
+                    q_norm=attn.q_norm,
+                    k_norm=attn.k_norm,
+                    qk_norm_per_head=attn.qk_norm_per_head,
+                    clip_qkv=attn.clip_qkv,
+                    rotary=attn.rotary_emb,
+                    attn=attn.attn,
+                    o_proj=attn.o_proj,
+                    post_norm=layer.post_attention_layernorm,
+                    gate_up_proj=mlp.gate_up_proj,
+                    down_proj=mlp.down_proj,
+                    act=mlp.act_fn,
+                )
+            )
+        return DenseDecoder(self.model.embed_tokens, layers, self.model.norm)
+
+    def moe_layers(self) -> list[MoEStats]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         skip = ("lm_head.weight",) if self.config.tie_word_embeddings else ()

@@ -1,4 +1,4 @@
-"""Mixtral: Llama attention (optional sliding window) with a sparse MoE in place of the MLP:
+"""Mixtral: Mistral's attention (optional sliding window) with a sparse MoE in place of the MLP:
 softmax router, top-k, weights renormalised to sum 1. HF names the block `block_sparse_moe`."""
 
 from __future__ import annotations
@@ -7,23 +7,16 @@ from torch import nn
 
 from moeflow.config import ModelConfig
 from moeflow.layers.moe import MoE
-from moeflow.models.llama import LlamaAttention, LlamaForCausalLM
+from moeflow.models.mistral import MistralForCausalLM
 
 
-class MixtralForCausalLM(LlamaForCausalLM):
+class MixtralForCausalLM(MistralForCausalLM):
     renames = {".block_sparse_moe.": ".mlp."}
     expert_params_mapping = {
         "w1": ("w13", "gate"),
         "w3": ("w13", "up"),
         "w2": ("w2", "down"),
     }
-
-    @classmethod
-    def make_attention(cls, config: ModelConfig) -> LlamaAttention:
-        window = config.hf.get("sliding_window")
-        return LlamaAttention(
-            config, qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=window or None
-        )
 
     @classmethod
     def make_mlp(cls, config: ModelConfig, layer_idx: int) -> nn.Module:

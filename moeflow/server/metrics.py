@@ -123,9 +123,6 @@ class Gauge(_Callback):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
-    def dec(self, amount: float = 1.0, **labels: object) -> None:
-        self.inc(-amount, **labels)
-
 
 class Histogram(_Metric):
     """Cumulative buckets (`le`), `_sum` and `_count`; no labels."""

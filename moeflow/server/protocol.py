@@ -1,4 +1,4 @@
-"""The OpenAI API's requests (pydantic, every field bounded: shared/RELIABILITY.md) and responses
+"""The OpenAI API's requests (pydantic, every field bounded: docs/RELIABILITY.md) and responses
 (plain dicts in OpenAI's shapes), the error envelope, and a strict JSON body parser.
 Never imports torch or fastapi."""
 
@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from moeflow.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP
+from moeflow.tokenizer.chat_template import CHAT_TEMPLATE_KWARGS
 
 MAX_N = 16
 MAX_MESSAGES = 4096
@@ -36,13 +37,6 @@ MAX_NAME_CHARS = 256
 MAX_STOP_CHARS = 1024
 MAX_TOP_K = 1_000_000
 MAX_JSON_DEPTH = 64
-# chat_template_kwargs a request may pass to the template, with the type each value must have;
-# any other key is dropped. (protocol.py may not import tokenizer.py, which re-filters at render.)
-CHAT_TEMPLATE_KWARGS: dict[str, type] = {
-    "enable_thinking": bool,
-    "thinking": bool,
-    "reasoning_effort": str,
-}
 # Tags of our discriminated unions; validation_error_to_param leaves them out of the path.
 _UNION_TAGS = frozenset({"<str>", "<list>", "<ids>", "<batch>"})
 _DICT_FIELDS = frozenset({"logit_bias", "chat_template_kwargs"})
@@ -215,13 +209,17 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _allowed_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Keeps the keys a request may set (CHAT_TEMPLATE_KWARGS with a type), type-checked."""
         if value is None:
             return None
-        kept = {k: v for k, v in value.items() if k in CHAT_TEMPLATE_KWARGS}
-        for key, v in kept.items():
-            want = CHAT_TEMPLATE_KWARGS[key]
+        kept: dict[str, Any] = {}
+        for key, v in value.items():
+            want = CHAT_TEMPLATE_KWARGS.get(key)
+            if want is None:
+                continue
             if not isinstance(v, want) or (want is str and len(v) > MAX_NAME_CHARS):
                 raise ValueError(f"{key} must be a {want.__name__}")
+            kept[key] = v
         return kept
 
     @model_validator(mode="after")
@@ -375,10 +373,9 @@ def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0)
 
 
 def logprobs_content_entry(
-    token_text: str, token_id: int, logprob: float, top: list[tuple[str, float]]
+    token_text: str, logprob: float, top: list[tuple[str, float]]
 ) -> dict[str, Any]:
-    """One entry of a chat choice's `logprobs.content` list."""
-    del token_id  # clients read the text; the id stays in the signature for callers' clarity
+    """One entry of a chat choice's `logprobs.content` list; top: (token text, logprob)."""
     return {
         "token": token_text,
         "logprob": logprob,

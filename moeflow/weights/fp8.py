@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from moeflow.errors import ModelFormatError
+from moeflow.utils import cdiv
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SCALE_SUFFIX = "_scale_inv"  # "x.weight" + "_scale_inv"
@@ -29,7 +30,7 @@ def dequantize_fp8_block(
         )
     rows, cols = weight.shape
     block_rows, block_cols = block
-    expected = (-(-rows // block_rows), -(-cols // block_cols))
+    expected = (cdiv(rows, block_rows), cdiv(cols, block_cols))
     if tuple(scale_inv.shape) != expected:
         raise ModelFormatError(
             f"fp8 weight {tuple(weight.shape)} needs weight_scale_inv of shape {expected} "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moeflow.errors import ModelFormatError
-from moeflow.weights.gguf import QuantizedTensor
+from moeflow.weights.ggml_quants import QuantizedTensor
 
 logger = logging.getLogger("moeflow")
 

@@ -10,11 +10,11 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TypeGuard
 
 import torch
 
 from moeflow.errors import ModelFormatError, ModelNotFoundError
+from moeflow.utils import is_int
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024
@@ -208,11 +208,11 @@ class SafetensorsFile:
         if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise self._error(f"tensor {name!r}: unsupported dtype {_short(dtype)}")
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             raise self._error(f"tensor {name!r}: shape must be a list of non-negative integers")
         offsets = entry.get("data_offsets")
         if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
         ):
             raise self._error(f"tensor {name!r}: data_offsets must be two integers")
         begin, end = offsets
@@ -324,10 +324,6 @@ def _checked_nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
         if total > limit:
             return None
     return total
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:

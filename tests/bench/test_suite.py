@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moeflow.api import LLM
-from moeflow.bench import gpu
+from moeflow.bench import suite
 from moeflow.bench.report import count_parameters, decode_weight_bytes
 from moeflow.cli import main
 
@@ -29,8 +29,8 @@ TINY_QWEN3_MOE = {
 
 
 def test_suite_runs_every_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gpu, "THROUGHPUT_INPUT", (8, 24))
-    monkeypatch.setattr(gpu, "THROUGHPUT_OUTPUT", (2, 6))
+    monkeypatch.setattr(suite, "THROUGHPUT_INPUT", (8, 24))
+    monkeypatch.setattr(suite, "THROUGHPUT_OUTPUT", (2, 6))
     out, png = tmp_path / "suite.json", tmp_path / "suite.png"
     rc = main(
         [
@@ -74,7 +74,7 @@ def test_suite_times_the_idle_gap_without_overlap(
 ) -> None:
     """With the overlap schedule on (a GPU's default; forced here), the smallest batch runs
     again without it, and both runs decode the same number of steps."""
-    monkeypatch.setattr(gpu, "LLM", lambda *a, **k: LLM(*a, **{**k, "overlap_schedule": True}))
+    monkeypatch.setattr(suite, "LLM", lambda *a, **k: LLM(*a, **{**k, "overlap_schedule": True}))
     out = tmp_path / "suite.json"
     args = [
         "bench",
@@ -105,7 +105,6 @@ def tiny_preset() -> LLM:
         "preset:qwen3-30b-a3b",
         dtype="float32",
         device="cpu",
-        random_weights=True,
         hf_overrides=TINY_QWEN3_MOE,
         max_model_len=256,
         kv_cache_tokens=256,
@@ -117,9 +116,8 @@ def test_batch_one_bytes_match_the_info_estimate(tiny_preset: LLM) -> None:
     llm = tiny_preset
     model = llm.loaded.model
     counts = count_parameters(model, llm.loaded.model_config)
-    layers = llm.engine._moe_layers()  # noqa: SLF001
-    expert_bytes = sum(4 * gpu._one_expert_bytes(m) for m in layers)  # noqa: SLF001
-    assert gpu.weight_bytes_read(counts, 1, expert_bytes) == decode_weight_bytes(counts)
+    expert_bytes = sum(4 * m.expert_bytes() for m in llm.engine.moe_layers())
+    assert suite.weight_bytes_read(counts, 1, expert_bytes) == decode_weight_bytes(counts)
 
 
 def test_prefill_flops_by_hand(tiny_preset: LLM) -> None:
@@ -130,16 +128,16 @@ def test_prefill_flops_by_hand(tiny_preset: LLM) -> None:
     # 2 layers x 4 heads x (16 + 16) dims x 2 FLOPs x (8 * 9 / 2) causal pairs, for 3 prompts
     attn = 2 * 4 * 32 * 2 * 36 * 3
     want = 2 * body * 24 + 2 * counts.lm_head * 3 + attn
-    assert gpu.prefill_flops(counts, cfg, 3, 8) == pytest.approx(want)
+    assert suite.prefill_flops(counts, cfg, 3, 8) == pytest.approx(want)
 
 
 def test_suite_rejects_a_checkpoint_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="preset"):
-        gpu.run_suite(_args(model="some/folder"))
+        suite.run_suite(_args(model="some/folder"))
     with pytest.raises(ValueError, match="NxL"):
-        gpu._shape("8by2048")  # noqa: SLF001
+        suite._shape("8by2048")  # noqa: SLF001
     with pytest.raises(ValueError, match="positive"):
-        gpu._int_list("1,0")  # noqa: SLF001
+        suite._int_list("1,0")  # noqa: SLF001
 
 
 def _args(**kw: object) -> object:

@@ -104,7 +104,7 @@ def test_step_profile_splits_the_step(checkpoints: dict[str, Path]) -> None:
     while not all(r.is_finished for r in reqs):
         engine.step()
     profile = engine.stop_profile()
-    assert engine.runner.profile is None
+    assert engine.profile is None
     assert profile.steps == 4  # one prefill step (all three prompts) and three decode steps
     phases = (profile.schedule_s, profile.prepare_s, profile.forward_s, profile.sample_s)
     assert all(t > 0 for t in phases) and profile.postprocess_s > 0

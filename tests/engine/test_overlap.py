@@ -89,9 +89,9 @@ def test_overlap_gives_the_plain_schedules_outputs(
     carried: list[int] = []
     run = llm.engine.runner.run
 
-    def spy(batch, carry: TokenCarry | None = None):  # noqa: ANN001, ANN202
+    def spy(batch, carry: TokenCarry | None = None, profile=None):  # noqa: ANN001, ANN202
         carried.append(0 if carry is None else sum(r.num_pending for r in batch.reqs))
-        return run(batch, carry)
+        return run(batch, carry, profile)
 
     llm.engine.runner.run = spy  # type: ignore[method-assign]
     got_outs = llm.generate(prompts, params)

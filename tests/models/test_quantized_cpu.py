@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from moeflow import LLM, SamplingParams
-from moeflow.engine import model_loader
 from moeflow.kernels import cpu_ext
 from moeflow.layers.linear import Linear, MergedLinear
-from moeflow.weights.gguf import GGMLType, QuantizedTensor
-from moeflow.weights.quantize import quantize
+from moeflow.loading.loader import load_model
+from moeflow.loading.source import HFFolder
+from moeflow.weights.ggml_quants import GGMLType, QuantizedTensor, quantize
 from tests.conftest import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
@@ -126,4 +126,4 @@ def test_quantize_needs_the_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
     monkeypatch.setattr(cpu_ext, "available", lambda: False)
     with pytest.raises(ValueError, match="CPU kernels"):
-        model_loader.load_model(str(path), "cpu", torch.float32, quantize="q8_0")
+        load_model(HFFolder(str(path)), "cpu", torch.float32, quantize="q8_0")

@@ -1,4 +1,4 @@
-"""Every row of RELIABILITY.md's bad-input table, as raw HTTP: the status, the OpenAI error
+"""Every row of docs/RELIABILITY.md's bad-input table, as raw HTTP: the status, the OpenAI error
 envelope, and a good request still answered afterwards."""
 
 from __future__ import annotations

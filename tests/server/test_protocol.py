@@ -1,4 +1,4 @@
-"""protocol.py against shared/RELIABILITY.md's bad-input table: every field bounded, strict JSON,
+"""protocol.py against docs/RELIABILITY.md's bad-input table: every field bounded, strict JSON,
 errors that name the field; valid requests give the right SamplingParams keyword arguments."""
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def test_response_shapes() -> None:
     }
     rid = P.new_id("chatcmpl")
     assert rid.startswith("chatcmpl-")
-    entry = P.logprobs_content_entry("é", 7, -0.5, [("é", -0.5), ("a", -1.0)])
+    entry = P.logprobs_content_entry("é", -0.5, [("é", -0.5), ("a", -1.0)])
     assert entry == {
         "token": "é",
         "logprob": -0.5,
@@ -469,7 +469,13 @@ def test_response_shapes() -> None:
 
 
 def test_template_kwargs_the_edge_accepts_reach_the_template() -> None:
-    """The HTTP allow-list (typed) must not pass keys the template renderer then drops."""
+    """The HTTP edge keeps exactly the typed names of the renderer's one table (so it never
+    passes a key the renderer drops) and drops the in-process-only ones."""
     from moeflow.tokenizer import CHAT_TEMPLATE_KWARGS as RENDERED
 
-    assert set(P.CHAT_TEMPLATE_KWARGS) <= RENDERED
+    typed = {k: t for k, t in RENDERED.items() if t is not None}
+    assert typed and len(typed) < len(RENDERED)
+    sample = {bool: True, str: "low"}
+    body = {k: sample[t] if t is not None else [] for k, t in RENDERED.items()}
+    req = P.ChatCompletionRequest.model_validate(chat(chat_template_kwargs=body))
+    assert req.chat_template_kwargs == {k: sample[t] for k, t in typed.items()}

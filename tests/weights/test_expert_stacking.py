@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow.engine.model_loader import load_model
 from moeflow.errors import ModelFormatError
+from moeflow.loading.loader import load_model
+from moeflow.loading.source import HFFolder
 from tests.conftest import make_tiny_checkpoint
 
 
@@ -20,7 +21,7 @@ def test_fused_and_per_expert_names_fill_the_same_weights(family: str, tmp_path:
     from transformers import AutoModelForCausalLM
 
     folder = make_tiny_checkpoint(family, tmp_path / family)
-    loaded = load_model(str(folder), "cpu", torch.float32)  # per-expert names on disk
+    loaded = load_model(HFFolder(str(folder)), "cpu", torch.float32)  # per-expert names on disk
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     fused = dict(hf.state_dict())
     assert any(name.endswith(".experts.gate_up_proj") for name in fused)
@@ -30,14 +31,14 @@ def test_fused_and_per_expert_names_fill_the_same_weights(family: str, tmp_path:
         for p in model.parameters():
             p.zero_()
     model.load_weights(iter(fused.items()))
-    reference = load_model(str(folder), "cpu", torch.float32).model.state_dict()
+    reference = load_model(HFFolder(str(folder)), "cpu", torch.float32).model.state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
 
 
 def test_missing_expert_is_an_error(tmp_path: Path) -> None:
     folder = make_tiny_checkpoint("qwen3_moe", tmp_path / "qwen3_moe")
-    model = load_model(str(folder), "cpu", torch.float32).model
+    model = load_model(HFFolder(str(folder)), "cpu", torch.float32).model
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / "model.safetensors"))

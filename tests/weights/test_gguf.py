@@ -16,15 +16,10 @@ import pytest
 import torch
 
 from moeflow.errors import ModelFormatError, ModelNotFoundError
-from moeflow.weights.gguf import (
-    GGML_QUANT_SIZES,
-    GGMLType,
-    GGUFReader,
-    default_model_path,
-    dequantize,
-    gguf_to_hf_config,
-    iter_hf_weights,
-)
+from moeflow.loading.source import default_model_path
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, dequantize
+from moeflow.weights.gguf import GGUFReader
+from moeflow.weights.gguf_hf import gguf_to_hf_config, iter_hf_weights
 from tests.conftest import GGUF_F16_FIELDS
 
 gguf = pytest.importorskip("gguf")

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from moeflow import LLM, SamplingParams
-from moeflow.engine.model_loader import load_model
-from moeflow.weights.gguf import GGUFReader, gguf_to_hf_config
+from moeflow.loading.loader import load_model
+from moeflow.loading.source import parse_model_source
+from moeflow.weights.gguf import GGUFReader
+from moeflow.weights.gguf_hf import gguf_to_hf_config
 from tests.conftest import (
     TINY_BASE,
     TINY_DEEPSEEK_SHAPE,
@@ -294,8 +296,8 @@ def test_deepseek2_gguf_fills_the_hf_tensors(family: str, split_kv_b: bool, tmp_
     assert cfg["topk_method"] == hf_cfg.get("topk_method", "noaux_tc")
 
     # Every parameter moeflow fills from the GGUF equals the one it fills from the HF folder.
-    from_gguf = load_model(str(path), "cpu", torch.float32).model.state_dict()
-    from_hf = load_model(str(folder), "cpu", torch.float32).model.state_dict()
+    from_gguf = load_model(parse_model_source(str(path)), "cpu", torch.float32).model.state_dict()
+    from_hf = load_model(parse_model_source(str(folder)), "cpu", torch.float32).model.state_dict()
     assert from_gguf.keys() == from_hf.keys()
     for name, tensor in from_hf.items():
         torch.testing.assert_close(from_gguf[name], tensor, rtol=0, atol=0, msg=name)

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from moeflow.kernels.triton.elementwise import ACTS, activation
 from moeflow.kernels.triton_utils import dot_precision
+from moeflow.utils import cdiv
 
 # Token-count buckets of the tuning table (the tuning command's default list).
 TOKEN_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(13))  # 1 .. 4096
@@ -52,7 +53,7 @@ def moe_align_block_size(
     flat = topk_ids.reshape(-1).long()  # [N]
     num_pairs = flat.numel()
     max_padded = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
-    num_blocks = -(-max_padded // block_m)
+    num_blocks = cdiv(max_padded, block_m)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.index_add_(0, flat, torch.ones_like(flat))  # [E]; NOTE: bincount would sync
     padded = (counts + block_m - 1) // block_m * block_m  # [E]

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from moeflow.kernels.triton.attention import extend_attention_triton
 from moeflow.kernels.triton_utils import dot_precision, next_power_of_2, num_sms
+from moeflow.utils import cdiv
 from moeflow.utils.device import to_device
 
 _LOG2E = 1.4426950408889634
@@ -191,12 +192,12 @@ def mla_decode_triton(
     block_h, block_n = 16, 32  # tl.dot needs >= 16 rows; 16 x 32 x 512 tiles fit in registers
     block_l = max(16, next_power_of_2(kv_lora_rank))
     block_r = max(16, next_power_of_2(rope_dim))
-    num_head_blocks = -(-num_heads // block_h)
+    num_head_blocks = cdiv(num_heads, block_h)
     max_tokens = block_tables.shape[1] * page_size
     if num_splits is None:
         # About two programs per SM over the batch, no split shorter than one tile.
         target = 2 * num_sms(q_latent.device)
-        num_splits = min(-(-target // (batch * num_head_blocks)), -(-max_tokens // block_n))
+        num_splits = min(cdiv(target, batch * num_head_blocks), cdiv(max_tokens, block_n))
     num_splits = max(1, num_splits)
     part_out = torch.empty(
         batch, num_heads, num_splits, kv_lora_rank, dtype=torch.float32, device=q_latent.device
@@ -278,7 +279,7 @@ def mla_prefill_triton(
     assert sum(query_lens) == num_tokens and block_tables.shape[0] >= batch
     assert q_nope.dtype == q_rope.dtype == cache.dtype == w_kv_b.dtype
     assert w_kv_b.is_contiguous() and cache.is_contiguous()
-    blocks_per_seq = [-(-c // page_size) for c in context_lens]
+    blocks_per_seq = [cdiv(c, page_size) for c in context_lens]
     total_blocks, max_blocks = sum(blocks_per_seq), max(blocks_per_seq, default=0)
     if num_tokens == 0 or total_blocks == 0:
         return q_nope.new_zeros(num_tokens, num_heads, v_dim)

@@ -17,12 +17,22 @@ from typing import Any
 import torch
 
 import moeflow
-from moeflow.bench.peers import PEERS, BenchResult, run_peer, skip_reason
+from moeflow.bench.common import (
+    BANDWIDTH_BYTES,
+    BANDWIDTH_REPEATS,
+    measure_bandwidth,
+    parse_compare,
+    resolve_device,
+    routing_imbalance,
+    sync,
+)
+from moeflow.bench.peers import BenchResult, run_peer, skip_reason
 from moeflow.bench.report import count_parameters, decode_weight_bytes
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import parse_dtype
 from moeflow.sampling_params import SamplingParams
+from moeflow.utils import cdiv
+from moeflow.utils.dtype import parse_dtype
 
 # Real text, tokenised and repeated/cut to the prompt length, so every engine sees the same ids.
 PROMPT_TEXT = (
@@ -34,8 +44,6 @@ PROMPT_TEXT = (
     "who lived along the banks. Visitors ask most often about the great flood, when the water "
     "reached the second floor and the miller's daughter rowed her neighbours to the church."
 )
-BANDWIDTH_BYTES = 256 * 2**20  # size of the copied tensor
-BANDWIDTH_REPEATS = 5
 
 
 @dataclass(slots=True)
@@ -168,22 +176,6 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by the best of a few large tensor copies."""
-    numel = BANDWIDTH_BYTES // 4
-    src = torch.ones(numel, dtype=torch.float32, device=device)  # [N]
-    dst = torch.empty_like(src)  # [N]
-    best = float("inf")
-    for _ in range(BANDWIDTH_REPEATS):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    del src, dst
-    return 2 * BANDWIDTH_BYTES / best
-
-
 def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
     from moeflow.api import LLM
 
@@ -198,7 +190,6 @@ def _bench_moeflow(args: argparse.Namespace, device: str) -> _MoeflowRun:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=max(2048, prompt_len),  # the prompt is one chunk
         seed=args.seed if args.seed is not None else 0,
-        random_weights=bool(args.model and args.model.startswith("preset:")),
         quantize=args.quantize,
     )
     load_s = time.perf_counter() - start
@@ -297,43 +288,11 @@ def _concurrent_decode(
     return (sum(len(r.output_ids) for r in reqs) - done) / elapsed
 
 
-def routing_imbalance(stats: list[list[int]]) -> float | None:
-    """Mean over MoE layers of max tokens per expert / mean tokens per expert (1.0: uniform)."""
-    ratios = [max(layer) * len(layer) / sum(layer) for layer in stats if sum(layer)]
-    return sum(ratios) / len(ratios) if ratios else None
-
-
 def _prompt_ids(text_ids: list[int], prompt_len: int) -> list[int]:
     if not text_ids:
         raise ValueError("the benchmark text tokenised to nothing")
-    repeats = -(-prompt_len // len(text_ids))
+    repeats = cdiv(prompt_len, len(text_ids))
     return (text_ids * repeats)[:prompt_len]
-
-
-def parse_compare(compare: str) -> list[str]:
-    """`--compare` as a list of peer names ("auto": every peer, "none" or empty: none)."""
-    names = [c.strip() for c in compare.split(",") if c.strip()]
-    if names in ([], ["none"]):
-        return []
-    if names == ["auto"]:
-        return list(PEERS)
-    unknown = [n for n in names if n not in PEERS]
-    if unknown:
-        raise ValueError(f"--compare: unknown peer(s) {unknown}; choose from {', '.join(PEERS)}")
-    return list(dict.fromkeys(names))
-
-
-def resolve_device(device: str) -> str:
-    """`--device auto` is the GPU when there is one."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings are whole."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _machine_info(threads: int) -> dict[str, Any]:

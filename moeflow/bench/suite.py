@@ -1,4 +1,4 @@
-"""`moeflow bench --workload suite`: the workloads of shared/BENCHMARKS.md on a preset (random
+"""`moeflow bench --workload suite`: the workloads of docs/BENCHMARKS.md on a preset (random
 weights, real shapes): decode at several batch sizes (ms/step, tok/s, MBU counting the experts
 actually touched), prefill N x L (tok/s, MFU) and offline throughput, then the same decode and
 prefill through HF transformers in the same command. Writes JSON and a PNG plot of tok/s against
@@ -18,15 +18,17 @@ from typing import Any
 import torch
 
 from moeflow.api import LLM
-from moeflow.bench.cpu import measure_bandwidth, parse_compare, resolve_device, sync
+from moeflow.bench.common import measure_bandwidth, parse_compare, resolve_device, sync
 from moeflow.bench.peers import skip_reason
+from moeflow.bench.plot import plot
 from moeflow.bench.report import ParamCounts, count_parameters
 from moeflow.config import ModelConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.model_loader import parse_dtype
-from moeflow.presets import preset_config
+from moeflow.loading.presets import preset_config
+from moeflow.loading.source import Preset, parse_preset
 from moeflow.sampling_params import SamplingParams
+from moeflow.utils.dtype import parse_dtype
 
 # Datasheet peaks: (name fragment, memory bytes/s, dense bf16 FLOP/s). H100 SXM / H200 SXM.
 _PEAKS = (
@@ -81,24 +83,25 @@ class EngineFigures:
     graph_capture_s: float | None = None
 
 
+@dataclass(slots=True)
+class _SuiteSpec:
+    """What one `--workload suite` run measures, parsed from its arguments."""
+
+    preset: Preset
+    device: torch.device
+    dtype: str
+    overrides: dict[str, Any] | None
+    batches: list[int]
+    prefills: list[tuple[int, int]]
+    steps: int
+    peers: list[str]
+
+
 def run_suite(args: argparse.Namespace) -> int:
     """The `--workload suite` benchmark; 0 on success."""
-    if not args.model or not args.model.startswith("preset:"):
-        raise ValueError("--workload suite runs a preset: --model preset:<name>")
-    device = torch.device(resolve_device(args.device))
-    dtype = (
-        args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    )
-    overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
-    batches = _int_list(args.batch_sizes)
-    prefills = [_shape(s) for s in args.prefill_shapes.split(",") if s]
-    peers = parse_compare(args.compare)
-    if args.compare.strip() == "auto":  # the installed peers that run a preset
-        peers = [p for p in peers if p == "hf" and skip_reason(p, args.model) is None]
-    if peers not in ([], ["hf"]):
-        raise ValueError("--workload suite compares with hf only (or none)")
-    bw_name, bw_peak, flops_peak = device_peaks(device)
-    bandwidth = measure_bandwidth(device)
+    spec = _parse_spec(args)
+    bw_name, bw_peak, flops_peak = device_peaks(spec.device)
+    bandwidth = measure_bandwidth(spec.device)
     print(
         f"device: {bw_name}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s"
         + (
@@ -107,10 +110,90 @@ def run_suite(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    mf, counts, config, kv_per_token = _run_moeflow(args, spec, bandwidth, bw_peak, flops_peak)
+    results = [mf]
+    for _peer in spec.peers:  # only hf so far
+        try:
+            hf = _run_hf(
+                spec.preset,
+                spec.overrides,
+                spec.dtype,
+                spec.device,
+                spec.batches,
+                spec.prefills,
+                spec.steps,
+                counts,
+                config,
+                flops_peak,
+            )
+        except Exception as e:  # a broken peer must not hide moeflow's figures
+            hf = EngineFigures("hf", note=f"failed: {type(e).__name__}: {e}")
+            print(f"hf: {hf.note}")
+        results.append(hf)
+        _free_memory(spec.device)
 
-    steps = args.decode_tokens
-    if steps < 1:
+    print()
+    print(_table(results))
+    report = {
+        "command": " ".join(sys.argv),
+        "device": bw_name,
+        "torch": torch.__version__,
+        "model": args.model,
+        "dtype": spec.dtype,
+        "params_total": counts.total,
+        "params_active_per_token": counts.active_per_token,
+        "kv_bytes_per_token": kv_per_token,
+        "bandwidth_measured_bytes_per_s": bandwidth,
+        "bandwidth_peak_bytes_per_s": bw_peak,
+        "flops_peak": flops_peak,
+        "results": [asdict(r) for r in results],
+    }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _parse_spec(args: argparse.Namespace) -> _SuiteSpec:
+    if not args.model:
+        raise ValueError("--workload suite runs a preset: --model preset:<name>")
+    preset = parse_preset(args.model)  # a checkpoint's path is no preset's name: ValueError
+    device = torch.device(resolve_device(args.device))
+    dtype = (
+        args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    )
+    peers = parse_compare(args.compare)
+    if args.compare.strip() == "auto":  # the installed peers that run a preset
+        peers = [p for p in peers if p == "hf" and skip_reason(p, args.model) is None]
+    if peers not in ([], ["hf"]):
+        raise ValueError("--workload suite compares with hf only (or none)")
+    if args.decode_tokens < 1:
         raise ValueError("--decode-tokens must be >= 1")
+    return _SuiteSpec(
+        preset=preset,
+        device=device,
+        dtype=dtype,
+        overrides=json.loads(args.hf_overrides) if args.hf_overrides else None,
+        batches=_int_list(args.batch_sizes),
+        prefills=[_shape(s) for s in args.prefill_shapes.split(",") if s],
+        steps=args.decode_tokens,
+        peers=peers,
+    )
+
+
+def _run_moeflow(
+    args: argparse.Namespace,
+    spec: _SuiteSpec,
+    bandwidth: float,
+    bw_peak: float | None,
+    flops_peak: float | None,
+) -> tuple[EngineFigures, ParamCounts, ModelConfig, int]:
+    """moeflow's figures on the preset, and what the peers' figures are compared by."""
+    steps, batches, prefills = spec.steps, spec.batches, spec.prefills
     max_len = max(
         [DECODE_PROMPT_LEN + steps + ROUTING_STEPS + 8]
         + [length + 8 for _, length in prefills]
@@ -118,27 +201,26 @@ def run_suite(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     llm = LLM(
-        model=args.model,
-        dtype=dtype,
-        device=str(device),
+        model=str(spec.preset),
+        dtype=spec.dtype,
+        device=str(spec.device),
         max_model_len=max_len,
         kv_cache_tokens=args.kv_cache_tokens,
         max_num_seqs=max([*batches, args.max_num_seqs]),
         max_num_batched_tokens=max([2048] + [n * length for n, length in prefills]),
-        random_weights=True,
-        hf_overrides=overrides,
+        hf_overrides=spec.overrides,
         enforce_eager=args.enforce_eager,
         overlap_schedule=False if args.disable_overlap_schedule else None,
     )
-    mf = EngineFigures("moeflow", note=dtype, load_s=time.perf_counter() - start)
+    mf = EngineFigures("moeflow", note=spec.dtype, load_s=time.perf_counter() - start)
     graphs = llm.engine.runner.graphs
     mf.graph_capture_s = graphs.capture_s if graphs is not None and graphs.graphs else None
     config = llm.loaded.model_config
     counts = count_parameters(llm.loaded.model, config)
-    kv_per_token = kv_bytes_per_token(llm.loaded.model, parse_dtype(dtype))
+    kv_per_token = kv_bytes_per_token(llm.loaded.model, parse_dtype(spec.dtype))
     print(
         f"model: {args.model} ({config.architecture}, {counts.total / 1e9:.2f}B params, "
-        f"{counts.active_per_token / 1e9:.2f}B active, {dtype}); load {mf.load_s:.1f} s"
+        f"{counts.active_per_token / 1e9:.2f}B active, {spec.dtype}); load {mf.load_s:.1f} s"
         + (
             f"; {len(graphs.graphs)} decode CUDA graphs captured in {mf.graph_capture_s:.1f} s"
             if graphs is not None and mf.graph_capture_s
@@ -171,57 +253,14 @@ def run_suite(args: argparse.Namespace) -> int:
             f"{t['total_tok_s']:.0f} tok/s in all, {t['output_tok_s']:.0f} output tok/s"
         )
     del llm, engine
+    _free_memory(spec.device)
+    return mf, counts, config, kv_per_token
+
+
+def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-    results = [mf]
-    for _peer in peers:  # only hf so far
-        try:
-            hf = _run_hf(
-                args.model,
-                overrides,
-                dtype,
-                device,
-                batches,
-                prefills,
-                steps,
-                counts,
-                config,
-                flops_peak,
-            )
-        except Exception as e:  # a broken peer must not hide moeflow's figures
-            hf = EngineFigures("hf", note=f"failed: {type(e).__name__}: {e}")
-            print(f"hf: {hf.note}")
-        results.append(hf)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    print()
-    print(_table(results))
-    report = {
-        "command": " ".join(sys.argv),
-        "device": bw_name,
-        "torch": torch.__version__,
-        "model": args.model,
-        "dtype": dtype,
-        "params_total": counts.total,
-        "params_active_per_token": counts.active_per_token,
-        "kv_bytes_per_token": kv_per_token,
-        "bandwidth_measured_bytes_per_s": bandwidth,
-        "bandwidth_peak_bytes_per_s": bw_peak,
-        "flops_peak": flops_peak,
-        "results": [asdict(r) for r in results],
-    }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(report, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
 
 
 def device_peaks(device: torch.device) -> tuple[str, float | None, float | None]:
@@ -244,37 +283,6 @@ def weight_bytes_read(counts: ParamCounts, batch: int, expert_bytes: float) -> i
     if not counts.is_tied:
         dense -= counts.embedding * itemsize - batch * counts.embedding_row_bytes
     return int(dense + expert_bytes)
-
-
-def plot(report: dict[str, Any], path: str) -> None:
-    """tok/s against decode batch size, each engine a line, beside the bandwidth roofline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in report["results"]:
-        pts = [(d["batch"], d["tok_s"]) for d in r["decode"]]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=r["name"])
-    roof = [
-        (d["batch"], d["roofline_tok_s"])
-        for d in report["results"][0]["decode"]
-        if d["roofline_tok_s"]
-    ]
-    if roof:
-        ax.plot(*zip(*roof, strict=True), linestyle="--", color="gray", label="bandwidth roofline")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("decode batch size")
-    ax.set_ylabel("output tok/s")
-    ax.set_title(f"{report['model']} decode, {report['dtype']}, {report['device']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---- moeflow workloads ---------------------------------------------------------------------
@@ -316,8 +324,8 @@ def _decode(
     profile = engine.stop_profile()
     gpu_s = profile.gpu_busy_s()
     step_s = elapsed / (engine.stats.num_steps - first_step)
-    layers = engine._moe_layers()  # noqa: SLF001
-    expert_bytes = sum(t * _one_expert_bytes(m) for t, m in zip(touched, layers, strict=True))
+    layers = engine.moe_layers()
+    expert_bytes = sum(t * m.expert_bytes() for t, m in zip(touched, layers, strict=True))
     mean_ctx = DECODE_PROMPT_LEN + 1 + ROUTING_STEPS + steps / 2
     kv = int(batch * mean_ctx * kv_per_token)
     nbytes = weight_bytes_read(counts, batch, expert_bytes) + kv
@@ -414,7 +422,7 @@ def _throughput(engine: LLMEngine, rng: random.Random, vocab: int, num: int) -> 
 
 
 def _run_hf(
-    model: str,
+    preset: Preset,
     overrides: dict[str, Any] | None,
     dtype: str,
     device: torch.device,
@@ -429,7 +437,7 @@ def _run_hf(
     of n x L, decode as greedy steps over its own KV cache (model(token, past_key_values))."""
     import transformers
 
-    hf_cfg = dict(preset_config(model.removeprefix("preset:"), overrides))
+    hf_cfg = dict(preset_config(preset.name, overrides))
     cfg_cls = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
     start = time.perf_counter()
     with torch.device(device):
@@ -552,13 +560,6 @@ def _table(results: list[EngineFigures]) -> str:
                 f"{t['total_tok_s']:.0f} (output {t['output_tok_s']:.0f}) | - |"
             )
     return "\n".join(rows)
-
-
-def _one_expert_bytes(moe: torch.nn.Module) -> int:
-    """Bytes of one routed expert of an MoE layer (its gate, up and down rows)."""
-    experts: Any = moe.experts
-    w13, w2 = experts.w13, experts.w2  # [E, 2I, H], [E, H, I]
-    return (w13[0].numel() + w2[0].numel()) * w13.element_size()
 
 
 def _random_ids(rng: random.Random, vocab: int, n: int) -> list[int]:

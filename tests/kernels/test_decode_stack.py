@@ -1,6 +1,7 @@
-"""The fused CPU decode step (layers/decode_stack.py): its tokens and log-probabilities are the
-layer-by-layer path's, for every dense family it takes (q/k/v bias, per-head q/k norm, sliding
-window) and batched decode; models it does not fit run layer by layer and say why."""
+"""The fused CPU decode step (kernels/decode_stack.py, tried by the engine's runner): its tokens
+and log-probabilities are the layer-by-layer path's, for every dense family it takes (q/k/v
+bias, per-head q/k norm, sliding window) and batched decode; models it does not fit run layer by
+layer and say why."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ PROMPTS = [list(range(3, 40)), list(range(50, 60)), list(range(100, 121))]
 
 
 def _run(llm: LLM, fused: bool) -> list[tuple[list[int], list[float]]]:
-    stack = llm.loaded.model.model.decode_stack
+    stack = llm.engine.runner.decode_stack
     stack.enabled = fused
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
     outs = llm.generate(PROMPTS, params)
@@ -70,7 +71,7 @@ def test_moe_model_runs_layer_by_layer(tmp_path: Path) -> None:
     path = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
     llm = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize="q8_0")
     llm.generate([PROMPTS[1]], SamplingParams(max_tokens=3, temperature=0.0))
-    stack = llm.loaded.model.model.decode_stack
+    stack = llm.engine.runner.decode_stack
     assert stack._stack is None
     assert stack.unfit_reason is not None and "gated-MLP" in stack.unfit_reason
 
@@ -79,7 +80,7 @@ def test_float_model_runs_layer_by_layer(tmp_path: Path) -> None:
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
     llm = LLM(model=str(path), dtype="float32", device="cpu", kv_cache_tokens=1024)
     llm.generate([PROMPTS[1]], SamplingParams(max_tokens=3, temperature=0.0))
-    stack = llm.loaded.model.model.decode_stack
+    stack = llm.engine.runner.decode_stack
     assert stack._stack is None and "not kept quantised" in (stack.unfit_reason or "")
 
 

@@ -1,0 +1,164 @@
+"""The fused CPU decode step of a dense decoder (Llama, Mistral, Qwen2, Qwen3 layouts): every
+layer and the final norm in one call of the compiled kernels (csrc/cpu_ops.cpp DecodeStack), one
+OpenMP region for the whole step instead of ~10 Python dispatches and thread fork/joins per
+layer. It runs the single ops' own row functions, so its output is theirs.
+
+It applies to decode steps on the CPU of up to `MAX_ROWS` sequences when every projection is
+kept quantised (GGUF blocks or `--quantize`), activations and the KV cache are float32, the
+rotary layout is NeoX and the MLP is gated SiLU; otherwise the model runs layer by layer. The
+engine's runner asks `fits` on each eager step and then calls `forward` instead of the model.
+
+The model is read through its models.base.DenseDecoder view (kernels may not import models, so
+it is typed Any here): `embed`, `norm` and, per layer, the fields of models.base.DenseLayer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from moeflow import env
+from moeflow.context import ForwardBatch
+from moeflow.kernels import cpu_ext
+
+logger = logging.getLogger("moeflow")
+
+MAX_ROWS = 16  # the quantised GEMV's limit (kernels/quant_gemm.py)
+
+
+class CpuDecodeStack:
+    """Built on the first decode step that fits (the KV cache is bound by then) and rebuilt when
+    the cache is reallocated. Holds no tensors: the compiled stack points at the model's own."""
+
+    def __init__(self, decoder: Any) -> None:
+        """`decoder`: the model's DenseDecoder, or None when its layers are not all dense."""
+        self._decoder = decoder
+        self._stack: Any = None
+        self._key: tuple[int, ...] | None = None
+        # Why the model cannot use the fused step (None: it can).
+        self.unfit_reason: str | None = (
+            None
+            if decoder is not None
+            else "the model is not a stack of dense attention + gated-MLP layers"
+        )
+        self.enabled = True  # False: always run layer by layer
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        """Whether `batch` runs fused: a CPU decode step of at most MAX_ROWS sequences, of a
+        model that fits, with the kernels built (the stack is built or rebuilt here)."""
+        if not self.enabled or self.unfit_reason is not None:
+            return False
+        if batch.input_ids.device.type != "cpu" or not batch.is_decode:
+            return False
+        ops = cpu_ext.ops()
+        if batch.num_seqs > MAX_ROWS or ops is None:
+            return False
+        layers = self._decoder.layers
+        if self._stack is None or _cache_key(layers) != self._key:
+            self._stack = None
+            self.unfit_reason = unfit_reason(self._decoder)  # the model's make-up: for good
+            if self.unfit_reason is not None:
+                logger.debug("fused CPU decode step off: %s", self.unfit_reason)
+                return False
+            if not _cache_fits(layers):  # not yet allocated (or not float32): try again later
+                return False
+            self._stack, self._key = _build(ops, self._decoder), _cache_key(layers)
+        return True
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """The final-normed hidden states [B, E] of this decode step (where `fits`)."""
+        hidden = self._decoder.embed(batch.input_ids)  # [B, E]
+        return self._stack.forward(
+            hidden.contiguous(),
+            batch.positions.contiguous(),
+            batch.slot_mapping,
+            batch.block_tables,
+            batch.context_lens,
+            env.MOEFLOW_CPU_INT8,
+        )
+
+
+def unfit_reason(decoder: Any) -> str | None:
+    """Why this DenseDecoder cannot run as one fused decode step (None when it can)."""
+    norm, layers = decoder.norm, decoder.layers
+    eps = norm.eps
+    for i, layer in enumerate(layers):
+        projections = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
+        if any(p.qtype is None for p in projections):
+            return f"layer {i} has a projection that is not kept quantised"
+        if not layer.act.is_silu:
+            return f"layer {i}'s MLP activation is not SiLU"
+        if layer.rotary.layout != "neox" or layer.clip_qkv is not None:
+            return f"layer {i} needs a rotary layout or q/k/v clipping the fused step lacks"
+        if layer.q_norm is not None and not layer.qk_norm_per_head:
+            return f"layer {i} normalises q/k over the whole projection"
+        norms = [layer.input_norm, layer.post_norm]
+        norms += [layer.q_norm, layer.k_norm] if layer.q_norm is not None else []
+        if any(n.eps != eps for n in norms):
+            return f"layer {i}'s norms differ in eps"
+        tensors = [n.weight for n in norms] + [p.bias for p in projections if p.bias is not None]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+            return f"layer {i} has norms or biases that are not float32 on the CPU"
+        attn = layer.attn
+        if attn.head_dim % 8 or attn.num_heads // attn.num_kv_heads > 64:
+            return f"layer {i}'s head shape is not supported by the fused step"
+    if norm.weight.dtype != torch.float32:
+        return "the final norm is not float32"
+    if any(layer.rotary.cos_cache is not layers[0].rotary.cos_cache for layer in layers):
+        return "the layers' rotary tables differ"
+    token = torch.zeros(1, dtype=torch.int64, device=norm.weight.device)
+    if decoder.embed(token).dtype != torch.float32:
+        return "the embedding's rows are not float32"
+    return None
+
+
+def _cache_key(layers: list[Any]) -> tuple[int, ...]:
+    first, last = layers[0].attn, layers[-1].attn
+    return (first.k_cache.data_ptr(), last.v_cache.data_ptr(), first.k_cache.numel())
+
+
+def _cache_fits(layers: list[Any]) -> bool:
+    """Every layer's K/V cache is allocated, float32, on the CPU."""
+    caches = [c for layer in layers for c in (layer.attn.k_cache, layer.attn.v_cache)]
+    return all(c.dim() == 4 and c.dtype == torch.float32 and c.device.type == "cpu" for c in caches)
+
+
+def _build(ops: Any, decoder: Any) -> Any:
+    first, norm = decoder.layers[0], decoder.norm
+    stack = ops.DecodeStack(
+        first.attn.num_heads,
+        first.attn.num_kv_heads,
+        first.attn.head_dim,
+        norm.eps,
+        first.attn.scale,
+        first.rotary.cos_cache,
+        first.rotary.sin_cache,
+        norm.weight.detach(),
+    )
+    for layer in decoder.layers:
+        qkv, o, gate_up, down = layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj
+        stack.add_layer(
+            layer.input_norm.weight.detach(),
+            qkv.weight,
+            qkv.qtype,
+            _opt(qkv.bias),
+            _opt(layer.q_norm.weight if layer.q_norm is not None else None),
+            _opt(layer.k_norm.weight if layer.k_norm is not None else None),
+            o.weight,
+            o.qtype,
+            _opt(o.bias),
+            layer.post_norm.weight.detach(),
+            gate_up.weight,
+            gate_up.qtype,
+            down.weight,
+            down.qtype,
+            layer.attn.k_cache,
+            layer.attn.v_cache,
+            layer.attn.sliding_window or 0,
+        )
+    return stack
+
+
+def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach() if t is not None else None

@@ -1,0 +1,105 @@
+"""OpenAIServing without HTTP or a model: the event stream a chat or completion job makes from
+scripted engine updates (role chunks, deltas, the <think> split, usage, the error event,
+[DONE]) and the full responses it collects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from moeflow.engine.output_processor import RequestUpdate
+from moeflow.server import protocol
+from moeflow.server.metrics import ServerMetrics
+from moeflow.server.serving import OpenAIServing, ServerConfig, _Choice, _Job
+from moeflow.tokenizer import ReasoningSplitter, Tokenizer
+
+
+class _Engine:
+    """What OpenAIServing reads of an AsyncEngine."""
+
+    tokenizer = Tokenizer.byte_level()
+    max_model_len = 64
+    vocab_size = 256
+
+
+def _serving(reasoning: str = "off") -> OpenAIServing:
+    config = ServerConfig("m", reasoning=reasoning)
+    return OpenAIServing(_Engine(), config, ServerMetrics())  # type: ignore[arg-type]
+
+
+def _job(updates: list[RequestUpdate], *, chat: bool, splitter: bool = False) -> _Job:
+    async def merged() -> AsyncGenerator[tuple[int, RequestUpdate], None]:
+        for u in updates:
+            yield 0, u
+
+    choice = _Choice(0, ReasoningSplitter() if splitter else None)
+    return _Job("id-1", 7, 0.0, [choice], merged(), 5, chat, False, True)
+
+
+def _ids(text: str) -> list[int]:
+    return _Engine.tokenizer.encode(text)
+
+
+def _events(serving: OpenAIServing, job: _Job) -> list[Any]:
+    async def run() -> list[str]:
+        if job.chat:
+            events = serving._sse(job, serving._role_chunks(job), serving._chat_chunk)
+        else:
+            events = serving._sse(job, [], serving._completion_chunk)
+        return [e async for e in events]
+
+    out = []
+    for event in asyncio.run(run()):
+        assert event.startswith("data: ") and event.endswith("\n\n")
+        body = event[len("data: ") : -2]
+        out.append(body if body == "[DONE]" else json.loads(body))
+    return out
+
+
+def test_chat_stream_splits_reasoning_and_ends_with_usage() -> None:
+    updates = [
+        RequestUpdate("r", _ids("<think>a"), text_delta="<think>a"),
+        RequestUpdate("r", _ids("b</thi"), text_delta="b</thi"),
+        RequestUpdate("r", _ids("nk>XY"), text_delta="nk>XY", finish_reason="stop"),
+    ]
+    serving = _serving(reasoning="on")
+    events = _events(serving, _job(updates, chat=True, splitter=True))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [e["choices"][0]["delta"] for e in events[1:-2]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "ab"
+    assert "".join(d.get("content", "") for d in deltas) == "XY"
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    num_tokens = sum(len(u.new_token_ids) for u in updates)
+    assert events[-2] == protocol.usage_chunk("id-1", 7, "m", protocol.usage(5, num_tokens, 0))
+    assert events[-1] == "[DONE]"
+
+
+def test_completion_stream_error_event_ends_it_without_usage() -> None:
+    updates = [
+        RequestUpdate("r", _ids("ab"), text_delta="ab"),
+        RequestUpdate("r", [], error="engine failure: boom"),
+        RequestUpdate("r", _ids("c"), text_delta="c"),  # never read
+    ]
+    events = _events(_serving(), _job(updates, chat=False))
+    assert events[0]["object"] == "text_completion" and events[0]["choices"][0]["text"] == "ab"
+    assert events[1] == protocol.error_body("engine failure: boom", "server_error")
+    assert events[2:] == ["[DONE]"]
+
+
+def test_full_responses_join_the_deltas() -> None:
+    serving = _serving()
+    updates = [
+        RequestUpdate("r", _ids("He"), text_delta="H"),  # "e" held back
+        RequestUpdate("r", _ids("y"), text_delta="ey", finish_reason="length"),
+    ]
+    job = _job(updates, chat=False)
+    assert asyncio.run(serving._collect(job)) is None
+    resp = serving._completion_response(job)
+    assert resp["choices"][0]["text"] == "Hey" and resp["choices"][0]["finish_reason"] == "length"
+    assert resp["usage"] == protocol.usage(5, 3, 0)
+    job = _job(updates, chat=True)
+    asyncio.run(serving._collect(job))
+    message = serving._chat_response(job)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Hey"}
