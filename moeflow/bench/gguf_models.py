@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from moeflow import env
-from moeflow.weights.gguf import GGML_QUANT_SIZES, GGMLType, GGUFValueType
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
+from moeflow.weights.gguf import GGUFValueType
 from moeflow.weights.gguf_writer import GGUFWriter
 
 logger = logging.getLogger("moeflow")

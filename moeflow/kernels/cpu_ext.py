@@ -97,8 +97,11 @@ _chosen: list[str | None] = [None]
 
 def build_dir(isa: str = "avx2") -> Path:
     flags = (*_BASE_CFLAGS, *ISAS[isa][0])
+    # NOTE: the sources' folder is part of the key: torch rebuilds a build folder whose
+    # build.ninja names other source paths, so two checkouts sharing one folder rebuild in turn.
     key = hashlib.sha256(
         b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
+        + str(_CSRC).encode()
         + " ".join(flags).encode()
         + torch.__version__.encode()
     ).hexdigest()[:16]

@@ -12,13 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from moeflow.weights.gguf import (
-    GGML_QUANT_SIZES,
-    GGUF_DEFAULT_ALIGNMENT,
-    GGUF_MAGIC,
-    GGMLType,
-    GGUFValueType,
-)
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
+from moeflow.weights.gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",

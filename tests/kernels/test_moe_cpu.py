@@ -17,7 +17,7 @@ import torch
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.fused_moe import fused_moe_ref
 from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref
-from moeflow.weights.gguf import GGML_QUANT_SIZES, GGMLType
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
 from tests.conftest import GGUF_F16_FIELDS
 from tests.kernels.test_cpu_kernels import random_blocks
 
