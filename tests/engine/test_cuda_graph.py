@@ -12,7 +12,8 @@ import torch
 from moeflow.api import LLM
 from moeflow.engine.cuda_graph import graph_batch_sizes
 from moeflow.sampling_params import SamplingParams
-from tests.conftest import TINY_VOCAB, make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint
+from tests.helpers.tokenizer_files import TINY_VOCAB
 from tests.models.test_deepseek import make_deepseek_checkpoint
 
 PROMPTS = [[5, 9, 13, 2, 7], [40, 41], [100, 3, 3, 3, 3, 3, 3, 3, 60, 61, 62]]

@@ -14,7 +14,7 @@ from moeflow.kernels.attention import paged_decode_attention_ref, store_kv
 from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref, qlinear, qlinear_ref
 from moeflow.kernels.rmsnorm import rms_norm_ref
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
-from tests.conftest import GGUF_F16_FIELDS
+from tests.helpers.gguf import GGUF_F16_FIELDS
 
 ops = cpu_ext.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")

@@ -24,11 +24,7 @@ from moeflow.layers.mla import MLAAttention
 from moeflow.layers.moe import MoE
 from moeflow.models.deepseek_v2 import DeepseekV3ForCausalLM
 from moeflow.models.registry import get_model_class
-from tests.conftest import (
-    TINY_BASE,
-    TINY_DEEPSEEK_SHAPE,
-    write_random_checkpoint,
-)
+from tests.helpers.checkpoints import TINY_BASE, TINY_DEEPSEEK_SHAPE, write_random_checkpoint
 from tests.models.test_parity import _prompts, assert_matches_hf
 
 KV_LORA_RANK = TINY_DEEPSEEK_SHAPE["kv_lora_rank"]

@@ -14,7 +14,8 @@ from moeflow.context import forward_context
 from moeflow.engine.flatten import flatten_batch
 from moeflow.engine.request import Request
 from moeflow.engine.scheduler import ScheduledBatch
-from tests.conftest import TINY_FAMILIES, TINY_VOCAB
+from tests.helpers.checkpoints import TINY_FAMILIES
+from tests.helpers.tokenizer_files import TINY_VOCAB
 
 NEW_TOKENS = 40
 

@@ -16,7 +16,7 @@ from moeflow.layers.linear import Linear, MergedLinear
 from moeflow.loading.loader import load_model
 from moeflow.loading.source import HFFolder
 from moeflow.weights.ggml_quants import GGMLType, QuantizedTensor, quantize
-from tests.conftest import make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"

@@ -20,7 +20,7 @@ from moeflow.loading.source import default_model_path
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, dequantize
 from moeflow.weights.gguf import GGUFReader
 from moeflow.weights.gguf_hf import gguf_to_hf_config, iter_hf_weights
-from tests.conftest import GGUF_F16_FIELDS
+from tests.helpers.gguf import GGUF_F16_FIELDS
 
 gguf = pytest.importorskip("gguf")
 
