@@ -1,0 +1,95 @@
+"""The compiled CPU quantised kernels (kernels/csrc/cpu_ops.cpp, kernels/quant_gemm.py) against
+plain-torch references: GEMV/GEMM and dequantisation for every kept GGUF type on random blocks of
+real shapes (SmolLM2, Qwen3-30B-A3B projections), the int8-activation GEMV, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeflow.kernels import cpu_ext
+from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref, qlinear, qlinear_ref
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
+from tests.helpers.gguf import GGUF_F16_FIELDS
+
+ops = cpu_ext.ops()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
+
+
+_F16_FIELDS = {t: GGUF_F16_FIELDS[GGMLType(t)] for t in KEPT_TYPES}
+
+
+def random_blocks(qtype: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """[n, row_bytes] of random quant bytes whose fp16 scales are finite and small."""
+    g = torch.Generator().manual_seed(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    b = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8, generator=g)
+    for off in _F16_FIELDS[qtype]:
+        scale = (torch.rand(n, k // block, generator=g) * 0.02 + 1e-3).half()
+        b[:, :, off : off + 2] = scale.view(torch.uint8).view(n, k // block, 2)
+    return b.reshape(n, -1).contiguous()
+
+
+@pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
+@pytest.mark.parametrize(
+    ("n", "k"),
+    # SmolLM2 qkv and down; a Qwen3-30B-A3B q slice; rows that are not whole tiles of 4
+    [(960, 576), (576, 1536), (256, 2048), (130, 512)],
+    ids=["smollm2-qkv", "smollm2-down", "qwen3-q", "odd-rows"],
+)
+@pytest.mark.parametrize("m", [1, 3, 9, 16])
+def test_qgemm_matches_dequantise_then_matmul(qtype: int, n: int, k: int, m: int) -> None:
+    if k % GGML_QUANT_SIZES[GGMLType(qtype)][0]:
+        pytest.skip("K-quant rows are whole 256-weight super-blocks (llama.cpp picks another type)")
+    w = random_blocks(GGMLType(qtype), n, k, seed=n + k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    ref = F.linear(x.double(), dequantize_ref(w, qtype, k).double())
+    out = ops.qgemm(x, w, qtype)
+    # fp32 products summed in another order: errors of a few ulps of the row's magnitude
+    scale = x.abs().double() @ dequantize_ref(w, qtype, k).abs().double().T
+    assert ((out.double() - ref).abs() / scale).max() < 1e-5
+    # each row's result does not depend on the other rows of the batch (batched == solo), though
+    # 8 rows and more take weight rows 4 at a time
+    solo = torch.cat([ops.qgemm(x[i : i + 1].contiguous(), w, qtype) for i in range(m)])
+    assert torch.equal(solo, out)
+
+
+@pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
+def test_int8_activation_gemv_is_close(qtype: int) -> None:
+    """The opt-in llama.cpp-style path (MOEFLOW_CPU_INT8): int8 activations, ~1% error."""
+    w = random_blocks(GGMLType(qtype), 192, 512, seed=3)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(4))
+    ref = qlinear_ref(x, w, qtype)
+    out = ops.qgemm_i8(x, w, qtype)
+    assert ((out - ref).abs().max() / ref.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
+def test_dequantize_and_row_gather_are_exact(qtype: int) -> None:
+    w = random_blocks(GGMLType(qtype), 64, 512, seed=5)
+    ref = dequantize_ref(w, qtype, 512)
+    assert torch.equal(ops.dequantize(w, qtype, 512), ref)
+    rows = torch.tensor([3, 0, 63, 3])
+    assert torch.equal(ops.dequantize(w, qtype, 512, rows), ref[rows])
+
+
+def test_qlinear_prefill_path_and_bias() -> None:
+    qtype = int(GGMLType.Q4_1)
+    w = random_blocks(GGMLType.Q4_1, 96, 256, seed=6)
+    bias = torch.randn(96)
+    for m in (1, 40):  # GEMV path, dequantise + GEMM path
+        x = torch.randn(2, m, 256)  # leading dims are kept
+        out = qlinear(x, w, qtype, bias)
+        assert out.shape == (2, m, 96)
+        torch.testing.assert_close(out, qlinear_ref(x, w, qtype, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_reject_bad_input() -> None:
+    w = random_blocks(GGMLType.Q4_0, 8, 64)
+    with pytest.raises(RuntimeError, match="bytes"):
+        ops.qgemm(torch.randn(1, 96), w, int(GGMLType.Q4_0))  # wrong in_features
+    with pytest.raises(RuntimeError, match="unsupported ggml type"):
+        ops.qgemm(torch.randn(1, 64), w, int(GGMLType.Q2_K))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.dequantize(w, int(GGMLType.Q4_0), 64, torch.tensor([8]))
