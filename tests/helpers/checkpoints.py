@@ -161,6 +161,56 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
+DEEPSEEK_YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 128,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.8,  # != mscale: the cos/sin factor and the softmax scale both move
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "rope_theta": 10000.0,
+}
+
+# The tiny DeepSeek checkpoints of tests/models/test_deepseek.py (and the CUDA-graph, Triton and fp8
+# tests): name -> (HF config class, HF model class, config kwargs on top of DEEPSEEK_COMMON)
+DEEPSEEK_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # V2: softmax router limited to the 2 best of 4 groups (by each group's max), direct q_proj,
+    # YaRN, rope on interleaved pairs (complex multiply)
+    "v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        {
+            "q_lora_rank": None,
+            "topk_method": "group_limited_greedy",
+            "rope_parameters": DEEPSEEK_YARN,
+        },
+    ),
+    # V3: sigmoid + correction bias, groups by top-2 sum, renormalised, low-rank q, plain rope
+    # on de-interleaved pairs (rope_interleave)
+    "v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {"q_lora_rank": 48, "norm_topk_prob": True},
+    ),
+    # V3 with YaRN and without rope_interleave (rotate_half on halves)
+    "v3_yarn": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {"q_lora_rank": 48, "rope_parameters": DEEPSEEK_YARN, "rope_interleave": False},
+    ),
+}
+
+DEEPSEEK_COMMON: dict[str, Any] = {
+    **TINY_BASE,
+    **TINY_DEEPSEEK_SHAPE,
+    "intermediate_size": 128,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 1.5,
+}
+
+
 def write_random_checkpoint(
     cfg_name: str,
     model_name: str,
@@ -208,6 +258,12 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0, **overrides: 
         seed,
         lambda p: has_biases and p.dim() == 1 and p.shape[0] != 64,
     )
+
+
+def make_deepseek_checkpoint(variant: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random DeepSeek checkpoint of `variant` (a key of DEEPSEEK_VARIANTS)."""
+    cfg_name, model_name, extra = DEEPSEEK_VARIANTS[variant]
+    return write_random_checkpoint(cfg_name, model_name, {**DEEPSEEK_COMMON, **extra}, folder, seed)
 
 
 THINK_SCRIPT = ["<think>", "a", "b", "c", "</think>", "X", "Y", "Z"]
