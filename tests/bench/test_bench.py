@@ -13,7 +13,7 @@ from moeflow.api import LLM
 from moeflow.bench.default import run_bench
 from moeflow.bench.report import count_parameters, decode_weight_bytes, model_info
 from moeflow.cli import build_parser
-from tests.conftest import make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

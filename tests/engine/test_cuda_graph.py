@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from moeflow.api import LLM
 from moeflow.engine.cuda_graph import graph_batch_sizes
 from moeflow.sampling_params import SamplingParams
-from tests.conftest import TINY_VOCAB, make_tiny_checkpoint
-from tests.models.test_deepseek import make_deepseek_checkpoint
+from tests.helpers.checkpoints import make_deepseek_checkpoint, make_tiny_checkpoint
+from tests.helpers.engine import assert_same_outputs
+from tests.helpers.tokenizer_files import TINY_VOCAB
 
 PROMPTS = [[5, 9, 13, 2, 7], [40, 41], [100, 3, 3, 3, 3, 3, 3, 3, 60, 61, 62]]
 
@@ -30,13 +30,6 @@ def _decode(llm: LLM) -> list[tuple[list[int], list[float]]]:
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
     outs = llm.generate([list(p) for p in PROMPTS], params)
     return [(o.token_ids, [lp.logprob for lp in o.logprobs or []]) for o in outs]
-
-
-def assert_same_outputs(got: list, want: list, atol: float) -> None:
-    """Same greedy tokens per sequence, log-probs within `atol`."""
-    for (ids, lps), (ref_ids, ref_lps) in zip(got, want, strict=True):
-        assert ids == ref_ids
-        assert torch.allclose(torch.tensor(lps), torch.tensor(ref_lps), atol=atol)
 
 
 @pytest.fixture(scope="module")

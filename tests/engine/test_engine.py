@@ -10,16 +10,7 @@ import pytest
 
 from moeflow import LLM, SamplingParams
 from moeflow.errors import RequestError
-
-
-def assert_idle(llm: LLM) -> None:
-    """No request left, and every KV block back in the free queue (cached or not)."""
-    engine = llm.engine
-    assert not engine.has_unfinished()
-    assert not engine.requests
-    bm = engine.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
-    assert all(c == 0 for c in bm.ref_counts)
+from tests.helpers.engine import assert_idle
 
 
 @pytest.fixture(scope="module")

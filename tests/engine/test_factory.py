@@ -14,7 +14,7 @@ from moeflow import LLM, SamplingParams
 from moeflow.config import CPU_KV_CACHE_TOKENS, EngineArgs, EngineConfig
 from moeflow.engine.factory import build_engine, load
 from moeflow.engine.kv_cache import kv_bytes_per_token
-from tests.conftest import make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint
 
 
 def _resolve(args: EngineArgs, fit: int | None = None, device: str = "cpu") -> EngineConfig:

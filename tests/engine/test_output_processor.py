@@ -13,7 +13,7 @@ import pytest
 from moeflow import LLM, SamplingParams
 from moeflow.engine.output_processor import OutputProcessor
 from moeflow.sampling_params import FinishReason
-from tests.engine.test_engine import assert_idle
+from tests.helpers.engine import assert_idle
 
 
 @pytest.fixture(scope="module")

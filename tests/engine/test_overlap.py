@@ -15,7 +15,7 @@ import pytest
 from moeflow import LLM, SamplingParams
 from moeflow.engine.async_engine import AsyncEngine
 from moeflow.engine.model_runner import TokenCarry
-from tests.engine.test_engine import assert_idle
+from tests.helpers.engine import assert_idle
 
 
 def _llm(path: Path, overlap: bool, **kwargs: object) -> LLM:

@@ -16,7 +16,7 @@ from moeflow.kernels.attention import (
     paged_attention_ref,
     paged_decode_attention_ref,
 )
-from tests.conftest import TRITON_DEVICE, needs_triton
+from tests.helpers.devices import TRITON_DEVICE, needs_triton
 
 pytest.importorskip("triton")
 from moeflow.kernels.triton.attention import (  # noqa: E402

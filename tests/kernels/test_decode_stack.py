@@ -12,7 +12,7 @@ import torch
 
 from moeflow import LLM, SamplingParams, env
 from moeflow.kernels import cpu_ext
-from tests.conftest import make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"

@@ -17,7 +17,7 @@ from moeflow.kernels.rotary import rotary_ref
 from moeflow.layers.activation import GatedAct
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
-from tests.conftest import TRITON_DEVICE, needs_triton
+from tests.helpers.devices import TRITON_DEVICE, needs_triton
 
 pytestmark = needs_triton
 

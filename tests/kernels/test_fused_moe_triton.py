@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moeflow.errors import MoeflowError
 from moeflow.kernels.fused_moe import fused_moe, fused_moe_ref, select_experts
-from tests.conftest import TRITON_DEVICE, needs_triton
+from tests.helpers.devices import TRITON_DEVICE, needs_triton
 
 pytestmark = needs_triton
 

@@ -12,7 +12,7 @@ import torch
 
 from moeflow.kernels import mla as mla_ops
 from moeflow.kernels.mla import mla_decode_ref, mla_prefill_ref, store_latent
-from tests.conftest import TRITON_DEVICE, needs_triton
+from tests.helpers.devices import TRITON_DEVICE, needs_triton
 
 pytestmark = needs_triton
 

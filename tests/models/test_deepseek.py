@@ -14,75 +14,26 @@ import pytest
 import torch
 
 from moeflow import LLM, SamplingParams
-from moeflow.config import ModelConfig
-from moeflow.context import ForwardBatch, forward_context
+from moeflow.context import forward_context
 from moeflow.engine.flatten import flatten_batch
-from moeflow.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
+from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.request import Request
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.layers.mla import MLAAttention
 from moeflow.layers.moe import MoE
 from moeflow.models.deepseek_v2 import DeepseekV3ForCausalLM
-from moeflow.models.registry import get_model_class
-from tests.conftest import (
+from tests.helpers.checkpoints import (
+    DEEPSEEK_VARIANTS,
     TINY_BASE,
     TINY_DEEPSEEK_SHAPE,
-    write_random_checkpoint,
+    make_deepseek_checkpoint,
 )
-from tests.models.test_parity import _prompts, assert_matches_hf
+from tests.helpers.models import run_one_forward
+from tests.helpers.parity import assert_matches_hf, prompts_of_lengths
 
 KV_LORA_RANK = TINY_DEEPSEEK_SHAPE["kv_lora_rank"]
 ROPE_DIM = TINY_DEEPSEEK_SHAPE["qk_rope_head_dim"]
 NUM_LAYERS = TINY_BASE["num_hidden_layers"]
-
-_YARN = {
-    "rope_type": "yarn",
-    "factor": 4.0,
-    "original_max_position_embeddings": 128,
-    "mscale": 1.0,
-    "mscale_all_dim": 0.8,  # != mscale: the cos/sin factor and the softmax scale both move
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "rope_theta": 10000.0,
-}
-
-# name -> (HF config class, HF model class, config kwargs on top of _COMMON)
-_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    # V2: softmax router limited to the 2 best of 4 groups (by each group's max), direct q_proj,
-    # YaRN, rope on interleaved pairs (complex multiply)
-    "v2": (
-        "DeepseekV2Config",
-        "DeepseekV2ForCausalLM",
-        {"q_lora_rank": None, "topk_method": "group_limited_greedy", "rope_parameters": _YARN},
-    ),
-    # V3: sigmoid + correction bias, groups by top-2 sum, renormalised, low-rank q, plain rope
-    # on de-interleaved pairs (rope_interleave)
-    "v3": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        {"q_lora_rank": 48, "norm_topk_prob": True},
-    ),
-    # V3 with YaRN and without rope_interleave (rotate_half on halves)
-    "v3_yarn": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        {"q_lora_rank": 48, "rope_parameters": _YARN, "rope_interleave": False},
-    ),
-}
-
-_COMMON: dict[str, Any] = {
-    **TINY_BASE,
-    **TINY_DEEPSEEK_SHAPE,
-    "intermediate_size": 128,
-    "n_group": 4,
-    "topk_group": 2,
-    "routed_scaling_factor": 1.5,
-}
-
-
-def make_deepseek_checkpoint(variant: str, folder: Path, seed: int = 0) -> Path:
-    cfg_name, model_name, extra = _VARIANTS[variant]
-    return write_random_checkpoint(cfg_name, model_name, {**_COMMON, **extra}, folder, seed)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +55,7 @@ def deepseek_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[s
 def test_greedy_and_logits_match_hf(
     variant: str, deepseek_checkpoint: Callable[[str], Path]
 ) -> None:
-    assert_matches_hf(deepseek_checkpoint(variant), sorted(_VARIANTS).index(variant))
+    assert_matches_hf(deepseek_checkpoint(variant), sorted(DEEPSEEK_VARIANTS).index(variant))
 
 
 def test_latent_cache_size_and_absorbed_decode(
@@ -128,7 +79,7 @@ def test_latent_cache_size_and_absorbed_decode(
 
     # One decode step of three sequences: latent (absorbed) path vs decompressed path.
     engine = llm.engine
-    prompts = _prompts(7, [9, 20, 35])
+    prompts = prompts_of_lengths(7, [9, 20, 35])
     reqs = [Request(f"r{i}", p, SamplingParams(), max_tokens=2) for i, p in enumerate(prompts)]
     try:
         for r in reqs:
@@ -251,39 +202,6 @@ _TINY_SIZES = {
     "n_routed_experts": 16,
     "vocab_size": 512,
 }
-
-
-def run_one_forward(hf: dict[str, Any], num_tokens: int = 7) -> tuple[torch.nn.Module, Any]:
-    """Build the family class from a config dict with random weights, give it a paged cache and
-    run one prefill of `num_tokens` tokens; returns (model, logits of the last token)."""
-    config = ModelConfig.from_hf(hf)
-    model = get_model_class(config.architecture)(config).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.05, generator=gen)
-    block_size = 16
-    allocate_kv_cache(model, 4, block_size, torch.float32, torch.device("cpu"))
-    ids = torch.arange(num_tokens, dtype=torch.int64) + 3
-    fb = ForwardBatch(
-        input_ids=ids,
-        positions=torch.arange(num_tokens),
-        slot_mapping=torch.arange(num_tokens) + block_size,  # block 1
-        block_tables=torch.tensor([[1, -1]]),
-        context_lens=torch.tensor([num_tokens]),
-        cu_seqlens_q=torch.tensor([0, num_tokens]),
-        logits_indices=torch.tensor([num_tokens - 1]),
-        query_lens_cpu=[num_tokens],
-        context_lens_cpu=[num_tokens],
-        is_decode=False,
-    )
-    with torch.inference_mode(), forward_context(fb):
-        hidden = model(fb.input_ids, fb.positions)
-        logits = model.compute_logits(hidden, fb.logits_indices)
-    return model, logits
 
 
 def test_kimi_k2_config_builds_and_runs() -> None:

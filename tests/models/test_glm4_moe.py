@@ -9,7 +9,7 @@ from typing import Any
 from moeflow.layers.attention import PagedAttention
 from moeflow.layers.moe import MoE
 from moeflow.models.glm4_moe import Glm4MoeForCausalLM
-from tests.models.test_deepseek import run_one_forward
+from tests.helpers.models import run_one_forward
 
 # zai-org/GLM-4.5's config.json (same keys and values), with the sizes cut down below.
 GLM45_CONFIG: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """The CPU fast path end to end: the default GGUF model with its blocks kept quantised and the
 fused kernels gives the same greedy tokens as the plain-torch reference (weights dequantised to
-fp32, no compiled kernels); quantised shards of merged projections; `--quantize` on load."""
+fp32, no compiled kernels); `--quantize` on load."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.kernels import cpu_ext
-from moeflow.layers.linear import Linear, MergedLinear
+from moeflow.layers.linear import Linear
 from moeflow.loading.loader import load_model
 from moeflow.loading.source import HFFolder
-from moeflow.weights.ggml_quants import GGMLType, QuantizedTensor, quantize
-from tests.conftest import make_tiny_checkpoint
+from moeflow.weights.ggml_quants import GGMLType, quantize
+from tests.helpers.checkpoints import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
@@ -51,39 +51,6 @@ def test_default_model_fast_path_keeps_reference_greedy(monkeypatch: pytest.Monk
     assert all(getattr(m, "qtype", None) is None for m in ref.loaded.model.modules())
     assert _greedy_ids(ref) == fast_ids
     assert all(len(ids) > 5 for ids in fast_ids)
-
-
-def _q(rows: int, cols: int, kind: str = "q8_0", seed: int = 0) -> QuantizedTensor:
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
-    return quantize(w, kind)
-
-
-def test_merged_linear_keeps_shards_of_one_type() -> None:
-    layer = MergedLinear(64, {"q": 32, "k": 16, "v": 16})
-    shards = {"q": _q(32, 64, seed=1), "k": _q(16, 64, seed=2), "v": _q(16, 64, seed=3)}
-    for name in ("v", "q", "k"):  # any order
-        layer.load("weight", shards[name], name)
-    assert layer.qtype == int(GGMLType.Q8_0)
-    whole = torch.cat([shards[s].dequantize(torch.float32) for s in ("q", "k", "v")])
-    x = torch.randn(2, 64)
-    torch.testing.assert_close(layer(x), x @ whole.T, rtol=1e-5, atol=1e-5)
-
-
-def test_merged_linear_dequantises_mixed_types() -> None:
-    layer = MergedLinear(64, {"gate": 32, "up": 32})
-    gate, up = _q(32, 64, "q8_0", seed=4), _q(32, 64, "q4_0", seed=5)
-    layer.load("weight", gate, "gate")
-    layer.load("weight", up, "up")
-    assert layer.qtype is None and layer.weight.dtype == torch.float32
-    want = torch.cat([gate.dequantize(torch.float32), up.dequantize(torch.float32)])
-    assert torch.equal(layer.weight.data, want)
-
-
-def test_linear_rejects_quantised_weight_of_wrong_shape() -> None:
-    from moeflow.errors import ModelFormatError
-
-    with pytest.raises(ModelFormatError, match="shape"):
-        Linear(64, 32).load("weight", _q(16, 64))
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])

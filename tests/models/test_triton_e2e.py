@@ -16,9 +16,9 @@ from moeflow import env
 from moeflow.api import LLM
 from moeflow.kernels import cpu_ext
 from moeflow.sampling_params import SamplingParams
-from tests.conftest import TRITON_DEVICE, make_tiny_checkpoint, needs_triton
-from tests.engine.test_cuda_graph import assert_same_outputs
-from tests.models.test_deepseek import make_deepseek_checkpoint
+from tests.helpers.checkpoints import make_deepseek_checkpoint, make_tiny_checkpoint
+from tests.helpers.devices import TRITON_DEVICE, needs_triton
+from tests.helpers.engine import assert_same_outputs
 
 pytest.importorskip("triton")
 from moeflow.kernels.triton import attention, elementwise, fused_moe, mla  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import Server, tiny_server_running
+from tests.helpers.server import Server, tiny_server_running
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"

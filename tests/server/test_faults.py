@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import Server, tiny_server_running
+from tests.helpers.server import Server, tiny_server_running
 
 
 def _raw_post(server: Server, path: str, body: dict) -> socket.socket:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server.conftest import Server
+from tests.helpers.server import Server
 
 MSG = [{"role": "user", "content": "hello there"}]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.server.conftest import Server, start_server, stop_server
+from tests.helpers.server import Server, start_server, stop_server
 
 MSG = [{"role": "user", "content": "think about it"}]
 

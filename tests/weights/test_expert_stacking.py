@@ -13,7 +13,7 @@ import torch
 from moeflow.errors import ModelFormatError
 from moeflow.loading.loader import load_model
 from moeflow.loading.source import HFFolder
-from tests.conftest import make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

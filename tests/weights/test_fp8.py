@@ -14,8 +14,8 @@ import torch
 from moeflow import LLM
 from moeflow.errors import ModelFormatError
 from moeflow.weights.fp8 import dequantize_fp8_block, dequantize_fp8_weights
-from tests.models.test_deepseek import make_deepseek_checkpoint
-from tests.models.test_parity import _hf_model, _prompts, prefill_logits
+from tests.helpers.checkpoints import make_deepseek_checkpoint
+from tests.helpers.parity import hf_model, prefill_logits, prompts_of_lengths
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -98,13 +98,13 @@ def test_fp8_deepseek_v3_matches_hf_on_dequantised_weights(tmp_path: Path) -> No
     (fp8_dir / "config.json").write_text(json.dumps(config))
 
     llm = LLM(str(fp8_dir), dtype="float32", device="cpu", max_model_len=128)
-    hf = _hf_model(ref_dir)
-    ids = _prompts(3, [40])[0]
+    hf = hf_model(ref_dir)
+    ids = prompts_of_lengths(3, [40])[0]
     ours = prefill_logits(llm, ids)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     # and the fp8 weights did change the model (the test would not notice a skipped fold)
     with torch.no_grad():
-        orig = _hf_model(src)(torch.tensor([ids])).logits[0].float()
+        orig = hf_model(src)(torch.tensor([ids])).logits[0].float()
     assert not torch.allclose(orig, ref, atol=1e-3)

@@ -18,14 +18,13 @@ from moeflow.loading.loader import load_model
 from moeflow.loading.source import parse_model_source
 from moeflow.weights.gguf import GGUFReader
 from moeflow.weights.gguf_hf import gguf_to_hf_config
-from tests.conftest import (
+from tests.helpers.checkpoints import (
     TINY_BASE,
     TINY_DEEPSEEK_SHAPE,
-    TINY_EOS,
-    TINY_VOCAB,
     make_tiny_checkpoint,
     write_random_checkpoint,
 )
+from tests.helpers.tokenizer_files import TINY_EOS, TINY_VOCAB
 
 # llama.cpp's names (gguf-py constants.py TENSOR_NAMES), written out so the test does not reuse
 # the mapping it checks.

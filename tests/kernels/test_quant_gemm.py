@@ -1,7 +1,6 @@
-"""The compiled CPU kernels (kernels/csrc/cpu_ops.cpp) against plain-torch references: quantised
-GEMV/GEMM and dequantisation for every kept GGUF type on random blocks of real shapes (SmolLM2,
-Qwen3-30B-A3B projections), and the fused decode ops (RMSNorm + residual, SiLU-and-mul, NeoX
-rotary, paged decode attention with the K/V store)."""
+"""The compiled CPU quantised kernels (kernels/csrc/cpu_ops.cpp, kernels/quant_gemm.py) against
+plain-torch references: GEMV/GEMM and dequantisation for every kept GGUF type on random blocks of
+real shapes (SmolLM2, Qwen3-30B-A3B projections), the int8-activation GEMV, bad input."""
 
 from __future__ import annotations
 
@@ -10,11 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.kernels import cpu_ext
-from moeflow.kernels.attention import paged_decode_attention_ref, store_kv
 from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref, qlinear, qlinear_ref
-from moeflow.kernels.rmsnorm import rms_norm_ref
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
-from tests.conftest import GGUF_F16_FIELDS
+from tests.helpers.gguf import GGUF_F16_FIELDS
 
 ops = cpu_ext.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
@@ -96,71 +93,3 @@ def test_kernels_reject_bad_input() -> None:
         ops.qgemm(torch.randn(1, 64), w, int(GGMLType.Q2_K))
     with pytest.raises(RuntimeError, match="out of range"):
         ops.dequantize(w, int(GGMLType.Q4_0), 64, torch.tensor([8]))
-
-
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm(with_residual: bool) -> None:
-    x, res, w = torch.randn(5, 576), torch.randn(5, 576), torch.randn(576)
-    ref_out, ref_res = rms_norm_ref(x, res if with_residual else None, w, 1e-5)
-    out, new_res = ops.rms_norm(x, res.clone() if with_residual else None, w, 1e-5)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(new_res, ref_res)
-
-
-def test_silu_mul() -> None:
-    x = torch.randn(3, 2 * 1536) * 6  # wide range: exp's tails
-    gate, up = x.chunk(2, dim=-1)
-    torch.testing.assert_close(ops.silu_mul(x), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
-
-
-def test_rotary_neox_in_place_on_qkv_views() -> None:
-    t, h, hkv, d, rot = 4, 9, 3, 64, 32  # partial rotary: the last 32 dims stay
-    qkv = torch.randn(t, (h + 2 * hkv) * d)
-    q = qkv[:, : h * d].view(t, h, d)
-    k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
-    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
-    freqs = torch.arange(64).float()[:, None] * inv[None, :]
-    table = torch.cat((freqs, freqs), -1)
-    cos, sin = table.cos(), table.sin()
-    pos = torch.tensor([0, 5, 17, 63])
-
-    def ref(x: torch.Tensor) -> torch.Tensor:
-        c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
-        r, rest = x[..., :rot], x[..., rot:]
-        x1, x2 = r.chunk(2, -1)
-        return torch.cat((r * c + torch.cat((-x2, x1), -1) * s, rest), -1)
-
-    want_q, want_k, v_before = ref(q.clone()), ref(k.clone()), qkv[:, (h + hkv) * d :].clone()
-    ops.rotary_neox_(q, k, pos, cos, sin)
-    torch.testing.assert_close(q, want_q, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(k, want_k, rtol=1e-6, atol=1e-6)
-    assert torch.equal(qkv[:, (h + hkv) * d :], v_before)  # v untouched
-
-
-# Contexts over 128 keys are split into several tasks and merged: window 200 starts mid-block
-# and mid-split.
-@pytest.mark.parametrize("window", [0, 20, 200])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_attention_matches_reference(window: int, head_dim: int) -> None:
-    torch.manual_seed(0)
-    b, h, hkv, s, n = 3, 8, 2, 16, 40
-    lens = torch.tensor([1, 37, 300 // 16 * 16 + 5])
-    tables = torch.full((b, 20), -1, dtype=torch.int64)
-    perm = torch.randperm(n)
-    used = 0
-    for i, ln in enumerate(lens.tolist()):
-        nb = -(-ln // s)
-        tables[i, :nb] = perm[used : used + nb]
-        used += nb
-    kc, vc = torch.randn(n, s, hkv, head_dim), torch.randn(n, s, hkv, head_dim)
-    q = torch.randn(b, h, head_dim)
-    k, v = torch.randn(b, hkv, head_dim), torch.randn(b, hkv, head_dim)
-    last = lens - 1
-    slots = tables.gather(1, (last // s)[:, None])[:, 0] * s + last % s
-    ref_k, ref_v = kc.clone(), vc.clone()
-    store_kv(k, v, ref_k, ref_v, slots)
-    win = window or None
-    ref = paged_decode_attention_ref(q, ref_k, ref_v, tables, lens, 0.125, win)
-    out = ops.decode_attention(q, k, v, kc, vc, slots, tables, lens, 0.125, window)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)  # the step's K/V were stored

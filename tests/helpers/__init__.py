@@ -1,0 +1,1 @@
+"""Test helpers imported by the test modules (conftest.py files keep fixtures and hooks only)."""
