@@ -1,14 +1,20 @@
 """Mixture-of-Experts ops: expert selection (the routers of every family) and the expert
 computation. The reference runs only the experts at least one token chose, tokens grouped by
-expert; the Triton kernels (kernels/triton/fused_moe.py) run behind `fused_moe`.
+expert; the Triton kernels (kernels/triton/fused_moe.py) run behind `fused_moe` (float experts),
+the grouped CPU kernel (csrc/moe.cpp) behind `fused_moe_quantized` (experts in ggml blocks).
 
 Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K experts per token."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from moeflow import env
+from moeflow.kernels import cpu_ext
+from moeflow.kernels.quant_gemm import dequantize_ref
 from moeflow.kernels.triton_utils import use_triton
 
 # The experts' activations, as HF's ACT2FN names them.
@@ -121,3 +127,106 @@ def fused_moe(
             x, w13, w2, topk_weights, topk_ids, act, config
         )
     return moe_triton.fused_moe_triton(x, w13, w2, topk_weights, topk_ids, act, config)
+
+
+# ---- routed experts kept in ggml blocks (CPU) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedExperts:
+    """Every routed expert's projections in ggml blocks, as a GGUF file stacks them: gate and up
+    uint8 [E, I, row_bytes(H)], down [E, H, row_bytes(I)], each with its ggml type. The tensors
+    may be read-only views of a memory-mapped file."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_type: int
+    up_type: int
+    down_type: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate.shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.down.shape[1]
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's three projections (what touching it reads)."""
+        return self.gate[0].numel() + self.up[0].numel() + self.down[0].numel()  # uint8
+
+    def dequantize(
+        self, experts: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [n, 2I, H], w2 [n, H, I]) of the experts listed in `experts` [n]."""
+        h, i = self.hidden_size, self.intermediate_size
+
+        def rows(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+            return torch.stack([dequantize_ref(w[e], qtype, k) for e in experts.tolist()])
+
+        w13 = torch.cat([rows(self.gate, self.gate_type, h), rows(self.up, self.up_type, h)], 1)
+        return w13.to(dtype), rows(self.down, self.down_type, i).to(dtype)
+
+
+def quantized_experts_supported(
+    act: str, hidden_size: int, intermediate_size: int, device: torch.device
+) -> bool:
+    """Whether the grouped CPU kernel runs experts of this make-up in their blocks here (the
+    loader otherwise dequantises them into the stacked float weights)."""
+    return (
+        device.type == "cpu"
+        and act == "silu"
+        and hidden_size % 32 == 0
+        and intermediate_size % 32 == 0
+        and cpu_ext.ops() is not None
+    )
+
+
+def fused_moe_quantized_ref(
+    x: torch.Tensor,
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """fused_moe_ref over the dequantised experts that some token chose (fp32)."""
+    touched, local_ids = topk_ids.unique(return_inverse=True)  # [n], [T, K]
+    w13, w2 = experts.dequantize(touched, torch.float32)
+    out = fused_moe_ref(x.float(), w13, w2, topk_weights, local_ids, act)
+    return out.to(x.dtype)
+
+
+def fused_moe_quantized(
+    x: torch.Tensor,
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """The dispatch point for experts kept in ggml blocks: the grouped CPU kernel
+    (csrc/moe.cpp: pairs grouped by expert, each touched expert's weight rows multiplied by all
+    its tokens; activations in fp32, or quantised to int8 with MOEFLOW_CPU_INT8 as llama.cpp
+    does), else the reference."""
+    ops = cpu_ext.ops() if x.device.type == "cpu" else None
+    if ops is None or act != "silu":
+        return fused_moe_quantized_ref(x, experts, topk_weights, topk_ids, act)
+    xf = x.float().contiguous()  # [T, H]
+    out = ops.moe_experts(
+        xf,
+        experts.gate,
+        experts.gate_type,
+        experts.up,
+        experts.up_type,
+        experts.down,
+        experts.down_type,
+        topk_ids.contiguous(),
+        topk_weights.float().contiguous(),
+        env.MOEFLOW_CPU_INT8,
+    )
+    return out.to(x.dtype)

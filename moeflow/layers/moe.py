@@ -6,14 +6,25 @@ Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K exper
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from moeflow.errors import ModelFormatError
-from moeflow.kernels.fused_moe import fused_moe, select_experts
+from moeflow.kernels.fused_moe import (
+    QuantizedExperts,
+    fused_moe,
+    fused_moe_quantized,
+    quantized_experts_supported,
+    select_experts,
+)
 from moeflow.kernels.gemm import linear
 from moeflow.layers.linear import Linear, copy_checked
 from moeflow.layers.mlp import GatedMLP
+from moeflow.weights.ggml_quants import QuantizedTensor
+
+logger = logging.getLogger("moeflow")
 
 
 class TopKRouter(nn.Module):
@@ -33,36 +44,122 @@ class TopKRouter(nn.Module):
 
 
 class FusedExperts(nn.Module):
-    """Every routed expert's weights stacked: w13 [E, 2I, H] (gate rows, then up rows) and
-    w2 [E, H, I]. Filled from per-expert checkpoint tensors (shard "gate:e", "up:e", "down:e")
-    or from already stacked ones."""
+    """Every routed expert's weights stacked, in one of two forms:
+    - float: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I], filled from per-expert
+      checkpoint tensors (shard "gate:e", "up:e", "down:e"), from stacked ones (whole, or the
+      stacked halves "gate" / "up" of a GGUF file) or from random weights;
+    - quantised: a GGUF file's stacked ggml blocks kept as they are (usually views of the
+      memory-mapped file), `gate_proj` / `up_proj` [E, I, row_bytes(H)] and `down_proj`
+      [E, H, row_bytes(I)] uint8, run by the grouped CPU kernel (kernels.fused_moe_quantized),
+      where that kernel runs experts of this make-up; otherwise the blocks are dequantised into
+      the float form on load.
+    NOTE: w13 and w2 start on the meta device and are allocated by the first float tensor
+    loaded (or `materialize()`), so experts that stay quantised never reserve float memory."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu"
+    ) -> None:
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.hidden_size, self.act = hidden_size, act
+        self._device = torch.get_default_device()
+        self._dtype = torch.get_default_dtype()
         self.w13 = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, device="meta"),
+            requires_grad=False,
         )
         self.w2 = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False
+            torch.empty(num_experts, hidden_size, intermediate_size, device="meta"),
+            requires_grad=False,
         )
+        self.quantized: QuantizedExperts | None = None
+        self._pending: dict[str, QuantizedTensor] = {}  # stacked blocks waiting for the rest
+
+    def materialize(self) -> None:
+        """Allocate the float weights (uninitialised) on the model's device."""
+        if self.w13.is_meta:
+            self.w13 = nn.Parameter(
+                torch.empty_like(self.w13, device=self._device, dtype=self._dtype),
+                requires_grad=False,
+            )
+            self.w2 = nn.Parameter(
+                torch.empty_like(self.w2, device=self._device, dtype=self._dtype),
+                requires_grad=False,
+            )
 
     def expected_shards(self, param_name: str) -> list[str]:
         kinds = ("gate", "up") if param_name == "w13" else ("down",)
         return [f"{k}:{e}" for e in range(self.num_experts) for k in kinds]
 
-    def load(self, param_name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
+    def filled_shards(self, param_name: str, shard: str) -> list[str]:
+        """A stacked half ("gate" / "up": every expert at once) fills each expert's shard."""
+        if ":" in shard:
+            return [shard]
+        return [f"{shard}:{e}" for e in range(self.num_experts)]
+
+    def load(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None = None
+    ) -> None:
+        kind = shard if shard in ("gate", "up") else ("down" if param_name == "w2" else None)
+        if isinstance(tensor, QuantizedTensor) and kind is not None and self.w13.is_meta:
+            # the stacked blocks of one projection: kept once all three have come
+            self._pending[kind] = tensor
+            if len(self._pending) == 3:
+                self._finish_quantized()
+            return
+        self._flush_pending()  # a float tensor beside blocks: every expert weight in floats
+        if isinstance(tensor, QuantizedTensor):
+            tensor = tensor.dequantize(self._dtype)
+        self._copy(param_name, tensor, shard)
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for kind, q in pending.items():
+            shard = None if kind == "down" else kind
+            self._copy("w2" if kind == "down" else "w13", q.dequantize(self._dtype), shard)
+
+    def _copy(self, param_name: str, tensor: torch.Tensor, shard: str | None) -> None:
+        self.materialize()
         param: torch.Tensor = getattr(self, param_name)
+        i = self.intermediate_size
         if shard is None:
             dst = param.data
+        elif shard in ("gate", "up"):  # a stacked half of w13: every expert at once
+            dst = param.data[:, :i] if shard == "gate" else param.data[:, i:]
         else:
             kind, _, expert = shard.partition(":")
             e = int(expert)
             if not 0 <= e < self.num_experts:
                 raise ModelFormatError(f"expert {e} out of range ({self.num_experts} experts)")
-            i = self.intermediate_size
             dst = {"gate": param.data[e, :i], "up": param.data[e, i:], "down": param.data[e]}[kind]
         copy_checked(dst, tensor, f"{param_name}[{shard}]")
+
+    def _finish_quantized(self) -> None:
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        gate, up, down = (self._pending[k] for k in ("gate", "up", "down"))
+        for name, q, want in (
+            ("gate", gate, (e, i, h)),
+            ("up", up, (e, i, h)),
+            ("down", down, (e, h, i)),
+        ):
+            if tuple(q.shape) != want:
+                raise ModelFormatError(
+                    f"experts' {name} weights have shape {q.shape}, expected {want}"
+                )
+        if not quantized_experts_supported(self.act, h, i, self._device):
+            logger.info("experts of %s (%d x %d) run dequantised here", self.act, h, i)
+            self._flush_pending()
+            return
+        self._pending = {}
+        self.quantized = QuantizedExperts(
+            gate.data, up.data, down.data, gate.qtype, up.qtype, down.qtype
+        )
+        # The blocks replace the float weights, which were never allocated (meta).
+        del self.w13, self.w2
+        for name, q in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+            param = nn.Parameter(q.data, requires_grad=False)
+            param.logical_shape = tuple(q.shape)  # type: ignore[attr-defined]  # parameter counts
+            self.register_parameter(name, param)
 
 
 class MoE(nn.Module):
@@ -115,7 +212,7 @@ class MoE(nn.Module):
         self.routed_scaling_factor = routed_scaling_factor
         self.hidden_act, self.layer_idx = hidden_act, layer_idx
         self.gate = TopKRouter(hidden_size, num_experts, use_correction_bias)
-        self.experts = FusedExperts(num_experts, hidden_size, moe_intermediate_size)
+        self.experts = FusedExperts(num_experts, hidden_size, moe_intermediate_size, hidden_act)
         self.shared_prefix = shared_prefix
         shared_intermediate_size = (
             shared_intermediate_size or num_shared_experts * moe_intermediate_size
@@ -156,7 +253,11 @@ class MoE(nn.Module):
             self.expert_counts += counts
             self.expert_steps += counts > 0
             self.stats_forwards += 1
-        out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, self.hidden_act)
+        experts = self.experts
+        if experts.quantized is not None:
+            out = fused_moe_quantized(x, experts.quantized, weights, ids, self.hidden_act)
+        else:
+            out = fused_moe(x, experts.w13, experts.w2, weights, ids, self.hidden_act)
         shared: nn.Module | None = getattr(self, self.shared_prefix, None)
         if shared is not None:
             s = shared(x)  # [T, H]
@@ -181,5 +282,7 @@ class MoE(nn.Module):
         return self.expert_steps.sum().item() / max(self.stats_forwards, 1)
 
     def expert_bytes(self) -> int:
+        if self.experts.quantized is not None:
+            return self.experts.quantized.expert_bytes()
         w13, w2 = self.experts.w13, self.experts.w2  # [E, 2I, H], [E, H, I]
         return (w13[0].numel() + w2[0].numel()) * w13.element_size()

@@ -96,12 +96,14 @@ QUANTIZE_TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A 2-D weight kept in its block layout: `data` is uint8 [rows, row_bytes], row r the
-    blocks of output feature r; `shape` is the logical (rows, in_features)."""
+    """A weight kept in its block layout: `data` is uint8 [..., rows, row_bytes], row r the
+    blocks of output feature r; `shape` is the logical (..., rows, in_features): 2-D for a
+    linear layer, 3-D [E, N, K] for every expert's projection stacked (GGUF's `*_exps`).
+    `data` may be a read-only view of a memory-mapped file: never write to it."""
 
     data: torch.Tensor
     qtype: int
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.data.reshape(-1), self.qtype, self.shape, dtype)

@@ -4,7 +4,6 @@ nothing from the file. Format read from llama.cpp's gguf docs and gguf-py (MIT);
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import mmap
@@ -125,11 +124,13 @@ class GGUFReader:
         return out
 
     def close(self) -> None:
-        """Unmap the file; views from `raw()` still alive keep the mapping until they are freed."""
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            with contextlib.suppress(BufferError):  # raw() views alive: unmapped when freed
-                mm.close()
+        """Drop the reader's hold on the mapping: the file is unmapped once no view from `raw()`
+        is alive (each view holds a reference to the mmap object).
+
+        NOTE: never `mmap.close()` here: torch.frombuffer keeps a reference to the mmap but not
+        a buffer export, so close() would succeed and unmap memory that live views (weights
+        kept in their blocks) still point into."""
+        self._mm = None
 
     def __enter__(self) -> GGUFReader:
         return self

@@ -59,7 +59,8 @@ _LAYER_NAMES = {
     "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
     "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
 }
-# Stacked experts [E, out, in] -> one HF tensor per expert (layers/moe.py stacks them again).
+# Stacked experts [E, out, in] -> the stacked HF-style name (weights/loader.py maps it onto
+# layers/moe.py FusedExperts whole).
 _EXPERT_NAMES = {
     "ffn_gate_exps.weight": "gate_proj",
     "ffn_up_exps.weight": "up_proj",
@@ -144,8 +145,11 @@ def iter_hf_weights(
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """Yield (HF parameter name, tensor in `dtype`) in file order, one tensor in memory at a time.
 
-    2-D tensors whose ggml type is in `keep_quantized` come as QuantizedTensor (an owned copy of
-    their blocks) instead; the loader dequantises those a layer cannot use as they are.
+    Tensors whose ggml type is in `keep_quantized` come as QuantizedTensor instead: views of the
+    memory-mapped file (zero-copy; they keep the mapping alive), except Q/K rows the permutation
+    below moves. The loader dequantises those a layer cannot use as they are. Routed experts come
+    stacked, one tensor per projection (`...mlp.experts.gate_proj` [E, I, H], `up_proj`,
+    `down_proj` [E, H, I]), as the file stores them.
 
     For arch "llama" the Q/K rows permuted by llama.cpp's converter are put back in HF order.
     GGUF tensors with no HF counterpart (e.g. rope_freqs.weight) are skipped and their names
@@ -163,10 +167,14 @@ def iter_hf_weights(
         layer_idx, suffix = (int(m.group(1)), m.group(2)) if m is not None else (-1, "")
         if hf_name is None and 0 <= layer_idx < num_layers:
             prefix = f"model.layers.{layer_idx}"
-            if suffix in _EXPERT_NAMES:
-                experts = reader.load(gguf_name, dtype)  # [E, out, in]
-                for e in range(experts.shape[0]):
-                    yield f"{prefix}.mlp.experts.{e}.{_EXPERT_NAMES[suffix]}.weight", experts[e]
+            if suffix in _EXPERT_NAMES:  # every expert's projection stacked, [E, out, in]
+                name = f"{prefix}.mlp.experts.{_EXPERT_NAMES[suffix]}"
+                info = reader.tensors[gguf_name]
+                if info.ggml_type in keep_quantized and len(info.shape) == 3:
+                    data = reader.raw(gguf_name).reshape(*info.shape[:2], -1)  # the file's bytes
+                    yield name, QuantizedTensor(data, info.ggml_type, tuple(info.shape))
+                else:
+                    yield name, reader.load(gguf_name, dtype)
                 continue
             if suffix in _KV_B_HALVES and arch == "deepseek2":
                 halves = kv_b_halves.setdefault(layer_idx, {})
@@ -189,10 +197,10 @@ def iter_hf_weights(
         info = reader.tensors[gguf_name]
         if info.ggml_type in keep_quantized and len(info.shape) == 2:
             rows, cols = info.shape
-            data = reader.raw(gguf_name).reshape(rows, -1)
-            if num_perm_heads:  # the permutation moves whole rows: blocks stay intact
+            data = reader.raw(gguf_name).reshape(rows, -1)  # a view of the mapped file
+            if num_perm_heads:  # the permutation moves whole rows (a copy): blocks stay intact
                 data = _unpermute_qk(data, num_perm_heads, reader.path, gguf_name)
-            yield hf_name, QuantizedTensor(data.clone(), info.ggml_type, (rows, cols))
+            yield hf_name, QuantizedTensor(data, info.ggml_type, (rows, cols))
             continue
         # NOTE: the correction bias picks experts by small margins: never round it to bf16.
         tensor = reader.load(gguf_name, torch.float32 if suffix == "exp_probs_b.bias" else dtype)

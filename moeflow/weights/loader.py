@@ -21,14 +21,21 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 # One routed expert's projection in a checkpoint -> (stacked parameter, shard kind): per-expert
 # names (`experts.3.gate_proj`, Mixtral's `experts.3.w1`) land in the stacked layers/moe.py
 # FusedExperts through the family's `expert_params_mapping` (class data); already stacked
-# tensors (transformers 5's in-memory `experts.gate_up_proj`) load whole.
+# tensors load whole (transformers 5's in-memory `experts.gate_up_proj`) or as a stacked half of
+# w13 (a GGUF file's `experts.gate_proj` / `up_proj`, every expert at once: the shard "gate" or
+# "up" without an expert index).
 _EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
 HF_EXPERT_PARAMS: dict[str, tuple[str, str]] = {
     "gate_proj": ("w13", "gate"),
     "up_proj": ("w13", "up"),
     "down_proj": ("w2", "down"),
 }
-_STACKED = {".experts.gate_up_proj": ".experts.w13", ".experts.down_proj": ".experts.w2"}
+_STACKED: dict[str, tuple[str, str | None]] = {
+    ".experts.gate_up_proj": (".experts.w13", None),
+    ".experts.gate_proj": (".experts.w13", "gate"),
+    ".experts.up_proj": (".experts.w13", "up"),
+    ".experts.down_proj": (".experts.w2", None),
+}
 
 
 def load_weights(
@@ -78,8 +85,7 @@ def load_weights(
                 )
             with torch.no_grad():
                 param.copy_(tensor)
-        if shard is None:  # a whole tensor fills every shard of its parameter
-            loaded.update((name, s) for s in _expected_shards(module, param_name))
+        loaded.update((name, s) for s in _filled_shards(module, param_name, shard))
         loaded.add((name, shard))
     if unknown:
         logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unknown), unknown[:3])
@@ -88,6 +94,15 @@ def load_weights(
         raise ModelFormatError(
             f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:4]}"
         )
+
+
+def _filled_shards(module: nn.Module, param_name: str, shard: str | None) -> list[str]:
+    """The shards one loaded tensor fills: all of them for a whole tensor; a stacked shard
+    ("gate": every expert's "gate:e") as the module says."""
+    if shard is None:
+        return _expected_shards(module, param_name)
+    expand = getattr(module, "filled_shards", None)
+    return list(expand(param_name, shard)) if expand is not None else [shard]
 
 
 def _expected_shards(module: nn.Module, param_name: str) -> list[str]:
@@ -110,9 +125,9 @@ def _map_name(
     if m is not None and m["proj"] in experts:
         param, kind = experts[m["proj"]]
         return f"{m['prefix']}.{param}", f"{kind}:{m['e']}"
-    for old, new in _STACKED.items():
+    for old, (new, stacked_shard) in _STACKED.items():
         if name.endswith(old):
-            return name[: -len(old)] + new, None
+            return name[: -len(old)] + new, stacked_shard
     for ckpt_part, (param_part, shard) in packed.items():
         key = f".{ckpt_part}."
         if key in name:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from moeflow.weights.ggml_quants import GGMLType
+import torch
+
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
 
 # byte offsets of the fp16 scale fields in one block, per type
 GGUF_F16_FIELDS = {
@@ -17,3 +19,14 @@ GGUF_F16_FIELDS = {
     GGMLType.Q5_K: (0, 2),
     GGMLType.Q6_K: (208,),
 }
+
+
+def random_blocks(qtype: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """[n, row_bytes] of random quant bytes whose fp16 scales are finite and small."""
+    g = torch.Generator().manual_seed(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    b = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8, generator=g)
+    for off in GGUF_F16_FIELDS[qtype]:
+        scale = (torch.rand(n, k // block, generator=g) * 0.02 + 1e-3).half()
+        b[:, :, off : off + 2] = scale.view(torch.uint8).view(n, k // block, 2)
+    return b.reshape(n, -1).contiguous()

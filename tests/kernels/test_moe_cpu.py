@@ -18,8 +18,7 @@ from moeflow.kernels import cpu_ext
 from moeflow.kernels.fused_moe import fused_moe_ref
 from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
-from tests.conftest import GGUF_F16_FIELDS
-from tests.kernels.test_cpu_kernels import random_blocks
+from tests.helpers.gguf import GGUF_F16_FIELDS, random_blocks
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"

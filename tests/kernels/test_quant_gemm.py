@@ -11,24 +11,10 @@ import torch.nn.functional as F
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref, qlinear, qlinear_ref
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
-from tests.helpers.gguf import GGUF_F16_FIELDS
+from tests.helpers.gguf import random_blocks
 
 ops = cpu_ext.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
-
-
-_F16_FIELDS = {t: GGUF_F16_FIELDS[GGMLType(t)] for t in KEPT_TYPES}
-
-
-def random_blocks(qtype: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tensor:
-    """[n, row_bytes] of random quant bytes whose fp16 scales are finite and small."""
-    g = torch.Generator().manual_seed(seed)
-    block, size = GGML_QUANT_SIZES[qtype]
-    b = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8, generator=g)
-    for off in _F16_FIELDS[qtype]:
-        scale = (torch.rand(n, k // block, generator=g) * 0.02 + 1e-3).half()
-        b[:, :, off : off + 2] = scale.view(torch.uint8).view(n, k // block, 2)
-    return b.reshape(n, -1).contiguous()
 
 
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from moeflow import LLM, SamplingParams
+from moeflow import LLM, SamplingParams, env
+from moeflow.bench.gguf_models import bench_gguf
 from moeflow.kernels import cpu_ext
 from moeflow.layers.linear import Linear
+from moeflow.layers.moe import FusedExperts
 from moeflow.loading.loader import load_model
+from moeflow.loading.presets import PRESETS
 from moeflow.loading.source import HFFolder
 from moeflow.weights.ggml_quants import GGMLType, quantize
 from tests.helpers.checkpoints import make_tiny_checkpoint
@@ -70,7 +73,9 @@ def test_quantize_matches_gguf_py(kind: str) -> None:
 
 def test_quantize_on_load_runs_a_safetensors_model(tmp_path: Path) -> None:
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
-    plain = LLM(model=str(path), dtype="float32", device="cpu", kv_cache_tokens=1024)
+    plain = LLM(
+        model=str(path), dtype="float32", device="cpu", max_model_len=256, kv_cache_tokens=1024
+    )
     q8 = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize="q8_0")
     assert q8.config.dtype == "float32"
     layers = [m for m in q8.loaded.model.modules() if isinstance(m, Linear)]
@@ -94,3 +99,62 @@ def test_quantize_needs_the_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     monkeypatch.setattr(cpu_ext, "available", lambda: False)
     with pytest.raises(ValueError, match="CPU kernels"):
         load_model(HFFolder(str(path)), "cpu", torch.float32, quantize="q8_0")
+
+
+# A Qwen3-MoE of tiny width whose expert rows are whole K-quant super-blocks (256 values).
+_TINY_QWEN3_MOE = {
+    **PRESETS["qwen3-30b-a3b"],
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 256,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 2048,
+}
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0"])
+def test_moe_gguf_experts_stay_quantized(
+    ftype: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A qwen3moe GGUF's routed experts stay in the file's blocks (uint8 views, no float copy)
+    and the grouped kernel's exact path gives the reference's tokens (every tensor dequantised
+    to fp32, no compiled kernel); batched rows and solo rows agree (the MoE kernel is
+    batch-invariant bit for bit, tests/kernels/test_moe_cpu.py; the dense GEMMs around it sum
+    in another order for more rows)."""
+    monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
+    path = bench_gguf("tiny-qwen3-moe", _TINY_QWEN3_MOE, ftype, num_layers=2)
+    fast = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_tokens=1024)
+    experts = [m for m in fast.loaded.model.modules() if isinstance(m, FusedExperts)]
+    assert len(experts) == 2
+    for m in experts:
+        assert m.quantized is not None
+        names = {n for n, _ in m.named_parameters()}
+        assert names == {"gate_proj", "up_proj", "down_proj"}  # no float w13 / w2 at all
+        gate = m.quantized.gate
+        assert gate.dtype == torch.uint8 and gate.shape[:2] == (16, 256)
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=3, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(50, 60)), [7]]  # prefill (many pairs) and decode
+    fast_out = fast.generate(prompts, params)
+    solo = [fast.generate([p], params)[0] for p in prompts]
+    del fast
+
+    monkeypatch.setattr(cpu_ext, "ops", lambda: None)
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    ref = LLM(
+        model=str(path), device="cpu", dtype="float32", max_model_len=256, kv_cache_tokens=1024
+    )
+    assert all(
+        m.quantized is None for m in ref.loaded.model.modules() if isinstance(m, FusedExperts)
+    )
+    ref_out = ref.generate(prompts, params)
+    for a, b, s in zip(ref_out, fast_out, solo, strict=True):
+        assert a.token_ids == b.token_ids == s.token_ids
+        assert a.logprobs is not None and b.logprobs is not None and s.logprobs is not None
+        for la, lb, ls in zip(a.logprobs, b.logprobs, s.logprobs, strict=True):
+            assert abs(la.logprob - lb.logprob) < 1e-3
+            assert abs(lb.logprob - ls.logprob) < 1e-5  # batched rows == solo rows
