@@ -117,13 +117,28 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--json", default=None, help="also write the results to this file")
     bench.add_argument(
         "--workload",
-        choices=["default", "moe-scaling", "suite", "moe-tune"],
+        choices=["default", "moe-scaling", "suite", "moe-tune", "moe-cpu"],
         default="default",
         help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
         "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts; suite: "
         "the GPU workloads of a preset (decode per batch size with MBU, prefill NxL with MFU, "
         "offline throughput) beside HF transformers; moe-tune: time the fused-MoE kernel's "
-        "block sizes for --model's expert shapes on this GPU and write the tuning table",
+        "block sizes for --model's expert shapes on this GPU and write the tuning table; "
+        "moe-cpu: an MoE GGUF (or preset:<name> written as one) at 1/4/16 streams beside "
+        "llama.cpp's llama-batched-bench on the same file, with peak RSS, load and roofline",
+    )
+    bench.add_argument("--streams", default="1,4,16", help="moe-cpu: stream counts (comma list)")
+    bench.add_argument(
+        "--gguf-type",
+        default="q4_k_m",
+        choices=["q4_k_m", "q8_0"],
+        help="moe-cpu: the type of the GGUF written for preset:<name>",
+    )
+    bench.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="moe-cpu: write preset:<name> with its first N layers only (default: all)",
     )
     bench.add_argument(
         "--batch-sizes", default="1,16,64", help="suite: decode batch sizes (comma list)"
@@ -206,6 +221,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from moeflow.bench.moe_tune import run_moe_tune
 
             return run_moe_tune(args)
+        if args.workload == "moe-cpu":
+            from moeflow.bench.moe_cpu import run_moe_cpu
+
+            return run_moe_cpu(args)
         if args.workload == "suite":
             from moeflow.bench.suite import run_suite
 

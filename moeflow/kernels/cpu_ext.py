@@ -15,6 +15,7 @@ build is logged once with the compiler's message, never raised."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -158,14 +159,20 @@ def _build(isa: str) -> ModuleType:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     directory = build_dir(isa)
     directory.mkdir(parents=True, exist_ok=True)
-    module = cpp_extension.load(
-        name=f"moeflow_cpu_ops_{isa}",
-        sources=[str(s) for s in _SOURCES],
-        extra_cflags=[*_BASE_CFLAGS, *ISAS[isa][0]],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        verbose=False,
-    )
+    # One builder at a time through an flock, which the kernel drops when its holder dies; so
+    # torch's own lock file, when present here, was left by a killed build (torch would wait on
+    # it forever) and is removed.
+    with open(directory.parent / f"{directory.name}.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        module = cpp_extension.load(
+            name=f"moeflow_cpu_ops_{isa}",
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=[*_BASE_CFLAGS, *ISAS[isa][0]],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=False,
+        )
     assert isinstance(module, ModuleType)
     return module
 

@@ -62,10 +62,16 @@ class Linear(QuantizableWeight):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        # Quantised shards of different ggml types (GGUF's Q4_K_M mixes Q4_K q/k with a Q6_K
+        # v): one Linear per shard, in row order, run one after the other (MergedLinear sets it).
+        self.parts: nn.ModuleList | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qtype is not None:
             return qlinear(x, self.weight, self.qtype, self.bias)
+        if self.parts is not None:
+            y = torch.cat([part(x) for part in self.parts], dim=-1)  # [..., out_features]
+            return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -84,7 +90,8 @@ class MergedLinear(Linear):
             self.shard_offsets[name] = (offset, size)
             offset += size
         # Quantised shards wait here until every shard has come: all of one type, their rows
-        # are concatenated into one quantised weight; otherwise they are dequantised.
+        # are concatenated into one quantised weight; all quantised but of several types, each
+        # stays in its blocks as one of `parts`; float shards beside them: all dequantised.
         self._pending: dict[str, QuantizedTensor] = {}
         self._seen: set[str] = set()
 
@@ -115,7 +122,7 @@ class MergedLinear(Linear):
     def _finish_shards(self) -> None:
         pending, self._pending, self._seen = self._pending, {}, set()
         qtypes = {q.qtype for q in pending.values()}
-        if len(pending) == len(self.shard_offsets) and len(qtypes) == 1:
+        if len(pending) == len(self.shard_offsets):
             for shard, q in pending.items():
                 if q.shape != (self.shard_offsets[shard][1], self.in_features):
                     raise ModelFormatError(
@@ -123,10 +130,19 @@ class MergedLinear(Linear):
                         f"{(self.shard_offsets[shard][1], self.in_features)}"
                     )
             order = sorted(pending, key=lambda s: self.shard_offsets[s][0])
-            data = torch.cat([pending[s].data for s in order])
-            self.set_quantized(
-                QuantizedTensor(data, qtypes.pop(), (self.out_features, self.in_features))
-            )
+            if len(qtypes) == 1:
+                data = torch.cat([pending[s].data for s in order])
+                self.set_quantized(
+                    QuantizedTensor(data, qtypes.pop(), (self.out_features, self.in_features))
+                )
+                return
+            parts = nn.ModuleList()
+            for s in order:
+                part = Linear(self.in_features, self.shard_offsets[s][1])
+                part.set_quantized(pending[s])
+                parts.append(part)
+            self.parts = parts
+            self.weight = None  # type: ignore[assignment]  # the blocks live in `parts`
             return
         for shard, q in pending.items():  # mixed types or float shards beside them
             self._copy_shard("weight", shard, q)

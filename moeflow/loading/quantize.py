@@ -34,8 +34,10 @@ def quantize_linears(net: torch.nn.Module, kind: str, device: str) -> int:
     for layer in net.modules():
         if not isinstance(layer, Linear) or not layer.quantize_on_load:
             continue
-        if layer.qtype is not None or layer.in_features % 32 or not layer.keep_quantized:
-            continue  # already quantised, not whole blocks, or read as floats (MLA kv_b)
+        if layer.weight is None or layer.qtype is not None:
+            continue  # already quantised (whole, or as `parts` of several types)
+        if layer.in_features % 32 or not layer.keep_quantized:
+            continue  # not whole blocks, or read as floats (MLA kv_b)
         layer.set_quantized(quantize(layer.weight.data, kind))
         count += 1
     return count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.loading.presets import PRESETS
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
 
 # byte offsets of the fp16 scale fields in one block, per type
@@ -30,3 +31,18 @@ def random_blocks(qtype: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tenso
         scale = (torch.rand(n, k // block, generator=g) * 0.02 + 1e-3).half()
         b[:, :, off : off + 2] = scale.view(torch.uint8).view(n, k // block, 2)
     return b.reshape(n, -1).contiguous()
+
+
+# A Qwen3-MoE of tiny width whose expert rows are whole K-quant super-blocks (256 values).
+TINY_QWEN3_MOE = {
+    **PRESETS["qwen3-30b-a3b"],
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 256,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 2048,
+}

@@ -16,10 +16,10 @@ from moeflow.kernels import cpu_ext
 from moeflow.layers.linear import Linear
 from moeflow.layers.moe import FusedExperts
 from moeflow.loading.loader import load_model
-from moeflow.loading.presets import PRESETS
 from moeflow.loading.source import HFFolder
 from moeflow.weights.ggml_quants import GGMLType, quantize
 from tests.helpers.checkpoints import make_tiny_checkpoint
+from tests.helpers.gguf import TINY_QWEN3_MOE
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
@@ -101,21 +101,6 @@ def test_quantize_needs_the_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         load_model(HFFolder(str(path)), "cpu", torch.float32, quantize="q8_0")
 
 
-# A Qwen3-MoE of tiny width whose expert rows are whole K-quant super-blocks (256 values).
-_TINY_QWEN3_MOE = {
-    **PRESETS["qwen3-30b-a3b"],
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "moe_intermediate_size": 256,
-    "num_experts": 16,
-    "num_experts_per_tok": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "vocab_size": 2048,
-}
-
-
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0"])
 def test_moe_gguf_experts_stay_quantized(
     ftype: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -127,7 +112,7 @@ def test_moe_gguf_experts_stay_quantized(
     in another order for more rows)."""
     monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
-    path = bench_gguf("tiny-qwen3-moe", _TINY_QWEN3_MOE, ftype, num_layers=2)
+    path = bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, ftype, num_layers=2)
     fast = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_tokens=1024)
     experts = [m for m in fast.loaded.model.modules() if isinstance(m, FusedExperts)]
     assert len(experts) == 2

@@ -1,0 +1,277 @@
+"""`moeflow bench --workload moe-cpu`: an MoE GGUF on the CPU beside llama.cpp's own
+multi-stream benchmark on the same file, one engine after the other, each in its own process
+(so each peak RSS is its own and a crash of either is reported, not fatal).
+
+The model is a GGUF file, or a preset's real shape written as a random-weight GGUF (whole or
+its first --num-layers layers, in --gguf-type; cached). For each stream count S: S prompts of
+--prompt-len distinct random tokens prefilled together, then --decode-tokens steps of S tokens.
+moeflow samples (temperature 1, seeded) so each step feeds new tokens and routing spreads over
+the experts; the experts touched per step are reported. The roofline is the measured memory
+bandwidth over the bytes a step actually reads: dense weights as held, the touched experts'
+blocks, the KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeflow import env
+from moeflow.bench.common import measure_bandwidth
+from moeflow.bench.gguf_models import FTYPES, bench_gguf
+from moeflow.bench.llama_cpp_tools import (
+    PeerRun,
+    build_batched_bench,
+    find_batched_bench,
+    run_batched_bench,
+)
+from moeflow.kernels import cpu_ext
+from moeflow.loading.presets import preset_config
+from moeflow.loading.source import Preset, parse_model_source
+
+
+def run_moe_cpu(args: argparse.Namespace) -> int:
+    """The workload described by the `moeflow bench` arguments; 0 on success."""
+    threads = args.threads or os.cpu_count() or 1
+    streams = sorted({int(s) for s in args.streams.split(",") if s.strip()})
+    if not streams or streams[0] < 1:
+        raise ValueError("--streams: stream counts >= 1, e.g. 1,4,16")
+    if args.gguf_type not in FTYPES:
+        raise ValueError(f"--gguf-type: one of {', '.join(FTYPES)}")
+    path = _model_file(args)
+    size = os.path.getsize(path)
+    print(f"model: {path} ({size / 1e9:.2f} GB)")
+    print(
+        f"workload: {args.prompt_len}-token prompts, {args.decode_tokens} decode steps, streams "
+        f"{','.join(map(str, streams))}, {threads} threads; moeflow's activations "
+        + ("int8 (MOEFLOW_CPU_INT8=1, llama.cpp's numerics)" if env.MOEFLOW_CPU_INT8 else "fp32")
+    )
+    torch.set_num_threads(threads)
+    bandwidth = measure_bandwidth(torch.device("cpu"))
+    spec = {
+        "path": str(path),
+        "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens,
+        "streams": streams,
+        "threads": threads,
+        "seed": args.seed or 0,
+        "int8_activations": env.MOEFLOW_CPU_INT8,
+    }
+    mf = _run_moeflow_child(spec)
+    peer = _run_peer(args, str(path), streams, threads)
+    report = _report(mf, peer, streams, bandwidth, size)
+    print(report)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "command": " ".join(sys.argv),
+                    "spec": spec,
+                    "file_bytes": size,
+                    "bandwidth_bytes_per_s": bandwidth,
+                    "moeflow": mf,
+                    "llama_cpp": dataclasses.asdict(peer) if peer else None,
+                },
+                f,
+                indent=2,
+            )
+        print(f"wrote {args.json}")
+    return 0 if "error" not in mf else 1
+
+
+def _model_file(args: argparse.Namespace) -> Path:
+    source = parse_model_source(args.model)
+    if isinstance(source, Preset):
+        hf = preset_config(source.name)
+        return bench_gguf(source.name, hf, args.gguf_type, args.num_layers)
+    path = Path(source.path)
+    if path.suffix != ".gguf":
+        raise ValueError("--workload moe-cpu runs a .gguf file or preset:<name>")
+    return path
+
+
+def _run_peer(
+    args: argparse.Namespace, path: str, streams: list[int], threads: int
+) -> PeerRun | None:
+    if args.compare in ("none", ""):
+        return None
+    binary = find_batched_bench()
+    if binary is None:
+        try:
+            binary = build_batched_bench()
+        except (RuntimeError, OSError, StopIteration) as e:
+            return PeerRun(note=f"skipped: no llama-batched-bench ({e})")
+    return run_batched_bench(binary, path, args.prompt_len, args.decode_tokens, streams, threads)
+
+
+def _run_moeflow_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """moeflow's figures from a child process (its own peak RSS; a crash is reported)."""
+    code = "import sys; from moeflow.bench.moe_cpu import child_main; child_main(sys.argv[1])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        return {"error": f"moeflow run failed (status {proc.returncode}): {tail}"}
+    return json.loads(lines[-1])
+
+
+def child_main(spec_json: str) -> None:
+    """The moeflow side, in its own process: prints one JSON line of figures."""
+    from moeflow.api import LLM
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    cpu_ext.ops()  # a first use builds the kernels: not part of the load time
+    prompt_len, decode_tokens, streams = spec["prompt_len"], spec["decode_tokens"], spec["streams"]
+    start = time.perf_counter()
+    llm = LLM(
+        model=spec["path"],
+        device="cpu",
+        max_model_len=prompt_len + decode_tokens + 16,
+        kv_cache_tokens=max(streams) * (prompt_len + decode_tokens + 16) + 256,
+        max_num_seqs=max(max(streams), 16),
+        max_num_batched_tokens=max(2048, prompt_len),
+    )
+    load_s = time.perf_counter() - start
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rng = random.Random(spec["seed"])
+    vocab = llm.loaded.model_config.vocab_size
+    engine = llm.engine
+    _one_pass(engine, [[rng.randrange(vocab) for _ in range(prompt_len)]], 4, spec["seed"])  # warm
+    result: dict[str, Any] = {
+        "load_s": load_s,
+        "rss_after_load_bytes": rss_loaded,
+        "mean_context": prompt_len + decode_tokens / 2,
+        "runs": {},
+    }
+    for s in streams:
+        prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(s)]
+        engine.enable_routing_stats()
+        run = _one_pass(engine, prompts, decode_tokens, spec["seed"] + s)
+        touched = engine.experts_touched_per_step()
+        engine.enable_routing_stats(False)
+        run["experts_touched_per_step"] = sum(touched) / len(touched) if touched else None
+        result["runs"][str(s)] = run
+    model = llm.loaded.model
+    result["weights"] = _weight_bytes(model)
+    result["expert_bytes"] = [m.expert_bytes() for m in model.moe_layers()]
+    result["kv_bytes_per_token"] = _kv_bytes_per_token(llm)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result), flush=True)
+
+
+def _one_pass(engine: Any, prompts: list[list[int]], decode_tokens: int, seed: int) -> dict:
+    """Prefill every prompt together, then decode `decode_tokens` steps of all of them."""
+    from moeflow.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        temperature=1.0, max_tokens=decode_tokens + 1, ignore_eos=True, seed=seed
+    )
+    start = time.perf_counter()
+    reqs = [engine.add_request(p, params) for p in prompts]
+    while not all(r.output_ids for r in reqs):
+        engine.step()
+    prefill_s = time.perf_counter() - start
+    engine.reset_routing_stats()  # experts touched per decode step, not per prefill
+    done = sum(len(r.output_ids) for r in reqs)
+    start = time.perf_counter()
+    while not all(r.is_finished for r in reqs):
+        engine.step()
+    decode_s = time.perf_counter() - start
+    decoded = sum(len(r.output_ids) for r in reqs) - done
+    return {
+        "prefill_tok_s": sum(map(len, prompts)) / prefill_s,
+        "decode_tok_s": decoded / decode_s if decode_s > 0 else None,
+    }
+
+
+def _weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes held: routed experts apart from the rest (the input embedding is read a row at a
+    time, so it is apart too)."""
+    experts = embedding = other = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * p.element_size()
+        if ".experts." in name:
+            experts += n
+        elif name.endswith("embed_tokens.weight"):
+            embedding += n
+        else:
+            other += n
+    return {"experts": experts, "embedding": embedding, "other": other}
+
+
+def _kv_bytes_per_token(llm: Any) -> int:
+    from moeflow.engine.kv_cache import kv_bytes_per_token
+    from moeflow.utils.dtype import parse_dtype
+
+    return kv_bytes_per_token(llm.loaded.model, parse_dtype(llm.config.dtype))
+
+
+def _report(
+    mf: dict[str, Any], peer: PeerRun | None, streams: list[int], bandwidth: float, size: int
+) -> str:
+    lines = []
+    if "error" in mf:
+        lines.append(f"moeflow: {mf['error']}")
+        mf_runs: dict[str, Any] = {}
+    else:
+        mf_runs = mf["runs"]
+        lines.append(
+            f"moeflow: load {mf['load_s']:.2f} s, peak RSS {mf['peak_rss_bytes'] / 1e9:.2f} GB "
+            f"(file {size / 1e9:.2f} GB)"
+        )
+    if peer is not None:
+        rss = f"peak RSS {peer.peak_rss_bytes / 1e9:.2f} GB" if peer.peak_rss_bytes else ""
+        lines.append(f"llama.cpp (llama-batched-bench): {rss} {peer.note}".rstrip())
+    head = (
+        f"{'streams':>7} {'moeflow pp':>11} {'llama pp':>9} {'ratio':>6} {'moeflow tg':>11} "
+        f"{'llama tg':>9} {'ratio':>6} {'experts/step':>12} {'roofline tg':>11}"
+    )
+    lines += ["", "tok/s (pp: prefill, tg: decode)", head, "-" * len(head)]
+    for s in streams:
+        run = mf_runs.get(str(s), {})
+        pp, tg = run.get("prefill_tok_s"), run.get("decode_tok_s")
+        lpp = peer.prefill_tok_s.get(s) if peer else None
+        ltg = peer.decode_tok_s.get(s) if peer else None
+        touched = run.get("experts_touched_per_step")
+        roof = _roofline(mf, s, touched, bandwidth) if mf_runs else None
+        lines.append(
+            f"{s:>7} {_f(pp):>11} {_f(lpp):>9} {_r(pp, lpp):>6} {_f(tg):>11} {_f(ltg):>9} "
+            f"{_r(tg, ltg):>6} {_f(touched):>12} {_f(roof):>11}"
+        )
+    lines.append(
+        f"memory bandwidth {bandwidth / 1e9:.2f} GB/s (measured copy); roofline tg = S tokens "
+        "per step / (bytes a step reads / bandwidth): dense weights as held + the experts "
+        "touched + KV at the mean context"
+    )
+    return "\n".join(lines)
+
+
+def _roofline(mf: dict[str, Any], s: int, touched: float | None, bandwidth: float) -> float:
+    w = mf["weights"]
+    per_expert = sum(mf["expert_bytes"]) / max(len(mf["expert_bytes"]), 1)
+    layers = len(mf["expert_bytes"])
+    expert_read = (touched or 0.0) * per_expert * layers
+    ctx = mf["mean_context"]
+    step_bytes = w["other"] + expert_read + s * ctx * mf["kv_bytes_per_token"]
+    return s * bandwidth / step_bytes
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _r(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"

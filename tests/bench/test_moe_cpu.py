@@ -1,0 +1,89 @@
+"""`moeflow bench --workload moe-cpu` on a tiny random qwen3moe GGUF: moeflow's side in its own
+process, the llama.cpp peer through a stand-in `llama-batched-bench` (a script printing its
+JSONL rows, or crashing), the report and the JSON. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from moeflow import env
+from moeflow.bench.gguf_models import bench_gguf
+from moeflow.bench.llama_cpp_tools import cmake_flags, run_batched_bench
+from moeflow.cli import main
+from moeflow.kernels import cpu_ext
+from tests.helpers.gguf import TINY_QWEN3_MOE
+
+pytestmark = pytest.mark.skipif(
+    not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
+)
+
+_ROWS = [
+    {"pl": 1, "speed_pp": 100.0, "speed_tg": 10.0},
+    {"pl": 2, "speed_pp": 150.0, "speed_tg": 16.0},
+]
+
+
+def _fake_bench(folder: Path, body: str) -> Path:
+    """A stand-in llama-batched-bench: a shell script with `body`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "llama-batched-bench"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_cmake_flags_never_native_never_amx() -> None:
+    for isa in ("avx2", "avx512", None):
+        flags = cmake_flags(isa)
+        assert "-DGGML_NATIVE=OFF" in flags
+        assert all(f"-DGGML_AMX_{k}=OFF" in flags for k in ("TILE", "INT8", "BF16"))
+        assert ("-DGGML_AVX512=ON" in flags) == (isa == "avx512")
+
+
+def test_peer_rows_and_crash_are_reported(tmp_path: Path) -> None:
+    rows = "\n".join(f"echo '{json.dumps(r)}'" for r in _ROWS)
+    ok = run_batched_bench(_fake_bench(tmp_path / "ok", rows), "m.gguf", 8, 4, [1, 2], 2)
+    assert ok.decode_tok_s == {1: 10.0, 2: 16.0} and ok.prefill_tok_s == {1: 100.0, 2: 150.0}
+    assert ok.note == "" and ok.peak_rss_bytes is not None and ok.peak_rss_bytes > 0
+    # One row, then a segfault (llama-cpp-python's fate on a CPU listing AMX): kept, and said.
+    crash = _fake_bench(tmp_path / "crash", f"echo '{json.dumps(_ROWS[0])}'\nkill -SEGV $$")
+    run = run_batched_bench(crash, "m.gguf", 8, 4, [1, 2], 2)
+    assert run.decode_tok_s == {1: 10.0}
+    assert run.note == "crashed (signal 11)"
+    missing = run_batched_bench(tmp_path / "nope", "m.gguf", 8, 4, [1], 2)
+    assert missing.note.startswith("failed: FileNotFoundError")
+
+
+def test_moe_cpu_workload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    model = bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, "q8_0", num_layers=2)
+    rows = "\n".join(f"echo '{json.dumps(r)}'" for r in _ROWS)
+    _fake_bench(tmp_path / "bin", rows)
+    monkeypatch.setenv("MOEFLOW_LLAMA_CPP_BIN", str(tmp_path / "bin"))
+    out = tmp_path / "r.json"
+    argv = ["bench", "--workload", "moe-cpu", "--model", str(model), "--streams", "1,2"]
+    argv += ["--prompt-len", "8", "--decode-tokens", "4", "--threads", "1", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "llama.cpp (llama-batched-bench)" in text and "roofline" in text
+    report = json.loads(out.read_text())
+    mf = report["moeflow"]
+    assert "error" not in mf
+    assert mf["load_s"] > 0 and mf["peak_rss_bytes"] >= mf["rss_after_load_bytes"] > 0
+    runs = mf["runs"]
+    assert set(runs) == {"1", "2"}
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in runs.values())
+    # One stream decodes one token per step: exactly top-k (4) experts of 16 per layer.
+    assert runs["1"]["experts_touched_per_step"] == 4.0
+    assert 4.0 <= runs["2"]["experts_touched_per_step"] <= 8.0
+    # The experts are held as the file's blocks: their bytes are the file's expert tensors'.
+    assert mf["weights"]["experts"] == 2 * 16 * 3 * 256 * 256 * 34 // 32  # Q8_0: 34 B / 32
+    assert report["llama_cpp"]["decode_tok_s"] == {"1": 10.0, "2": 16.0}
+    assert os.path.getsize(model) == report["file_bytes"]
