@@ -27,8 +27,9 @@ MOEFLOW_CPU_KERNELS: bool = _bool("MOEFLOW_CPU_KERNELS", True)
 MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moeflow"
 )
-# CPU decode GEMVs over quantised weights quantise activations to int8 (llama.cpp's scheme:
-# faster, but greedy output no longer matches the fp32 reference). Default: exact fp32.
+# The CPU kernels over quantised weights (decode GEMVs, the grouped MoE kernel) quantise
+# activations to int8 (llama.cpp's scheme: faster, but greedy output no longer matches the fp32
+# reference). Default: exact fp32.
 MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", False)
 # Use the Triton kernels on CUDA tensors; 0 forces the plain-torch references.
 MOEFLOW_TRITON: bool = _bool("MOEFLOW_TRITON", True)
@@ -38,3 +39,6 @@ MOEFLOW_TRITON_ON_CPU: bool = _bool("MOEFLOW_TRITON_ON_CPU", False)
 TRITON_INTERPRET: bool = _bool("TRITON_INTERPRET", False)
 # The instruction set of the CPU kernels: avx512 | avx2 (default: the best the CPU runs).
 MOEFLOW_CPU_ISA: str = os.environ.get("MOEFLOW_CPU_ISA", "")
+# The folder holding llama.cpp's `llama-batched-bench` for `moeflow bench --workload moe-cpu`
+# (default: the build cached under MOEFLOW_CACHE_DIR, made on first use).
+MOEFLOW_LLAMA_CPP_BIN: str = os.environ.get("MOEFLOW_LLAMA_CPP_BIN", "")

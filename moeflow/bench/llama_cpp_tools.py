@@ -47,7 +47,7 @@ def _build_dir() -> Path:
 
 def find_batched_bench() -> Path | None:
     """The llama-batched-bench binary: MOEFLOW_LLAMA_CPP_BIN's, else the cached build's."""
-    folder = os.environ.get("MOEFLOW_LLAMA_CPP_BIN")
+    folder = env.MOEFLOW_LLAMA_CPP_BIN
     candidates = [Path(folder) / BATCHED_BENCH] if folder else []
     candidates.append(_build_dir() / "bin" / BATCHED_BENCH)
     return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)

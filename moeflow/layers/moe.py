@@ -162,6 +162,14 @@ class FusedExperts(nn.Module):
             self.register_parameter(name, param)
 
 
+def materialize_experts(model: nn.Module) -> None:
+    """Allocate every FusedExperts' float weights (uninitialised): for models filled other
+    than by the loader (random weights)."""
+    for module in model.modules():
+        if isinstance(module, FusedExperts):
+            module.materialize()
+
+
 class MoE(nn.Module):
     """A sparse MoE block, [T, H] -> [T, H]. Parameters (HF names, so checkpoints map directly):
     `gate.weight` [E, H] (router), `gate.e_score_correction_bias` [E] (use_correction_bias),
@@ -256,6 +264,8 @@ class MoE(nn.Module):
         experts = self.experts
         if experts.quantized is not None:
             out = fused_moe_quantized(x, experts.quantized, weights, ids, self.hidden_act)
+        elif experts.w13.is_meta:
+            raise RuntimeError(f"layer {self.layer_idx}: the experts' weights were never loaded")
         else:
             out = fused_moe(x, experts.w13, experts.w2, weights, ids, self.hidden_act)
         shared: nn.Module | None = getattr(self, self.shared_prefix, None)

@@ -19,7 +19,7 @@ import torch
 from moeflow import env
 from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError
-from moeflow.layers.moe import FusedExperts
+from moeflow.layers.moe import materialize_experts
 from moeflow.loading.presets import preset_config
 from moeflow.loading.quantize import keep_quantized_types, quantize_linears
 from moeflow.loading.source import GGUFFile, ModelSource, Preset, default_model_path
@@ -147,9 +147,7 @@ def _build_random(
 ) -> LoadedModel:
     config = ModelConfig.from_hf(preset_config(source.name, overrides))
     net = _build(config, device, dtype)
-    for module in net.modules():
-        if isinstance(module, FusedExperts):
-            module.materialize()  # random float experts
+    materialize_experts(net)  # random float experts
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in net.named_parameters():

@@ -66,7 +66,7 @@ def test_moe_cpu_workload(
     model = bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, "q8_0", num_layers=2)
     rows = "\n".join(f"echo '{json.dumps(r)}'" for r in _ROWS)
     _fake_bench(tmp_path / "bin", rows)
-    monkeypatch.setenv("MOEFLOW_LLAMA_CPP_BIN", str(tmp_path / "bin"))
+    monkeypatch.setattr(env, "MOEFLOW_LLAMA_CPP_BIN", str(tmp_path / "bin"))
     out = tmp_path / "r.json"
     argv = ["bench", "--workload", "moe-cpu", "--model", str(model), "--streams", "1,2"]
     argv += ["--prompt-len", "8", "--decode-tokens", "4", "--threads", "1", "--json", str(out)]

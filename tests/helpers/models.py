@@ -10,6 +10,7 @@ import torch
 from moeflow.config import ModelConfig
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.kv_cache import allocate_kv_cache
+from moeflow.layers.moe import materialize_experts
 from moeflow.models.registry import get_model_class
 
 
@@ -18,6 +19,7 @@ def run_one_forward(hf: dict[str, Any], num_tokens: int = 7) -> tuple[torch.nn.M
     run one prefill of `num_tokens` tokens; returns (model, logits of the last token)."""
     config = ModelConfig.from_hf(hf)
     model = get_model_class(config.architecture)(config).eval()
+    materialize_experts(model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
