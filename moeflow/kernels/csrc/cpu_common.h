@@ -143,9 +143,7 @@ struct Q5_0 {
     sc[0] = fp16(b);
     mn[0] = -16.0f * sc[0];
   }
-  static void chunk(const uint8_t* b, int, __m256* q) {
-    u8x32_to_f32(_mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2)), q);
-  }
+  static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(I(b, c), q); }
 };
 
 struct Q5_1 {
@@ -159,9 +157,7 @@ struct Q5_1 {
     sc[0] = fp16(b);
     mn[0] = fp16(b + 2);
   }
-  static void chunk(const uint8_t* b, int, __m256* q) {
-    u8x32_to_f32(_mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4)), q);
-  }
+  static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(I(b, c), q); }
 };
 
 struct Q8_0 {
