@@ -17,6 +17,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,18 +88,25 @@ def build_batched_bench(jobs: int | None = None) -> Path:
              f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp],
             "download the llama-cpp-python sdist",
         )  # fmt: skip
-        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        sdist = _one(Path(tmp).glob("llama_cpp_python-*.tar.gz"), "the downloaded sdist")
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
-        src = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        src = _one(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"), "vendor/llama.cpp")
         build = Path(tmp) / "build"
         _run([cmake, "-S", str(src), "-B", str(build), *cmake_flags(cpu_ext.isa())], "configure")
         jobs_arg = str(jobs or os.cpu_count() or 1)
         _run([cmake, "--build", str(build), "--target", BATCHED_BENCH, "-j", jobs_arg], "build")
-        binary = next(build.rglob(BATCHED_BENCH))
+        binary = _one(build.rglob(BATCHED_BENCH), f"the built {BATCHED_BENCH}")
         (out / "bin").mkdir(parents=True, exist_ok=True)
         shutil.copy2(binary, out / "bin" / BATCHED_BENCH)
     return out / "bin" / BATCHED_BENCH
+
+
+def _one(found: Iterator[Path], what: str) -> Path:
+    path = next(found, None)
+    if path is None:
+        raise RuntimeError(f"{what} not found")
+    return path
 
 
 def _run(cmd: list[str], what: str) -> None:

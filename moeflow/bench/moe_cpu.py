@@ -109,7 +109,7 @@ def _run_peer(
     if binary is None:
         try:
             binary = build_batched_bench()
-        except (RuntimeError, OSError, StopIteration) as e:
+        except (RuntimeError, OSError) as e:
             return PeerRun(note=f"skipped: no llama-batched-bench ({e})")
     return run_batched_bench(binary, path, args.prompt_len, args.decode_tokens, streams, threads)
 
