@@ -38,7 +38,7 @@ class ModelRunner:
         # Routing statistics count on the host-visible path only: graphs are bypassed meanwhile.
         self.graphs_paused = False
         # The fused CPU decode step (kernels/decode_stack.py), tried on every eager step.
-        self.decode_stack = CpuDecodeStack(model.dense_decoder())
+        self.decode_stack = CpuDecodeStack(model.decoder_parts())
 
     def make_graph_runner(
         self, max_num_seqs: int, max_model_len: int, sink_block: int

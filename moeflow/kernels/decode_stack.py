@@ -1,15 +1,19 @@
-"""The fused CPU decode step of a dense decoder (Llama, Mistral, Qwen2, Qwen3 layouts): every
-layer and the final norm in one call of the compiled kernels (csrc/cpu_ops.cpp DecodeStack), one
-OpenMP region for the whole step instead of ~10 Python dispatches and thread fork/joins per
-layer. It runs the single ops' own row functions, so its output is theirs.
+"""The fused CPU decode step of a Llama-layout decoder (Llama, Mistral, Qwen2, Qwen3 and the MoE
+families on their attention: Qwen3-MoE, Qwen2-MoE, Mixtral, GLM-4.5): every layer and the final
+norm in one call of the compiled kernels (csrc/cpu_ops.cpp DecodeStack), one OpenMP region for
+the whole step instead of ~10 Python dispatches and thread fork/joins per layer. It runs the
+single ops' own row functions (an MoE layer: the compiled router and grouped expert pass its
+eager path runs, csrc/moe.h), so its output is theirs.
 
 It applies to decode steps on the CPU of up to `MAX_ROWS` sequences when every projection is
-kept quantised (GGUF blocks or `--quantize`), activations and the KV cache are float32, the
-rotary layout is NeoX and the MLP is gated SiLU; otherwise the model runs layer by layer. The
-engine's runner asks `fits` on each eager step and then calls `forward` instead of the model.
+kept quantised (GGUF blocks or `--quantize`; MoE experts as blocks too), activations and the KV
+cache are float32, the rotary layout is NeoX and the MLP (and the shared experts) gated SiLU;
+otherwise the model runs layer by layer. The engine's runner asks `fits` on each eager step and
+then calls `forward` instead of the model. MoE layers' routing statistics, when enabled, are
+counted from the experts the step chose.
 
-The model is read through its models.base.DenseDecoder view (kernels may not import models, so
-it is typed Any here): `embed`, `norm` and, per layer, the fields of models.base.DenseLayer."""
+The model is read through its models.base.DecoderParts view (kernels may not import models, so
+it is typed Any here): `embed`, `norm` and, per layer, the fields of models.base.LayerParts."""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ class CpuDecodeStack:
     the cache is reallocated. Holds no tensors: the compiled stack points at the model's own."""
 
     def __init__(self, decoder: Any) -> None:
-        """`decoder`: the model's DenseDecoder, or None when its layers are not all dense."""
+        """`decoder`: the model's DecoderParts, or None when it has none."""
         self._decoder = decoder
         self._stack: Any = None
         self._key: tuple[int, ...] | None = None
@@ -40,7 +44,7 @@ class CpuDecodeStack:
         self.unfit_reason: str | None = (
             None
             if decoder is not None
-            else "the model is not a stack of dense attention + gated-MLP layers"
+            else "the model is not a stack of attention + gated-MLP or MoE layers"
         )
         self.enabled = True  # False: always run layer by layer
 
@@ -57,7 +61,7 @@ class CpuDecodeStack:
         layers = self._decoder.layers
         if self._stack is None or _cache_key(layers) != self._key:
             self._stack = None
-            self.unfit_reason = unfit_reason(self._decoder)  # the model's make-up: for good
+            self.unfit_reason = unfit_reason(self._decoder, ops)  # the model's make-up: for good
             if self.unfit_reason is not None:
                 logger.debug("fused CPU decode step off: %s", self.unfit_reason)
                 return False
@@ -69,7 +73,7 @@ class CpuDecodeStack:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """The final-normed hidden states [B, E] of this decode step (where `fits`)."""
         hidden = self._decoder.embed(batch.input_ids)  # [B, E]
-        return self._stack.forward(
+        out = self._stack.forward(
             hidden.contiguous(),
             batch.positions.contiguous(),
             batch.slot_mapping,
@@ -77,17 +81,32 @@ class CpuDecodeStack:
             batch.context_lens,
             env.MOEFLOW_CPU_INT8,
         )
+        moes = [layer.moe for layer in self._decoder.layers if layer.moe is not None]
+        if any(moe.stats_enabled for moe in moes):
+            ids = self._stack.routed_ids()  # [MoE layers, B, K]
+            for moe, layer_ids in zip(moes, ids, strict=True):
+                if moe.stats_enabled:
+                    moe.record_routing(layer_ids)
+        return out
 
 
-def unfit_reason(decoder: Any) -> str | None:
-    """Why this DenseDecoder cannot run as one fused decode step (None when it can)."""
+def unfit_reason(decoder: Any, ops: Any) -> str | None:
+    """Why this DecoderParts cannot run as one fused decode step on the kernel module `ops`
+    (None when it can)."""
     norm, layers = decoder.norm, decoder.layers
     eps = norm.eps
     for i, layer in enumerate(layers):
-        projections = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
-        if any(p.qtype is None for p in projections):
+        moe = layer.moe
+        if moe is not None:
+            if moe.cpu_layer(ops) is None:
+                return f"layer {i}'s experts are not kept quantised (or not SiLU) on the CPU"
+            if moe.shared_expert_gate is not None:
+                return f"layer {i} gates its shared experts"
+        mlp = [layer.gate_up_proj, layer.down_proj] if layer.gate_up_proj is not None else []
+        projections = [layer.qkv_proj, layer.o_proj, *mlp]
+        if any(not _parts(p) or any(q.qtype is None for q in _parts(p)) for p in projections):
             return f"layer {i} has a projection that is not kept quantised"
-        if not layer.act.is_silu:
+        if layer.act is not None and not layer.act.is_silu:
             return f"layer {i}'s MLP activation is not SiLU"
         if layer.rotary.layout != "neox" or layer.clip_qkv is not None:
             return f"layer {i} needs a rotary layout or q/k/v clipping the fused step lacks"
@@ -140,24 +159,32 @@ def _build(ops: Any, decoder: Any) -> Any:
         qkv, o, gate_up, down = layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj
         stack.add_layer(
             layer.input_norm.weight.detach(),
-            qkv.weight,
-            qkv.qtype,
+            *_blocks(qkv),
             _opt(qkv.bias),
             _opt(layer.q_norm.weight if layer.q_norm is not None else None),
             _opt(layer.k_norm.weight if layer.k_norm is not None else None),
-            o.weight,
-            o.qtype,
+            *_blocks(o),
             _opt(o.bias),
             layer.post_norm.weight.detach(),
-            gate_up.weight,
-            gate_up.qtype,
-            down.weight,
-            down.qtype,
+            *_blocks(gate_up),
+            *_blocks(down),
             layer.attn.k_cache,
             layer.attn.v_cache,
             layer.attn.sliding_window or 0,
+            layer.moe.cpu_layer(ops) if layer.moe is not None else None,
         )
     return stack
+
+
+def _parts(linear: Any) -> list[Any]:
+    """A Linear's quantised weight as its parts (one, unless its shards mix ggml types)."""
+    return [linear] if linear.qtype is not None else list(linear.parts or [])
+
+
+def _blocks(linear: Any) -> tuple[list[torch.Tensor], list[int]]:
+    """(the blocks of each part, their ggml types); empty for no projection (None)."""
+    parts = _parts(linear) if linear is not None else []
+    return [p.weight for p in parts], [p.qtype for p in parts]
 
 
 def _opt(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """Mixture-of-Experts ops: expert selection (the routers of every family) and the expert
 computation. The reference runs only the experts at least one token chose, tokens grouped by
 expert; the Triton kernels (kernels/triton/fused_moe.py) run behind `fused_moe` (float experts),
-the grouped CPU kernel (csrc/moe.cpp) behind `fused_moe_quantized` (experts in ggml blocks).
+the grouped CPU kernel (csrc/moe.h) behind `fused_moe_quantized` (experts in ggml blocks).
 
 Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K experts per token."""
 
@@ -210,7 +210,7 @@ def fused_moe_quantized(
     act: str = "silu",
 ) -> torch.Tensor:
     """The dispatch point for experts kept in ggml blocks: the grouped CPU kernel
-    (csrc/moe.cpp: pairs grouped by expert, each touched expert's weight rows multiplied by all
+    (csrc/moe.h: pairs grouped by expert, each touched expert's weight rows multiplied by all
     its tokens; activations in fp32, or quantised to int8 with MOEFLOW_CPU_INT8 as llama.cpp
     does), else the reference."""
     ops = cpu_ext.ops() if x.device.type == "cpu" else None

@@ -7,11 +7,14 @@ Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K exper
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 
+from moeflow import env
 from moeflow.errors import ModelFormatError
+from moeflow.kernels import cpu_ext
 from moeflow.kernels.fused_moe import (
     QuantizedExperts,
     fused_moe,
@@ -185,6 +188,11 @@ class MoE(nn.Module):
     `num_shared_experts * moe_intermediate_size` when only the count is given; qwen2_moe scales it
     by sigmoid(shared_expert_gate(x)).
 
+    On the CPU, with the experts kept in ggml blocks and the compiled kernels built, the router
+    and the routed experts run as one compiled layer (csrc/moe.h MoeLayer: the same selection in
+    float32, ties to the lower index), which the fused decode step (kernels/decode_stack.py) also
+    runs; elsewhere `select_experts` and the expert ops run one by one.
+
     Routing statistics (models/base.py MoEStats, read by `LLMEngine.routing_stats()` and
     `LLMEngine.experts_touched_per_step()`): while enabled, tokens per expert add up in
     `expert_counts` [E] and, per forward, whether each expert was touched at all in
@@ -240,35 +248,84 @@ class MoE(nn.Module):
             "expert_steps", torch.zeros(num_experts, dtype=torch.int64), persistent=False
         )
         self.stats_forwards = 0
+        self._cpu: tuple[Any, Any] | None = None  # (kernel module, its MoeLayer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        router_logits = self.gate(x)  # [T, E]
-        weights, ids = select_experts(
-            router_logits,
+    def shared_mlp(self) -> GatedMLP | None:
+        """The shared experts as one gated MLP (None without them)."""
+        shared = getattr(self, self.shared_prefix, None)
+        return shared if isinstance(shared, GatedMLP) else None
+
+    def cpu_layer(self, ops: Any) -> Any | None:
+        """The compiled router + routed experts (`ops.MoeLayer`) of this layer, built once per
+        kernel module, or None where it does not run them: experts not kept in blocks, another
+        activation than SiLU, or a router that is not float32 on the CPU."""
+        if self._cpu is not None and self._cpu[0] is ops:
+            return self._cpu[1]
+        q, router, bias = (
+            self.experts.quantized,
+            self.gate.weight,
+            self.gate.e_score_correction_bias,
+        )
+        floats = [router] if bias is None else [router, bias]
+        if (
+            ops is None
+            or q is None
+            or self.hidden_act != "silu"
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats)
+        ):
+            return None
+        layer = ops.MoeLayer(
+            router.detach().contiguous(),
+            None if bias is None else bias.detach().contiguous(),
             self.top_k,
             self.scoring_func,
             self.norm_topk_prob,
             self.num_expert_group,
             self.topk_group,
-            self.gate.e_score_correction_bias,
             self.group_score,
             self.routed_scaling_factor,
             self.group_mask_value,
-        )  # [T, K] each
-        if self.stats_enabled:  # NOTE: not bincount, which syncs on CUDA to size its output
-            flat = ids.reshape(-1)  # [T*K]
-            counts = torch.zeros_like(self.expert_counts).index_add_(0, flat, torch.ones_like(flat))
-            self.expert_counts += counts
-            self.expert_steps += counts > 0
-            self.stats_forwards += 1
+            q.gate,
+            q.gate_type,
+            q.up,
+            q.up_type,
+            q.down,
+            q.down_type,
+        )
+        self._cpu = (ops, layer)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         experts = self.experts
-        if experts.quantized is not None:
-            out = fused_moe_quantized(x, experts.quantized, weights, ids, self.hidden_act)
-        elif experts.w13.is_meta:
-            raise RuntimeError(f"layer {self.layer_idx}: the experts' weights were never loaded")
+        cpu = self.cpu_layer(cpu_ext.ops()) if x.device.type == "cpu" else None
+        if cpu is not None:
+            out, ids = cpu.forward(x.float().contiguous(), env.MOEFLOW_CPU_INT8)
+            out = out.to(x.dtype)
         else:
-            out = fused_moe(x, experts.w13, experts.w2, weights, ids, self.hidden_act)
-        shared: nn.Module | None = getattr(self, self.shared_prefix, None)
+            router_logits = self.gate(x)  # [T, E]
+            weights, ids = select_experts(
+                router_logits,
+                self.top_k,
+                self.scoring_func,
+                self.norm_topk_prob,
+                self.num_expert_group,
+                self.topk_group,
+                self.gate.e_score_correction_bias,
+                self.group_score,
+                self.routed_scaling_factor,
+                self.group_mask_value,
+            )  # [T, K] each
+            if experts.quantized is not None:
+                out = fused_moe_quantized(x, experts.quantized, weights, ids, self.hidden_act)
+            elif experts.w13.is_meta:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: the experts' weights were never loaded"
+                )
+            else:
+                out = fused_moe(x, experts.w13, experts.w2, weights, ids, self.hidden_act)
+        if self.stats_enabled:
+            self.record_routing(ids)
+        shared = self.shared_mlp()
         if shared is not None:
             s = shared(x)  # [T, H]
             if self.shared_expert_gate is not None:
@@ -279,6 +336,14 @@ class MoE(nn.Module):
     # ---- routing statistics (models/base.py MoEStats) ----------------------------------------
     def enable_stats(self, enabled: bool) -> None:
         self.stats_enabled = enabled
+
+    def record_routing(self, ids: torch.Tensor) -> None:
+        """Count one forward's routing, ids [T, K] (when stats are enabled)."""
+        flat = ids.reshape(-1)  # [T*K]; NOTE: not bincount, which syncs on CUDA to size its output
+        counts = torch.zeros_like(self.expert_counts).index_add_(0, flat, torch.ones_like(flat))
+        self.expert_counts += counts
+        self.expert_steps += counts > 0
+        self.stats_forwards += 1
 
     def reset_stats(self) -> None:
         self.expert_counts.zero_()

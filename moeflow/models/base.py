@@ -1,5 +1,5 @@
 """The interface every family's top-level class implements (the engine calls only these), and the
-views of a model's parts it hands out: its MoE layers' routing statistics, its dense decoder."""
+views of a model's parts it hands out: its MoE layers' routing statistics, its decoder as parts."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from moeflow.layers.activation import GatedAct
 from moeflow.layers.attention import PagedAttention
 from moeflow.layers.embedding import VocabEmbedding
 from moeflow.layers.linear import Linear
+from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
 from moeflow.weights.ggml_quants import QuantizedTensor
@@ -43,10 +44,13 @@ class MoEStats(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class DenseLayer:
-    """One pre-norm decoder layer of attention + gated MLP, as its parts (HF names in brackets):
+class LayerParts:
+    """One pre-norm decoder layer of attention + gated MLP or MoE, as its parts (HF names in
+    brackets):
       h = x + o_proj(attn(rotary(norm_qk(clip(qkv_proj(input_norm(x)))))))
-      out = h + down_proj(act(gate_up_proj(post_norm(h))))
+      out = h + mlp(post_norm(h)),  mlp(y) = down_proj(act(gate_up_proj(y)))
+    or, in an MoE layer, out = h + moe(post_norm(h)) where the MoE layer's own shared experts
+    (gate_up_proj / down_proj / act here, None without them) add to its routed experts.
     q_norm / k_norm normalise each head or, without qk_norm_per_head, the whole projection."""
 
     input_norm: RMSNorm  # [input_layernorm]
@@ -59,18 +63,19 @@ class DenseLayer:
     attn: PagedAttention  # heads, scale, window, and the K/V cache the engine binds
     o_proj: Linear
     post_norm: RMSNorm  # [post_attention_layernorm]
-    gate_up_proj: Linear
-    down_proj: Linear
-    act: GatedAct  # [act_fn]
+    gate_up_proj: Linear | None
+    down_proj: Linear | None
+    act: GatedAct | None  # [act_fn]
+    moe: MoE | None = None  # [mlp] of an MoE layer
 
 
 @dataclass(frozen=True, slots=True)
-class DenseDecoder:
-    """A model whose every layer is a DenseLayer: embedding -> layers -> final norm. A backend
+class DecoderParts:
+    """A model whose every layer is a LayerParts: embedding -> layers -> final norm. A backend
     may run it as one step (kernels/decode_stack.py)."""
 
     embed: VocabEmbedding
-    layers: list[DenseLayer]
+    layers: list[LayerParts]
     norm: RMSNorm
 
 
@@ -91,7 +96,7 @@ class CausalLM(nn.Module):
         """The MoE layers, in model order; none in a dense model."""
         return []
 
-    def dense_decoder(self) -> DenseDecoder | None:
-        """The decoder as its parts when every layer is dense attention + a gated MLP; None
-        otherwise (MoE, latent attention)."""
+    def decoder_parts(self) -> DecoderParts | None:
+        """The decoder as its parts when every layer is attention + a gated MLP or an MoE
+        layer; None otherwise (latent attention)."""
         return None

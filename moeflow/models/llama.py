@@ -19,7 +19,7 @@ from moeflow.layers.mlp import GatedMLP
 from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
-from moeflow.models.base import CausalLM, DenseDecoder, DenseLayer, MoEStats
+from moeflow.models.base import CausalLM, DecoderParts, LayerParts, MoEStats
 from moeflow.weights.ggml_quants import QuantizedTensor
 from moeflow.weights.loader import HF_EXPERT_PARAMS, load_weights
 
@@ -153,15 +153,21 @@ class LlamaForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden, indices)  # [S, V]
 
-    def dense_decoder(self) -> DenseDecoder | None:
-        layers: list[DenseLayer] = []
+    def decoder_parts(self) -> DecoderParts | None:
+        layers: list[LayerParts] = []
         for layer in self.model.layers:
             assert isinstance(layer, LlamaDecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
-            if not isinstance(attn, LlamaAttention) or not isinstance(mlp, GatedMLP):
+            if not isinstance(attn, LlamaAttention):
+                return None
+            if isinstance(mlp, MoE):
+                moe, dense = mlp, mlp.shared_mlp()
+            elif isinstance(mlp, GatedMLP):
+                moe, dense = None, mlp
+            else:
                 return None
             layers.append(
-                DenseLayer(
+                LayerParts(
                     input_norm=layer.input_layernorm,
                     qkv_proj=attn.qkv_proj,
                     q_norm=attn.q_norm,
@@ -172,12 +178,13 @@ class LlamaForCausalLM(CausalLM):
                     attn=attn.attn,
                     o_proj=attn.o_proj,
                     post_norm=layer.post_attention_layernorm,
-                    gate_up_proj=mlp.gate_up_proj,
-                    down_proj=mlp.down_proj,
-                    act=mlp.act_fn,
+                    gate_up_proj=dense.gate_up_proj if dense is not None else None,
+                    down_proj=dense.down_proj if dense is not None else None,
+                    act=dense.act_fn if dense is not None else None,
+                    moe=moe,
                 )
             )
-        return DenseDecoder(self.model.embed_tokens, layers, self.model.norm)
+        return DecoderParts(self.model.embed_tokens, layers, self.model.norm)
 
     def moe_layers(self) -> list[MoEStats]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]

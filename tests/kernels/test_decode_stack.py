@@ -1,7 +1,7 @@
 """The fused CPU decode step (kernels/decode_stack.py, tried by the engine's runner): its tokens
 and log-probabilities are the layer-by-layer path's, for every dense family it takes (q/k/v
-bias, per-head q/k norm, sliding window) and batched decode; models it does not fit run layer by
-layer and say why."""
+bias, per-head q/k norm, sliding window), MoE layers (routed experts kept in blocks) and batched
+decode; models it does not fit run layer by layer and say why."""
 
 from __future__ import annotations
 
@@ -11,14 +11,19 @@ import pytest
 import torch
 
 from moeflow import LLM, SamplingParams, env
+from moeflow.bench.gguf_models import bench_gguf
 from moeflow.kernels import cpu_ext
 from tests.helpers.checkpoints import make_tiny_checkpoint
+from tests.helpers.gguf import TINY_QWEN3_MOE
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
 )
 
 # Three sequences of different lengths decode together (a batch of 3 rows per step).
+# NOTE: every LLM here runs without prefix caching, so each run prefills the same rows: a cached
+# prefix would leave a shorter prefill, whose GEMMs (torch's, MKL's on AVX-512) may round
+# differently.
 PROMPTS = [list(range(3, 40)), list(range(50, 60)), list(range(100, 121))]
 
 
@@ -47,7 +52,13 @@ def test_fused_step_matches_layer_by_layer(
     tmp_path: Path, family: str, overrides: dict, kind: str
 ) -> None:
     path = make_tiny_checkpoint(family, tmp_path / family, **overrides)
-    llm = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize=kind)
+    llm = LLM(
+        model=str(path),
+        device="cpu",
+        kv_cache_tokens=1024,
+        quantize=kind,
+        enable_prefix_caching=False,
+    )
     layered = _run(llm, fused=False)
     fused = _run(llm, fused=True)
     for (ids_a, lp_a), (ids_b, lp_b) in zip(layered, fused, strict=True):
@@ -58,7 +69,7 @@ def test_fused_step_matches_layer_by_layer(
 def test_default_model_fused_step_is_bit_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default model's fused step runs exactly the single ops' arithmetic, with the exact
     GEMV and with MOEFLOW_CPU_INT8's."""
-    llm = LLM(device="cpu", max_model_len=2048, kv_cache_tokens=4096)
+    llm = LLM(device="cpu", max_model_len=2048, kv_cache_tokens=4096, enable_prefix_caching=False)
     exact = _run(llm, fused=True)
     assert exact == _run(llm, fused=False)
     monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
@@ -67,13 +78,36 @@ def test_default_model_fused_step_is_bit_exact(monkeypatch: pytest.MonkeyPatch) 
     assert int8 != exact  # the int8 GEMV really ran (its log-probabilities differ)
 
 
-def test_moe_model_runs_layer_by_layer(tmp_path: Path) -> None:
-    path = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
-    llm = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize="q8_0")
-    llm.generate([PROMPTS[1]], SamplingParams(max_tokens=3, temperature=0.0))
-    stack = llm.engine.runner.decode_stack
-    assert stack._stack is None
-    assert stack.unfit_reason is not None and "gated-MLP" in stack.unfit_reason
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0"])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_moe_fused_step_matches_layer_by_layer(
+    ftype: str, int8: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A Qwen3-MoE GGUF (experts kept in the file's blocks; Q4_K_M mixes Q4_K and Q6_K shards in
+    one q/k/v projection): the fused step routes and runs the experts as the layer-by-layer path
+    does (the same compiled MoE layer) and counts the same routing statistics. (Its per-head q/k
+    norm is torch's on the layer-by-layer path: log-probabilities agree to rounding, as for the
+    dense Qwen3 above.)"""
+    monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", int8)
+    path = bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, ftype, num_layers=2)
+    llm = LLM(
+        model=str(path),
+        device="cpu",
+        max_model_len=256,
+        kv_cache_tokens=1024,
+        enable_prefix_caching=False,
+    )
+    runs = []
+    for fused in (False, True):
+        llm.engine.enable_routing_stats()
+        llm.engine.reset_routing_stats()
+        runs.append((_run(llm, fused), llm.engine.routing_stats()))
+    (layered, layered_stats), (fused_out, fused_stats) = runs
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(layered, fused_out, strict=True):
+        assert ids_a == ids_b
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=1e-4)
+    assert layered_stats == fused_stats and sum(fused_stats[0]) > 0
 
 
 def test_float_model_runs_layer_by_layer(tmp_path: Path) -> None:
@@ -102,19 +136,19 @@ def test_decode_stack_rejects_bad_shapes() -> None:
     def add(qkv_w: torch.Tensor, down: torch.Tensor, k_cache: torch.Tensor) -> None:
         stack.add_layer(
             ln,
-            qkv_w,
-            q8,
+            [qkv_w],
+            [q8],
             None,
             None,
             None,
-            good["o"],
-            q8,
+            [good["o"]],
+            [q8],
             None,
             ln,
-            good["gate_up"],
-            q8,
-            down,
-            q8,
+            [good["gate_up"]],
+            [q8],
+            [down],
+            [q8],
             k_cache,
             cache,
             0,

@@ -1,9 +1,10 @@
-"""The int8 activation path and the grouped MoE kernel (kernels/csrc/moe.cpp) against
-plain-torch references: products over the kernel's own int8 activations equal a float64 matmul
-of the dequantised weights and activations up to fp32 rounding; the MoE kernel equals
+"""The int8 activation path and the CPU MoE layer (kernels/csrc/moe.h) against plain-torch
+references: products over the kernel's own int8 activations equal a float64 matmul of the
+dequantised weights and activations up to fp32 rounding; the grouped expert kernel equals
 `fused_moe_ref` on the dequantised experts (exactly up to rounding on the fp32 path, within the
 activation quantisation's error on the int8 path), including experts with no tokens, one expert
-taking every token and tied routing, and each token's output does not depend on its batch.
+taking every token and tied routing, and each token's output does not depend on its batch; the
+compiled router chooses `select_experts`' experts with its weights, for every family's routing.
 Every test runs on each instruction set the machine has (kernels/cpu_ext.py ISAS), AVX2 always
 among them, and the builds agree bit for bit."""
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from moeflow.kernels import cpu_ext
-from moeflow.kernels.fused_moe import fused_moe_ref
+from moeflow.kernels.fused_moe import fused_moe_ref, select_experts
 from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
 from tests.helpers.gguf import GGUF_F16_FIELDS, random_blocks
@@ -231,3 +232,81 @@ def test_isa_builds_agree_bit_for_bit() -> None:
         results.append(out)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+# Every family's routing: (scoring, renormalise, groups, topk_group, group score, scale, mask,
+# correction bias)
+_ROUTERS = {
+    "qwen3_moe": ("softmax", True, 1, 1, "max", 1.0, 0.0, False),
+    "qwen2_moe": ("softmax", False, 1, 1, "max", 1.0, 0.0, False),
+    "deepseek_v2": ("softmax", False, 4, 2, "max", 1.5, 0.0, False),
+    "deepseek_v3": ("sigmoid", True, 4, 2, "top2_sum", 2.5, float("-inf"), True),
+    "glm4_moe": ("sigmoid", True, 1, 1, "max", 2.5, 0.0, True),
+}
+
+
+def _moe_layer(ops: Any, family: str, e: int, h: int, i: int, k: int) -> tuple[Any, dict]:
+    scoring, renorm, groups, topk_group, group_score, scale, mask, use_bias = _ROUTERS[family]
+    g = torch.Generator().manual_seed(3)
+    router = torch.randn(e, h, generator=g) / h**0.5
+    bias = torch.randn(e, generator=g) * 0.1 if use_bias else None
+    qt = GGMLType.Q8_0
+    gate, up, down = _experts(qt, e, i, h, 0), _experts(qt, e, i, h, 40), _experts(qt, e, h, i, 80)
+    layer = ops.MoeLayer(
+        router, bias, k, scoring, renorm, groups, topk_group, group_score, scale, mask,
+        gate, qt, up, qt, down, qt,
+    )  # fmt: skip
+    select = {
+        "router": router,
+        "args": (k, scoring, renorm, groups, topk_group, bias, group_score, scale, mask),
+        "experts": (gate, up, down, qt),
+    }
+    return layer, select
+
+
+@pytest.mark.parametrize("family", sorted(_ROUTERS))
+def test_moe_layer_routes_as_select_experts(ops: Any, family: str) -> None:
+    """The compiled router picks select_experts' experts (as a set: torch's topk does not order
+    ties) with its weights up to float32 rounding, and its forward is the grouped kernel's over
+    that routing."""
+    e, h, i, k, t = 16, 64, 32, 4, 9
+    layer, ref = _moe_layer(ops, family, e, h, i, k)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(5))
+    weights, ids = layer.select(x)
+    ref_w, ref_ids = select_experts(x @ ref["router"].T, *ref["args"])
+    assert ids.dtype == torch.int64 and ids.shape == (t, k)
+    order, ref_order = ids.argsort(1), ref_ids.argsort(1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(
+        weights.gather(1, order), ref_w.gather(1, ref_order), rtol=1e-5, atol=1e-6
+    )
+    out, out_ids = layer.forward(x, False)
+    assert torch.equal(out_ids, ids)
+    gate, up, down, qt = ref["experts"]
+    expected = ops.moe_experts(x, gate, qt, up, qt, down, qt, ids, weights, False)
+    assert torch.equal(out, expected)
+
+
+def test_moe_layer_ties_go_to_the_lower_expert(ops: Any) -> None:
+    """Equal router scores: the lower expert ids win (a fixed rule, so the fused decode step and
+    the layer-by-layer path agree)."""
+    layer, _ = _moe_layer(ops, "qwen3_moe", 8, 64, 32, 3)
+    weights, ids = layer.select(torch.zeros(2, 64))  # every logit 0
+    assert ids.tolist() == [[0, 1, 2], [0, 1, 2]]
+    torch.testing.assert_close(weights, torch.full((2, 3), 1 / 3))
+
+
+def test_moe_layer_rejects_bad_arguments(ops: Any) -> None:
+    qt = GGMLType.Q8_0
+    gate, down = _experts(qt, 4, 32, 64, 0), _experts(qt, 4, 64, 32, 9)
+    router = torch.randn(4, 64)
+    args = (gate, qt, gate, qt, down, qt)
+    with pytest.raises(RuntimeError, match="unknown scoring"):
+        ops.MoeLayer(router, None, 2, "relu", True, 1, 1, "max", 1.0, 0.0, *args)
+    with pytest.raises(RuntimeError, match="bad expert groups"):
+        ops.MoeLayer(router, None, 2, "softmax", True, 3, 1, "max", 1.0, 0.0, *args)
+    with pytest.raises(RuntimeError, match="router scores 5 experts"):
+        ops.MoeLayer(torch.randn(5, 64), None, 2, "softmax", True, 1, 1, "max", 1.0, 0.0, *args)
+    layer = ops.MoeLayer(router, None, 2, "softmax", True, 1, 1, "max", 1.0, 0.0, *args)
+    with pytest.raises(RuntimeError, match="x must be"):
+        layer.select(torch.randn(2, 32))

@@ -23,6 +23,16 @@
 #include <vector>
 #include <omp.h>
 
+// With AVX-512 VNNI (the "avx512" build) the int8 products fuse into vpdpbusd / vpdpwssd; the
+// integer results are the same as AVX2's maddubs + madd (no int16 step saturates here). AVX-512VL
+// also gives 32 vector registers instead of 16, room for 8 activation rows per weight row.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MOEFLOW_VNNI 1
+constexpr int kMRi8 = 8;
+#else
+constexpr int kMRi8 = 4;
+#endif
+
 namespace {
 
 inline float fp16(const uint8_t* p) {
@@ -310,12 +320,11 @@ inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float
 }
 
 // Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for weight rows n0..n1-1 and
-// every tile of R <= 4 activation rows m..m+R-1 (scratch: K / 32 floats), and stores out[r]
-// into y[m + r, n].
-template <class Dot>
+// every tile of R activation rows m..m+R-1 (R = MR, then 4 where MR is 8, then 1; scratch: K / 32
+// floats), and stores out[r] into y[m + r, n]. A row's result does not depend on its tile.
+template <int MR = 4, class Dot>
 void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
                 const uint8_t* w, float* y, float* scratch, Dot&& dot) {
-  constexpr int MR = 4;
   float out[MR];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = w + n * row_bytes;
@@ -323,6 +332,12 @@ void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
     for (; m + MR <= M; m += MR) {
       dot(wrow, m, std::integral_constant<int, MR>{}, scratch, out);
       for (int r = 0; r < MR; ++r) y[(m + r) * N + n] = out[r];
+    }
+    if constexpr (MR == 8) {
+      for (; m + 4 <= M; m += 4) {
+        dot(wrow, m, std::integral_constant<int, 4>{}, scratch, out);
+        for (int r = 0; r < 4; ++r) y[(m + r) * N + n] = out[r];
+      }
     }
     for (; m < M; ++m) {
       dot(wrow, m, std::integral_constant<int, 1>{}, scratch, out);
@@ -535,13 +550,13 @@ void gemv_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64
   scratch.reserve(a.M, K);
   if (a.int8) {
     if constexpr (T::QK == 256) {
-      tile_range(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
+      tile_range<kMRi8>(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
                  [&](const uint8_t* wrow, int64_t m, auto mr, float*, float* out) {
                    const Q8KRows r{a.kq + m * K, a.kd + m * (K / 256), a.kbs + m * (K / 16), K};
                    dot_q8k<decltype(mr)::value>(T{}, wrow, r, out);
                  });
     } else {
-      tile_range(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
+      tile_range<kMRi8>(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
                  [&](const uint8_t* wrow, int64_t m, auto mr, float*, float* out) {
                    dot_rows_i8<T, decltype(mr)::value>(wrow, K, a.xq + m * K,
                                                        a.dx + m * nchunks, a.sx + m * nchunks,
@@ -622,12 +637,6 @@ void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c * 32), p8);
   }
 }
-
-// With AVX-512 VNNI (the "avx512" build) the int8 products fuse into vpdpbusd / vpdpwssd; the
-// integer results are the same as AVX2's maddubs + madd (no int16 step saturates here).
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define MOEFLOW_VNNI 1
-#endif
 
 // 32 weight bytes . 32 int8 activations -> 8 int32 lanes (lane i sums elements 4i..4i+3)
 template <bool SIGNED>

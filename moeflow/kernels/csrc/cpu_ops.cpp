@@ -5,12 +5,13 @@
 // row of blocks per output feature; the block types are in cpu_common.h), and the small fused
 // ops of a decode step: RMSNorm with the residual add, SiLU-and-mul, NeoX rotary embedding, and
 // paged decode attention that also writes the step's K/V into the cache; and DecodeStack, which
-// runs a dense decoder's whole decode step with them in one call. The grouped MoE kernel is in
-// moe.cpp. Everything computes in fp32; threads come from ATen's OpenMP pool (at::parallel_for,
-// or one `omp parallel` region in DecodeStack: the same libgomp as torch's), so these kernels
-// share torch's workers.
+// runs a decoder's whole decode step with them in one call. The MoE layer (router and grouped
+// expert kernel) is in moe.h. Everything computes in fp32; threads come from ATen's OpenMP pool
+// (at::parallel_for, or one `omp parallel` region in DecodeStack: the same libgomp as torch's),
+// so these kernels share torch's workers.
 
 #include "cpu_common.h"
+#include "moe.h"
 
 // x [M, K] float32, w [N, row_bytes] uint8 -> [M, N] float32; int8: quantise x to int8 per
 // 32-chunk for the products (llama.cpp's scheme) instead of using it as is.
@@ -483,32 +484,43 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused decode stack: every decoder layer of a dense Llama-family model (RMSNorm, q/k/v
-// projection with optional bias and per-head q/k norm, NeoX rotary, paged attention, o
-// projection, RMSNorm, gate/up projection, SiLU-and-mul, down projection) and the final norm,
-// for a batch of one new token per sequence, in one call and one OpenMP parallel region: the
-// phases are separated by the region's barriers instead of a Python dispatch and a thread
-// fork/join per op. Every phase runs the same row functions as the single ops, so the result is
-// theirs bit for bit.
+// The fused decode stack: every decoder layer of a Llama-family model (RMSNorm, q/k/v projection
+// with optional bias and per-head q/k norm, NeoX rotary, paged attention, o projection, RMSNorm,
+// then a gated MLP (gate/up projection, SiLU-and-mul, down projection) or an MoE layer (router,
+// the grouped expert pass of moe.h, plus an ungated shared MLP)) and the final norm, for a batch
+// of one new token per sequence, in one call and one OpenMP parallel region: the phases are
+// separated by the region's barriers instead of a Python dispatch and a thread fork/join per op.
+// Every phase runs the same row functions as the single ops, so the result is theirs bit for
+// bit.
 
 namespace {
 
-struct Proj {  // a quantised projection [N, K] and its optional bias
-  at::Tensor w, bias;
-  int64_t qtype = 0, N = 0, K = 0;
-  const uint8_t* wp = nullptr;
+// A quantised projection [N, K] and its optional bias: the weight rows in one or more parts of
+// possibly different types (a Q4_K_M file's q/k in Q4_K beside a Q6_K v), in row order.
+struct Proj {
+  struct Part {
+    at::Tensor w;
+    const uint8_t* wp = nullptr;
+    int64_t qtype = 0, N = 0, off = 0;  // its rows are rows off..off+N-1 of the projection
+  };
+  std::vector<Part> parts;
+  at::Tensor bias;
+  int64_t N = 0, K = 0;
   const float* bp = nullptr;
 };
 
-Proj make_proj(const at::Tensor& w, int64_t qtype, int64_t K,
+// Weights: the parts' blocks [N_i, row_bytes_i] with their ggml types.
+Proj make_proj(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& qtypes, int64_t K,
                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(!ws.empty() && ws.size() == qtypes.size(),
+              "a projection needs one ggml type per weight part");
   Proj p;
-  p.w = w;
-  p.qtype = qtype;
-  p.N = w.size(0);
   p.K = K;
-  dispatch_type(qtype, [&](auto t) { check_weight<decltype(t)>(w, K); });
-  p.wp = w.data_ptr<uint8_t>();
+  for (size_t i = 0; i < ws.size(); ++i) {
+    dispatch_type(qtypes[i], [&](auto t) { check_weight<decltype(t)>(ws[i], K); });
+    p.parts.push_back({ws[i], ws[i].data_ptr<uint8_t>(), qtypes[i], ws[i].size(0), p.N});
+    p.N += ws[i].size(0);
+  }
   if (bias.has_value()) {
     check_f32(*bias, "bias");
     TORCH_CHECK(bias->numel() == p.N, "bias has ", bias->numel(), " values, expected ", p.N);
@@ -520,26 +532,33 @@ Proj make_proj(const at::Tensor& w, int64_t qtype, int64_t K,
 
 // y [M, N] = x W^T (+ bias), the weight rows shared out among the region's threads in one
 // contiguous range each (long sequential streams for the hardware prefetcher, as
-// at::parallel_for splits them; small interleaved tasks measured ~20% slower).
+// at::parallel_for splits them; small interleaved tasks measured ~20% slower), each part's rows
+// of the range by its own type's GEMV.
 // Called by every thread of the parallel region; ends with the worksharing loop's barrier.
 void gemv_team(const Acts& a, const Proj& p, float* y, GemvScratch& scratch) {
   const int64_t N = p.N, nt = omp_get_num_threads();
-  dispatch_type(p.qtype, [&](auto t) {
-    using T = decltype(t);
 #pragma omp for schedule(static, 1)
-    for (int64_t i = 0; i < nt; ++i) {
-      const int64_t n0 = N * i / nt, n1 = N * (i + 1) / nt;
-      gemv_rows<T>(a, p.wp, N, n0, n1, y, scratch);
-      if (p.bp != nullptr)
-        for (int64_t m = 0; m < a.M; ++m)
-          for (int64_t n = n0; n < n1; ++n) y[m * N + n] += p.bp[n];
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t n0 = N * i / nt, n1 = N * (i + 1) / nt;
+    for (const Proj::Part& part : p.parts) {
+      const int64_t lo = std::max(n0, part.off), hi = std::min(n1, part.off + part.N);
+      if (lo >= hi) continue;
+      dispatch_type(part.qtype, [&](auto t) {  // y's rows are N apart; the part's columns at off
+        gemv_rows<decltype(t)>(a, part.wp, N, lo - part.off, hi - part.off, y + part.off,
+                               scratch);
+      });
     }
-  });
+    if (p.bp != nullptr)
+      for (int64_t m = 0; m < a.M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * N + n] += p.bp[n];
+  }
 }
 
 struct StackLayer {
   at::Tensor ln1, ln2, q_norm, k_norm, k_cache, v_cache;
-  Proj qkv, o, gate_up, down;
+  Proj qkv, o, gate_up, down;  // gate_up / down: the dense MLP, or an MoE layer's shared MLP
+  std::shared_ptr<MoeLayer> moe;  // the routed experts of an MoE layer
+  bool has_mlp = true;  // gate_up / down are set
   int64_t window = 0;
 };
 
@@ -563,14 +582,17 @@ class DecodeStack {
     E_ = final_norm_.numel();
   }
 
-  void add_layer(const at::Tensor& ln1, const at::Tensor& qkv_w, int64_t qkv_type,
+  // Each projection: its weight parts and their ggml types (one of each when not mixed).
+  using Tensors = std::vector<at::Tensor>;
+  using Types = std::vector<int64_t>;
+  void add_layer(const at::Tensor& ln1, const Tensors& qkv_w, const Types& qkv_type,
                  const c10::optional<at::Tensor>& qkv_bias,
                  const c10::optional<at::Tensor>& q_norm,
-                 const c10::optional<at::Tensor>& k_norm, const at::Tensor& o_w,
-                 int64_t o_type, const c10::optional<at::Tensor>& o_bias,
-                 const at::Tensor& ln2, const at::Tensor& gate_up_w, int64_t gate_up_type,
-                 const at::Tensor& down_w, int64_t down_type, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, int64_t window) {
+                 const c10::optional<at::Tensor>& k_norm, const Tensors& o_w,
+                 const Types& o_type, const c10::optional<at::Tensor>& o_bias,
+                 const at::Tensor& ln2, const Tensors& gate_up_w, const Types& gate_up_type,
+                 const Tensors& down_w, const Types& down_type, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, int64_t window, std::shared_ptr<MoeLayer> moe) {
     StackLayer l;
     for (const at::Tensor* t : {&ln1, &ln2}) {
       check_f32(*t, "norm weight");
@@ -590,10 +612,22 @@ class DecodeStack {
     TORCH_CHECK(l.qkv.N == (H_ + 2 * Hkv_) * D_, "qkv rows");
     l.o = make_proj(o_w, o_type, H_ * D_, o_bias);
     TORCH_CHECK(l.o.N == E_, "o rows");
-    l.gate_up = make_proj(gate_up_w, gate_up_type, E_, c10::nullopt);
-    TORCH_CHECK(l.gate_up.N % 2 == 0, "gate_up rows");
-    l.down = make_proj(down_w, down_type, l.gate_up.N / 2, c10::nullopt);
-    TORCH_CHECK(l.down.N == E_, "down rows");
+    TORCH_CHECK(gate_up_w.empty() == down_w.empty(), "gate_up and down go together");
+    l.has_mlp = !gate_up_w.empty();  // none: an MoE layer without shared experts
+    TORCH_CHECK(l.has_mlp || moe, "a layer needs an MLP or an MoE layer");
+    if (l.has_mlp) {
+      l.gate_up = make_proj(gate_up_w, gate_up_type, E_, c10::nullopt);
+      TORCH_CHECK(l.gate_up.N % 2 == 0, "gate_up rows");
+      l.down = make_proj(down_w, down_type, l.gate_up.N / 2, c10::nullopt);
+      TORCH_CHECK(l.down.N == E_, "down rows");
+    }
+    if (moe) {
+      TORCH_CHECK(moe->hidden() == E_, "the MoE layer's hidden size differs");
+      for (const StackLayer& other : layers_)
+        TORCH_CHECK(!other.moe || other.moe->top_k() == moe->top_k(),
+                    "MoE layers differ in experts per token");
+      l.moe = std::move(moe);
+    }
     check_f32(k_cache, "k_cache");
     check_f32(v_cache, "v_cache");
     TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
@@ -608,6 +642,9 @@ class DecodeStack {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
+  // The experts each MoE layer chose in the last forward: [MoE layers, B, K] int64.
+  at::Tensor routed_ids() const { return ids_.clone(); }
+
   // hidden [B, E] (the embedded new tokens, one per sequence) -> final-normed hidden [B, E];
   // the step's K/V are written into every layer's cache.
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions,
@@ -617,7 +654,7 @@ class DecodeStack {
     check_f32(hidden, "hidden");
     TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == E_, "hidden must be [B, ", E_, "]");
     const int64_t B = hidden.size(0), H = H_, Hkv = Hkv_, D = D_, E = E_, G = H / Hkv;
-    const int64_t R = cos_.size(1), I = layers_[0].gate_up.N / 2, NQ = (H + 2 * Hkv) * D;
+    const int64_t R = cos_.size(1), NQ = (H + 2 * Hkv) * D;
     check_paged(layers_[0].k_cache, layers_[0].v_cache, slot_mapping, block_tables,
                 context_lens, B, Hkv, D);
     check_positions(positions, B, cos_.size(0));
@@ -625,9 +662,19 @@ class DecodeStack {
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
     const float* cp = cos_.data_ptr<float>();
     const float* sp = sin_.data_ptr<float>();
-    int64_t max_i = I;
-    for (const StackLayer& l : layers_) max_i = std::max(max_i, l.gate_up.N / 2);
+    int64_t max_i = 0, num_moe = 0, top_k = 1, num_experts = 0;
+    for (const StackLayer& l : layers_) {
+      max_i = std::max(max_i, l.gate_up.N / 2);
+      if (l.moe) {
+        ++num_moe;
+        top_k = l.moe->top_k();
+        num_experts = std::max(num_experts, l.moe->route().E);
+      }
+    }
     const int64_t max_k = std::max({E, H * D, max_i});
+    ids_ = at::empty({num_moe, B, top_k}, at::TensorOptions().dtype(at::kLong));
+    std::vector<float> wts(static_cast<size_t>(B * top_k)), route_scratch(2 * num_experts),
+        shared(B * E);
 
     at::Tensor out = at::empty({B, E}, hidden.options());
     std::vector<float> res(hidden.data_ptr<float>(), hidden.data_ptr<float>() + B * E);
@@ -647,7 +694,7 @@ class DecodeStack {
       GemvScratch scratch;
       scratch.reserve(B, max_k);
       std::vector<float> p(static_cast<size_t>(G * kKeySplit));
-      for (size_t li = 0; li < layers_.size(); ++li) {
+      for (size_t li = 0, mi = 0; li < layers_.size(); ++li) {
         const StackLayer& l = layers_[li];
         const int64_t Il = l.gate_up.N / 2;
 #pragma omp single
@@ -698,16 +745,36 @@ class DecodeStack {
           for (int64_t b = 0; b < B; ++b)
             rms_row(h.data() + b * E, res.data() + b * E, true, l.ln2.data_ptr<float>(), E, eps_,
                     xn.data() + b * E);
-          acts.prepare(xn.data(), B, E, int8);
+          if (l.moe) {  // route, and plan the expert pass
+            const int64_t K = l.moe->top_k();
+            int64_t* ids = ids_.data_ptr<int64_t>() + mi * B * K;
+            for (int64_t b = 0; b < B; ++b)
+              route_row(l.moe->route(), xn.data() + b * E, ids + b * K, wts.data() + b * K,
+                        route_scratch.data());
+            pass_.plan(l.moe->experts(), ids, B, K, nt, int8);
+          }
+          if (l.has_mlp) acts.prepare(xn.data(), B, E, int8);
         }
-        gemv_team(acts, l.gate_up, gu.data(), scratch);
+        if (l.moe) {
+          pass_.run(l.moe->experts(), xn.data(), wts.data(), h.data(), scratch);
+          ++mi;
+        }
+        if (l.has_mlp) {
+          float* y = l.moe ? shared.data() : h.data();
+          gemv_team(acts, l.gate_up, gu.data(), scratch);
 #pragma omp single
-        {
-          for (int64_t b = 0; b < B; ++b)
-            silu_row(gu.data() + b * 2 * Il, gu.data() + b * 2 * Il + Il, act.data() + b * Il, Il);
-          acts.prepare(act.data(), B, Il, int8);
+          {
+            for (int64_t b = 0; b < B; ++b)
+              silu_row(gu.data() + b * 2 * Il, gu.data() + b * 2 * Il + Il, act.data() + b * Il,
+                       Il);
+            acts.prepare(act.data(), B, Il, int8);
+          }
+          gemv_team(acts, l.down, y, scratch);
+          if (l.moe) {  // routed + shared, as the layer-by-layer path adds them
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < B * E; ++i) h[i] = h[i] + shared[i];
+          }
         }
-        gemv_team(acts, l.down, h.data(), scratch);
       }
 #pragma omp single
       for (int64_t b = 0; b < B; ++b)
@@ -723,13 +790,9 @@ class DecodeStack {
   double scale_;
   at::Tensor cos_, sin_, final_norm_;
   std::vector<StackLayer> layers_;
+  ExpertPass pass_;  // the MoE layers' pass (one layer at a time)
+  at::Tensor ids_;  // [MoE layers, B, K]: the last forward's routing
 };
-
-// moe.cpp
-at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate, int64_t gate_type,
-                       const at::Tensor& up, int64_t up_type, const at::Tensor& down,
-                       int64_t down_type, const at::Tensor& topk_ids,
-                       const at::Tensor& topk_weights, bool int8);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "x [M, K] f32 @ quantised W [N, row_bytes]^T -> [M, N] f32");
@@ -744,14 +807,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &moe_experts,
         "routed experts over quantised [E, N, row_bytes] weights, grouped by expert",
         py::call_guard<py::gil_scoped_release>());
+  py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer", py::module_local())
+      .def(py::init<const at::Tensor&, const c10::optional<at::Tensor>&, int64_t,
+                    const std::string&, bool, int64_t, int64_t, const std::string&, double,
+                    double, const at::Tensor&, int64_t, const at::Tensor&, int64_t,
+                    const at::Tensor&, int64_t>(),
+           py::arg("router"), py::arg("correction_bias"), py::arg("top_k"), py::arg("scoring"),
+           py::arg("renormalize"), py::arg("num_expert_group"), py::arg("topk_group"),
+           py::arg("group_score"), py::arg("routed_scaling_factor"),
+           py::arg("group_mask_value"), py::arg("gate"), py::arg("gate_type"), py::arg("up"),
+           py::arg("up_type"), py::arg("down"), py::arg("down_type"))
+      .def("select", &MoeLayer::select, "x [T, H] -> (weights [T, K], ids [T, K])",
+           py::call_guard<py::gil_scoped_release>())
+      .def("forward", &MoeLayer::forward, "x [T, H] -> (routed experts' sum [T, H], ids [T, K])",
+           py::call_guard<py::gil_scoped_release>());
   // module_local: the avx2 and avx512 builds may both be loaded (tests), each with its class
   py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor,
                     at::Tensor>(),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
            py::arg("scale"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"))
-      .def("add_layer", &DecodeStack::add_layer)
+      .def("add_layer", &DecodeStack::add_layer, py::arg("ln1"), py::arg("qkv"),
+           py::arg("qkv_type"), py::arg("qkv_bias"), py::arg("q_norm"), py::arg("k_norm"),
+           py::arg("o"), py::arg("o_type"), py::arg("o_bias"), py::arg("ln2"), py::arg("gate_up"),
+           py::arg("gate_up_type"), py::arg("down"), py::arg("down_type"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("window"), py::arg("moe") = py::none())
       .def("num_layers", &DecodeStack::num_layers)
+      .def("routed_ids", &DecodeStack::routed_ids)
       .def("forward", &DecodeStack::forward, "one decode step of the whole stack",
            py::call_guard<py::gil_scoped_release>());
 }
