@@ -54,8 +54,9 @@ class LLM:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
-        ("q8_0" | "q4_0") quantises the float linear layers on load for the CPU kernels;
-        `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are captured at start);
+        ("q8_0" | "q4_0" | "q4_k") quantises the float linear layers and MoE experts on load
+        for the CPU kernels; `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are
+        captured at start);
         `overlap_schedule` launches each step before reading the previous step's tokens
         (default: on for a CUDA device, where the host's work then hides behind the GPU's).
         The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by

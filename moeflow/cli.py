@@ -67,9 +67,10 @@ def _common_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--quantize",
-        choices=["q8_0", "q4_0"],
+        choices=["q8_0", "q4_0", "q4_k"],
         default=None,
-        help="quantise the float linear layers on load (CPU kernels; GGUF files stay as stored)",
+        help="quantise the float linear layers and MoE experts on load (CPU kernels; routers "
+        "stay float; GGUF files stay as stored)",
     )
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
     common.add_argument(

@@ -128,7 +128,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     hf_overrides: dict[str, Any] | None = None  # config.json changes of a preset
-    quantize: str | None = None  # q8_0 | q4_0: quantise float linear layers on load
+    quantize: str | None = None  # q8_0 | q4_0 | q4_k: quantise linear layers + experts on load
     enforce_eager: bool = False
     overlap_schedule: bool | None = None  # None: on for a CUDA device
 

@@ -25,7 +25,12 @@ from moeflow.kernels.fused_moe import (
 from moeflow.kernels.gemm import linear
 from moeflow.layers.linear import Linear, copy_checked
 from moeflow.layers.mlp import GatedMLP
-from moeflow.weights.ggml_quants import QuantizedTensor
+from moeflow.weights.ggml_quants import (
+    QUANTIZE_TYPES,
+    QuantizedTensor,
+    quantize,
+    quantize_kind_for,
+)
 
 logger = logging.getLogger("moeflow")
 
@@ -51,11 +56,11 @@ class FusedExperts(nn.Module):
     - float: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I], filled from per-expert
       checkpoint tensors (shard "gate:e", "up:e", "down:e"), from stacked ones (whole, or the
       stacked halves "gate" / "up" of a GGUF file) or from random weights;
-    - quantised: a GGUF file's stacked ggml blocks kept as they are (usually views of the
-      memory-mapped file), `gate_proj` / `up_proj` [E, I, row_bytes(H)] and `down_proj`
-      [E, H, row_bytes(I)] uint8, run by the grouped CPU kernel (kernels.fused_moe_quantized),
-      where that kernel runs experts of this make-up; otherwise the blocks are dequantised into
-      the float form on load.
+    - quantised: ggml blocks, `gate_proj` / `up_proj` [E, I, row_bytes(H)] and `down_proj`
+      [E, H, row_bytes(I)] uint8, run by the grouped CPU kernel (kernels.fused_moe_quantized)
+      where that kernel runs experts of this make-up: a GGUF file's stacked blocks kept as they
+      are (usually views of the memory-mapped file; elsewhere dequantised into the float form
+      on load), or float experts quantised by `--quantize` (`quantize`).
     NOTE: w13 and w2 start on the meta device and are allocated by the first float tensor
     loaded (or `materialize()`), so experts that stay quantised never reserve float memory."""
 
@@ -77,6 +82,11 @@ class FusedExperts(nn.Module):
         )
         self.quantized: QuantizedExperts | None = None
         self._pending: dict[str, QuantizedTensor] = {}  # stacked blocks waiting for the rest
+        # `--quantize`: the types of gate / up rows (H weights) and of down rows (I weights), and
+        # the blocks [E, N, row_bytes] per projection that experts' float tensors are written to
+        self._quantize_kinds: tuple[str, str] | None = None
+        self._blocks: dict[str, torch.Tensor] = {}
+        self._blocks_filled: set[str] = set()  # the shards ("gate:e", ...) written to _blocks
 
     def materialize(self) -> None:
         """Allocate the float weights (uninitialised) on the model's device."""
@@ -110,7 +120,18 @@ class FusedExperts(nn.Module):
             if len(self._pending) == 3:
                 self._finish_quantized()
             return
-        self._flush_pending()  # a float tensor beside blocks: every expert weight in floats
+        if (
+            self._quantize_kinds is not None
+            and self.w13.is_meta
+            and isinstance(tensor, torch.Tensor)
+            and shard is not None
+            and ":" in shard
+        ):
+            self._quantize_shard(shard, tensor)  # one expert's projection, straight to blocks
+            return
+        # a float tensor beside blocks: every expert weight in floats
+        self._flush_pending()
+        self._flush_blocks()
         if isinstance(tensor, QuantizedTensor):
             tensor = tensor.dequantize(self._dtype)
         self._copy(param_name, tensor, shard)
@@ -154,10 +175,91 @@ class FusedExperts(nn.Module):
             self._flush_pending()
             return
         self._pending = {}
+        self._keep_blocks(gate, up, down)  # the float weights were never allocated (meta)
+
+    def quantize(self, kind: str) -> bool:
+        """`--quantize`: hold the experts as blocks of `kind` (q8_0 | q4_0 | q4_k; rows that are
+        not whole blocks of it take ggml_quants.quantize_kind_for's fallback) for the grouped
+        CPU kernel. Called before the weights load, each expert's float checkpoint tensor is
+        quantised as it comes (an HF folder's per-expert tensors; w13 / w2 are never
+        allocated); called on loaded float experts (stacked tensors, random weights), they are
+        converted expert by expert and freed. False, changing nothing, where that kernel does
+        not run these experts here (they stay float) or they already are blocks.
+        NOTE: the peak while loading is the blocks + one expert's tensor and its float32
+        temporaries; converting loaded experts, the float experts + the blocks (+27 % of
+        float32 experts for q8_0, +14 % for q4_0 / q4_k) + one expert's temporaries."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        if self.quantized is not None:
+            return False
+        if not quantized_experts_supported(self.act, h, i, self._device):
+            logger.info("experts of %s (%d x %d) stay float here", self.act, h, i)
+            return False
+        kind_h, kind_i = quantize_kind_for(kind, h), quantize_kind_for(kind, i)
+        assert kind_h and kind_i  # the kernel runs only rows of whole 32-weight blocks
+        self._quantize_kinds = (kind_h, kind_i)
+        if self.w13.is_meta:
+            return True  # quantised as they load
+        w13, w2 = self.w13.data, self.w2.data  # [E, 2I, H], [E, H, I]
+        for x in range(e):
+            self._quantize_shard(f"gate:{x}", w13[x, :i])
+            self._quantize_shard(f"up:{x}", w13[x, i:])
+            self._quantize_shard(f"down:{x}", w2[x])  # the last drops w13 / w2 (freed on return)
+        return True
+
+    def _quantize_shard(self, shard: str, rows: torch.Tensor) -> None:
+        """Quantise one expert's projection ("gate:e" [I, H], "up:e" [I, H], "down:e" [H, I])
+        into the blocks; with the last of the 3E, the blocks replace the float weights."""
+        assert self._quantize_kinds is not None
+        h, i = self.hidden_size, self.intermediate_size
+        proj, _, expert = shard.partition(":")
+        e = int(expert)
+        if not 0 <= e < self.num_experts:
+            raise ModelFormatError(f"expert {e} out of range ({self.num_experts} experts)")
+        want = (h, i) if proj == "down" else (i, h)
+        if tuple(rows.shape) != want:
+            raise ModelFormatError(
+                f"checkpoint tensor for experts[{shard}] has shape {tuple(rows.shape)}, "
+                f"expected {want}"
+            )
+        q = quantize(rows, self._quantize_kinds[proj == "down"])
+        if proj not in self._blocks:
+            shape = (self.num_experts, *q.data.shape)  # [E, N, row_bytes]
+            self._blocks[proj] = torch.empty(shape, dtype=torch.uint8, device=self._device)
+        self._blocks[proj][e] = q.data
+        self._blocks_filled.add(shard)
+        if len(self._blocks_filled) < 3 * self.num_experts:
+            return
+        blocks = [self._blocks_of(proj) for proj in ("gate", "up", "down")]
+        self._blocks, self._blocks_filled = {}, set()
+        self._keep_blocks(*blocks)
+
+    def _blocks_of(self, proj: str) -> QuantizedTensor:
+        """The blocks of one projection as a stacked QuantizedTensor."""
+        assert self._quantize_kinds is not None
+        h, i = self.hidden_size, self.intermediate_size
+        qtype = QUANTIZE_TYPES[self._quantize_kinds[proj == "down"]]
+        shape = (self.num_experts, h, i) if proj == "down" else (self.num_experts, i, h)
+        return QuantizedTensor(self._blocks[proj], int(qtype), shape)
+
+    def _flush_blocks(self) -> None:
+        """Experts quantised on load beside a float tensor of another form: dequantised into
+        the float weights (which `quantize` converts again once all are loaded)."""
+        for shard in sorted(self._blocks_filled):
+            proj, _, expert = shard.partition(":")
+            q = self._blocks_of(proj)
+            rows = q.data[int(expert)]  # [N, row_bytes]
+            one = QuantizedTensor(rows, q.qtype, q.shape[1:]).dequantize(self._dtype)
+            self._copy("w2" if proj == "down" else "w13", one, shard)
+        self._blocks, self._blocks_filled = {}, set()
+
+    def _keep_blocks(
+        self, gate: QuantizedTensor, up: QuantizedTensor, down: QuantizedTensor
+    ) -> None:
+        """Hold the experts as blocks: `quantized` for the kernel, and parameters gate_proj /
+        up_proj / down_proj (with their logical shapes) in place of the float w13 / w2."""
         self.quantized = QuantizedExperts(
             gate.data, up.data, down.data, gate.qtype, up.qtype, down.qtype
         )
-        # The blocks replace the float weights, which were never allocated (meta).
         del self.w13, self.w2
         for name, q in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
             param = nn.Parameter(q.data, requires_grad=False)

@@ -21,7 +21,7 @@ from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError
 from moeflow.layers.moe import materialize_experts
 from moeflow.loading.presets import preset_config
-from moeflow.loading.quantize import keep_quantized_types, quantize_linears
+from moeflow.loading.quantize import keep_quantized_types, quantize_experts, quantize_linears
 from moeflow.loading.source import GGUFFile, ModelSource, Preset, default_model_path
 from moeflow.models.base import CausalLM
 from moeflow.models.registry import get_model_class
@@ -115,6 +115,8 @@ def load_model(
             weights = fp8.dequantize_fp8_weights(weights, dtype, (int(block[0]), int(block[1])))
         num_tensors = 0
     net = _build(config, device, dtype)
+    if quantize is not None:
+        quantize_experts(net, quantize, device)  # each expert quantised as it loads
     net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))
     if reader is not None:
         reader.close()

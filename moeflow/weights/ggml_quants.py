@@ -1,5 +1,5 @@
 """ggml's tensor types and their block codecs: GGMLType, GGML_QUANT_SIZES, QuantizedTensor (a weight
-kept in its blocks), and per type the torch dequantiser and, for Q8_0 / Q4_0, the quantiser.
+kept in its blocks), and per type the torch dequantiser and, for Q8_0 / Q4_0 / Q4_K, the quantiser.
 Layouts read from ggml-quants.c and gguf-py `quants.py` (MIT); the code is our own."""
 
 from __future__ import annotations
@@ -91,7 +91,11 @@ GGML_QUANT_SIZES: dict[GGMLType, tuple[int, int]] = {
 }
 
 # `--quantize` names -> the types quantize() writes.
-QUANTIZE_TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
+QUANTIZE_TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_k": GGMLType.Q4_K}
+
+# quantize() works through this many weights at a time, bounding its float temporaries
+# (Q4_K's scale search holds a few copies of its chunk) whatever the tensor's size.
+_QUANTIZE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -144,20 +148,40 @@ def dequantize(
 
 
 def quantize(weight: torch.Tensor, kind: str) -> QuantizedTensor:
-    """[N, K] float weight (K a multiple of 32) -> QuantizedTensor of `kind` (q8_0 | q4_0), with
-    ggml's reference rounding (`quantize_row_*_ref`)."""
+    """[N, K] float weight (K a multiple of the block size: 32, or 256 for q4_k) ->
+    QuantizedTensor of `kind` (q8_0 | q4_0 | q4_k): Q8_0 / Q4_0 with ggml's reference rounding
+    (`quantize_row_*_ref`), Q4_K with a weighted least-squares search of each sub-block's scale
+    and min (`_quantize_q4_k`). Rows are quantised a chunk at a time, so the float temporaries
+    stay small beside the blocks written."""
     if kind not in QUANTIZE_TYPES:
         raise ValueError(f"unknown quantisation {kind!r}; choose one of {sorted(QUANTIZE_TYPES)}")
     qtype = QUANTIZE_TYPES[kind]
     encode = _CODECS[qtype].quantize
     assert encode is not None  # every QUANTIZE_TYPES entry has a quantiser
-    block_size, _ = GGML_QUANT_SIZES[qtype]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
     n, k = weight.shape
     if k % block_size:
         raise ValueError(f"in_features {k} is not a multiple of {block_size}")
-    x = weight.detach().float().reshape(n, k // block_size, block_size)  # [n, nb, QK]
-    blocks = encode(x)  # [n, nb, TS]
-    return QuantizedTensor(blocks.reshape(n, -1).contiguous(), int(qtype), (n, k))
+    nb = k // block_size
+    out = torch.empty(n, nb, type_size, dtype=torch.uint8, device=weight.device)  # [n, nb, TS]
+    rows = max(1, _QUANTIZE_CHUNK // k)
+    for r in range(0, n, rows):
+        x = weight[r : r + rows].detach().float().reshape(-1, nb, block_size)  # [rows, nb, QK]
+        out[r : r + rows] = encode(x)
+    return QuantizedTensor(out.reshape(n, -1), int(qtype), (n, k))
+
+
+def quantize_kind_for(kind: str, in_features: int) -> str | None:
+    """The `--quantize` type written for rows of `in_features` weights: `kind` when they are
+    whole blocks of it; for q4_k rows that are not whole 256-weight super-blocks, q4_0 (the same
+    4.5 bits a weight; llama.cpp also falls back from K-quants there); None when not even 32-weight
+    blocks fit (the layer stays float)."""
+    block_size, _ = GGML_QUANT_SIZES[QUANTIZE_TYPES[kind]]
+    if in_features % block_size == 0:
+        return kind
+    if kind == "q4_k" and in_features % 32 == 0:
+        return "q4_0"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +291,41 @@ def _dequantize_q4_k(b: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1, 256)
 
 
+def _quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
+    # Each sub-block of 32 is fitted as x ~ scale * q - min (q in 0..15, min >= 0); the 8 scales
+    # and 8 mins are then quantised to 6 bits against the super-block's d = max scale / 63 and
+    # dmin = max min / 63, and q re-rounded against the scale and min as stored.
+    lead = x.shape[:-1]
+    x = x.reshape(-1, 8, 32)  # [nb, 8, 32]
+    scale, neg_min = _fit_scale_min(x, 15)  # [nb, 8] each
+    max_scale = scale.amax(-1, keepdim=True)  # [nb, 1]
+    max_min = neg_min.amax(-1, keepdim=True)
+    inv_scale = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
+    ls = torch.round(inv_scale * scale).clamp(max=63).to(torch.uint8)  # [nb, 8] 6-bit
+    lm = torch.round(inv_min * neg_min).clamp(max=63).to(torch.uint8)
+    d, dmin = (max_scale / 63).half(), (max_min / 63).half()  # [nb, 1] as stored
+    sc = (d.float() * ls.float()).unsqueeze(-1)  # [nb, 8, 1]: the scale and min as read back
+    mn = (dmin.float() * lm.float()).unsqueeze(-1)
+    q = torch.round((x + mn) / torch.where(sc > 0, sc, torch.ones_like(sc))).clamp(0, 15)
+    q = torch.where(sc > 0, q, torch.zeros_like(q)).to(torch.uint8)  # [nb, 8, 32]
+    # 12 bytes (the inverse of _k_scale_min): sub-blocks 0..3 in the low 6 bits of bytes 0..3
+    # (scale) and 4..7 (min); 4..7 split into low nibbles in bytes 8..11 (scale | min << 4)
+    # and their top 2 bits above the 6 of bytes 0..3 (scale) and 4..7 (min).
+    packed = torch.cat(
+        [
+            ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+            lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+            (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4),
+        ],
+        dim=1,
+    )  # [nb, 12]
+    q = q.reshape(-1, 4, 2, 32)  # [nb, chunk, 2, 32]: the inverse of _k_low_nibbles
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    blocks = torch.cat([_f16_bytes(d), _f16_bytes(dmin), packed, qs], dim=1)  # [nb, 144]
+    return blocks.reshape(*lead, 144)
+
+
 # ---- Q5_K: Q4_K's fields plus 32 bytes of fifth bits before the nibbles
 def _dequantize_q5_k(b: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(b, 0), _f16(b, 2)
@@ -299,7 +358,7 @@ _CODECS: dict[GGMLType, _Codec] = {
     GGMLType.Q8_0: _Codec(_dequantize_q8_0, _quantize_q8_0),
     GGMLType.Q2_K: _Codec(_dequantize_q2_k),
     GGMLType.Q3_K: _Codec(_dequantize_q3_k),
-    GGMLType.Q4_K: _Codec(_dequantize_q4_k),
+    GGMLType.Q4_K: _Codec(_dequantize_q4_k, _quantize_q4_k),
     GGMLType.Q5_K: _Codec(_dequantize_q5_k),
     GGMLType.Q6_K: _Codec(_dequantize_q6_k),
 }
@@ -340,6 +399,70 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sc = torch.cat([a & 63, (c & 0xF) | ((a >> 6) << 4)], dim=1)
     mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
     return sc.float(), mn.float()
+
+
+def _fit_scale_min(
+    x: torch.Tensor, nmax: int, steps: int = 21
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., n] -> (scale, min) [..] with x ~ scale * q - min, q = round((x + min) / scale) in
+    0..nmax, min >= 0, chosen to lower the error weighted by rms(x) + |x| (larger weights count
+    more): from the min/max fit, each of `steps` candidate step counts (nmax - 1 .. nmax + 1)
+    across the range from the best min so far to the max rounds q, solves the weighted
+    least-squares (scale, min) for it in closed form (min held at 0 if it came out negative)
+    and is kept where it lowers the error. This is the search of llama.cpp's make_qkx2_quants
+    (ggml-quants.c, MIT; Q4_K's reference quantiser runs it with 21 steps), read for the idea
+    and written for every sub-block at once: the error comes from the same weighted sums as the
+    fit, so a candidate costs 7 elementwise passes and 3 row sums, in place."""
+    w = x.square().mean(-1, keepdim=True).sqrt() + x.abs()  # [.., n] weights
+    lo = x.amin(-1).clamp(max=0)  # [..]: the min is never above 0
+    hi = x.amax(-1)
+    flat = hi == lo  # every value equal (and <= 0): scale 0, q all 0
+    hi = torch.where(flat, lo + 1, hi)
+    wx = w * x  # [.., n]
+    sum_w, sum_x, sum_x2 = w.sum(-1), wx.sum(-1), (wx * x).sum(-1)  # [..]
+    q, t = torch.empty_like(x), torch.empty_like(x)
+
+    def sums(levels: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q for `levels` steps from lo to hi, and its weighted sums of q, q^2 and x q [..]."""
+        iscale = (levels / (hi - lo)).unsqueeze(-1)
+        torch.sub(x, lo.unsqueeze(-1), out=q).mul_(iscale).round_().clamp_(0, nmax)
+        sum_q = torch.mul(w, q, out=t).sum(-1)
+        sum_q2 = t.mul_(q).sum(-1)
+        return sum_q, sum_q2, torch.mul(wx, q, out=t).sum(-1)
+
+    def error(
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        sum_q: torch.Tensor,
+        sum_q2: torch.Tensor,
+        sum_xq: torch.Tensor,
+    ) -> torch.Tensor:  # sum of w (scale * q + offset - x)^2, expanded
+        return (
+            scale * (scale * sum_q2 + 2 * offset * sum_q - 2 * sum_xq)
+            + offset * (offset * sum_w - 2 * sum_x)
+            + sum_x2
+        )
+
+    best_scale = (hi - lo) / nmax  # x ~ scale * q + lo
+    best_err = error(best_scale, lo, *sums(float(nmax)))
+    for step in range(steps):
+        sum_q, sum_q2, sum_xq = sums(nmax - 1 + 2 * step / (steps - 1))
+        det = sum_w * sum_q2 - sum_q * sum_q
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        scale = (sum_w * sum_xq - sum_x * sum_q) / det
+        offset = (sum_q2 * sum_x - sum_q * sum_xq) / det
+        positive = offset > 0  # x ~ scale * q through the origin instead
+        through_origin = sum_xq / torch.where(ok, sum_q2, torch.ones_like(det))
+        scale = torch.where(positive, through_origin, scale)
+        offset = torch.where(positive, torch.zeros_like(offset), offset)
+        err = error(scale, offset, sum_q, sum_q2, sum_xq)
+        better = ok & (err < best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        lo = torch.where(better, offset, lo)  # the next candidates span from the new min
+        best_err = torch.where(better, err, best_err)
+    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    return best_scale.clamp(min=0), -lo
 
 
 def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
