@@ -110,6 +110,41 @@ def test_moe_fused_step_matches_layer_by_layer(
     assert layered_stats == fused_stats and sum(fused_stats[0]) > 0
 
 
+@pytest.mark.parametrize(
+    "family",
+    [
+        "mixtral",  # softmax top-2, sliding-window attention layout
+        "glm4_moe",  # sigmoid + correction bias + expert groups, shared experts, partial rotary
+    ],
+)
+def test_moe_families_fused_step_match_layer_by_layer(tmp_path: Path, family: str) -> None:
+    """Safetensors MoE folders under --quantize q8_0 (experts quantised on load) run their MoE
+    layers, shared experts and dense layers in the fused step, as layer by layer."""
+    path = make_tiny_checkpoint(family, tmp_path / family)
+    llm = LLM(
+        model=str(path),
+        device="cpu",
+        kv_cache_tokens=1024,
+        quantize="q8_0",
+        enable_prefix_caching=False,
+    )
+    layered = _run(llm, fused=False)
+    fused = _run(llm, fused=True)
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(layered, fused, strict=True):
+        assert ids_a == ids_b
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=1e-4)
+
+
+def test_gated_shared_experts_run_layer_by_layer(tmp_path: Path) -> None:
+    """Qwen2-MoE scales its shared expert by a sigmoid gate, which the fused step lacks."""
+    path = make_tiny_checkpoint("qwen2_moe", tmp_path / "moe")
+    llm = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize="q8_0")
+    llm.generate([PROMPTS[1]], SamplingParams(max_tokens=3, temperature=0.0))
+    stack = llm.engine.runner.decode_stack
+    assert stack._stack is None
+    assert stack.unfit_reason is not None and "gates its shared experts" in stack.unfit_reason
+
+
 def test_float_model_runs_layer_by_layer(tmp_path: Path) -> None:
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
     llm = LLM(model=str(path), dtype="float32", device="cpu", kv_cache_tokens=1024)
