@@ -707,6 +707,18 @@ void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* 
 // sub-block scales) and converted to float once per super-block; the min (Q4_K, Q5_K) or -32
 // offset (Q6_K) term comes from the 16-value sums.
 
+// The avx512 build's K-quant products read two 32-value chunks per 512-bit register: a Q4_K/Q5_K
+// register of 64 weight bytes holds chunks (c, c + 2) in its low nibbles and (c + 1, c + 3) in
+// its high ones, so each super-block's activations are stored in that order, chunks
+// 0 2 1 3 4 6 5 7 (kq8k_slot(c): where chunk c lies). The AVX2 build keeps the natural order.
+inline int kq8k_slot(int c) {
+#ifdef MOEFLOW_VNNI
+  return (c & 4) | ((c & 1) << 1) | ((c >> 1) & 1);
+#else
+  return c;
+#endif
+}
+
 void quantize_row_q8k(const float* x, int64_t K, int8_t* q, float* d, int16_t* bsums) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < K / 256; ++b) {
@@ -729,11 +741,12 @@ void quantize_row_q8k(const float* x, int64_t K, int8_t* q, float* d, int16_t* b
       __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]),
                                       _mm256_packs_epi32(i32[2], i32[3]));
       p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 32 * c), p8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 32 * kq8k_slot(c)), p8);
     }
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < 16; ++j) {  // values 16j..16j+15: half j % 2 of chunk j / 2
+      const int8_t* v = qb + 32 * kq8k_slot(j / 2) + 16 * (j % 2);
       int s = 0;
-      for (int i = 0; i < 16; ++i) s += qb[16 * j + i];
+      for (int i = 0; i < 16; ++i) s += v[i];
       bsums[b * 16 + j] = static_cast<int16_t>(s);
     }
   }
@@ -788,6 +801,46 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
     __m256i qh = HIGH ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16))
                       : _mm256_setzero_si256();
     __m256i sumi[MR];
+#ifdef MOEFLOW_VNNI
+    // 64 weight bytes at a time: chunks (4k, 4k + 2) in the low nibbles, (4k + 1, 4k + 3) in the
+    // high ones, beside activations stored in that order (kq8k_slot); each 512-bit sum folds to
+    // the AVX2 lanes' (lane i: bytes 4i..4i+3 of every chunk), so the result is AVX2's.
+    {
+      const __m512i m4z = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
+      __m512i sumz[MR];
+      for (int r = 0; r < MR; ++r) sumz[r] = _mm512_setzero_si512();
+      const __m512i qh = HIGH ? _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                                    reinterpret_cast<const __m256i*>(blk + 16)))
+                              : _mm512_setzero_si512();
+      for (int k = 0; k < 2; ++k) {
+        const __m512i bits = _mm512_loadu_si512(qs + 64 * k);
+        __m512i lo = _mm512_and_si512(bits, m4z);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), m4z);
+        if constexpr (HIGH) {  // the 5th bit of chunk c is bit c of qh's bytes
+          const __m512i c_lo =
+              _mm512_inserti64x4(_mm512_set1_epi16(4 * k), _mm256_set1_epi16(4 * k + 2), 1);
+          const __m512i c_hi = _mm512_add_epi16(c_lo, _mm512_set1_epi16(1));
+          lo = _mm512_or_si512(lo, _mm512_slli_epi16(
+                                       _mm512_and_si512(_mm512_srlv_epi16(qh, c_lo), one), 4));
+          hi = _mm512_or_si512(hi, _mm512_slli_epi16(
+                                       _mm512_and_si512(_mm512_srlv_epi16(qh, c_hi), one), 4));
+        }
+        const __m512i s_lo = _mm512_inserti64x4(_mm512_set1_epi16(sm[4 * k]),
+                                                _mm256_set1_epi16(sm[4 * k + 2]), 1);
+        const __m512i s_hi = _mm512_inserti64x4(_mm512_set1_epi16(sm[4 * k + 1]),
+                                                _mm256_set1_epi16(sm[4 * k + 3]), 1);
+        for (int r = 0; r < MR; ++r) {
+          const int8_t* q = a.q + r * a.K + b * 256 + 128 * k;
+          const __m512i x_lo = _mm512_loadu_si512(q), x_hi = _mm512_loadu_si512(q + 64);
+          sumz[r] = _mm512_dpwssd_epi32(sumz[r], _mm512_maddubs_epi16(lo, x_lo), s_lo);
+          sumz[r] = _mm512_dpwssd_epi32(sumz[r], _mm512_maddubs_epi16(hi, x_hi), s_hi);
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        sumi[r] = _mm256_add_epi32(_mm512_castsi512_si256(sumz[r]),
+                                   _mm512_extracti64x4_epi64(sumz[r], 1));
+    }
+#else
     for (int r = 0; r < MR; ++r) sumi[r] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {  // chunks 2j (low nibbles) and 2j + 1 (high) of 32 bytes
       const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
@@ -810,6 +863,7 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
         sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(hi, x_hi), s_hi);
       }
     }
+#endif
     for (int r = 0; r < MR; ++r) {
       const float d8 = a.d[r * nb + b];
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
@@ -851,6 +905,46 @@ void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
       sumi[r] = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
       sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[r]);
     }
+#ifdef MOEFLOW_VNNI
+    // Per half: register A holds values g0 | g2 (l0's low | high nibbles), B g1 | g3, beside
+    // activations stored in that order (kq8k_slot); folded to the AVX2 lanes as for Q4_K.
+    {
+      const __m512i m4z = _mm512_set1_epi8(0x0F), m2z = _mm512_set1_epi8(3);
+      // shifts of 0 (low half) and 4 (high half)
+      const __m512i sh_a = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+      const __m512i& sh_hb = sh_a;
+      const __m512i sc16z = _mm512_castsi256_si512(sc16);
+      __m512i sumz[MR];
+      for (int r = 0; r < MR; ++r) sumz[r] = _mm512_setzero_si512();
+      for (int half = 0; half < 2; ++half) {
+        const uint8_t* ql = blk + 64 * half;
+        const __m512i qh = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half)));
+        for (int u = 0; u < 2; ++u) {  // u = 0: g0 | g2 (l0), u = 1: g1 | g3 (l1)
+          const __m512i l = _mm512_broadcast_i64x4(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * u)));
+          const __m512i lo = _mm512_and_si512(_mm512_srlv_epi16(l, sh_a), m4z);
+          // high bits of group g: (qh >> 2g) & 3, g = u (low half) or u + 2 (high half)
+          const __m512i hsh = _mm512_add_epi16(sh_hb, _mm512_set1_epi16(2 * u));
+          const __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(qh, hsh), m2z);
+          const __m512i q = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));  // 0..63
+          // sub-scales: 16 values each; g's pair is 8 * half + 2g, + 1
+          const int s0 = 8 * half + 2 * u, s1 = s0 + 4;
+          const __m512i idx = _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(s0 + 1), _mm_set1_epi16(s0))),
+              _mm256_set_m128i(_mm_set1_epi16(s1 + 1), _mm_set1_epi16(s1)), 1);
+          const __m512i s2 = _mm512_permutexvar_epi16(idx, sc16z);
+          for (int r = 0; r < MR; ++r) {
+            const __m512i x = _mm512_loadu_si512(a.q + r * a.K + b * 256 + 128 * half + 64 * u);
+            sumz[r] = _mm512_dpwssd_epi32(sumz[r], _mm512_maddubs_epi16(q, x), s2);
+          }
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(_mm512_castsi512_si256(sumz[r]),
+                                                             _mm512_extracti64x4_epi64(sumz[r], 1)));
+    }
+#else
     for (int half = 0; half < 2; ++half) {
       const uint8_t* ql = blk + 64 * half;
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half));
@@ -871,6 +965,7 @@ void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
         }
       }
     }
+#endif
     for (int r = 0; r < MR; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[r * nb + b]), _mm256_cvtepi32_ps(sumi[r]),
                                acc[r]);

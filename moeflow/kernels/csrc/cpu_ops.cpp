@@ -61,8 +61,14 @@ std::vector<at::Tensor> quantize_acts(const at::Tensor& x, int64_t block) {
       quantize_row_q8(row, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / 32),
                       sums.data());
     else
-      quantize_row_q8k(row, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / 256),
+    {
+      int8_t* qr = q.data_ptr<int8_t>() + m * K;
+      quantize_row_q8k(row, K, qr, d.data_ptr<float>() + m * (K / 256),
                        bs.data_ptr<int16_t>() + m * (K / 16));
+      std::vector<int8_t> stored(qr, qr + K);  // back to the natural order (kq8k_slot)
+      for (int64_t c = 0; c < K / 32; ++c)
+        std::memcpy(qr + 32 * c, stored.data() + (c / 8) * 256 + 32 * kq8k_slot(c % 8), 32);
+    }
   }
   return {q, d, bs};
 }
