@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moeflow",
         description="Run open-weight MoE and dense language models. With no --model, the "
-        "embedded SmolLM2-135M-Instruct (Q4_1 GGUF) is used.",
+        "embedded SmolLM2-135M-Instruct (Q4_1 GGUF) is used. Before reading any weight, every "
+        "command plans the memory the model will take (weights as held, KV cache, working "
+        "memory) and exits 1 with the numbers when it does not fit (`moeflow info` prints the "
+        "plan; MOEFLOW_SKIP_MEMORY_CHECK=1 loads anyway).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
