@@ -211,7 +211,7 @@ def kv_tokens_that_fit(free_bytes: int, per_token: int) -> int:
 
 def available_memory(device: str) -> Available:
     """Free memory of a CUDA device; on a CPU, MemAvailable of /proc/meminfo, lowered to what a
-    cgroup v2 memory limit leaves (memory.max - memory.current) when one is set."""
+    cgroup v2 memory limit leaves (memory.max less the cgroup's working set) when one is set."""
     dev = torch.device(device)
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
@@ -224,8 +224,8 @@ def available_memory(device: str) -> Available:
         notes.append(f"MemAvailable {fmt_bytes(meminfo)}")
     limit = _cgroup_left()
     if limit is not None:
-        left, max_bytes, current = limit
-        notes.append(f"cgroup memory.max {fmt_bytes(max_bytes)}, {fmt_bytes(current)} used")
+        left, max_bytes, used = limit
+        notes.append(f"cgroup memory.max {fmt_bytes(max_bytes)}, {fmt_bytes(used)} in use")
         best = left if best is None else min(best, left)
     return Available(best, "; ".join(notes) or "no /proc/meminfo nor cgroup limit: unchecked")
 
@@ -396,7 +396,9 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_left() -> tuple[int, int, int] | None:
-    """(bytes left, memory.max, memory.current) of this process's cgroup v2; None if unlimited."""
+    """(bytes left, memory.max, working set) of this process's cgroup v2; None when unlimited.
+    The working set is memory.current less the inactive page cache of memory.stat (reclaimed
+    before the limit bites; cAdvisor's definition)."""
     try:
         with open(os.path.join(_CGROUP, "memory.max"), encoding="ascii") as f:
             raw = f.read().strip()
@@ -404,7 +406,16 @@ def _cgroup_left() -> tuple[int, int, int] | None:
             return None
         max_bytes = int(raw)
         with open(os.path.join(_CGROUP, "memory.current"), encoding="ascii") as f:
-            current = int(f.read().strip())
+            used = int(f.read().strip())
     except (OSError, ValueError):
         return None
-    return max(max_bytes - current, 0), max_bytes, current
+    try:
+        with open(os.path.join(_CGROUP, "memory.stat"), encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "inactive_file":
+                    used = max(used - int(value), 0)
+                    break
+    except (OSError, ValueError):
+        pass
+    return max(max_bytes - used, 0), max_bytes, used

@@ -238,7 +238,10 @@ def test_available_memory_takes_the_cgroup_limit(
     got = available_memory("cpu")
     assert got.bytes == 2 * 2**30  # the limit leaves less than MemAvailable
     assert "cgroup memory.max 3.00 GiB" in got.source
+    (cgroup / "memory.stat").write_text(f"active_file 5\ninactive_file {2**29}\n")
+    assert available_memory("cpu").bytes == 2 * 2**30 + 2**29  # inactive page cache is reclaimed
     (cgroup / "memory.current").write_text(f"{4 * 2**30}\n")
+    (cgroup / "memory.stat").unlink()
     assert available_memory("cpu").bytes == 0  # over the limit already
     meminfo.unlink()
     (cgroup / "memory.max").write_text("max\n")
