@@ -15,7 +15,7 @@ import torch
 
 from moeflow import env
 from moeflow.api import LLM
-from moeflow.bench.gguf_models import bench_gguf
+from moeflow.bench.gguf_models import bench_gguf, write_gguf_layout
 from moeflow.bench.report import count_parameters
 from moeflow.cli import main
 from moeflow.config import EngineArgs
@@ -24,6 +24,7 @@ from moeflow.errors import InsufficientMemoryError
 from moeflow.kernels import cpu_ext
 from moeflow.loading import memory_plan
 from moeflow.loading.memory_plan import Available, MemoryPlan, available_memory, check_memory
+from moeflow.loading.presets import PRESETS
 from moeflow.loading.quantize import keep_quantized_types
 from moeflow.weights import gguf, safetensors
 from moeflow.weights.ggml_quants import QUANTIZE_TYPES
@@ -160,6 +161,33 @@ def test_info_reads_headers_only(
         out = capsys.readouterr().out
         assert "memory plan" in out and "verdict        fits" in out
         assert "parameters" in out and "KV cache" in out
+
+
+def test_info_on_a_full_size_gguf_reads_no_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Qwen3-30B-A3B in Q4_K_M, llama.cpp's layout at full size (17 GiB of tensors, a sparse
+    file): the plan comes from its header alone."""
+    path = tmp_path / "qwen3-30b-a3b-q4_k_m.gguf"
+    size = write_gguf_layout(PRESETS["qwen3-30b-a3b"], "q4_k_m", path)
+    assert size > 17 * 2**30
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tensor data read")
+
+    monkeypatch.setattr(gguf.GGUFReader, "raw", no_data)
+    monkeypatch.setattr(gguf.GGUFReader, "load", no_data)
+    assert main(["info", "--model", str(path), "--device", "cpu"]) in (0, 1)  # 1: no room here
+    out = capsys.readouterr().out
+    assert "total          30,532,122,624 (30.53B)" in out  # the published parameter count
+    assert "experts          128 routed, top-8" in out
+
+    plan = factory.plan(EngineArgs(model=str(path), device="cpu"))
+    with gguf.GGUFReader(path) as reader:  # header only: raw / load are never called
+        experts = sum(t.nbytes for t in reader.tensors.values() if "_exps" in t.name)
+    if keep_quantized_types("cpu"):
+        assert experts <= plan.weights_mapped < size  # the experts stay in the file's blocks
+        assert plan.weights_allocated < 2**30
 
 
 def _too_small(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> None:
