@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moeflow",
         description="Run open-weight MoE and dense language models. With no --model, the "
-        "embedded SmolLM2-135M-Instruct (Q4_1 GGUF) is used.",
+        "embedded SmolLM2-135M-Instruct (Q4_1 GGUF) is used. Before reading any weight, every "
+        "command plans the memory the model will take (weights as held, KV cache, working "
+        "memory) and exits 1 with the numbers when it does not fit (`moeflow info` prints the "
+        "plan; MOEFLOW_SKIP_MEMORY_CHECK=1 loads anyway).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -42,7 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
     gen.add_argument("--prompt", required=True)
 
-    sub.add_parser("info", parents=[common], help="model config, parameter counts and memory plan")
+    info = sub.add_parser(
+        "info",
+        parents=[common],
+        help="model config, parameter counts and memory plan, without loading the weights",
+        description="Read the config and the checkpoint's headers only (fast even for a large "
+        "GGUF) and print the config, the parameter counts and the memory plan: weights as held "
+        "on this device (allocated, or GGUF blocks mapped from the file), buffers, the KV cache "
+        "and working memory, against the memory available. Exits 1 when the model does not fit "
+        "(every command that loads a model makes the same check before reading weights; "
+        "MOEFLOW_SKIP_MEMORY_CHECK=1 loads anyway).",
+    )
+    info.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    info.add_argument("--max-num-seqs", type=int, default=64, help="running sequences at most")
 
     _add_bench_parser(sub, common)
     _add_serve_parser(sub, common)
@@ -253,7 +268,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    serving = args.command == "serve"
+    serving = args.command in ("serve", "info")
     engine_args = EngineArgs(
         model=args.model,
         dtype=args.dtype,
@@ -268,6 +283,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             else {}
         ),
     )
+    if args.command == "info":
+        from moeflow.bench.report import model_info
+        from moeflow.engine.factory import check_memory, plan
+
+        memory_plan = plan(engine_args)  # reads no weight
+        print(model_info(memory_plan))
+        check_memory(memory_plan)  # does not fit: the error after the numbers, exit 1
+        return 0
     if serving:
         from moeflow.engine.factory import build_engine
         from moeflow.server.run import serve
@@ -287,11 +310,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return serve(engine, config)
     llm = LLM.from_engine_args(engine_args)
-    if args.command == "info":
-        from moeflow.bench.report import model_info
-
-        print(model_info(llm))
-        return 0
     if args.command == "generate":
         ids = llm.tokenizer.encode(args.prompt, add_special_tokens=True)
         _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))

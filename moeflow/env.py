@@ -19,6 +19,9 @@ def _bool(name: str, default: bool) -> bool:
 MOEFLOW_NUM_THREADS: int = _int("MOEFLOW_NUM_THREADS", 0)
 # Show a progress bar while loading weights (only when stderr is a terminal either way).
 MOEFLOW_PROGRESS: bool = _bool("MOEFLOW_PROGRESS", True)
+# Load a model even when its memory plan says it does not fit (loading/memory_plan.py); the
+# shortfall is then logged as a warning instead of failing before the load.
+MOEFLOW_SKIP_MEMORY_CHECK: bool = _bool("MOEFLOW_SKIP_MEMORY_CHECK", False)
 # Log level of the `moeflow` logger.
 MOEFLOW_LOG_LEVEL: str = os.environ.get("MOEFLOW_LOG_LEVEL", "WARNING")
 # Use the compiled CPU kernels (kernels/csrc) where the CPU supports them; 0 forces plain torch.

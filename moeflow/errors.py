@@ -20,6 +20,11 @@ class UnsupportedArchitectureError(MoeflowError):
     """config.json / GGUF names an architecture that no family file registers."""
 
 
+class InsufficientMemoryError(MoeflowError):
+    """A model, its KV cache and working memory do not fit the memory available: found by the
+    memory plan (loading/memory_plan.py) before any weight is read."""
+
+
 class RequestError(MoeflowError):
     """One request is invalid (bad sampling parameter, prompt longer than the context...)."""
 

@@ -109,5 +109,6 @@ def test_serve_with_a_missing_model_exits_before_binding() -> None:
 
 
 def test_serve_with_too_little_memory_exits_with_the_numbers() -> None:
+    """The memory plan stops it before loading (engine/kv_cache.py plan_kv_cache would too)."""
     proc = run_cli("serve", "--kv-cache-tokens", str(10**10), "--port", "1")
-    assert_one_error_line(proc, "KV cache needs", "MiB")
+    assert_one_error_line(proc, "does not fit in memory", "KV cache", "GiB", "is available")

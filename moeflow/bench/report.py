@@ -1,21 +1,17 @@
-"""`moeflow info`: parameter counts and the memory plan, computed from the built module (never
-from a table of known models). No timing here; bench/default.py measures speed."""
+"""`moeflow info`: the config, parameter counts and the memory plan, computed from the module as
+the loader would build it, on the meta device from the checkpoint's headers (never from a table
+of known models, never by loading the weights). No timing here; bench/default.py measures speed."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from moeflow.config import ModelConfig
-from moeflow.engine.kv_cache import kv_bytes_per_token
-from moeflow.utils.dtype import parse_dtype
-
-if TYPE_CHECKING:
-    from moeflow.api import LLM
+from moeflow.loading.memory_plan import MemoryPlan
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # HF config keys for routed experts: (experts per token, experts in all), first hit wins.
@@ -39,7 +35,8 @@ class ParamCounts:
 
 
 def count_parameters(model: nn.Module, config: ModelConfig) -> ParamCounts:
-    """Walk named_parameters (which skips shared tensors) and bucket every element once."""
+    """Walk named_parameters (which skips shared tensors) and bucket every element once. Works
+    on a module on the meta device (the memory plan's)."""
     total = embedding = lm_head = attention = mlp = experts = weight_bytes = 0
     per_layer = [0] * config.num_hidden_layers
     embedding_row_bytes = 0
@@ -67,8 +64,9 @@ def count_parameters(model: nn.Module, config: ModelConfig) -> ParamCounts:
             mlp += n
             if ".experts." in name:
                 experts += n
-    # A tied head shares the embedding's storage, so named_parameters never yields it.
-    is_tied = lm_head == 0 or lm_head_ptr == embedding_ptr
+    # A tied head shares the embedding's storage, so named_parameters never yields it. (On the
+    # meta device every data_ptr is 0: there only the first test holds.)
+    is_tied = lm_head == 0 or (lm_head_ptr == embedding_ptr and bool(lm_head_ptr))
     top_k, num_experts = _routing(config)
     inactive = experts - experts * top_k // num_experts if num_experts else 0
     return ParamCounts(
@@ -98,20 +96,18 @@ def decode_weight_bytes(counts: ParamCounts) -> int:
     return read
 
 
-def model_info(llm: LLM) -> str:
-    """A readable report: config, parameter counts and the memory plan of a built LLM."""
-    cfg = llm.loaded.model_config
-    dtype = parse_dtype(llm.config.dtype)
-    counts = count_parameters(llm.loaded.model, cfg)
-    kv_token = kv_bytes_per_token(llm.loaded.model, dtype)
-    num_blocks, block_size = llm.config.num_kv_blocks, llm.config.block_size
+def model_info(plan: MemoryPlan) -> str:
+    """A readable report of a model, from its memory plan (nothing loaded): config, parameter
+    counts and the plan."""
+    cfg = plan.model_config
+    counts = count_parameters(plan.model, cfg)
     layers = counts.per_layer
     layer_line = (
         _n(layers[0]) if len(set(layers)) == 1 else f"{_n(min(layers))} .. {_n(max(layers))}"
     )
     top_k, num_experts = _routing(cfg)
     lines = [
-        f"model            {llm.loaded.path}",
+        f"model            {plan.source}",
         f"architecture     {cfg.architecture} (model_type {cfg.model_type})",
         f"layers           {cfg.num_hidden_layers}",
         f"hidden           {cfg.hidden_size}",
@@ -120,7 +116,7 @@ def model_info(llm: LLM) -> str:
         f"intermediate     {cfg.intermediate_size}",
         f"vocab            {cfg.vocab_size}",
         f"context          {cfg.max_position_embeddings}"
-        f" (max_model_len {llm.config.max_model_len})",
+        f" (max_model_len {plan.engine_config.max_model_len})",
     ]
     if num_experts:
         lines.append(f"experts          {num_experts} routed, top-{top_k}")
@@ -139,13 +135,8 @@ def model_info(llm: LLM) -> str:
         f"  mlp            {_n(counts.mlp)} ({_pct(counts.mlp, counts.total)})",
         f"  active / token {_n(counts.active_per_token)}",
         "",
-        "memory plan",
-        f"  compute dtype  {llm.config.dtype}",
-        f"  weights        {_bytes(counts.weight_bytes)}",
-        f"  KV per token   {_bytes(kv_token)} ({kv_token} B)",
-        f"  KV cache       {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens,"
-        f" {_bytes(llm.kv_cache_bytes)}",
-        f"  total          {_bytes(counts.weight_bytes + llm.kv_cache_bytes)}",
+        "memory plan (before loading: from the config and the checkpoint's headers)",
+        *plan.describe(),
     ]
     return "\n".join(lines)
 
@@ -162,13 +153,6 @@ def _n(count: int) -> str:
         if count >= scale:
             return f"{count:,} ({count / scale:.2f}{unit})"
     return f"{count:,}"
-
-
-def _bytes(n: int | float) -> str:
-    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _pct(part: int, whole: int) -> str:

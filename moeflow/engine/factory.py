@@ -1,6 +1,7 @@
 """Builds an LLMEngine from the user's EngineArgs: picks the device and compute dtype ("auto"),
-loads the model, measures what a GPU's memory holds for the KV cache and resolves the
-EngineConfig. The engine then allocates its KV cache and captures its graphs itself."""
+checks the memory plan and loads the model, measures what a GPU's memory holds for the KV cache
+and resolves the EngineConfig. The engine then allocates its KV cache and captures its graphs
+itself."""
 
 from __future__ import annotations
 
@@ -10,13 +11,9 @@ from moeflow.config import EngineArgs, EngineConfig
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.loading.loader import LoadedModel, default_dtype, load_model
-from moeflow.loading.source import parse_model_source
+from moeflow.loading.memory_plan import MemoryPlan, check_memory, kv_tokens_that_fit, plan_memory
+from moeflow.loading.source import ModelSource, parse_model_source
 from moeflow.utils.dtype import dtype_name, parse_dtype
-
-# On a GPU the KV cache takes this share of the memory left after the weights, less a reserve for
-# activations and CUDA graphs (vLLM's gpu_memory_utilization, applied to what is left).
-_GPU_KV_SHARE = 0.9
-_GPU_RESERVE_BYTES = 2 * 2**30
 
 
 def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngine:
@@ -36,8 +33,22 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
 
 
 def load(args: EngineArgs) -> LoadedModel:
-    """Parse the model source, resolve "auto" device (CUDA when there is one) and dtype, seed
-    torch, then load."""
+    """Parse the model source, resolve "auto" device and dtype, check the memory plan (too
+    little memory is an InsufficientMemoryError before any weight is read), seed torch, then
+    load."""
+    source, device, dtype = _resolve(args)
+    check_memory(plan_memory(source, device, dtype, args))
+    torch.manual_seed(args.seed)
+    return load_model(source, device, dtype, args.hf_overrides, args.quantize)
+
+
+def plan(args: EngineArgs) -> MemoryPlan:
+    """The memory plan of the engine `args` describe, from the config and headers only."""
+    return plan_memory(*_resolve(args), args)
+
+
+def _resolve(args: EngineArgs) -> tuple[ModelSource, str, torch.dtype]:
+    """The model source, the device ("auto": CUDA when there is one) and the compute dtype."""
     source = parse_model_source(args.model)
     device = args.device
     if device == "auto":
@@ -45,9 +56,7 @@ def load(args: EngineArgs) -> LoadedModel:
     dtype = args.dtype
     if dtype == "auto":
         dtype = default_dtype(source, device, args.quantize)
-    torch_dtype = parse_dtype(dtype)
-    torch.manual_seed(args.seed)
-    return load_model(source, device, torch_dtype, args.hf_overrides, args.quantize)
+    return source, device, parse_dtype(dtype)
 
 
 def _kv_tokens_that_fit(loaded: LoadedModel) -> int | None:
@@ -56,5 +65,4 @@ def _kv_tokens_that_fit(loaded: LoadedModel) -> int | None:
     if device.type != "cuda":
         return None
     per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
-    free = torch.cuda.mem_get_info(device)[0]
-    return int((free * _GPU_KV_SHARE - _GPU_RESERVE_BYTES) // max(per_token, 1))
+    return kv_tokens_that_fit(torch.cuda.mem_get_info(device)[0], per_token)

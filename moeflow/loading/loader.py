@@ -88,7 +88,10 @@ def load_model(
 ) -> LoadedModel:
     """Build and fill the model. A preset builds its real shape with random weights on the
     device (no files; `hf_overrides` changes its config, e.g. fewer layers; the embedded SmolLM2
-    tokenizer serves text, token ids beyond its vocabulary work as id prompts)."""
+    tokenizer serves text, token ids beyond its vocabulary work as id prompts).
+
+    NOTE: loading/memory_plan.py `_dry_run` repeats these steps on the meta device to plan the
+    memory before loading (engine/factory.py load checks it); a step changed here changes there."""
     start = time.perf_counter()
     if isinstance(source, Preset):
         loaded = _build_random(source, device, dtype, hf_overrides, start)
@@ -114,7 +117,7 @@ def load_model(
             block = tuple(quant.get("weight_block_size") or (128, 128))
             weights = fp8.dequantize_fp8_weights(weights, dtype, (int(block[0]), int(block[1])))
         num_tensors = 0
-    net = _build(config, device, dtype)
+    net = build_model(config, device, dtype)
     if quantize is not None:
         quantize_experts(net, quantize, device)  # each expert quantised as it loads
     net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))
@@ -127,7 +130,7 @@ def load_model(
     return LoadedModel(net, config, tokenizer, path, device, dtype, elapsed)
 
 
-def _build(config: ModelConfig, device: str, dtype: torch.dtype) -> CausalLM:
+def build_model(config: ModelConfig, device: str, dtype: torch.dtype) -> CausalLM:
     """The family's module, parameters allocated (uninitialised) on `device` in `dtype`."""
     cls = get_model_class(config.architecture)
     prev_dtype = torch.get_default_dtype()
@@ -148,7 +151,7 @@ def _build_random(
     start: float,
 ) -> LoadedModel:
     config = ModelConfig.from_hf(preset_config(source.name, overrides))
-    net = _build(config, device, dtype)
+    net = build_model(config, device, dtype)
     materialize_experts(net)  # random float experts
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

@@ -70,8 +70,10 @@ class GGUFWriter:
         nbytes = tensor_nbytes(shape, ggml_type)
         self._tensors.append(_Tensor(name, tuple(shape), ggml_type, nbytes, data))
 
-    def write(self, path: str | Path) -> int:
-        """Write the file; returns its size in bytes."""
+    def write(self, path: str | Path, with_data: bool = True) -> int:
+        """Write the file; returns its size in bytes. Without data the tensors' bytes are a hole
+        of their full size (a sparse file: a real model's layout on a few MB of disk, for what
+        must read the header only)."""
         align = GGUF_DEFAULT_ALIGNMENT
         offsets, offset = [], 0
         for t in self._tensors:
@@ -96,6 +98,9 @@ class GGUFWriter:
                 f.write(struct.pack(f"<{len(t.shape)}Q", *reversed(t.shape)))
                 f.write(struct.pack("<IQ", t.ggml_type, off))
             f.write(b"\0" * (-f.tell() % align))
+            if not with_data:
+                f.truncate(f.tell() + offset)
+                return f.tell() + offset
             for t in self._tensors:
                 data = np.ascontiguousarray(t.data()).view(np.uint8).reshape(-1)
                 if data.size != t.nbytes:

@@ -236,6 +236,21 @@ def iter_folder_tensors(folder: str | os.PathLike[str]) -> Iterator[tuple[str, t
     Looks for `model.safetensors`, then `model.safetensors.index.json` (its shards), then any
     `*.safetensors`. Tensors are zero-copy read-only views (see SafetensorsFile).
     """
+    for st, name in _iter_folder(folder):
+        yield name, st.get(name)
+
+
+def iter_folder_headers(
+    folder: str | os.PathLike[str],
+) -> Iterator[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """Yield (name, dtype, shape) for the tensors iter_folder_tensors yields, in the same order,
+    reading only the headers (the memory plan, loading/memory_plan.py)."""
+    for st, name in _iter_folder(folder):
+        yield name, st.dtype(name), st.shape(name)
+
+
+def _iter_folder(folder: str | os.PathLike[str]) -> Iterator[tuple[SafetensorsFile, str]]:
+    """(open file, tensor name) for every weight of the folder's checkpoint."""
     root = Path(folder)
     if not root.is_dir():
         raise ModelNotFoundError(f"{root}: not a directory")
@@ -253,13 +268,13 @@ def iter_folder_tensors(folder: str | os.PathLike[str]) -> Iterator[tuple[str, t
             yield from _iter_file(path)
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_file(path: Path) -> Iterator[tuple[SafetensorsFile, str]]:
     with SafetensorsFile(path) as st:
         for name in st:
-            yield name, st.get(name)
+            yield st, name
 
 
-def _iter_index(root: Path, index: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_index(root: Path, index: Path) -> Iterator[tuple[SafetensorsFile, str]]:
     weight_map = _read_weight_map(index)
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
@@ -278,7 +293,7 @@ def _iter_index(root: Path, index: Path) -> Iterator[tuple[str, torch.Tensor]]:
             wanted = set(names)
             for name in st:
                 if name in wanted:
-                    yield name, st.get(name)
+                    yield st, name
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:

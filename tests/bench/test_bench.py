@@ -13,6 +13,8 @@ from moeflow.api import LLM
 from moeflow.bench.default import run_bench
 from moeflow.bench.report import count_parameters, decode_weight_bytes, model_info
 from moeflow.cli import build_parser
+from moeflow.config import EngineArgs
+from moeflow.engine.factory import plan
 from tests.helpers.checkpoints import make_tiny_checkpoint
 
 
@@ -34,7 +36,8 @@ def test_model_info_counts(tiny_llama: Path) -> None:
     # Untied: the input embedding is read one row per step, the LM head in full.
     assert decode_weight_bytes(counts) == 4 * (counts.total - counts.embedding + 64)
 
-    text = model_info(llm)
+    args = EngineArgs(model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_tokens=1024)
+    text = model_info(plan(args))  # from the headers: the loaded model's counts
     kv_per_token = 2 * 3 * 2 * 16 * 4  # K and V x layers x kv_heads x head_dim x fp32
     assert f"{counts.total:,}" in text
     assert f"({kv_per_token} B)" in text
