@@ -133,7 +133,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--json", default=None, help="also write the results to this file")
     bench.add_argument(
         "--workload",
-        choices=["default", "moe-scaling", "suite", "moe-tune", "moe-cpu"],
+        choices=["default", "moe-scaling", "suite", "moe-tune", "moe-cpu", "quality"],
         default="default",
         help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
         "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts; suite: "
@@ -141,20 +141,32 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "offline throughput) beside HF transformers; moe-tune: time the fused-MoE kernel's "
         "block sizes for --model's expert shapes on this GPU and write the tuning table; "
         "moe-cpu: an MoE GGUF (or preset:<name> written as one) at 1/4/16 streams beside "
-        "llama.cpp's llama-batched-bench on the same file, with peak RSS, load and roofline",
+        "llama.cpp's llama-batched-bench on the same file, with peak RSS, load and roofline; "
+        "quality: KL divergence and top-1 agreement of the CPU kernels' exact and int8 paths "
+        "against an fp32 reference on a fixed text, beside llama-perplexity's KL of the same "
+        "GGUF against its F32 copy",
     )
     bench.add_argument("--streams", default="1,4,16", help="moe-cpu: stream counts (comma list)")
     bench.add_argument(
         "--gguf-type",
         default="q4_k_m",
         choices=["q4_k_m", "q8_0"],
-        help="moe-cpu: the type of the GGUF written for preset:<name>",
+        help="moe-cpu, quality: the type of the GGUF written for preset:<name>",
     )
     bench.add_argument(
         "--num-layers",
         type=int,
         default=None,
-        help="moe-cpu: write preset:<name> with its first N layers only (default: all)",
+        help="moe-cpu, quality: write preset:<name> with its first N layers only (default: all)",
+    )
+    bench.add_argument(
+        "--text", default=None, help="quality: the text scored (default: the package's own)"
+    )
+    bench.add_argument(
+        "--chunk-len",
+        type=int,
+        default=512,
+        help="quality: tokens per chunk (llama-perplexity's -c); the second half is scored",
     )
     bench.add_argument(
         "--batch-sizes", default="1,16,64", help="suite: decode batch sizes (comma list)"
@@ -237,6 +249,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from moeflow.bench.moe_tune import run_moe_tune
 
             return run_moe_tune(args)
+        if args.workload == "quality":
+            from moeflow.bench.quality import run_quality
+
+            return run_quality(args)
         if args.workload == "moe-cpu":
             from moeflow.bench.moe_cpu import run_moe_cpu
 

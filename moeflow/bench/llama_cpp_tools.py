@@ -28,6 +28,7 @@ logger = logging.getLogger("moeflow")
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built
 BATCHED_BENCH = "llama-batched-bench"
+PERPLEXITY = "llama-perplexity"  # the KL-divergence peer of `--workload quality`
 
 
 @dataclass(slots=True)
@@ -48,9 +49,14 @@ def _build_dir() -> Path:
 
 def find_batched_bench() -> Path | None:
     """The llama-batched-bench binary: MOEFLOW_LLAMA_CPP_BIN's, else the cached build's."""
+    return find_tool(BATCHED_BENCH)
+
+
+def find_tool(name: str) -> Path | None:
+    """The llama.cpp binary `name`: MOEFLOW_LLAMA_CPP_BIN's, else the cached build's."""
     folder = env.MOEFLOW_LLAMA_CPP_BIN
-    candidates = [Path(folder) / BATCHED_BENCH] if folder else []
-    candidates.append(_build_dir() / "bin" / BATCHED_BENCH)
+    candidates = [Path(folder) / name] if folder else []
+    candidates.append(_build_dir() / "bin" / name)
     return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
