@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.kernels import sampling
 from moeflow.sampling_params import SamplingParams
 from moeflow.utils.device import to_device
 
@@ -217,29 +218,29 @@ def _flat_index(
 
 def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Penalised logits [S, V] of non-greedy rows -> sampled ids [S]: temperature, top-k, top-p,
-    min-p, then an exponential race (Gumbel-max) that draws each row from its own generator."""
+    min-p, then one inverse-CDF draw per row from a uniform of the row's own generator (None:
+    torch's default generator), so a row's token depends only on its own random state."""
     num_rows, vocab_size = x.shape
     device = x.device
     params = [row.params for row in rows]
-    x = x / _column([p.temperature for p in params], device)  # [S, V]
-
+    u = torch.cat(
+        [torch.rand(1, dtype=torch.float64, generator=row.generator, device=device) for row in rows]
+    )  # [S]
+    temperature = to_device([p.temperature for p in params], torch.float32, device)  # [S]
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
     top_p = [p.top_p for p in params]
-    if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
+    filtered = any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p)
+    if not filtered and not any(p.min_p > 0.0 for p in params):
+        return sampling.sample_softmax(x, temperature, u)
+
+    x = x / temperature[:, None]  # [S, V]
+    if filtered:
         x = _top_k_top_p(x, top_k, top_p)
     probs = x.softmax(dim=-1)  # [S, V]
     if any(p.min_p > 0.0 for p in params):
         min_p = _column([p.min_p for p in params], device)  # [S, 1]
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-
-    # argmax(probs / q) with q ~ Exp(1) picks token i with probability probs[i] / sum(probs): no
-    # renormalisation needed. NOTE: per-row loop, so that each row's noise [V] depends only on
-    # its own generator (None: torch's default generator).
-    q = torch.empty_like(probs)  # [S, V]
-    for i, row in enumerate(rows):
-        q[i].exponential_(generator=row.generator)
-    q.clamp_min_(torch.finfo(q.dtype).tiny)  # q == 0 would make 0 / 0 = nan, which argmax picks
-    return (probs / q).argmax(dim=-1)  # [S]
+    return sampling.sample_probs(probs, u)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
