@@ -27,6 +27,8 @@ KEPT_TYPES = frozenset(
         GGMLType.Q5_0,
         GGMLType.Q5_1,
         GGMLType.Q8_0,
+        GGMLType.Q2_K,
+        GGMLType.Q3_K,
         GGMLType.Q4_K,
         GGMLType.Q5_K,
         GGMLType.Q6_K,

@@ -48,6 +48,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
 // 16 bytes of uint8 -> two __m256 (elements 0..7, 8..15) as float
 inline void u8x16_to_f32(__m128i v, __m256* out) {
   out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
@@ -227,6 +234,83 @@ struct Q5_K {
     return _mm256_or_si256(k_nibbles(b + 48, c), hi);
   }
   static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(I(b, c), q); }
+};
+
+// The 2-bit values of chunk c of a Q2_K/Q3_K super-block: bits 2 (c % 4) of the 32 bytes of
+// qs that hold values 128 (c / 4) .. + 127, as 32 bytes 0..3.
+inline __m256i k_crumbs(const uint8_t* qs, int c) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (c / 4)));
+  return _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * (c % 4))),
+                          _mm256_set1_epi8(3));
+}
+
+// Q2_K: scales[16] (per 16 values: scale in the low nibble, min in the high one), qs[64], d and
+// dmin (fp16): w = d * sc * q - dmin * m. The float path folds the per-16 scales and mins into
+// chunk() (scales() gives 1 and 0); the int8 path is dot_q8k.
+struct Q2_K {
+  static constexpr int QK = 256, BYTES = 84, NC = 8;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 2;
+  static void scales(const uint8_t*, float* sc, float* mn) {
+    for (int c = 0; c < 8; ++c) {
+      sc[c] = 1.0f;
+      mn[c] = 0.0f;
+    }
+  }
+  static __m256i I(const uint8_t* b, int c) { return k_crumbs(b + 16, c); }
+  static void chunk(const uint8_t* b, int c, __m256* q) {
+    const float d = fp16(b + 80), dmin = fp16(b + 82);
+    u8x32_to_f32(I(b, c), q);
+    for (int h = 0; h < 2; ++h) {  // sub-blocks 2c (values 0..15) and 2c + 1 (16..31)
+      const uint8_t s = b[2 * c + h];
+      const __m256 dl = _mm256_set1_ps(d * static_cast<float>(s & 0xF));
+      const __m256 ml = _mm256_set1_ps(-dmin * static_cast<float>(s >> 4));
+      q[2 * h] = _mm256_fmadd_ps(q[2 * h], dl, ml);
+      q[2 * h + 1] = _mm256_fmadd_ps(q[2 * h + 1], dl, ml);
+    }
+  }
+};
+
+// The 16 6-bit scales of a Q3_K super-block's 12-byte field, minus 32: the low 4 bits of scale j
+// in byte j % 8 (low nibble for j < 8), the high 2 bits at bit 2 (j / 4) of byte 8 + j % 4.
+inline void q3k_scales(const uint8_t* s, int8_t* out) {
+  for (int j = 0; j < 16; ++j) {
+    const int low = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+    const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    out[j] = static_cast<int8_t>((low | (high << 4)) - 32);
+  }
+}
+
+// Q3_K: hmask[32] (bit c of byte l: the third bit of value l of chunk c), qs[64], scales[12],
+// d (fp16): w = d * sc * (q - 4) with q = low 2 bits | third bit << 2 in 0..7.
+struct Q3_K {
+  static constexpr int QK = 256, BYTES = 110, NC = 8;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 2;
+  static void scales(const uint8_t*, float* sc, float* mn) {
+    for (int c = 0; c < 8; ++c) {
+      sc[c] = 1.0f;
+      mn[c] = 0.0f;
+    }
+  }
+  static __m256i I(const uint8_t* b, int c) {  // q in 0..7
+    const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(c)),
+                                        _mm256_set1_epi8(1));
+    return _mm256_or_si256(k_crumbs(b + 32, c), _mm256_slli_epi16(hb, 2));
+  }
+  static void chunk(const uint8_t* b, int c, __m256* q) {
+    const float d = fp16(b + 108);
+    int8_t sc[16];
+    q3k_scales(b + 96, sc);
+    u8x32_to_f32(I(b, c), q);
+    const __m256 four = _mm256_set1_ps(4.0f);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dl = _mm256_set1_ps(d * static_cast<float>(sc[2 * c + h]));
+      q[2 * h] = _mm256_mul_ps(_mm256_sub_ps(q[2 * h], four), dl);
+      q[2 * h + 1] = _mm256_mul_ps(_mm256_sub_ps(q[2 * h + 1], four), dl);
+    }
+  }
 };
 
 struct Q6_K {
@@ -541,6 +625,8 @@ struct Q8KRows {  // MR consecutive activation rows of the Q8_K format
 template <int MR> void dot_q8k(Q4_K, const uint8_t* wrow, const Q8KRows& a, float* out);
 template <int MR> void dot_q8k(Q5_K, const uint8_t* wrow, const Q8KRows& a, float* out);
 template <int MR> void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, float* out);
+template <int MR> void dot_q8k(Q2_K, const uint8_t* wrow, const Q8KRows& a, float* out);
+template <int MR> void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, float* out);
 
 // y[:, n0:n1] = x W[n0:n1]^T for the prepared activations (y is [M, N]).
 template <class T>
@@ -973,9 +1059,87 @@ void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
   for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]);
 }
 
+// Q2_K and Q3_K: 2-bit values (plus Q3_K's third bit) of chunk c against the activations'
+// chunk c (wherever kq8k_slot stores it), each 16 values times its sub-block scale in int32
+// lanes; Q2_K's mins and Q3_K's -4 offset come from the 16-value sums.
+template <int MR>
+void dot_q8k(Q2_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
+  const int64_t nb = a.K / 256;
+  __m256 acc[MR];
+  float macc[MR];
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    macc[r] = 0.0f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * Q2_K::BYTES;
+    const float d = fp16(blk + 80), dmin = fp16(blk + 82);
+    const __m128i sb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sb, _mm_set1_epi8(0x0F)));
+    const __m256i mn16 =
+        _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sb, 4), _mm_set1_epi8(0x0F)));
+    alignas(32) int16_t sc[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sc), sc16);
+    __m256i sumi[MR];
+    for (int r = 0; r < MR; ++r) sumi[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i q = Q2_K::I(blk, c);
+      const __m256i s2 = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i x = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(a.q + r * a.K + b * 256 + 32 * kq8k_slot(c)));
+        sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(q, x), s2);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const float d8 = a.d[r * nb + b];
+      const __m256i bs =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+      macc[r] -= dmin * d8 * static_cast<float>(hsum_i32(_mm256_madd_epi16(bs, mn16)));
+    }
+  }
+  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + macc[r];
+}
+
+template <int MR>
+void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
+  const int64_t nb = a.K / 256;
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  alignas(16) int8_t sc[16];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * Q3_K::BYTES;
+    const float d = fp16(blk + 108);
+    q3k_scales(blk + 96, sc);
+    const __m256i sc16 =
+        _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)));
+    __m256i sumi[MR];
+    for (int r = 0; r < MR; ++r) {  // the -4 offset: -4 * sum_s sc_s * bsum_s
+      const __m256i bs =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16));
+      sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 2));
+    }
+    for (int c = 0; c < 8; ++c) {
+      const __m256i q = Q3_K::I(blk, c);
+      const __m256i s2 = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i x = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(a.q + r * a.K + b * 256 + 32 * kq8k_slot(c)));
+        sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(q, x), s2);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[r * nb + b]), _mm256_cvtepi32_ps(sumi[r]),
+                               acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]);
+}
+
 // ggml type ids (gguf.py GGMLType)
-enum : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                 kQ5_K = 13, kQ6_K = 14 };
+enum : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10,
+                 kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 template <class F>
 void dispatch_type(int64_t qtype, F&& f) {
@@ -985,6 +1149,8 @@ void dispatch_type(int64_t qtype, F&& f) {
     case kQ5_0: f(Q5_0{}); break;
     case kQ5_1: f(Q5_1{}); break;
     case kQ8_0: f(Q8_0{}); break;
+    case kQ2_K: f(Q2_K{}); break;
+    case kQ3_K: f(Q3_K{}); break;
     case kQ4_K: f(Q4_K{}); break;
     case kQ5_K: f(Q5_K{}); break;
     case kQ6_K: f(Q6_K{}); break;
