@@ -26,7 +26,7 @@ class _Engine:
 
 def _serving(reasoning: str = "off") -> OpenAIServing:
     config = ServerConfig("m", reasoning=reasoning)
-    return OpenAIServing(_Engine(), config, ServerMetrics())  # type: ignore[arg-type]
+    return OpenAIServing(_Engine(), config, ServerMetrics("tiny"))  # type: ignore[arg-type]
 
 
 def _job(updates: list[RequestUpdate], *, chat: bool, splitter: bool = False) -> _Job:
