@@ -188,3 +188,12 @@ def test_no_meter_means_no_joules(tmp_path: Path) -> None:
     assert ledger.totals()[1] is None
     snap = cost.snapshot(ledger.energy_source, 0)
     assert snap.energy_uj is None and snap.energy_source is None and snap.prefill_ns > 0
+
+
+def test_offline_outputs_carry_the_cost(tiny_checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32", device="cpu", max_model_len=64)
+    (out,) = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=5, ignore_eos=True))
+    cost = out.cost
+    assert cost is not None and cost["prefill_seconds"] > 0 and cost["decode_seconds"] > 0
+    assert cost["usd"] is None and cost["reasoning_seconds"] == 0
+    assert (cost["joules"] is None) == (cost["energy_source"] is None)

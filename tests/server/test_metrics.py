@@ -12,6 +12,15 @@ from prometheus_client.samples import Sample
 from moeflow.server.metrics import EngineTotals, FinishedRequest, ServerMetrics
 from tests.helpers.server import Server
 
+COST_KEYS = (
+    "prefill_seconds",
+    "decode_seconds",
+    "reasoning_seconds",
+    "cached_tokens",
+    "joules",
+    "energy_source",
+    "usd",
+)
 VLLM_FAMILIES = {
     "vllm:num_requests_running": "gauge",
     "vllm:num_requests_waiting": "gauge",
@@ -168,3 +177,17 @@ def test_values_move_as_requests_run(tiny_server: Server) -> None:
     assert moved("moeflow:request_decode_seconds_total") > 0
     assert value(after, "vllm:num_requests_running", **t) == 0
     assert value(after, "process_resident_memory_bytes") > 0
+
+    # usage.cost, in the full response and in the stream's usage chunk.
+    chunks = [json.loads(line[6:]) for line in raw.decode().splitlines() if line[6:7] == "{"]
+    for cost in (usage["cost"], chunks[-1]["usage"]["cost"]):
+        assert set(cost) == set(COST_KEYS)
+        assert cost["prefill_seconds"] > 0 and cost["decode_seconds"] > 0
+        assert cost["reasoning_seconds"] == 0 and cost["usd"] is None  # no think block, no price
+        if cost["energy_source"] is None:  # this machine has no readable meter
+            assert cost["joules"] is None
+        else:
+            assert cost["joules"] >= 0
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    status, _, resp = tiny_server.request("POST", "/v1/chat/completions", chat)
+    assert status == 200 and set(json.loads(resp)["usage"]["cost"]) == set(COST_KEYS)
