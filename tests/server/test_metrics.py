@@ -5,6 +5,8 @@ requests run (a real server); energy appears only with a meter, dollars only wit
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -191,3 +193,18 @@ def test_values_move_as_requests_run(tiny_server: Server) -> None:
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     status, _, resp = tiny_server.request("POST", "/v1/chat/completions", chat)
     assert status == 200 and set(json.loads(resp)["usage"]["cost"]) == set(COST_KEYS)
+
+
+def test_the_grafana_dashboard_reads_only_metrics_we_serve() -> None:
+    dashboard = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
+    panels = json.loads(dashboard.read_text())["panels"]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    m = ServerMetrics("tiny", price_per_hour=1.0)
+    m.bind(lambda: _totals(joules={"prefill": 1.0}, energy_source="rapl"))
+    m.itl.observe(0.1)  # a histogram's samples are there before any observation too
+    _, samples = parse(m.render())
+    served = {s.name for s in samples}
+    used = {n for e in exprs for n in re.findall(r"\b(?:vllm:|moeflow:|process_)\w+", e)}
+    assert len(used) > 20 and used <= served, used - served
+    for name in VLLM_FAMILIES:
+        assert any(n.startswith(name) for n in used), f"no panel reads {name}"
