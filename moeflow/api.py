@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from moeflow.config import EngineArgs, EngineConfig
@@ -34,7 +34,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     # What the request cost (engine/cost.py usage_cost, as the server's usage.cost; usd null).
     # reasoning_seconds counts the tokens up to a </think> in the output.
-    cost: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = field(default=None, compare=False)  # timings differ per run
 
 
 class LLM:
