@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from moeflow.config import EngineArgs, EngineConfig
+from moeflow.engine.cost import usage_cost
 from moeflow.engine.factory import build_engine, load
 from moeflow.engine.output_processor import OutputProcessor, RequestState
 from moeflow.engine.sampler import TokenLogprobs
@@ -31,6 +32,9 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    # What the request cost (engine/cost.py usage_cost, as the server's usage.cost; usd null).
+    # reasoning_seconds counts the tokens up to a </think> in the output.
+    cost: dict[str, Any] | None = field(default=None, compare=False)  # timings differ per run
 
 
 class LLM:
@@ -178,7 +182,8 @@ class LLM:
         for s in states:
             if s.req.error is not None:
                 raise RequestError(s.req.error)
-        return [_to_output(s) for s in states]
+        think_end_id = self.tokenizer.token_to_id("</think>")
+        return [_to_output(s, think_end_id) for s in states]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -190,7 +195,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items  # type: ignore[return-value]
 
 
-def _to_output(state: RequestState) -> RequestOutput:
+def _to_output(state: RequestState, think_end_id: int | None) -> RequestOutput:
     req = state.req
     return RequestOutput(
         request_id=req.request_id,
@@ -201,4 +206,11 @@ def _to_output(state: RequestState) -> RequestOutput:
         stop_reason=state.stop_reason,
         logprobs=state.logprobs,
         num_cached_tokens=req.num_cached_tokens,
+        cost=usage_cost([(state.cost(), _reasoning_tokens(state, think_end_id))], None),
     )
+
+
+def _reasoning_tokens(state: RequestState, think_end_id: int | None) -> int:
+    """Output tokens up to and including the first </think> (0 without one)."""
+    ids = state.token_ids
+    return ids.index(think_end_id) + 1 if think_end_id is not None and think_end_id in ids else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -225,6 +226,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         help="split <think>...</think> into reasoning_content (auto: when the vocabulary has "
         "both tags)",
     )
+    serve.add_argument(
+        "--price-per-hour",
+        type=_non_negative_float,
+        default=None,
+        help="the machine's price per hour: each response's usage.cost.usd is it times the "
+        "engine seconds booked to the request (default: usd is null)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,6 +331,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             max_waiting=args.max_waiting,
             reasoning=args.reasoning_parser,
+            price_per_hour=args.price_per_hour,
         )
         return serve(engine, config)
     llm = LLM.from_engine_args(engine_args)
@@ -386,3 +395,10 @@ def _interactive(llm: LLM, messages: list[dict[str, str]], params: SamplingParam
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value

@@ -44,6 +44,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "moeflow.engine.async_engine",
         "moeflow.engine.output_processor",
         "moeflow.engine.llm_engine",
+        "moeflow.engine.request",
+        "moeflow.engine.cost",
     ),
     "moeflow.bench": (
         "moeflow.api",

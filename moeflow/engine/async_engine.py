@@ -34,11 +34,12 @@ class QueueFullError(MoeflowError):
 
 @dataclass(frozen=True, slots=True)
 class KVStats:
-    """The KV cache's occupancy and the prefix cache's hit rate, as /metrics shows them."""
+    """The KV cache's occupancy and the prefix cache's lookups, as /metrics shows them."""
 
     num_free_blocks: int
     num_blocks: int
-    prefix_cache_hit_rate: float  # share of queried prompt tokens found in the prefix cache
+    num_queried_tokens: int  # prompt tokens looked up in the prefix cache
+    num_hit_tokens: int  # of those, found
 
 
 @dataclass(slots=True)
@@ -93,6 +94,8 @@ class AsyncEngine:
         # Counted in the engine thread: "accepted" when admitted, then exactly one of finished /
         # aborted / error when it ends; "rejected" for requests the engine refused at admission.
         self.outcomes: Counter[str] = Counter()
+        # The same ended requests by finish reason: stop / length / abort, or error.
+        self.finished_reasons: Counter[str] = Counter()
         self.num_running = 0
         self.num_waiting = 0
 
@@ -113,8 +116,7 @@ class AsyncEngine:
     def kv_stats(self) -> KVStats:
         """Read from any thread: plain counters the engine thread updates."""
         bm = self.engine.block_manager
-        hit_rate = bm.num_hit_tokens / max(1, bm.num_queried_tokens)
-        return KVStats(bm.num_free_blocks, bm.num_blocks, hit_rate)
+        return KVStats(bm.num_free_blocks, bm.num_blocks, bm.num_queried_tokens, bm.num_hit_tokens)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -201,6 +203,7 @@ class AsyncEngine:
                     self._snapshot()
                 else:
                     self._snapshot()
+                    engine.cost.book_idle()  # often enough for a meter that wraps
                     self._wake.wait(0.5)
                     self._wake.clear()
             self._run_commands()
@@ -211,6 +214,7 @@ class AsyncEngine:
                 update = RequestUpdate(request_id, [], error=f"engine failure: {e}")
                 self._push(request_id, update)
                 self.outcomes["error"] += 1
+                self.finished_reasons["error"] += 1
             with self._lock:
                 self._sinks.clear()
             if self.exit_on_death:
@@ -232,8 +236,10 @@ class AsyncEngine:
                     self._abort(request_id)
 
     def _abort(self, request_id: str) -> None:
+        state = self._outputs.state(request_id)
         if self._outputs.abort(request_id):
-            update = RequestUpdate(request_id, [], finish_reason="abort")
+            cost = state.cost() if state is not None else None
+            update = RequestUpdate(request_id, [], finish_reason="abort", cost=cost)
             self._end(request_id, update, "aborted")
 
     def _add(self, command: _Add) -> None:
@@ -267,6 +273,7 @@ class AsyncEngine:
         with self._lock:
             del self._sinks[request_id]
         self.outcomes[outcome] += 1
+        self.finished_reasons["error" if update.error else update.finish_reason or "abort"] += 1
 
     def _push(self, request_id: str, update: RequestUpdate) -> None:
         sink = self._sinks.get(request_id)

@@ -1,19 +1,22 @@
 """The engine core: add_request / step / abort. Each step schedules a batch, runs the model,
 samples, appends tokens, checks stop ids, eos and lengths, and frees finished requests' blocks.
 It sees token ids only: text and stop strings are output_processor.py's. With the overlap
-schedule the host reads a step's tokens after launching the next one (see step())."""
+schedule the host reads a step's tokens after launching the next one (see step()). Each step's
+time and energy are booked to its requests (engine/cost.py)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
+from moeflow.engine.cost import CostLedger, Share, find_meter
 from moeflow.engine.kv_cache import plan_kv_cache
 from moeflow.engine.model_runner import ModelRunner, TokenCarry
 from moeflow.engine.profile import StepProfile, device_timed, timed
@@ -93,6 +96,9 @@ class LLMEngine:
         self.stats = EngineStats()
         self._in_flight: _InFlight | None = None  # the launch whose ids the host has not read
         self.overlap_schedule = config.overlap_schedule  # may change between steps
+        self.cost = CostLedger(find_meter(config.device))
+        # Called with each request as it ends, whatever ended it (the server's metrics).
+        self.finish_listeners: list[Callable[[Request], None]] = []
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -134,6 +140,7 @@ class LLMEngine:
             prompt_ids=list(prompt_ids),
             params=params,
             max_tokens=params.max_tokens if params.max_tokens is not None else room,
+            arrival_time=time.monotonic(),
         )
         if not params.is_greedy:
             req.generator = make_generator(params.seed, self.device)
@@ -170,14 +177,41 @@ class LLMEngine:
         and only then reads the ids sampled by the step before, so the host's work (scheduling,
         preparing, stop checks) runs while the device computes: a step returns the requests of
         the previous launch. A request that finishes has one wasted row in the launch after.
-        A batch with penalties takes the normal schedule: they count every earlier token."""
+        A batch with penalties takes the normal schedule: they count every earlier token.
+
+        The step's time and energy go to the requests it scheduled (CostLedger); a step that
+        scheduled nothing but read the launch before goes to that launch's requests."""
+        self.cost.book_idle()
         with timed(self.profile, "schedule_s"):
             batch = self.scheduler.schedule()
         if not batch.reqs:
-            return self._idle_step()
+            waited = self._in_flight is not None
+            done = self._idle_step()
+            self.cost.book_step(None if waited else ())
+            return done
+        shares = self._shares(batch)
         if self.overlap_schedule and not any(has_penalties(r.params) for r in batch.reqs):
-            return self._overlap_step(batch)
-        return self._normal_step(batch)
+            done = self._overlap_step(batch)
+        else:
+            done = self._normal_step(batch)
+        self.cost.book_step(shares)
+        return done
+
+    def _shares(self, batch: ScheduledBatch) -> list[Share]:
+        """Each request's part of the step: a decode row (one token past the prompt) samples
+        output token k; anything else is prefill (a chunk, or a recompute after preemption).
+        Stamps the requests scheduled for the first time."""
+        now = time.monotonic()
+        shares: list[Share] = []
+        for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            start, num_prompt = req.num_computed_tokens, len(req.prompt_ids)
+            if n == 1 and start >= num_prompt:
+                shares.append(Share(req.cost, 1, "decode", start + 1 - num_prompt))
+            else:
+                shares.append(Share(req.cost, n, "prefill"))
+        return shares
 
     def _normal_step(self, batch: ScheduledBatch) -> list[Request]:
         """Launch the batch and read its ids before returning. A launch still in flight (from an
@@ -271,6 +305,9 @@ class LLMEngine:
                 if req.is_finished:
                     continue
                 req.output_ids.append(token)
+                req.last_token_time = time.monotonic()
+                if req.first_token_time is None:
+                    req.first_token_time = req.last_token_time
                 if lp is not None:
                     req.output_logprobs.append(lp)
                 self.stats.num_generated_tokens += 1
@@ -323,6 +360,8 @@ class LLMEngine:
             return
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
+        for listener in self.finish_listeners:
+            listener(req)
 
     # ---- routing statistics (MoE) ----------------------------------------------------------------
     def moe_layers(self) -> list[MoEStats]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moeflow.engine.cost import CostSnapshot
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.request import Request
 from moeflow.engine.sampler import TokenLogprobs
@@ -27,6 +28,7 @@ class RequestUpdate:
     error: str | None = None  # the engine failed this request (or died)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    cost: CostSnapshot | None = None  # on the last update: what the request was booked
 
 
 @dataclass(slots=True)
@@ -40,6 +42,7 @@ class RequestState:
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    energy_source: str | None = None  # the engine's meter (CostLedger.energy_source)
 
     @property
     def request_id(self) -> str:
@@ -73,7 +76,12 @@ class RequestState:
             req.error if self.finished else None,
             len(req.prompt_ids),
             req.num_cached_tokens,
+            self.cost() if self.finished else None,
         )
+
+    def cost(self) -> CostSnapshot:
+        """What the request was booked so far (all of it once finished)."""
+        return self.req.cost.snapshot(self.energy_source, self.req.num_cached_tokens)
 
 
 class OutputProcessor:
@@ -89,7 +97,7 @@ class OutputProcessor:
         """LLMEngine.add_request (RequestError on bad input), then the request's OutputText."""
         req = self.engine.add_request(prompt_ids, params, request_id)
         text = OutputText(self.engine.tokenizer, params.stop, params.skip_special_tokens)
-        state = RequestState(req, text)
+        state = RequestState(req, text, energy_source=self.engine.cost.energy_source)
         self._states[req.request_id] = state
         return state
 
@@ -115,6 +123,10 @@ class OutputProcessor:
                 self._finish(state, reason, req.stop_reason)
             changed.append(state)
         return changed
+
+    def state(self, request_id: str) -> RequestState | None:
+        """The state of a request still open here."""
+        return self._states.get(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now (LLMEngine.abort); False if it had already ended."""

@@ -1,6 +1,7 @@
 """Request: one generation's state from admission to finish (tokens, blocks, status, the
 finish reason). Owned by the engine thread, which checks its stop ids, eos and length; stop
-strings are engine/output_processor.py's. Leaf module (torch only for the sampling generator)."""
+strings are engine/output_processor.py's. Imports only leaf modules and engine/cost.py (torch
+only for the sampling generator)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from moeflow.engine.cost import RequestCost
 from moeflow.sampling_params import FinishReason, SamplingParams
 
 if TYPE_CHECKING:
@@ -46,6 +48,12 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: str | None = None  # set when the engine had to fail this request
+    # Set by the engine: time.monotonic() stamps (vLLM's request phases) and the booked cost.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    cost: RequestCost = field(default_factory=RequestCost)
 
     @property
     def num_tokens(self) -> int:

@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moeflow.engine.async_engine import AsyncEngine
+from moeflow.engine.request import Request as EngineRequest
 from moeflow.server import protocol
-from moeflow.server.metrics import ServerMetrics
+from moeflow.server.metrics import CONTENT_TYPE, EngineTotals, FinishedRequest, ServerMetrics
 from moeflow.server.serving import ApiError, OpenAIServing, ServerConfig
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """The app over `engine` (started by the caller); shutting the app down drains the engine."""
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(config.served_model_name, config.price_per_hour)
     _bind_metric_sources(metrics, engine)
     serving = OpenAIServing(engine, config, metrics)
 
@@ -58,7 +60,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -145,11 +147,40 @@ def _validate(
 
 
 def _bind_metric_sources(metrics: ServerMetrics, engine: AsyncEngine) -> None:
-    metrics.bind(
-        outcomes=lambda: dict(engine.outcomes),
-        running=lambda: engine.num_running,
-        waiting=lambda: engine.num_waiting,
-        kv_blocks_free=lambda: engine.kv_stats().num_free_blocks,
-        kv_blocks_total=lambda: engine.kv_stats().num_blocks,
-        prefix_cache_hit_rate=lambda: engine.kv_stats().prefix_cache_hit_rate,
-    )
+    core = engine.engine
+
+    def totals() -> EngineTotals:
+        kv = engine.kv_stats()
+        seconds, joules = core.cost.totals()
+        return EngineTotals(
+            num_running=engine.num_running,
+            num_waiting=engine.num_waiting,
+            kv_cache_usage=1 - kv.num_free_blocks / max(1, kv.num_blocks),
+            num_kv_blocks=kv.num_blocks,
+            prefix_cache_queries=kv.num_queried_tokens,
+            prefix_cache_hits=kv.num_hit_tokens,
+            num_preemptions=core.scheduler.num_preemptions,
+            num_accepted=engine.outcomes["accepted"],
+            num_rejected=engine.outcomes["rejected"],
+            finished_reasons=dict(engine.finished_reasons),
+            seconds=seconds,
+            joules=joules,
+            energy_source=core.cost.energy_source,
+        )
+
+    def finished(req: EngineRequest) -> None:  # on the engine thread
+        end = req.last_token_time or time.monotonic()
+        scheduled = req.first_scheduled_time or end
+        first_token = req.first_token_time or end
+        metrics.observe_finished(
+            FinishedRequest(
+                queue_s=scheduled - req.arrival_time,
+                prefill_s=first_token - scheduled,
+                decode_s=end - first_token,
+                num_prompt_tokens=len(req.prompt_ids),
+                num_generation_tokens=len(req.output_ids),
+            )
+        )
+
+    metrics.bind(totals)
+    core.finish_listeners.append(finished)

@@ -1,319 +1,297 @@
-"""A tiny Prometheus text-format registry (counters, gauges, histograms; thread-safe) and the
-server's own metrics, all prefixed `moeflow_`. Stdlib only; never touches the engine itself:
-values the engine owns are read through callbacks at render time."""
+"""What /metrics shows, on prometheus_client: vLLM's names and `model_name` label for everything
+moeflow has (so vLLM's Grafana dashboard, guidellm and the Gateway API Inference Extension read
+it unchanged), process metrics (RSS, CPU, open files), and moeflow's own beside them under
+`moeflow:`. Never touches the engine: what the engine owns is read through callbacks at scrape
+time (`bind`), or handed over by the engine thread when a request finishes (`observe_finished`)."""
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
-import re
-import threading
-from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# Counters get no `_created` samples (as vLLM does): they double the output and nothing reads them.
+disable_created_metrics()
 
-LabelValues = tuple[str, ...]
-# A callback returns one number (no labels) or {label values: number}; with one label name the
-# key may be the plain string.
-Source = Callable[[], object]
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()) -> None:  # noqa: A002
-        self.name, self.help = name, help
-        self.labelnames = tuple(labelnames)
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"bad metric name {name!r}")
-        for label in self.labelnames:
-            if not _LABEL.fullmatch(label) or label.startswith("__") or label == "le":
-                raise ValueError(f"bad label name {label!r} for {name}")
-        self._values: dict[LabelValues, float] = {}
-        self._lock = threading.Lock()
-        if not self.labelnames:
-            self._values[()] = 0.0
-
-    def _key(self, labels: Mapping[str, object]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
-
-    def _samples(self) -> list[tuple[str, LabelValues, float]]:
-        with self._lock:
-            return [(self.name, k, v) for k, v in sorted(self._values.items())]
-
-    def render(self) -> list[str]:
-        """The HELP and TYPE lines and one line per sample; [] when a callback fails."""
-        try:
-            samples = self._samples()
-        except Exception:  # a broken source must not take /metrics down with it
-            logger.exception("metric %s: source failed", self.name)
-            return []
-        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-        for name, values, value in samples:
-            lines.append(f"{name}{_labels(self.labelnames, values)} {_fmt(value)}")
-        return lines
+# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so that its dashboard's quantiles match.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+# Requests end with one of these (vLLM's finished_reason values); "error": the engine failed it.
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+# Engine time and energy are booked to one of these (engine/cost.py CostLedger).
+PHASES = ("prefill", "decode", "idle")
 
 
-_M = TypeVar("_M", bound=_Metric)
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """One request as it ended, in seconds (monotonic-clock differences) and tokens; the engine
+    thread hands it to `ServerMetrics.observe_finished`."""
+
+    queue_s: float  # arrival -> first scheduled
+    prefill_s: float  # first scheduled -> first token
+    decode_s: float  # first token -> last token
+    num_prompt_tokens: int
+    num_generation_tokens: int
 
 
-class _Callback(_Metric):
-    """A metric whose values may instead come from `fn`, called at render time."""
+@dataclass(frozen=True, slots=True)
+class EngineTotals:
+    """Counts and gauges the engine keeps, read at scrape time (ServerMetrics.bind)."""
 
-    def __init__(
-        self,
-        name: str,
-        help: str,  # noqa: A002
-        labelnames: Iterable[str] = (),
-        fn: Source | None = None,
-    ) -> None:
-        super().__init__(name, help, labelnames)
-        self.fn = fn
-
-    def _samples(self) -> list[tuple[str, LabelValues, float]]:
-        if self.fn is None:
-            return super()._samples()
-        got = self.fn()
-        if not isinstance(got, Mapping):
-            if self.labelnames or not isinstance(got, int | float):
-                raise ValueError(f"{self.name}: source gave {type(got).__name__}")
-            return [(self.name, (), float(got))]
-        out = []
-        for key, value in got.items():
-            values = (key,) if isinstance(key, str) else tuple(str(v) for v in key)
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: source gave labels {values}")
-            out.append((self.name, values, float(value)))
-        return sorted(out)
-
-
-class Counter(_Callback):
-    """Only goes up. `fn` (optional) reports a count kept elsewhere (e.g. by the engine)."""
-
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, **labels: object) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.name}: a counter cannot go down ({amount})")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-
-class Gauge(_Callback):
-    """A value that goes up and down; `fn` (optional) is read at render time instead."""
-
-    kind = "gauge"
-
-    def set(self, value: float, **labels: object) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-    def inc(self, amount: float = 1.0, **labels: object) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-
-class Histogram(_Metric):
-    """Cumulative buckets (`le`), `_sum` and `_count`; no labels."""
-
-    kind = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        help: str,  # noqa: A002
-        buckets: Iterable[float] = LATENCY_BUCKETS,
-    ) -> None:
-        super().__init__(name, help)
-        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
-        if not bounds or len(set(bounds)) != len(bounds) or any(math.isnan(b) for b in bounds):
-            raise ValueError(f"{name}: buckets must be distinct numbers")
-        self.buckets = tuple(bounds)
-        self._counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last: above all
-        self._sum = 0.0
-
-    def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self.buckets, value)  # first bound >= value (le is inclusive)
-        with self._lock:
-            self._counts[i] += 1
-            self._sum += value
-
-    def _samples(self) -> list[tuple[str, LabelValues, float]]:
-        with self._lock:
-            counts, total = list(self._counts), self._sum
-        out: list[tuple[str, LabelValues, float]] = []
-        running = 0
-        for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
-            running += count
-            out.append((f"{self.name}_bucket", (_fmt(bound),), float(running)))
-        out.append((f"{self.name}_sum", (), total))
-        out.append((f"{self.name}_count", (), float(running)))
-        return out
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} histogram"]
-        for name, values, value in self._samples():
-            lines.append(f"{name}{_labels(('le',) if values else (), values)} {_fmt(value)}")
-        return lines
-
-
-class Registry:
-    """Metrics in registration order; `render` gives the Prometheus text format (0.0.4)."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
-        self._lock = threading.Lock()
-
-    def register(self, metric: _M) -> _M:
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name} is already registered")
-            self._metrics[metric.name] = metric
-        return metric
-
-    def counter(
-        self,
-        name: str,
-        help: str,  # noqa: A002
-        labelnames: Iterable[str] = (),
-        fn: Source | None = None,
-    ) -> Counter:
-        return self.register(Counter(name, help, labelnames, fn))
-
-    def gauge(
-        self,
-        name: str,
-        help: str,  # noqa: A002
-        labelnames: Iterable[str] = (),
-        fn: Source | None = None,
-    ) -> Gauge:
-        return self.register(Gauge(name, help, labelnames, fn))
-
-    def histogram(
-        self,
-        name: str,
-        help: str,  # noqa: A002
-        buckets: Iterable[float] = LATENCY_BUCKETS,
-    ) -> Histogram:
-        return self.register(Histogram(name, help, buckets))
-
-    def render(self) -> str:
-        with self._lock:
-            metrics = list(self._metrics.values())
-        lines: list[str] = []
-        for metric in metrics:
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
-
-
-OUTCOMES = ("finished", "aborted", "error", "rejected")
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of KV blocks in use, 0..1
+    num_kv_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, found
+    num_preemptions: int
+    num_accepted: int  # requests admitted; each ends once, with one of FINISHED_REASONS
+    num_rejected: int  # refused at admission
+    finished_reasons: Mapping[str, int]
+    seconds: Mapping[str, float]  # engine seconds per PHASES entry
+    joules: Mapping[str, float] | None  # energy per PHASES entry; None without a meter
+    energy_source: str | None
 
 
 class ServerMetrics:
-    """What /metrics shows. The HTTP layer feeds the token counters and latency histograms; the
-    request outcomes and engine gauges are read at render time from callbacks given to `bind`
-    (so they are never stale and never counted twice)."""
+    """The metrics of one served model. The HTTP layer feeds the token counters and the latency
+    histograms it sees (`prompt_tokens`, `generation_tokens`, `ttft`, `itl`, `e2e`); the engine
+    thread calls `observe_finished`; `bind` gives the callback read at scrape time."""
 
-    def __init__(self) -> None:
-        r = self.registry = Registry()
-        self.requests_accepted = r.counter(
-            "moeflow_requests_accepted_total", "Requests the engine admitted."
+    def __init__(self, model_name: str, price_per_hour: float | None = None) -> None:
+        self.model_name = model_name
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, fds
+        labels = ("model_name",)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: Iterable[float]) -> Histogram:
+            return Histogram(name, doc, labels, registry=r, buckets=tuple(buckets))
+
+        m = (model_name,)
+        # Fed by the HTTP layer (serving.py).
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens submitted.").labels(*m)
+        self.generation_tokens = counter(
+            "vllm:generation_tokens", "Tokens generated and sent."
+        ).labels(*m)
+        self.ttft = histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token in seconds (submission to the first update).",
+            TTFT_BUCKETS,
+        ).labels(*m)
+        self.itl = _Both(
+            histogram(
+                "vllm:inter_token_latency_seconds",
+                "Time between streamed updates in seconds.",
+                ITL_BUCKETS,
+            ).labels(*m),
+            histogram(
+                "vllm:time_per_output_token_seconds",
+                "Time between streamed updates in seconds (vLLM's older name).",
+                ITL_BUCKETS,
+            ).labels(*m),
         )
-        self.requests = r.counter(
-            "moeflow_requests_total", "Requests ended, by outcome.", ("outcome",)
+        self.e2e = histogram(
+            "vllm:e2e_request_latency_seconds",
+            "End to end request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(*m)
+        self.reasoning_seconds = counter(
+            "moeflow:request_reasoning_seconds",
+            "Engine seconds of decode steps that produced reasoning tokens (served responses).",
+        ).labels(*m)
+        # Fed by the engine thread when a request ends.
+        self._queue = histogram(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited before it was first scheduled, in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(*m)
+        self._prefill = histogram(
+            "vllm:request_prefill_time_seconds",
+            "Time from first scheduled to first token, in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(*m)
+        self._decode = histogram(
+            "vllm:request_decode_time_seconds",
+            "Time from first token to last token, in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(*m)
+        self._inference = histogram(
+            "vllm:request_inference_time_seconds",
+            "Time from first scheduled to last token, in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(*m)
+        self._request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per request.", _tokens_buckets()
+        ).labels(*m)
+        self._request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Generated tokens per request.", _tokens_buckets()
+        ).labels(*m)
+        self._engine = _EngineCollector(model_name, price_per_hour)
+        r.register(self._engine)
+
+    def bind(self, totals: Callable[[], EngineTotals]) -> None:
+        """The engine's counts and gauges, read at every scrape."""
+        self._engine.totals = totals
+
+    def observe_finished(self, req: FinishedRequest) -> None:
+        """Thread-safe (prometheus_client locks each metric): called by the engine thread."""
+        self._queue.observe(req.queue_s)
+        self._prefill.observe(req.prefill_s)
+        self._decode.observe(req.decode_s)
+        self._inference.observe(req.prefill_s + req.decode_s)
+        self._request_prompt_tokens.observe(req.num_prompt_tokens)
+        self._request_generation_tokens.observe(req.num_generation_tokens)
+
+    def render(self) -> bytes:
+        """The Prometheus text format (0.0.4)."""
+        return generate_latest(self.registry)
+
+
+class _Both:
+    """Observes into two histograms: vLLM's inter-token latency under its new and old names."""
+
+    def __init__(self, *children: Histogram) -> None:
+        self._children = children
+
+    def observe(self, value: float) -> None:
+        for child in self._children:
+            child.observe(value)
+
+
+class _EngineCollector(Collector):
+    """The engine's counts and gauges as metric families, built at each scrape from one
+    EngineTotals (before `bind`: zeros). A failing callback leaves them out of that scrape."""
+
+    def __init__(self, model_name: str, price_per_hour: float | None) -> None:
+        self.model_name = model_name
+        self.price_per_hour = price_per_hour
+        self.totals: Callable[[], EngineTotals] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            t = self.totals() if self.totals is not None else _ZERO
+        except Exception:  # a broken source must not take /metrics down with it
+            logger.exception("metrics: reading the engine failed")
+            return
+        m = [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(m, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(m, value)
+            return c
+
+        yield gauge("vllm:num_requests_running", "Requests running in the engine.", t.num_running)
+        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", t.num_waiting)
+        yield gauge(
+            "vllm:kv_cache_usage_perc", "KV cache usage: 1 means 100 percent.", t.kv_cache_usage
         )
-        for outcome in OUTCOMES:
-            self.requests.inc(0, outcome=outcome)
-        self.running = r.gauge("moeflow_running_requests", "Requests running in the engine.")
-        self.waiting = r.gauge("moeflow_waiting_requests", "Requests waiting for admission.")
-        self.kv_blocks_free = r.gauge("moeflow_kv_blocks_free", "Free KV cache blocks.")
-        self.kv_blocks_total = r.gauge("moeflow_kv_blocks_total", "All KV cache blocks.")
-        self.prefix_cache_hit_rate = r.gauge(
-            "moeflow_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache."
+        yield counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            t.prefix_cache_queries,
         )
-        self.prompt_tokens = r.counter("moeflow_prompt_tokens_total", "Prompt tokens admitted.")
-        self.generation_tokens = r.counter(
-            "moeflow_generation_tokens_total", "Tokens generated and sent."
+        yield counter(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            t.prefix_cache_hits,
         )
-        self.ttft = r.histogram("moeflow_time_to_first_token_seconds", "Time to first token.")
-        self.itl = r.histogram(
-            "moeflow_inter_token_latency_seconds", "Time between streamed updates."
+        yield counter(
+            "vllm:num_preemptions",
+            "Preemptions (a request's blocks taken back).",
+            t.num_preemptions,
         )
-        self.e2e = r.histogram(
-            "moeflow_e2e_request_latency_seconds", "Request latency, end to end."
+        success = CounterMetricFamily(
+            "vllm:request_success",
+            "Requests that ended, by finished_reason.",
+            labels=["model_name", "finished_reason"],
         )
-
-    def bind(self, **sources: Callable[[], object]) -> None:
-        """Callbacks read at render time. outcomes -> {"accepted", "finished", "aborted",
-        "error", "rejected": count}; running, waiting, kv_blocks_free, kv_blocks_total,
-        prefix_cache_hit_rate -> a number."""
-        gauges = {
-            "running": self.running,
-            "waiting": self.waiting,
-            "kv_blocks_free": self.kv_blocks_free,
-            "kv_blocks_total": self.kv_blocks_total,
-            "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
-        }
-        for key, fn in sources.items():
-            if key == "outcomes":
-                self.requests_accepted.fn = _pick(fn, "accepted")
-                self.requests.fn = _outcomes(fn)
-            elif key in gauges:
-                gauges[key].fn = fn
-            else:
-                raise ValueError(f"unknown metric source {key!r}")
-
-    def render(self) -> str:
-        return self.registry.render()
-
-
-def _pick(fn: Callable[[], object], key: str) -> Callable[[], float]:
-    def read() -> float:
-        got = fn()
-        return float(got.get(key, 0)) if isinstance(got, Mapping) else 0.0
-
-    return read
-
-
-def _outcomes(fn: Callable[[], object]) -> Callable[[], dict[str, float]]:
-    def read() -> dict[str, float]:
-        got = fn()
-        got = got if isinstance(got, Mapping) else {}
-        return {o: float(got.get(o, 0)) for o in OUTCOMES}
-
-    return read
-
-
-def _fmt(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    value = float(value)
-    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
-
-
-def _labels(names: tuple[str, ...], values: LabelValues) -> str:
-    if not names:
-        return ""
-    inner = ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True))
-    return "{" + inner + "}"
+        for reason in FINISHED_REASONS:
+            success.add_metric([*m, reason], t.finished_reasons.get(reason, 0))
+        yield success
+        yield counter(
+            "moeflow:requests_accepted",
+            "Requests the engine admitted (each ends once, in vllm:request_success).",
+            t.num_accepted,
+        )
+        yield counter(
+            "moeflow:requests_rejected",
+            "Requests the engine refused at admission (bad input, queue full).",
+            t.num_rejected,
+        )
+        yield gauge("moeflow:kv_cache_blocks", "KV cache blocks in all.", t.num_kv_blocks)
+        seconds = CounterMetricFamily(
+            "moeflow:engine_seconds",
+            "Engine wall seconds: steps booked to their requests' prefill or decode, and idle "
+            "(engine/cost.py).",
+            labels=["model_name", "phase"],
+        )
+        for phase in PHASES:
+            seconds.add_metric([*m, phase], t.seconds.get(phase, 0.0))
+        yield seconds
+        yield counter(
+            "moeflow:request_prefill_seconds",
+            "Engine seconds booked to requests' prefill.",
+            t.seconds.get("prefill", 0.0),
+        )
+        yield counter(
+            "moeflow:request_decode_seconds",
+            "Engine seconds booked to requests' decode.",
+            t.seconds.get("decode", 0.0),
+        )
+        if self.price_per_hour is not None:
+            booked = t.seconds.get("prefill", 0.0) + t.seconds.get("decode", 0.0)
+            yield counter(
+                "moeflow:request_cost_usd",
+                "Engine seconds booked to requests times --price-per-hour.",
+                self.price_per_hour * booked / 3600,
+            )
+        if t.joules is not None:  # no meter: no energy metric at all, never a made-up zero
+            energy = CounterMetricFamily(
+                "moeflow:energy_joules",
+                "Energy read from the meter, booked like the engine seconds.",
+                labels=["model_name", "phase", "energy_source"],
+            )
+            for phase in PHASES:
+                energy.add_metric([*m, phase, t.energy_source or ""], t.joules.get(phase, 0.0))
+            yield energy
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+_ZERO = EngineTotals(0, 0, 0.0, 0, 0, 0, 0, 0, 0, {}, {}, None, None)
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def _tokens_buckets() -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to a million tokens (vLLM's 1-2-5 series)."""
+    return [m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e <= 1_000_000]

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moeflow.engine.async_engine import AsyncEngine, QueueFullError
+from moeflow.engine.cost import CostSnapshot, usage_cost
 from moeflow.engine.output_processor import RequestUpdate
 from moeflow.errors import EngineDeadError, RequestError
 from moeflow.sampling_params import SamplingParams
@@ -46,6 +47,7 @@ class ServerConfig:
     max_header_bytes: int = MAX_HEADER_BYTES
     retry_after_s: int = 1
     drain_timeout_s: float = 20.0
+    price_per_hour: float | None = None  # the machine's price: usage.cost.usd
 
 
 class ApiError(Exception):
@@ -82,6 +84,7 @@ class _Choice:
     finish_reason: str | None = None
     final_text: str = ""
     num_cached_tokens: int = 0
+    cost: CostSnapshot | None = None  # with the last update
     next_text_offset: int = 0  # legacy logprobs: where the next token's text starts
 
 
@@ -267,6 +270,10 @@ class OpenAIServing:
         choice.text_pieces.append(update.text_delta)
         if update.finish_reason is not None:
             choice.finish_reason = update.finish_reason
+            choice.cost = update.cost
+            if update.cost is not None:
+                reasoning_ns = update.cost.decode_ns_of_first(self._reasoning_tokens(choice))
+                self.metrics.reasoning_seconds.inc(reasoning_ns / 1e9)
             choice.final_text = "".join(choice.text_pieces)
         return update.text_delta
 
@@ -439,8 +446,12 @@ class OpenAIServing:
 
     def _usage(self, job: _Job) -> dict[str, Any]:
         completion_tokens = sum(len(c.token_ids) for c in job.choices)
-        reasoning_tokens = sum(self._reasoning_tokens(c) for c in job.choices)
-        return protocol.usage(job.prompt_tokens, completion_tokens, reasoning_tokens)
+        reasoning = [self._reasoning_tokens(c) for c in job.choices]
+        usage = protocol.usage(job.prompt_tokens, completion_tokens, sum(reasoning))
+        parts = [(c.cost, r) for c, r in zip(job.choices, reasoning, strict=True) if c.cost]
+        if len(parts) == len(job.choices):
+            usage["cost"] = usage_cost(parts, self.config.price_per_hour)
+        return usage
 
     def _reasoning_tokens(self, choice: _Choice) -> int:
         """Tokens up to and including </think>; all of them when the prompt opened the block

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -52,13 +53,17 @@ class Server:
             conn.close()
 
     def metrics(self) -> dict[str, float]:
+        """/metrics through prometheus_client's parser: sample name (with its labels but
+        model_name, as `name{k="v"}`) -> value."""
         status, _, body = self.request("GET", "/metrics")
         assert status == 200
         out: dict[str, float] = {}
-        for line in body.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                labels.pop("model_name", None)
+                inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+                out[f"{sample.name}{{{inner}}}" if inner else sample.name] = sample.value
         return out
 
 

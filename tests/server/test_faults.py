@@ -35,17 +35,16 @@ def _settled(server: Server, timeout_s: float = 60) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while True:
         m = server.metrics()
-        idle = m["moeflow_running_requests"] == 0 and m["moeflow_waiting_requests"] == 0
-        rejected = m.get('moeflow_requests_total{outcome="rejected"}', 0)
-        all_ended = m["moeflow_requests_accepted_total"] == _ended(m) - rejected
-        if idle and all_ended and m["moeflow_kv_blocks_free"] == m["moeflow_kv_blocks_total"]:
+        idle = m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+        all_ended = m["moeflow:requests_accepted_total"] == _ended(m)
+        if idle and all_ended and m["vllm:kv_cache_usage_perc"] == 0:
             return m
         assert time.monotonic() < deadline, f"server never settled: {m}"
         time.sleep(0.1)
 
 
 def _ended(m: dict[str, float]) -> float:
-    return sum(v for k, v in m.items() if k.startswith("moeflow_requests_total{"))
+    return sum(v for k, v in m.items() if k.startswith("vllm:request_success_total{"))
 
 
 STREAM = {"model": "tiny", "prompt": "abc", "max_tokens": 200, "temperature": 0, "stream": True}
@@ -71,7 +70,7 @@ def test_disconnects_mid_stream_and_before_first_token(tiny_server: Server) -> N
         assert all(pool.map(leave_after_first_chunk, range(50)))
         list(pool.map(leave_at_once, range(50)))
     m = _settled(tiny_server)
-    aborted = 'moeflow_requests_total{outcome="aborted"}'
+    aborted = 'vllm:request_success_total{finished_reason="abort"}'
     assert m.get(aborted, 0) - before.get(aborted, 0) >= 50
     # And it still answers.
     status, _, _ = tiny_server.request("POST", "/v1/completions", {**STREAM, "stream": False})
@@ -84,7 +83,7 @@ def test_non_streaming_disconnect_aborts(tiny_server: Server) -> None:
     socks = [_raw_post(tiny_server, "/v1/completions", body) for _ in range(5)]
     # Close as soon as the engine has admitted all five (a fixed sleep raced the decode, which
     # finishes 240 tokens of the tiny model in well under a second on the CPU kernels).
-    accepted = "moeflow_requests_accepted_total"
+    accepted = "moeflow:requests_accepted_total"
     deadline = time.monotonic() + 30
     while tiny_server.metrics().get(accepted, 0) - before.get(accepted, 0) < 5:
         assert time.monotonic() < deadline, "the server never admitted the five requests"
@@ -92,7 +91,7 @@ def test_non_streaming_disconnect_aborts(tiny_server: Server) -> None:
     for s in socks:
         s.close()
     m = _settled(tiny_server)
-    aborted = 'moeflow_requests_total{outcome="aborted"}'
+    aborted = 'vllm:request_success_total{finished_reason="abort"}'
     assert m.get(aborted, 0) - before.get(aborted, 0) == 5
 
 

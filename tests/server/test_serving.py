@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from moeflow.engine.cost import CostSnapshot
 from moeflow.engine.output_processor import RequestUpdate
 from moeflow.server import protocol
 from moeflow.server.metrics import ServerMetrics
@@ -24,9 +25,9 @@ class _Engine:
     vocab_size = 256
 
 
-def _serving(reasoning: str = "off") -> OpenAIServing:
-    config = ServerConfig("m", reasoning=reasoning)
-    return OpenAIServing(_Engine(), config, ServerMetrics())  # type: ignore[arg-type]
+def _serving(reasoning: str = "off", price_per_hour: float | None = None) -> OpenAIServing:
+    config = ServerConfig("m", reasoning=reasoning, price_per_hour=price_per_hour)
+    return OpenAIServing(_Engine(), config, ServerMetrics("tiny"))  # type: ignore[arg-type]
 
 
 def _job(updates: list[RequestUpdate], *, chat: bool, splitter: bool = False) -> _Job:
@@ -103,3 +104,35 @@ def test_full_responses_join_the_deltas() -> None:
     asyncio.run(serving._collect(job))
     message = serving._chat_response(job)["choices"][0]["message"]
     assert message == {"role": "assistant", "content": "Hey"}
+
+
+def test_usage_carries_the_cost_of_the_query() -> None:
+    """The last update's cost becomes usage.cost; reasoning_seconds is the decode time of the
+    rows that sampled the reasoning tokens (here all of them: the prompt opened the block and
+    it never closed); usd is the booked seconds at the price per hour."""
+    ids = _ids("abcd")
+    cost = CostSnapshot(3 * 10**8, 6 * 10**8, None, None, 2, (0, 10**8, 2 * 10**8, 3 * 10**8))
+    updates = [
+        RequestUpdate("r", ids[:2], text_delta="ab"),
+        RequestUpdate("r", ids[2:], text_delta="cd", finish_reason="length", cost=cost),
+    ]
+    serving = _serving(reasoning="on", price_per_hour=36.0)
+    job = _job(updates, chat=True)
+    job.choices[0].splitter = ReasoningSplitter(in_reasoning=True)
+
+    def reasoning_total() -> float | None:
+        name, labels = "moeflow:request_reasoning_seconds_total", {"model_name": "tiny"}
+        return serving.metrics.registry.get_sample_value(name, labels)
+
+    assert reasoning_total() == 0
+    usage = _events(serving, job)[-2]["usage"]
+    assert usage["cost"] == {
+        "prefill_seconds": 0.3,
+        "decode_seconds": 0.6,
+        "reasoning_seconds": 0.6,
+        "cached_tokens": 2,
+        "joules": None,
+        "energy_source": None,
+        "usd": 36.0 * 0.9 / 3600,
+    }
+    assert reasoning_total() == 0.6
