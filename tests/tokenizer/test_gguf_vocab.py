@@ -7,12 +7,13 @@ LlamaTokenizerFast built by transformers."""
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pytest
 import tokenizers
-from tokenizers import decoders, models, trainers
+from tokenizers import decoders, models, normalizers, trainers
 
 from moeflow.errors import ModelFormatError
 from moeflow.tokenizer import Tokenizer
@@ -277,3 +278,127 @@ def _pieces(tok: tokenizers.Tokenizer, text: str) -> list[tuple[str, tuple[int, 
         text = tok.normalizer.normalize_str(text)
     assert tok.pre_tokenizer is not None
     return tok.pre_tokenizer.pre_tokenize_str(text)
+
+
+# ---- SentencePiece ("llama") vocabularies --------------------------------------------------
+UNSEEN = ["Ünïcödé 🦀 ꙮ ⅷ", "tab\tand\u00a0nbsp", "   many   spaces   ", "\n"]
+
+
+@pytest.fixture(scope="module")
+def spm_model() -> Any:
+    """A SentencePiece BPE model trained on CORPUS as Llama's was: identity normalisation,
+    a dummy prefix, whitespace kept, digits split, byte fallback; two control symbols."""
+    spm = pytest.importorskip("sentencepiece")
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([t for t in CORPUS if t.strip()] * 3),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=700,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True,
+        control_symbols=["<|im_start|>", "<|im_end|>"],
+        max_sentence_length=100000,
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_proto=out.getvalue())
+
+
+def _gguf_spm_metadata(sp: Any) -> dict[str, Any]:
+    """The tokenizer.* fields convert_hf_to_gguf.py's _create_vocab_sentencepiece writes."""
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        if sp.is_unknown(i):
+            types.append(2)
+        elif sp.is_control(i):
+            types.append(3)
+        elif sp.is_unused(i):
+            types.append(5)
+        elif sp.is_byte(i):
+            types.append(6)
+        else:
+            types.append(1)
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+    }
+
+
+def test_gguf_spm_encodes_as_sentencepiece_and_llama_tokenizer_fast(spm_model: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = spm_model
+    metadata = _gguf_spm_metadata(sp)
+    ours = Tokenizer.from_gguf_metadata(metadata)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.vocab_size())}
+    # transformers' LlamaTokenizerFast model (merges from the scores), with the legacy
+    # normalizer of the tokenizer.json files Llama 2 / Mistral / Mixtral ship. NOTE: its default
+    # Metaspace(prepend_scheme="first") adds no `▁` before a leading space; sentencepiece,
+    # llama.cpp and those files do.
+    hf = transformers.LlamaTokenizer(
+        vocab=vocab, merges=generate_merges(vocab, scores)
+    ).backend_tokenizer
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.pre_tokenizer = None  # type: ignore[assignment]
+    assert ours.vocab_size == sp.vocab_size() and ours.bos_token_id == sp.bos_id() == 1
+    assert sp.is_byte(vocab["<0x0A>"]) and any(sp.get_score(i) != 0 for i in range(300, 400))
+    for text in [*CORPUS, *UNSEEN]:
+        if "<|im_" in text:
+            continue  # control symbols: sentencepiece reads them as text
+        want = [sp.bos_id(), *sp.encode(text)]
+        ids = ours.encode(text)
+        assert ids == want, text
+        assert ids[1:] == hf.encode(text, add_special_tokens=False).ids, text
+        assert ours.decode(ids) == sp.decode(want) == hf.decode(ids, skip_special_tokens=True)
+
+
+def test_gguf_spm_special_tokens_and_flags(spm_model: Any) -> None:
+    sp = spm_model
+    metadata = _gguf_spm_metadata(sp)
+    ours = Tokenizer.from_gguf_metadata(metadata)
+    start, end = sp.piece_to_id("<|im_start|>"), sp.piece_to_id("<|im_end|>")
+    # As llama.cpp: a text run after a special token gets its own `▁` prefix.
+    assert ours.encode("<|im_start|>user hi<|im_end|>", False) == [
+        start,
+        *sp.encode("user hi"),
+        end,
+    ]
+    assert ours.decode([start, *sp.encode("hi")], skip_special_tokens=False) == "<|im_start|> hi"
+    assert ours.decode([start, *sp.encode("hi")]) == "hi"
+    no_bos = Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.add_bos_token": False})
+    assert no_bos.encode("hi") == sp.encode("hi")
+    with_eos = Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.add_eos_token": True})
+    assert with_eos.encode("hi") == [1, *sp.encode("hi"), 2]
+    no_prefix = Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.add_space_prefix": False})
+    assert no_prefix.encode(" hi there", False) == sp.encode("hi there")
+    assert no_prefix.encode("hi", False) != sp.encode("hi")
+    assert no_prefix.decode(no_prefix.encode(" hi")) == " hi"
+
+
+def test_gguf_spm_bad_fields(spm_model: Any) -> None:
+    metadata = _gguf_spm_metadata(spm_model)
+    n = len(metadata["tokenizer.ggml.tokens"])
+    for key, bad in [
+        ("tokenizer.ggml.scores", None),
+        ("tokenizer.ggml.scores", [0.0] * (n - 1)),
+        ("tokenizer.ggml.scores", ["x"] * n),
+        ("tokenizer.ggml.token_type", [1.5] * n),
+        ("tokenizer.ggml.tokens", [*metadata["tokenizer.ggml.tokens"][:-1], "▁" * 300]),
+    ]:
+        with pytest.raises(ModelFormatError):
+            Tokenizer.from_gguf_metadata({**metadata, key: bad})
