@@ -1,7 +1,8 @@
 """Rotary position embedding: the cos/sin tables of HF's rope_scaling variants (default, linear,
-llama3 or a GGUF's per-frequency divisors of it, yarn with its attention factor), computed once in fp32 as HF computes them, applied by
-kernels/rotary.py in one of three layouts of the rotated dims: neox (Llama, Qwen, GLM),
-interleaved (DeepSeek-V2) or deinterleave (DeepSeek-V3 rope_interleave)."""
+llama3 or a GGUF's per-frequency divisors of it, yarn with its attention factor), computed once
+in fp32 as HF computes them, applied by kernels/rotary.py in one of three layouts of the rotated
+dims: neox (Llama, Qwen, GLM), interleaved (DeepSeek-V2) or deinterleave (DeepSeek-V3
+rope_interleave)."""
 
 from __future__ import annotations
 
