@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,7 @@ class Tokenizer:
 
         # Control (and SentencePiece's unknown) tokens are special, skipped by decode;
         # user-defined ones stay visible text.
-        special_types = {_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_UNKNOWN if kind == "llama" else -1}
+        special_types = [_TOKEN_TYPE_CONTROL] + ([_TOKEN_TYPE_UNKNOWN] if kind == "llama" else [])
         added: list[AddedToken] = []
         for i, ttype in enumerate(token_types or ()):
             if ttype in special_types or ttype == _TOKEN_TYPE_USER_DEFINED:
@@ -417,6 +418,8 @@ def _spm_backend(
     scores = _number_list(metadata, "tokenizer.ggml.scores", len(tokens), float)
     if scores is None:
         raise ModelFormatError("GGUF SentencePiece vocabulary lacks tokenizer.ggml.scores")
+    if any(math.isnan(s) for s in scores):
+        raise ModelFormatError("GGUF tokenizer.ggml.scores holds NaN")
     vocab = _first_ids(tokens)
     is_normal = [t == _TOKEN_TYPE_NORMAL for t in token_types or [_TOKEN_TYPE_NORMAL] * len(tokens)]
     normal = {t: i for t, i in vocab.items() if is_normal[i]}

@@ -397,6 +397,7 @@ def test_gguf_spm_bad_fields(spm_model: Any) -> None:
         ("tokenizer.ggml.scores", None),
         ("tokenizer.ggml.scores", [0.0] * (n - 1)),
         ("tokenizer.ggml.scores", ["x"] * n),
+        ("tokenizer.ggml.scores", [float("nan")] * n),
         ("tokenizer.ggml.token_type", [1.5] * n),
         ("tokenizer.ggml.tokens", [*metadata["tokenizer.ggml.tokens"][:-1], "▁" * 300]),
     ]:
