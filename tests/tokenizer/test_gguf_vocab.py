@@ -403,3 +403,31 @@ def test_gguf_spm_bad_fields(spm_model: Any) -> None:
     ]:
         with pytest.raises(ModelFormatError):
             Tokenizer.from_gguf_metadata({**metadata, key: bad})
+
+
+def test_gguf_spm_file_through_the_reader(spm_model: Any, tmp_path: Any) -> None:
+    """The same fields written by gguf-py and read back by moeflow's reader (float32 scores,
+    int32 types) build the same tokenizer."""
+    gguf = pytest.importorskip("gguf")
+    from moeflow.weights.gguf import GGUFReader
+
+    md = _gguf_spm_metadata(spm_model)
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(md["tokenizer.ggml.tokens"])
+    w.add_token_scores(md["tokenizer.ggml.scores"])
+    w.add_token_types(md["tokenizer.ggml.token_type"])
+    w.add_bos_token_id(md["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(md["tokenizer.ggml.eos_token_id"])
+    w.add_unk_token_id(md["tokenizer.ggml.unknown_token_id"])
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFReader(path) as reader:
+        from_file = Tokenizer.from_gguf_metadata(reader.metadata)
+    direct = Tokenizer.from_gguf_metadata(md)
+    for text in CORPUS:
+        assert from_file.encode(text) == direct.encode(text), text
