@@ -41,6 +41,7 @@ class LLM:
     def __init__(
         self,
         model: str | None = None,
+        tokenizer: str | None = None,
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: int | None = None,
@@ -57,6 +58,8 @@ class LLM:
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
+        `tokenizer`: a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json and
+        its chat template) used instead of the model's own, e.g. to pair a GGUF with it;
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
         ("q8_0" | "q4_0" | "q4_k") quantises the float linear layers and MoE experts on load
         for the CPU kernels; `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are
@@ -67,6 +70,7 @@ class LLM:
         engine/factory.py."""
         args = EngineArgs(
             model=model,
+            tokenizer=tokenizer,
             dtype=dtype,
             device=device,
             max_model_len=max_model_len,

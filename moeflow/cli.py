@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("message", nargs="?", help="the user message")
     chat.add_argument("--system", default=None, help="a system message")
+    _add_tokenizer_flag(chat)
 
     gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
     gen.add_argument("--prompt", required=True)
+    _add_tokenizer_flag(gen)
 
     info = sub.add_parser(
         "info",
@@ -105,6 +107,16 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=None, help="sampling seed")
 
     return common
+
+
+def _add_tokenizer_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json with its "
+        "chat template) used instead of the model's own, e.g. beside a .gguf file",
+    )
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -214,6 +226,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use")
+    _add_tokenizer_flag(serve)
     serve.add_argument(
         "--max-waiting", type=int, default=256, help="queued requests at most (then 503)"
     )
@@ -295,6 +308,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     serving = args.command in ("serve", "info")
     engine_args = EngineArgs(
         model=args.model,
+        tokenizer=getattr(args, "tokenizer", None),  # chat, generate and serve take it
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,

@@ -118,6 +118,7 @@ class EngineArgs:
     engine is built (engine/factory.py build_engine)."""
 
     model: str | None = None  # None: the embedded SmolLM2; a folder; a .gguf; "preset:<name>"
+    tokenizer: str | None = None  # a HF tokenizer folder instead of the model's own tokenizer
     dtype: str = "auto"  # compute dtype: float32 | bfloat16 | float16 | auto
     device: str = "auto"  # cpu | cuda | cuda:N | auto
     max_model_len: int | None = None  # None: the model's context, at most DEFAULT_MAX_MODEL_LEN

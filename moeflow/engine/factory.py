@@ -39,7 +39,7 @@ def load(args: EngineArgs) -> LoadedModel:
     source, device, dtype = _resolve(args)
     check_memory(plan_memory(source, device, dtype, args))
     torch.manual_seed(args.seed)
-    return load_model(source, device, dtype, args.hf_overrides, args.quantize)
+    return load_model(source, device, dtype, args.hf_overrides, args.quantize, args.tokenizer)
 
 
 def plan(args: EngineArgs) -> MemoryPlan:

@@ -1,7 +1,8 @@
 """Rotary position embedding: the cos/sin tables of HF's rope_scaling variants (default, linear,
-llama3, yarn with its attention factor), computed once in fp32 as HF computes them, applied by
-kernels/rotary.py in one of three layouts of the rotated dims: neox (Llama, Qwen, GLM),
-interleaved (DeepSeek-V2) or deinterleave (DeepSeek-V3 rope_interleave)."""
+llama3 or a GGUF's per-frequency divisors of it, yarn with its attention factor), computed once
+in fp32 as HF computes them, applied by kernels/rotary.py in one of three layouts of the rotated
+dims: neox (Llama, Qwen, GLM), interleaved (DeepSeek-V2) or deinterleave (DeepSeek-V3
+rope_interleave)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ def _scale_inv_freq(
         return inv_freq, 1.0
     if kind == "linear":
         return inv_freq / float(scaling["factor"]), 1.0
+    if kind == "llama3" and "freq_factors" in scaling:  # a GGUF's rope_freqs.weight, [R/2]
+        factors = torch.tensor(scaling["freq_factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"{factors.numel()} rope freq_factors for {inv_freq.numel()} freqs")
+        return inv_freq / factors, 1.0
     if kind == "llama3":
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])

@@ -85,16 +85,22 @@ def load_model(
     dtype: torch.dtype,
     hf_overrides: dict[str, Any] | None = None,
     quantize: str | None = None,
+    tokenizer_path: str | None = None,
 ) -> LoadedModel:
     """Build and fill the model. A preset builds its real shape with random weights on the
     device (no files; `hf_overrides` changes its config, e.g. fewer layers; the embedded SmolLM2
     tokenizer serves text, token ids beyond its vocabulary work as id prompts).
+    `tokenizer_path`, a Hugging Face tokenizer folder, replaces the model's own tokenizer (read
+    first, so a bad folder fails before any weight is read).
 
     NOTE: loading/memory_plan.py `_dry_run` repeats these steps on the meta device to plan the
     memory before loading (engine/factory.py load checks it); a step changed here changes there."""
     start = time.perf_counter()
+    paired = _paired_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     if isinstance(source, Preset):
         loaded = _build_random(source, device, dtype, hf_overrides, start)
+        if paired is not None:
+            loaded.tokenizer = _check_vocab(paired, loaded.model_config, tokenizer_path)
         if quantize is not None:
             quantize_linears(loaded.model, quantize, device)
         return loaded
@@ -103,20 +109,22 @@ def load_model(
     if isinstance(source, GGUFFile):
         reader = gguf.GGUFReader(path)
         config = ModelConfig.from_hf(gguf_hf.gguf_to_hf_config(reader))
-        tokenizer = Tokenizer.from_gguf_metadata(reader.metadata)
+        tokenizer = paired or Tokenizer.from_gguf_metadata(reader.metadata)
         weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]] = gguf_hf.iter_hf_weights(
             reader, dtype, keep_quantized=keep_quantized_types(device)
         )
         num_tensors = len(reader.tensors)
     else:
         config, hf = read_model_config(path)
-        tokenizer = Tokenizer.from_hf_folder(path)
+        tokenizer = paired or Tokenizer.from_hf_folder(path)
         weights = safetensors.iter_folder_tensors(path)
         quant = hf.get("quantization_config")
         if isinstance(quant, dict) and quant.get("quant_method") == "fp8":  # DeepSeek-V3, Kimi K2
             block = tuple(quant.get("weight_block_size") or (128, 128))
             weights = fp8.dequantize_fp8_weights(weights, dtype, (int(block[0]), int(block[1])))
         num_tensors = 0
+    if paired is not None:
+        _check_vocab(paired, config, tokenizer_path)
     net = build_model(config, device, dtype)
     if quantize is not None:
         quantize_experts(net, quantize, device)  # each expert quantised as it loads
@@ -183,3 +191,23 @@ def _progress(
     yield from tqdm(
         weights, total=total or None, desc=f"loading {name}", unit="tensor", leave=False
     )
+
+
+def _paired_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a Hugging Face folder given beside the model (or its tokenizer.json)."""
+    folder = Path(path)
+    if folder.is_file() and folder.name == "tokenizer.json":
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"tokenizer {path}: no such folder")
+    return Tokenizer.from_hf_folder(folder)
+
+
+def _check_vocab(tokenizer: Tokenizer, config: ModelConfig, path: str | None) -> Tokenizer:
+    """A paired tokenizer's ids must all have an embedding row."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelFormatError(
+            f"tokenizer {path} has {tokenizer.vocab_size} ids but the model embeds "
+            f"{config.vocab_size}: not this model's tokenizer"
+        )
+    return tokenizer

@@ -122,7 +122,7 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
         "max_position_embeddings": _md_pos_int(reader, f"{arch}.context_length"),
         "rms_norm_eps": _md_float(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": _md_float(reader, f"{arch}.rope.freq_base", 10000.0),
-        "rope_scaling": _rope_scaling(reader, arch),
+        "rope_scaling": _rope_scaling(reader, arch, head_dim),
         "tie_word_embeddings": "output.weight" not in reader.tensors,
         "bos_token_id": _md_opt_int(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _md_opt_int(reader, "tokenizer.ggml.eos_token_id"),
@@ -152,8 +152,9 @@ def iter_hf_weights(
     `down_proj` [E, H, I]), as the file stores them.
 
     For arch "llama" the Q/K rows permuted by llama.cpp's converter are put back in HF order.
-    GGUF tensors with no HF counterpart (e.g. rope_freqs.weight) are skipped and their names
-    appended to `unused` when given; the caller decides whether that is an error.
+    GGUF tensors with no HF counterpart are skipped and their names appended to `unused` when
+    given; the caller decides whether that is an error. rope_freqs.weight is one: it is read
+    into the config's rope_scaling by gguf_to_hf_config, not loaded as a weight.
     """
     config = gguf_to_hf_config(reader)
     arch = config["model_type"]
@@ -253,7 +254,36 @@ def _md_float(reader: GGUFReader, key: str, default: float | None = None) -> flo
     return float(value)
 
 
-def _rope_scaling(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int) -> dict[str, Any] | None:
+    """HF's rope_scaling from the rope.scaling.* keys, or from rope_freqs.weight: the per-
+    frequency divisors llama.cpp's converter computes from a Llama 3.1-style `llama3` scaling
+    (all ones, as some files carry, change nothing)."""
+    scaling = _rope_scaling_keys(reader, arch)
+    info = reader.tensors.get("rope_freqs.weight")
+    if info is None:
+        return scaling
+    rope_dim = _md_pos_int(reader, f"{arch}.rope.dimension_count", head_dim)
+    if tuple(info.shape) != (rope_dim // 2,):
+        raise ModelFormatError(
+            f"{reader.path}: rope_freqs.weight has shape {tuple(info.shape)}, expected "
+            f"({rope_dim // 2},)"
+        )
+    factors = reader.load("rope_freqs.weight", torch.float32)
+    if factors.is_meta:  # NOTE: memory_plan.py's header-only reader: the values do not count
+        return {"rope_type": "llama3", "freq_factors": [1.0] * (rope_dim // 2)}
+    if not bool(torch.isfinite(factors).all()) or bool((factors <= 0).any()):
+        raise ModelFormatError(f"{reader.path}: rope_freqs.weight must be finite and positive")
+    if bool((factors == 1).all()):
+        return scaling
+    if scaling is not None:
+        raise ModelFormatError(
+            f"{reader.path}: rope_freqs.weight with rope scaling {scaling['rope_type']!r} is "
+            "not supported"
+        )
+    return {"rope_type": "llama3", "freq_factors": factors.tolist()}
+
+
+def _rope_scaling_keys(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
     kind = _md(reader, f"{arch}.rope.scaling.type", str, None)
     if kind is None and f"{arch}.rope.scale_linear" in reader.metadata:  # pre-2024 files
         return {"rope_type": "linear", "factor": _md_float(reader, f"{arch}.rope.scale_linear")}

@@ -124,7 +124,7 @@ def test_hf_folder_errors(tmp_path: Path, hf_folder: Path) -> None:
 
 
 def test_gguf_metadata_errors(gguf_metadata: dict[str, Any]) -> None:
-    with pytest.raises(ModelFormatError, match="SentencePiece"):
+    with pytest.raises(ModelFormatError, match="SentencePiece vocabulary lacks"):
         Tokenizer.from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.model": "llama"})
     with pytest.raises(ModelFormatError):
         Tokenizer.from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.model": "bert"})
