@@ -44,10 +44,14 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per sampled token (0: only the sampled)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # Generations per prompt: LLM.generate and the server run n engine requests (choice i of a
+    # seeded prompt gets seed + i); one engine request is always n = 1.
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _check(isinstance(self.n, int) and self.n >= 1, "n", "must be >= 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
