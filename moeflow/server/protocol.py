@@ -362,12 +362,16 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
-    """completion_tokens counts reasoning tokens too (as OpenAI's does)."""
+def usage(
+    prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0
+) -> dict[str, Any]:
+    """prompt_tokens counts each prompt once (whatever n); cached_tokens, those of them read from
+    the prefix cache; completion_tokens counts reasoning tokens too (as OpenAI's does)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 

@@ -75,6 +75,7 @@ class _Choice:
     """One of the n generations of a request, as the server turns it into text."""
 
     index: int
+    prompt_idx: int  # which of the request's prompts this generates from
     splitter: ReasoningSplitter | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
@@ -238,12 +239,12 @@ class OpenAIServing:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
                     splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning)
-                    choices.append(_Choice(idx, splitter if reasoning else None))
+                    choices.append(_Choice(idx, p_idx, splitter if reasoning else None))
         except BaseException as e:
             for it in iterators:
                 await _close(it)
             raise _engine_error(e, self.config.retry_after_s) from None
-        prompt_tokens = sum(len(p) for p in prompts) * n
+        prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n
         self.metrics.prompt_tokens.inc(prompt_tokens)
         return _Job(
             rid,
@@ -440,7 +441,15 @@ class OpenAIServing:
     def _usage(self, job: _Job) -> dict[str, Any]:
         completion_tokens = sum(len(c.token_ids) for c in job.choices)
         reasoning_tokens = sum(self._reasoning_tokens(c) for c in job.choices)
-        return protocol.usage(job.prompt_tokens, completion_tokens, reasoning_tokens)
+        # A prompt's cached tokens: those every one of its n generations found in the cache.
+        cached: dict[int, int] = {}
+        for c in job.choices:
+            cached[c.prompt_idx] = min(
+                cached.get(c.prompt_idx, c.num_cached_tokens), c.num_cached_tokens
+            )
+        return protocol.usage(
+            job.prompt_tokens, completion_tokens, reasoning_tokens, sum(cached.values())
+        )
 
     def _reasoning_tokens(self, choice: _Choice) -> int:
         """Tokens up to and including </think>; all of them when the prompt opened the block
