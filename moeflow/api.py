@@ -93,6 +93,7 @@ class LLM:
         quantize: str | None = None,
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
+        chat_template: str | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
@@ -101,7 +102,8 @@ class LLM:
         for the CPU kernels; `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are
         captured at start);
         `overlap_schedule` launches each step before reading the previous step's tokens
-        (default: on for a CUDA device, where the host's work then hides behind the GPU's).
+        (default: on for a CUDA device, where the host's work then hides behind the GPU's);
+        `chat_template` (a jinja source) replaces the checkpoint's chat template.
         The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by
         engine/factory.py."""
         args = EngineArgs(
@@ -119,6 +121,7 @@ class LLM:
             quantize=quantize,
             enforce_eager=enforce_eager,
             overlap_schedule=overlap_schedule,
+            chat_template=chat_template,
         )
         self.loaded: LoadedModel = load(args)
         self.engine = build_engine(args, self.loaded)

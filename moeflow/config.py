@@ -131,6 +131,7 @@ class EngineArgs:
     quantize: str | None = None  # q8_0 | q4_0 | q4_k: quantise linear layers + experts on load
     enforce_eager: bool = False
     overlap_schedule: bool | None = None  # None: on for a CUDA device
+    chat_template: str | None = None  # a jinja source replacing the checkpoint's template
 
 
 @dataclass(frozen=True)

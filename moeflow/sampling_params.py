@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from moeflow.errors import RequestError
 
@@ -91,6 +92,19 @@ class SamplingParams:
         """Temperatures this close to 0 take the argmax (vLLM's _SAMPLING_EPS): the one
         definition the engine (no generator) and the sampler (no draw) share."""
         return self.temperature < GREEDY_EPS
+
+
+# generation_config.json keys that are sampling defaults (vLLM's --generation-config auto reads
+# the same ones; max_new_tokens is left out: a default must never exceed what the context leaves).
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The SamplingParams defaults a checkpoint's generation_config.json sets; validated (a bad
+    value is a RequestError naming it)."""
+    defaults = {k: generation_config[k] for k in GENERATION_CONFIG_KEYS if k in generation_config}
+    SamplingParams(**defaults)
+    return defaults
 
 
 def _finite(x: float) -> bool:

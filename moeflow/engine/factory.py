@@ -35,11 +35,14 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
 def load(args: EngineArgs) -> LoadedModel:
     """Parse the model source, resolve "auto" device and dtype, check the memory plan (too
     little memory is an InsufficientMemoryError before any weight is read), seed torch, then
-    load."""
+    load; `args.chat_template` replaces the checkpoint's template."""
     source, device, dtype = _resolve(args)
     check_memory(plan_memory(source, device, dtype, args))
     torch.manual_seed(args.seed)
-    return load_model(source, device, dtype, args.hf_overrides, args.quantize)
+    loaded = load_model(source, device, dtype, args.hf_overrides, args.quantize)
+    if args.chat_template is not None:
+        loaded.tokenizer = loaded.tokenizer.with_chat_template(args.chat_template)
+    return loaded
 
 
 def plan(args: EngineArgs) -> MemoryPlan:
