@@ -94,3 +94,25 @@ def test_n_is_validated_and_one_engine_request_is_one_generation(llm: LLM) -> No
     with pytest.raises(RequestError, match="run n > 1 as n requests"):
         llm.engine.add_request([1, 2], SamplingParams(n=2))
     assert_idle(llm)
+
+
+def test_chat_template_replaces_the_checkpoints(tiny_checkpoints: dict[str, Path]) -> None:
+    template = "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}"
+    llm = LLM(
+        str(tiny_checkpoints["llama"]),
+        dtype="float32",
+        device="cpu",
+        max_model_len=64,
+        chat_template=template,
+    )
+    ids = llm.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids == llm.tokenizer.encode("[user:hi]", add_special_tokens=False)
+
+
+def test_sampling_defaults_of_a_generation_config() -> None:
+    from moeflow.sampling_params import sampling_defaults
+
+    got = sampling_defaults({"temperature": 0.6, "top_k": 20, "do_sample": True, "eos_token_id": 2})
+    assert got == {"temperature": 0.6, "top_k": 20}
+    with pytest.raises(RequestError, match="top_p"):
+        sampling_defaults({"top_p": 0})
