@@ -94,6 +94,7 @@ class LLM:
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
         chat_template: str | None = None,
+        gpu_memory_utilization: float | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
@@ -103,7 +104,9 @@ class LLM:
         captured at start);
         `overlap_schedule` launches each step before reading the previous step's tokens
         (default: on for a CUDA device, where the host's work then hides behind the GPU's);
-        `chat_template` (a jinja source) replaces the checkpoint's chat template.
+        `chat_template` (a jinja source) replaces the checkpoint's chat template;
+        `gpu_memory_utilization` (vLLM's) is the share of a GPU's memory the engine may hold in
+        all, which sizes the KV cache (default: 0.9 of what the weights leave).
         The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by
         engine/factory.py."""
         args = EngineArgs(
@@ -122,6 +125,7 @@ class LLM:
             enforce_eager=enforce_eager,
             overlap_schedule=overlap_schedule,
             chat_template=chat_template,
+            gpu_memory_utilization=gpu_memory_utilization,
         )
         self.loaded: LoadedModel = load(args)
         self.engine = build_engine(args, self.loaded)

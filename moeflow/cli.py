@@ -271,6 +271,14 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     )
     serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
     serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="the share of the GPU's memory the engine may hold in all (weights, KV cache, "
+        "working memory), which sizes the KV cache (default: 0.9 of what the weights leave; "
+        "a GPU only)",
+    )
+    serve.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -462,6 +470,7 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
         chat_template=template,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     # The engine loads (and sizes its KV cache) before the server binds: too little memory
     # exits non-zero.
