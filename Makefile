@@ -2,14 +2,17 @@
 # Both set everything up on a fresh machine first (scripts/setup.sh, idempotent).
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test lint
+.PHONY: setup setup-test run test lint
 setup:
 	bash scripts/setup.sh
+
+setup-test:
+	bash scripts/setup.sh test
 
 run: setup
 	.venv/bin/moeflow chat "$(PROMPT)"
 
-lint: setup
+lint: setup-test
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/pyright

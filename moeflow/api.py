@@ -1,10 +1,12 @@
-"""The offline API, vLLM-shaped: `LLM(model=...)`, `llm.generate(prompts, params)`,
-`llm.chat(messages, params)`. One output per prompt, in order."""
+"""The offline API, vLLM-shaped: `LLM(model=...)`, `llm.generate(prompts, sampling_params)`,
+`llm.chat(messages, sampling_params)`. One RequestOutput per prompt, in order, holding
+`SamplingParams.n` CompletionOutputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -18,23 +20,64 @@ from moeflow.loading.loader import LoadedModel
 from moeflow.sampling_params import SamplingParams
 from moeflow.tokenizer import Tokenizer
 
-Prompt = str | list[int]
+# A prompt: text, token ids, or vLLM's dicts {"prompt": text} / {"prompt_token_ids": ids}.
+Prompt = str | list[int] | Mapping[str, Any]
 Message = dict[str, Any]
 
 
 @dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
+class CompletionOutput:
+    """One of a prompt's `n` generations (vLLM's CompletionOutput). `logprobs` holds one
+    TokenLogprobs per output token (the sampled token's logprob and the top ones by id) when
+    the request asked for logprobs, else None; `cumulative_logprob` is then their sum."""
+
+    index: int
     text: str
     token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
     stop_reason: str | int | None = None
-    logprobs: list[TokenLogprobs] | None = None
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
-    # What the request cost (engine/cost.py usage_cost, as the server's usage.cost; usd null).
-    # reasoning_seconds counts the tokens up to a </think> in the output.
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result (vLLM's RequestOutput): `outputs[i]` for i < n. `prompt` is the
+    text when the prompt was given as text, else None. `text`, `token_ids`, `finish_reason`,
+    `stop_reason` and `logprobs` are shortcuts to `outputs[0]`."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (by outputs[0])
+    # What the request cost, its n generations together (engine/cost.py usage_cost, as the
+    # server's usage.cost; usd null); reasoning_seconds counts the tokens up to a </think>.
     cost: dict[str, Any] | None = field(default=None, compare=False)  # timings differ per run
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.outputs[0].stop_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        return self.outputs[0].logprobs
 
 
 class LLM:
@@ -55,6 +98,8 @@ class LLM:
         quantize: str | None = None,
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
+        chat_template: str | None = None,
+        gpu_memory_utilization: float | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
         "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
@@ -65,7 +110,10 @@ class LLM:
         for the CPU kernels; `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are
         captured at start);
         `overlap_schedule` launches each step before reading the previous step's tokens
-        (default: on for a CUDA device, where the host's work then hides behind the GPU's).
+        (default: on for a CUDA device, where the host's work then hides behind the GPU's);
+        `chat_template` (a jinja source) replaces the checkpoint's chat template;
+        `gpu_memory_utilization` (vLLM's) is the share of a GPU's memory the engine may hold in
+        all, which sizes the KV cache (default: 0.9 of what the weights leave).
         The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by
         engine/factory.py."""
         args = EngineArgs(
@@ -84,6 +132,8 @@ class LLM:
             quantize=quantize,
             enforce_eager=enforce_eager,
             overlap_schedule=overlap_schedule,
+            chat_template=chat_template,
+            gpu_memory_utilization=gpu_memory_utilization,
         )
         self.loaded: LoadedModel = load(args)
         self.engine = build_engine(args, self.loaded)
@@ -107,27 +157,40 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (a string, or a list of token ids) as raw text."""
+        """Complete each prompt as raw text: a string, a list of token ids, {"prompt": text} or
+        {"prompt_token_ids": ids}. One SamplingParams for all, or one per prompt."""
         batch = _as_prompt_list(prompts)
-        ids = [
-            p if isinstance(p, list) else self.tokenizer.encode(p, add_special_tokens=True)
-            for p in batch
-        ]
-        return self._run(ids, params)
+        texts: list[str | None] = []
+        ids: list[list[int]] = []
+        for p in batch:
+            text, prompt_ids = _prompt_parts(p)
+            if prompt_ids is None:
+                prompt_ids = self.tokenizer.encode(text or "", add_special_tokens=True)
+            texts.append(text)
+            ids.append(prompt_ids)
+        return self._run(ids, texts, sampling_params)
 
     def chat(
         self,
         messages: list[Message] | list[list[Message]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation (a list of {role, content}) or a list of conversations, through
         the model's own chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        ids = [self.encode_chat(conv, chat_template_kwargs) for conv in conversations]  # type: ignore[arg-type]
-        return self._run(ids, params)
+        texts: list[str | None] = [
+            self.tokenizer.apply_chat_template(
+                conv,  # type: ignore[arg-type]
+                add_generation_prompt=True,
+                **(chat_template_kwargs or {}),
+            )
+            for conv in conversations
+        ]
+        ids = [self.tokenizer.encode(t or "", add_special_tokens=False) for t in texts]
+        return self._run(ids, texts, sampling_params)
 
     def encode_chat(
         self, messages: list[Message], chat_template_kwargs: dict[str, Any] | None = None
@@ -163,8 +226,11 @@ class LLM:
     def _run(
         self,
         prompt_ids: list[list[int]],
+        prompt_texts: list[str | None],
         params: SamplingParams | Sequence[SamplingParams] | None,
     ) -> list[RequestOutput]:
+        """Run every prompt's n generations together (generation i of a seeded prompt gets
+        seed + i, as the server does)."""
         if params is None:
             params = SamplingParams()
         per_prompt = (
@@ -173,25 +239,34 @@ class LLM:
         if len(per_prompt) != len(prompt_ids):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompt_ids)} prompts")
         engine, outputs = self.engine, self._outputs
-        states: list[RequestState] = []
+        states: list[list[RequestState]] = []
         try:
             for ids, p in zip(prompt_ids, per_prompt, strict=True):
-                states.append(outputs.add_request(ids, p))
+                states.append([])
+                for i in range(p.n):
+                    seed = None if p.seed is None else (p.seed + i) % 2**63
+                    one = dataclasses.replace(p, n=1, seed=seed)
+                    states[-1].append(outputs.add_request(ids, one))
             while engine.has_unfinished():  # as run_to_completion, through the processor
                 outputs.process(engine.step())
         except BaseException:
-            for s in states:
-                outputs.abort(s.request_id)
+            for group in states:
+                for s in group:
+                    outputs.abort(s.request_id)
             raise
-        for s in states:
-            if s.req.error is not None:
-                raise RequestError(s.req.error)
+        for group in states:
+            for s in group:
+                if s.req.error is not None:
+                    raise RequestError(s.req.error)
         think_end_id = self.tokenizer.token_to_id("</think>")
-        return [_to_output(s, think_end_id) for s in states]
+        return [
+            _to_output(group, text, think_end_id)
+            for group, text in zip(states, prompt_texts, strict=True)
+        ]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, Mapping)):
         return [prompts]
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
@@ -199,18 +274,68 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items  # type: ignore[return-value]
 
 
-def _to_output(state: RequestState, think_end_id: int | None) -> RequestOutput:
-    req = state.req
+def _prompt_parts(prompt: Prompt) -> tuple[str | None, list[int] | None]:
+    """(text, token ids) of one prompt; one of them is None. A dict holds exactly one of
+    "prompt" and "prompt_token_ids" (multimodal and embedding inputs are not supported)."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, Mapping):
+        unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+        if unknown:
+            raise RequestError(
+                f"prompt dict keys {sorted(unknown)} are not supported; give 'prompt' (text) "
+                "or 'prompt_token_ids'",
+                param="prompt",
+            )
+        if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise RequestError(
+                "a prompt dict holds exactly one of 'prompt' and 'prompt_token_ids'",
+                param="prompt",
+            )
+        if "prompt" in prompt:
+            text = prompt["prompt"]
+            if not isinstance(text, str):
+                raise RequestError("'prompt' must be a string", param="prompt")
+            return text, None
+        return None, _token_ids(prompt["prompt_token_ids"])
+    return None, _token_ids(prompt)
+
+
+def _token_ids(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise RequestError("prompt token ids must be a list of ints", param="prompt")
+    return list(value)
+
+
+def _to_output(
+    group: list[RequestState], prompt: str | None, think_end_id: int | None
+) -> RequestOutput:
+    req = group[0].req
+    completions = []
+    for i, state in enumerate(group):
+        logprobs = state.logprobs
+        completions.append(
+            CompletionOutput(
+                index=i,
+                text=state.text.text,
+                token_ids=list(state.token_ids),
+                cumulative_logprob=(
+                    None if logprobs is None else sum(lp.logprob for lp in logprobs)
+                ),
+                logprobs=logprobs,
+                finish_reason=state.finish_reason,
+                stop_reason=state.stop_reason,
+            )
+        )
     return RequestOutput(
         request_id=req.request_id,
+        prompt=prompt,
         prompt_token_ids=req.prompt_ids,
-        text=state.text.text,
-        token_ids=list(state.token_ids),
-        finish_reason=state.finish_reason,
-        stop_reason=state.stop_reason,
-        logprobs=state.logprobs,
+        outputs=completions,
         num_cached_tokens=req.num_cached_tokens,
-        cost=usage_cost([(state.cost(), _reasoning_tokens(state, think_end_id))], None),
+        cost=usage_cost([(s.cost(), _reasoning_tokens(s, think_end_id)) for s in group], None),
     )
 
 

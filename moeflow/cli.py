@@ -4,21 +4,27 @@ only; the work is in api, bench and server."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moeflow import env
 from moeflow.errors import MoeflowError
 from moeflow.loading.presets import PRESETS
+from moeflow.sampling_params import GENERATION_CONFIG_KEYS, sampling_defaults
 
 if TYPE_CHECKING:
     from moeflow.api import LLM
+    from moeflow.config import EngineArgs
     from moeflow.sampling_params import SamplingParams
+
+# vLLM's --reasoning-parser names of the models whose reasoning is <think>...</think>.
+REASONING_PARSERS = ("deepseek_r1", "qwen3", "glm45")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = _common_parser()
+    sampling = _sampling_parser()
     chat = sub.add_parser(
         "chat",
-        parents=[common],
+        parents=[common, sampling],
         help="answer one message, or chat interactively with no message",
         description="With a message: print the answer and exit. Without: an interactive "
         "session that streams tokens and keeps the conversation (Ctrl-D or /exit to leave).",
@@ -44,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message")
     _add_tokenizer_flag(chat)
 
-    gen = sub.add_parser("generate", parents=[common], help="raw completion of a prompt")
+    gen = sub.add_parser("generate", parents=[common, sampling], help="raw completion of a prompt")
     gen.add_argument("--prompt", required=True)
     _add_tokenizer_flag(gen)
 
@@ -68,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common_parser() -> argparse.ArgumentParser:
-    """The flags every command takes: the model, its device and dtype, sampling."""
+    """The flags every command takes: the model, its device and dtype, its context."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--model",
@@ -100,12 +107,6 @@ def _common_parser() -> argparse.ArgumentParser:
         help="read each step's tokens before launching the next (on a GPU the next step is "
         "launched first, so the host's scheduling hides behind the device's work)",
     )
-    common.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
-    common.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
-    common.add_argument("--top-p", type=float, default=1.0)
-    common.add_argument("--top-k", type=int, default=0)
-    common.add_argument("--seed", type=int, default=None, help="sampling seed")
-
     return common
 
 
@@ -117,6 +118,19 @@ def _add_tokenizer_flag(parser: argparse.ArgumentParser) -> None:
         help="a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json with its "
         "chat template) used instead of the model's own, e.g. beside a .gguf file",
     )
+
+
+def _sampling_parser() -> argparse.ArgumentParser:
+    """The sampling flags of the commands that generate in this process (chat, generate)."""
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
+    sampling.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (the default)"
+    )
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--seed", type=int, default=None, help="sampling seed")
+    return sampling
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -137,6 +151,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         help="decode steps timed (default 128; suite: 256 per batch size)",
     )
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    bench.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     bench.add_argument(
         "--concurrency",
         type=int,
@@ -221,23 +236,107 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="OpenAI-compatible HTTP server (`moeflow serve MODEL`, vLLM's flags)",
+        description="Serve MODEL (positional, as `vllm serve MODEL`, or --model) over the OpenAI "
+        "API, with /tokenize, /detokenize, /version, /health and /metrics. The flags that vLLM "
+        "also has mean what they mean there. `--config FILE` reads the same flags from a YAML "
+        "or JSON mapping (keys are the flag names without --; flags given on the command line "
+        "win).",
+    )
+    serve.add_argument(
+        "model_tag", nargs="?", metavar="MODEL", help="the model, as --model (this one wins)"
+    )
+    serve.add_argument(
+        "--config", default=None, help="YAML or JSON file of these flags ({flag-name: value})"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
-    serve.add_argument("--served-model-name", default=None, help="the model id clients use")
+    serve.add_argument(
+        "--api-key",
+        default=env.MOEFLOW_API_KEY or None,
+        help="require `Authorization: Bearer KEY` on every route but /health (default: the "
+        "MOEFLOW_API_KEY environment variable; none: no key)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients use (default: the model's file or folder name)",
+    )
+    serve.add_argument(
+        "--allowed-origins",
+        type=_origins,
+        default=(),
+        help="CORS origins, a JSON list ('[\"https://a.example\"]', '[\"*\"]') or a comma "
+        "list (default: none, CORS off)",
+    )
     _add_tokenizer_flag(serve)
     serve.add_argument(
         "--max-waiting", type=int, default=256, help="queued requests at most (then 503)"
     )
     serve.add_argument("--max-num-seqs", type=int, default=64, help="running sequences at most")
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens one engine step computes at most (longer prompts are prefilled in chunks)",
+    )
     serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
     serve.add_argument(
-        "--reasoning-parser",
-        choices=["auto", "on", "off"],
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="the share of the GPU's memory the engine may hold in all (weights, KV cache, "
+        "working memory), which sizes the KV cache (default: 0.9 of what the weights leave; "
+        "a GPU only)",
+    )
+    serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of a prompt prefix seen before (on by default)",
+    )
+    serve.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefill long prompts in chunks of --max-num-batched-tokens beside running "
+        "decodes (always on: --no-enable-chunked-prefill is refused)",
+    )
+    serve.add_argument(
+        "--kv-cache-dtype",
         default="auto",
-        help="split <think>...</think> into reasoning_content (auto: when the vocabulary has "
-        "both tags)",
+        help="auto only: the KV cache is stored in the compute dtype (fp8 is not supported yet)",
+    )
+    serve.add_argument("--seed", type=int, default=0, help="the engine's random seed")
+    serve.add_argument(
+        "--chat-template",
+        default=None,
+        help="a jinja chat template (a file, or the template itself) instead of the model's",
+    )
+    serve.add_argument(
+        "--generation-config",
+        default="auto",
+        help="auto: the sampling defaults (temperature, top_p, top_k, min_p, "
+        "repetition_penalty) of the model folder's generation_config.json apply to requests "
+        "that leave them unset; vllm: none (SamplingParams' own); or a folder holding a "
+        "generation_config.json",
+    )
+    serve.add_argument(
+        "--override-generation-config",
+        type=json.loads,
+        default=None,
+        help="JSON of sampling defaults over --generation-config's, e.g. '{\"temperature\": 0}'",
+    )
+    serve.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "off", *REASONING_PARSERS],
+        default="auto",
+        help="split <think>...</think> into reasoning_content: deepseek_r1, qwen3, glm45 (vLLM's "
+        "names; all read the same tags) always, off never, auto when the vocabulary has both "
+        "tags",
     )
     serve.add_argument(
         "--price-per-hour",
@@ -249,14 +348,21 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=env.MOEFLOW_LOG_LEVEL, format="%(levelname)s %(message)s")
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _with_config_file(parser, argv)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    level = env.MOEFLOW_LOG_LEVEL or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(message)s")
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
         return 130
     except (MoeflowError, ValueError, OSError) as e:
-        if env.MOEFLOW_LOG_LEVEL.upper() == "DEBUG":
+        if level.upper() == "DEBUG":
             raise
         print(f"moeflow: error: {e}", file=sys.stderr)
         return 1
@@ -297,15 +403,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(env.MOEFLOW_NUM_THREADS)
-    # Bad sampling arguments fail before the model is loaded.
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-    serving = args.command in ("serve", "info")
     engine_args = EngineArgs(
         model=args.model,
         tokenizer=getattr(args, "tokenizer", None),  # chat, generate and serve take it
@@ -317,10 +414,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         overlap_schedule=False if args.disable_overlap_schedule else None,
         **(
             {"kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs}
-            if serving
+            if args.command == "info"
             else {}
         ),
     )
+    if args.command == "serve":
+        return _serve(args, engine_args)
     if args.command == "info":
         from moeflow.bench.report import model_info
         from moeflow.engine.factory import check_memory, plan
@@ -329,25 +428,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(model_info(memory_plan))
         check_memory(memory_plan)  # does not fit: the error after the numbers, exit 1
         return 0
-    if serving:
-        from moeflow.engine.factory import build_engine
-        from moeflow.server.run import serve
-        from moeflow.server.serving import ServerConfig
-
-        # The engine loads (and sizes its KV cache) before the server binds: too little memory
-        # exits non-zero.
-        engine = build_engine(engine_args)
-        config = ServerConfig(
-            served_model_name=args.served_model_name
-            or os.path.basename(engine.config.model.rstrip("/")),
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            max_waiting=args.max_waiting,
-            reasoning=args.reasoning_parser,
-            price_per_hour=args.price_per_hour,
-        )
-        return serve(engine, config)
+    # Bad sampling arguments fail before the model is loaded.
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     llm = LLM.from_engine_args(engine_args)
     if args.command == "generate":
         ids = llm.tokenizer.encode(args.prompt, add_special_tokens=True)
@@ -362,6 +450,162 @@ def _dispatch(args: argparse.Namespace) -> int:
         _stream_to_stdout(llm.stream(ids, _fit(llm, ids, params)))
         return 0
     return _interactive(llm, messages, params)
+
+
+def _serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
+    from moeflow.engine.factory import build_engine
+    from moeflow.server.run import serve
+    from moeflow.server.serving import ServerConfig
+    from moeflow.tokenizer.chat_template import read_chat_template
+
+    if not args.enable_chunked_prefill:
+        raise ValueError(
+            "--no-enable-chunked-prefill is not supported: moeflow always prefills long prompts "
+            "in chunks of --max-num-batched-tokens"
+        )
+    if args.kv_cache_dtype != "auto":
+        raise ValueError(
+            f"--kv-cache-dtype {args.kv_cache_dtype} is not supported yet: the KV cache is "
+            "stored in the compute dtype (auto)"
+        )
+    model = args.model_tag or args.model  # the positional wins, as in vLLM
+    # Bad files and defaults fail before the model is loaded.
+    template = None if args.chat_template is None else read_chat_template(args.chat_template)
+    defaults = _generation_defaults(args.generation_config, model)
+    if args.override_generation_config is not None:
+        if not isinstance(args.override_generation_config, dict):
+            raise ValueError("--override-generation-config must be a JSON object")
+        defaults = {**defaults, **args.override_generation_config}
+        unknown = set(defaults) - set(GENERATION_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(
+                f"--override-generation-config: unknown keys {sorted(unknown)}; "
+                f"known: {', '.join(GENERATION_CONFIG_KEYS)}"
+            )
+        sampling_defaults(defaults)  # validates
+    engine_args = replace(
+        engine_args,
+        model=model,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        chat_template=template,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    # The engine loads (and sizes its KV cache) before the server binds: too little memory
+    # exits non-zero.
+    engine = build_engine(engine_args)
+    config = ServerConfig(
+        served_model_name=args.served_model_name
+        or os.path.basename(engine.config.model.rstrip("/")),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        reasoning=args.reasoning_parser if args.reasoning_parser in ("auto", "off") else "on",
+        default_sampling=defaults,
+        allowed_origins=args.allowed_origins,
+        price_per_hour=args.price_per_hour,
+    )
+    return serve(engine, config)
+
+
+def _generation_defaults(choice: str, model: str | None) -> dict[str, Any]:
+    """--generation-config: "auto" reads the model folder's generation_config.json (a GGUF file,
+    a preset or the default model has none), "vllm" none, anything else is a folder."""
+    if choice == "vllm":
+        return {}
+    folder = model if choice == "auto" else choice
+    if folder is None or not os.path.isdir(folder):
+        if choice == "auto":
+            return {}
+        raise ValueError(f"--generation-config {choice}: not a folder (auto, vllm or a folder)")
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        if choice == "auto":
+            return {}
+        raise ValueError(f"--generation-config: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return sampling_defaults(data)
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    """--allowed-origins: a JSON list of strings or a comma list."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise argparse.ArgumentTypeError("a JSON list of strings")
+        return tuple(items)
+    return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
+def _with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`serve --config FILE`: the file's {flag-name: value} mapping becomes flags placed before
+    the command line's, so the command line wins. true is the flag, false its --no- form (a
+    plain switch is then left off); lists and objects are passed as JSON; `model` is --model."""
+    if not argv or argv[0] != "serve":
+        return argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv[1:])
+    if known.config is None:
+        return argv
+    data = _read_config(known.config)
+    flags = _serve_flags(parser)
+    out: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag not in flags or flag == "--config":
+            raise ValueError(f"{known.config}: unknown flag {key!r}")
+        if isinstance(value, bool):
+            if value:
+                out.append(flag)
+            elif "--no-" + flag[2:] in flags:
+                out.append("--no-" + flag[2:])
+        elif isinstance(value, (list, dict)):
+            out += [flag, json.dumps(value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return ["serve", *out, *argv[1:]]
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a mapping of flag names to values")
+    return data
+
+
+def _serve_flags(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices["serve"]._option_string_actions)
+    raise AssertionError("no serve command")
 
 
 def _fit(llm: LLM, ids: list[int], params: SamplingParams) -> SamplingParams:

@@ -132,6 +132,10 @@ class EngineArgs:
     quantize: str | None = None  # q8_0 | q4_0 | q4_k: quantise linear layers + experts on load
     enforce_eager: bool = False
     overlap_schedule: bool | None = None  # None: on for a CUDA device
+    chat_template: str | None = None  # a jinja source replacing the checkpoint's template
+    # The share of a GPU's memory the engine may hold in all (vLLM's); None: the KV cache takes
+    # 0.9 of what the weights leave (loading/memory_plan.py kv_tokens_that_fit).
+    gpu_memory_utilization: float | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,9 @@ class EngineConfig:
         `dtype`, the model's context `model_max_len`, and `kv_tokens_that_fit`, the KV tokens a
         GPU's free memory holds (None off a GPU; never fewer than one full context is used:
         too little memory then fails when the engine allocates the cache)."""
+        u = args.gpu_memory_utilization
+        if u is not None and not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u}")
         max_model_len = args.max_model_len
         if max_model_len is None:
             max_model_len = min(model_max_len, DEFAULT_MAX_MODEL_LEN)

@@ -22,8 +22,11 @@ MOEFLOW_PROGRESS: bool = _bool("MOEFLOW_PROGRESS", True)
 # Load a model even when its memory plan says it does not fit (loading/memory_plan.py); the
 # shortfall is then logged as a warning instead of failing before the load.
 MOEFLOW_SKIP_MEMORY_CHECK: bool = _bool("MOEFLOW_SKIP_MEMORY_CHECK", False)
-# Log level of the `moeflow` logger.
-MOEFLOW_LOG_LEVEL: str = os.environ.get("MOEFLOW_LOG_LEVEL", "WARNING")
+# Log level of the `moeflow` logger (default: INFO for `moeflow serve`, which logs one line per
+# request, WARNING for the other commands).
+MOEFLOW_LOG_LEVEL: str = os.environ.get("MOEFLOW_LOG_LEVEL", "")
+# The API key `moeflow serve` requires when --api-key is not given (vLLM's VLLM_API_KEY).
+MOEFLOW_API_KEY: str = os.environ.get("MOEFLOW_API_KEY", "")
 # Use the compiled CPU kernels (kernels/csrc) where the CPU supports them; 0 forces plain torch.
 MOEFLOW_CPU_KERNELS: bool = _bool("MOEFLOW_CPU_KERNELS", True)
 # Where compiled kernels are cached.

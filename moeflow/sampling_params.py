@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from moeflow.errors import RequestError
 
@@ -44,10 +45,14 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per sampled token (0: only the sampled)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # Generations per prompt: LLM.generate and the server run n engine requests (choice i of a
+    # seeded prompt gets seed + i); one engine request is always n = 1.
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _check(isinstance(self.n, int) and self.n >= 1, "n", "must be >= 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -87,6 +92,19 @@ class SamplingParams:
         """Temperatures this close to 0 take the argmax (vLLM's _SAMPLING_EPS): the one
         definition the engine (no generator) and the sampler (no draw) share."""
         return self.temperature < GREEDY_EPS
+
+
+# generation_config.json keys that are sampling defaults (vLLM's --generation-config auto reads
+# the same ones; max_new_tokens is left out: a default must never exceed what the context leaves).
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The SamplingParams defaults a checkpoint's generation_config.json sets; validated (a bad
+    value is a RequestError naming it)."""
+    defaults = {k: generation_config[k] for k in GENERATION_CONFIG_KEYS if k in generation_config}
+    SamplingParams(**defaults)
+    return defaults
 
 
 def _finite(x: float) -> bool:

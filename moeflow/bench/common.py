@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from moeflow.bench.peers import PEERS
+from moeflow.bench.peers import PEERS, require_peer
 
 BANDWIDTH_BYTES = 256 * 2**20  # size of the copied tensor
 BANDWIDTH_REPEATS = 5
@@ -36,7 +36,8 @@ def routing_imbalance(stats: list[list[int]]) -> float | None:
 
 
 def parse_compare(compare: str) -> list[str]:
-    """`--compare` as a list of peer names ("auto": every peer, "none" or empty: none)."""
+    """`--compare` as a list of peer names ("auto": every peer, "none" or empty: none). A peer
+    named explicitly must be installed (ValueError naming the `bench` extra)."""
     names = [c.strip() for c in compare.split(",") if c.strip()]
     if names in ([], ["none"]):
         return []
@@ -45,6 +46,8 @@ def parse_compare(compare: str) -> list[str]:
     unknown = [n for n in names if n not in PEERS]
     if unknown:
         raise ValueError(f"--compare: unknown peer(s) {unknown}; choose from {', '.join(PEERS)}")
+    for name in names:
+        require_peer(name)
     return list(dict.fromkeys(names))
 
 

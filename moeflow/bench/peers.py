@@ -15,6 +15,8 @@ import torch
 PEERS = ("llama-cpp", "hf")
 # Peer name -> the modules it needs.
 _REQUIRES = {"llama-cpp": ("llama_cpp",), "hf": ("transformers",)}
+# The peers and the plot are the `bench` extra of pyproject.toml, not moeflow's dependencies.
+BENCH_EXTRA = "pip install 'moeflow[bench]'"
 
 
 @dataclass(slots=True)
@@ -50,11 +52,25 @@ class BenchResult:
         }
 
 
+def require_bench_extra(what: str, modules: tuple[str, ...]) -> None:
+    """Fail before any work when `what` needs modules of the `bench` extra that are absent."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"{what} needs {', '.join(missing)}, not installed (the `bench` extra): {BENCH_EXTRA}"
+        )
+
+
+def require_peer(peer: str) -> None:
+    """A peer named on the command line must be installed (auto skips a missing one)."""
+    require_bench_extra(f"--compare {peer}", _REQUIRES[peer])
+
+
 def skip_reason(peer: str, model_path: str) -> str | None:
     """Why `peer` cannot run on this model here; None when it can."""
     for module in _REQUIRES[peer]:
         if importlib.util.find_spec(module) is None:
-            return f"not installed ({module})"
+            return f"not installed ({module}; {BENCH_EXTRA})"
     is_gguf = os.path.isfile(model_path) and model_path.endswith(".gguf")
     if peer == "llama-cpp" and not is_gguf:
         return "needs a GGUF model"

@@ -19,7 +19,7 @@ import torch
 
 from moeflow.api import LLM
 from moeflow.bench.common import measure_bandwidth, parse_compare, resolve_device, sync
-from moeflow.bench.peers import skip_reason
+from moeflow.bench.peers import require_bench_extra, skip_reason
 from moeflow.bench.plot import plot
 from moeflow.bench.report import ParamCounts, count_parameters
 from moeflow.config import ModelConfig
@@ -173,6 +173,8 @@ def _parse_spec(args: argparse.Namespace) -> _SuiteSpec:
         raise ValueError("--workload suite compares with hf only (or none)")
     if args.decode_tokens < 1:
         raise ValueError("--decode-tokens must be >= 1")
+    if args.plot:
+        require_bench_extra("--plot", ("matplotlib",))
     return _SuiteSpec(
         preset=preset,
         device=device,

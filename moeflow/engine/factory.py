@@ -27,7 +27,7 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
         device=loaded.device,
         dtype=dtype_name(loaded.dtype),
         model_max_len=loaded.model_config.max_position_embeddings,
-        kv_tokens_that_fit=_kv_tokens_that_fit(loaded),
+        kv_tokens_that_fit=_kv_tokens_that_fit(loaded, args.gpu_memory_utilization),
     )
     return LLMEngine(config, loaded.model, loaded.model_config, loaded.tokenizer)
 
@@ -35,11 +35,18 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
 def load(args: EngineArgs) -> LoadedModel:
     """Parse the model source, resolve "auto" device and dtype, check the memory plan (too
     little memory is an InsufficientMemoryError before any weight is read), seed torch, then
-    load."""
+    load; `args.chat_template` replaces the checkpoint's template."""
     source, device, dtype = _resolve(args)
+    if args.gpu_memory_utilization is not None and not device.startswith("cuda"):
+        raise ValueError(
+            "--gpu-memory-utilization sizes a GPU's KV cache; on a CPU give --kv-cache-tokens"
+        )
     check_memory(plan_memory(source, device, dtype, args))
     torch.manual_seed(args.seed)
-    return load_model(source, device, dtype, args.hf_overrides, args.quantize, args.tokenizer)
+    loaded = load_model(source, device, dtype, args.hf_overrides, args.quantize, args.tokenizer)
+    if args.chat_template is not None:
+        loaded.tokenizer = loaded.tokenizer.with_chat_template(args.chat_template)
+    return loaded
 
 
 def plan(args: EngineArgs) -> MemoryPlan:
@@ -59,10 +66,11 @@ def _resolve(args: EngineArgs) -> tuple[ModelSource, str, torch.dtype]:
     return source, device, parse_dtype(dtype)
 
 
-def _kv_tokens_that_fit(loaded: LoadedModel) -> int | None:
+def _kv_tokens_that_fit(loaded: LoadedModel, gpu_memory_utilization: float | None) -> int | None:
     """KV tokens a GPU's free memory holds after the weights; None off a GPU."""
     device = torch.device(loaded.device)
     if device.type != "cuda":
         return None
     per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
-    return kv_tokens_that_fit(torch.cuda.mem_get_info(device)[0], per_token)
+    free, total = torch.cuda.mem_get_info(device)
+    return kv_tokens_that_fit(free, per_token, total, gpu_memory_utilization)

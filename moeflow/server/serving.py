@@ -43,6 +43,10 @@ class ServerConfig:
     api_key: str | None = None  # None: no authentication
     max_waiting: int = 256  # requests waiting for admission; more are refused with 503
     reasoning: str = "auto"  # auto | on | off: split <think>...</think> into reasoning_content
+    # SamplingParams fields a request leaves unset take these (generation_config.json's, and
+    # --override-generation-config's); then SamplingParams' own defaults.
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+    allowed_origins: tuple[str, ...] = ()  # CORS: none by default
     max_body_bytes: int = MAX_BODY_BYTES
     max_header_bytes: int = MAX_HEADER_BYTES
     retry_after_s: int = 1
@@ -77,6 +81,7 @@ class _Choice:
     """One of the n generations of a request, as the server turns it into text."""
 
     index: int
+    prompt_idx: int  # which of the request's prompts this generates from
     splitter: ReasoningSplitter | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
@@ -101,6 +106,7 @@ class _Job:
     chat: bool
     want_logprobs: bool
     include_usage: bool
+    ttft: float | None = None  # seconds from submission to the first update
 
 
 # Builds the SSE chunk of one update of one choice (None: nothing to send); the delta is the
@@ -137,6 +143,42 @@ class OpenAIServing:
         }
         return {"object": "list", "data": [card]}
 
+    async def tokenize(
+        self, req: protocol.TokenizeCompletionRequest | protocol.TokenizeChatRequest
+    ) -> dict[str, Any]:
+        """vLLM's /tokenize: a prompt, or messages through the chat template."""
+        self._check_model(req.model)
+        tokenizer = self.tokenizer
+
+        def encode() -> tuple[list[int], list[str] | None]:
+            if isinstance(req, protocol.TokenizeChatRequest):
+                text = tokenizer.apply_chat_template(
+                    req.template_messages(),
+                    add_generation_prompt=req.add_generation_prompt,
+                    **(req.chat_template_kwargs or {}),
+                )
+            else:
+                text = req.prompt
+            ids = tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+            if not req.return_token_strs:
+                return ids, None
+            return ids, [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+
+        try:
+            ids, strs = await asyncio.to_thread(encode)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=e.param or "messages") from None
+        return protocol.tokenize_response(ids, self.engine.max_model_len, strs)
+
+    async def detokenize(self, req: protocol.DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's /detokenize: token ids back to text (special tokens kept)."""
+        self._check_model(req.model)
+        vocab_size = self.engine.vocab_size
+        if any(t >= vocab_size for t in req.tokens):
+            raise ApiError(400, f"tokens must be in [0, {vocab_size})", param="tokens")
+        text = await asyncio.to_thread(self.tokenizer.decode, req.tokens, False)
+        return {"prompt": text}
+
     async def create_chat_completion(
         self, request: Request, req: protocol.ChatCompletionRequest
     ) -> Response:
@@ -158,7 +200,7 @@ class OpenAIServing:
         )
         job = await self._submit(
             [prompt_ids],
-            _sampling_params(req.sampling_kwargs()),
+            _sampling_params(req.sampling_kwargs(), self.config.default_sampling),
             req.n,
             chat=True,
             want_logprobs=req.logprobs,
@@ -187,7 +229,7 @@ class OpenAIServing:
                 ids.append(list(p))
         job = await self._submit(
             ids,
-            _sampling_params(req.sampling_kwargs()),
+            _sampling_params(req.sampling_kwargs(), self.config.default_sampling),
             req.n,
             chat=False,
             want_logprobs=req.logprobs is not None,
@@ -241,12 +283,12 @@ class OpenAIServing:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
                     splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning)
-                    choices.append(_Choice(idx, splitter if reasoning else None))
+                    choices.append(_Choice(idx, p_idx, splitter if reasoning else None))
         except BaseException as e:
             for it in iterators:
                 await _close(it)
             raise _engine_error(e, self.config.retry_after_s) from None
-        prompt_tokens = sum(len(p) for p in prompts) * n
+        prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n
         self.metrics.prompt_tokens.inc(prompt_tokens)
         return _Job(
             rid,
@@ -293,8 +335,10 @@ class OpenAIServing:
                     await collect
                 await job.updates.aclose()
         if collect not in done:
+            self._log_done(job, "client disconnected")
             return False
         error = collect.result()
+        self._log_done(job, error)
         if error is not None:
             raise ApiError(500, error, "server_error")
         return True
@@ -304,7 +348,8 @@ class OpenAIServing:
         first = True
         async for idx, update in job.updates:
             if first:
-                self.metrics.ttft.observe(time.monotonic() - job.arrival)
+                job.ttft = time.monotonic() - job.arrival
+                self.metrics.ttft.observe(job.ttft)
                 first = False
             if update.error is not None:
                 return update.error
@@ -344,18 +389,21 @@ class OpenAIServing:
         gone) aborts whatever still runs."""
         last = job.arrival
         first = True
+        outcome: str | None = "client disconnected"  # until the stream ends otherwise
         try:
             for chunk in head:
                 yield _event(chunk)
             async for idx, update in job.updates:
                 now = time.monotonic()
                 if first:
-                    self.metrics.ttft.observe(now - job.arrival)
+                    job.ttft = now - job.arrival
+                    self.metrics.ttft.observe(job.ttft)
                     first = False
                 else:
                     self.metrics.itl.observe(now - last)
                 last = now
                 if update.error is not None:
+                    outcome = update.error
                     yield _event(protocol.error_body(update.error, "server_error"))
                     break
                 c = job.choices[idx]
@@ -371,8 +419,10 @@ class OpenAIServing:
                         job.rid, job.created, model, self._usage(job), chat=job.chat
                     )
                     yield _event(usage)
+                outcome = None
             yield "data: [DONE]\n\n"
         finally:
+            self._log_done(job, outcome)
             await job.updates.aclose()  # aborts whatever is still running (client gone)
 
     def _role_chunks(self, job: _Job) -> list[dict[str, Any]]:
@@ -419,6 +469,24 @@ class OpenAIServing:
             job.rid, job.created, model, c.index, delta, finish, logprobs
         )
 
+    def _log_done(self, job: _Job, failure: str | None) -> None:
+        """One INFO line per request when it ends: id, tokens, TTFT, finish reasons (or why it
+        ended without them)."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        ttft = "-" if job.ttft is None else f"{job.ttft:.3f}s"
+        reasons = ",".join(str(c.finish_reason) for c in job.choices)
+        logger.info(
+            "%s: prompt_tokens=%d output_tokens=%d ttft=%s e2e=%.3fs finish_reason=%s%s",
+            job.rid,
+            job.prompt_tokens,
+            sum(len(c.token_ids) for c in job.choices),
+            ttft,
+            time.monotonic() - job.arrival,
+            reasons,
+            "" if failure is None else f" ({failure})",
+        )
+
     # ---- logprobs and usage --------------------------------------------------------------------
     def _logprob_entries(self, choice: _Choice, start: int, end: int) -> list[dict[str, Any]]:
         """Chat logprobs entries of choice.logprobs[start:end]."""
@@ -447,7 +515,15 @@ class OpenAIServing:
     def _usage(self, job: _Job) -> dict[str, Any]:
         completion_tokens = sum(len(c.token_ids) for c in job.choices)
         reasoning = [self._reasoning_tokens(c) for c in job.choices]
-        usage = protocol.usage(job.prompt_tokens, completion_tokens, sum(reasoning))
+        # A prompt's cached tokens: those every one of its n generations found in the cache.
+        cached: dict[int, int] = {}
+        for c in job.choices:
+            cached[c.prompt_idx] = min(
+                cached.get(c.prompt_idx, c.num_cached_tokens), c.num_cached_tokens
+            )
+        usage = protocol.usage(
+            job.prompt_tokens, completion_tokens, sum(reasoning), sum(cached.values())
+        )
         parts = [(c.cost, r) for c, r in zip(job.choices, reasoning, strict=True) if c.cost]
         if len(parts) == len(job.choices):
             usage["cost"] = usage_cost(parts, self.config.price_per_hour)
@@ -465,9 +541,12 @@ class OpenAIServing:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
+def _sampling_params(kwargs: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
+    """The request's fields over the server's defaults (a field the request left None takes
+    the default)."""
+    merged = {**defaults, **{k: v for k, v in kwargs.items() if v is not None or k not in defaults}}
     try:
-        return SamplingParams(**kwargs)
+        return SamplingParams(**merged)
     except RequestError as e:
         raise ApiError(400, str(e), param=e.param) from None
 

@@ -8,6 +8,7 @@ import contextvars
 import datetime
 import functools
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from moeflow.utils import is_int
 MAX_TEMPLATE_OUTPUT_CHARS = 4 * 1024 * 1024
 MAX_TEMPLATE_SECONDS = 5.0
 MAX_TEMPLATE_RANGE_ITEMS = 1_000_000  # summed over every range() of one render
+MAX_TEMPLATE_FILE_BYTES = 1024 * 1024
 
 # Variables a caller may pass to a chat template besides messages / add_generation_prompt; any
 # other is dropped. The value is the type an HTTP request's chat_template_kwargs value must have
@@ -94,6 +96,25 @@ def compile_template(source: str) -> jinja2.Template:
         ) from None
     except RecursionError:
         raise ModelFormatError("chat template is nested too deeply") from None
+
+
+def read_chat_template(value: str) -> str:
+    """`--chat-template`: a file holding a template, or the template itself (vLLM takes both);
+    compiled once here so a bad one fails before a model loads (ModelFormatError)."""
+    if os.path.isfile(value):
+        try:
+            if os.path.getsize(value) > MAX_TEMPLATE_FILE_BYTES:
+                raise ModelFormatError(f"{value}: larger than {MAX_TEMPLATE_FILE_BYTES} bytes")
+            with open(value, encoding="utf-8") as f:
+                source = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{value}: cannot read: {e}") from None
+    elif "{{" in value or "{%" in value:
+        source = value
+    else:
+        raise ModelFormatError(f"--chat-template {value!r}: neither a file nor a jinja template")
+    compile_template(source)
+    return source
 
 
 # ---- the sandbox ----------------------------------------------------------------------------

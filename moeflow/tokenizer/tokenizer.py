@@ -279,6 +279,17 @@ class Tokenizer:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self._eos_token_ids
 
+    def with_chat_template(self, chat_template: str) -> Tokenizer:
+        """The same tokenizer rendering chats with `chat_template` (the source, compiled here:
+        a syntax error is a ModelFormatError), as `--chat-template` asks."""
+        return Tokenizer(
+            self._backend,
+            bos_token_id=self._bos_token_id,
+            eos_token_ids=self._eos_token_ids,
+            add_bos_token=self._add_bos_token,
+            chat_template=chat_template,
+        )
+
     @property
     def chat_template(self) -> str | None:
         """The checkpoint's template source; None means the ChatML fallback is used."""

@@ -83,3 +83,28 @@ def test_run_bench_writes_json(tiny_llama: Path, tmp_path: Path) -> None:
     assert report["settings"]["prompt_len"] == 16
     assert report["model"]["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 4
     assert report["results"].keys() == {"moeflow"}
+
+
+def test_missing_bench_extra_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A peer named on the command line, or the plot, without the `bench` extra installed: an
+    error naming the command that installs it, before any work; `auto` skips it with a note."""
+    import importlib.util
+
+    from moeflow.bench import peers
+    from moeflow.bench.common import parse_compare
+    from moeflow.cli import main
+
+    real = importlib.util.find_spec
+    absent = {"llama_cpp", "matplotlib"}
+    monkeypatch.setattr(
+        peers.importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name)
+    )
+    with pytest.raises(ValueError, match=r"llama_cpp, not installed .*moeflow\[bench\]"):
+        parse_compare("llama-cpp")
+    assert parse_compare("auto") == ["llama-cpp", "hf"]
+    assert "moeflow[bench]" in (peers.skip_reason("llama-cpp", "m.gguf") or "")
+    argv = ["bench", "--workload", "suite", "--model", "preset:qwen3-30b-a3b", "--compare", "none"]
+    assert main([*argv, "--plot", "x.png"]) == 1
+    assert "--plot needs matplotlib" in capsys.readouterr().err

@@ -64,3 +64,26 @@ def test_the_engine_allocates_the_sink_block(tmp_path: Path) -> None:
 def test_llm_takes_exactly_the_engine_args() -> None:
     params = list(inspect.signature(LLM.__init__).parameters)[1:]
     assert params == [f.name for f in fields(EngineArgs)]
+
+
+def test_gpu_memory_utilization_is_a_share_of_the_whole_gpu() -> None:
+    """vLLM's meaning: the engine holds that share of the GPU's total memory in all, so the KV
+    cache gets the share less what is in use (weights, other processes) less the reserve."""
+    from moeflow.loading.memory_plan import GPU_KV_SHARE, GPU_RESERVE_BYTES, kv_tokens_that_fit
+
+    gib = 2**30
+    total, free = 100 * gib, 70 * gib  # 30 GiB in use after the weights
+    assert kv_tokens_that_fit(free, 1024, total, 0.5) == (20 * gib - GPU_RESERVE_BYTES) // 1024
+    assert kv_tokens_that_fit(free, 1024, total, 0.3) < 0  # resolve then keeps one context
+    default = kv_tokens_that_fit(free, 1024)
+    assert default == int((free * GPU_KV_SHARE - GPU_RESERVE_BYTES) // 1024)
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
+        _resolve(EngineArgs(gpu_memory_utilization=1.5), device="cuda")
+
+
+def test_gpu_memory_utilization_on_a_cpu_is_refused(tiny_checkpoints: dict[str, Path]) -> None:
+    args = EngineArgs(
+        model=str(tiny_checkpoints["llama"]), device="cpu", gpu_memory_utilization=0.8
+    )
+    with pytest.raises(ValueError, match="on a CPU give --kv-cache-tokens"):
+        load(args)

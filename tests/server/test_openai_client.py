@@ -66,6 +66,36 @@ def test_completions_n_and_seed(client: openai.OpenAI) -> None:
     assert a.usage is not None and a.usage.completion_tokens == sum(lengths)
 
 
+def test_usage_counts_each_prompt_once_and_its_cached_tokens(client: openai.OpenAI) -> None:
+    """prompt_tokens is the prompt's length whatever n; the same 40-token prompt again finds its
+    two full 16-token blocks in the prefix cache."""
+    prompt = list(range(100, 140))
+
+    def create(n: int) -> openai.types.CompletionUsage:
+        resp = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=4, temperature=0, n=n
+        )
+        assert resp.usage is not None
+        return resp.usage
+
+    first, again = create(2), create(1)
+    assert first.prompt_tokens == again.prompt_tokens == 40
+    assert first.completion_tokens == 8 and first.total_tokens == 48
+    assert again.prompt_tokens_details is not None
+    assert again.prompt_tokens_details.cached_tokens == 32
+    chat = [
+        client.chat.completions.create(
+            model="tiny",
+            messages=MSG,  # type: ignore[arg-type]
+            max_tokens=2,
+            n=n,
+        ).usage
+        for n in (1, 3)
+    ]
+    assert chat[0] is not None and chat[1] is not None
+    assert chat[0].prompt_tokens == chat[1].prompt_tokens
+
+
 def test_completions_streaming_equals_full(client: openai.OpenAI) -> None:
     full = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=16, temperature=0)
     parts = client.completions.create(

@@ -417,11 +417,12 @@ def test_completion_sampling_kwargs() -> None:
 
 # ---- responses -----------------------------------------------------------------------------------
 def test_response_shapes() -> None:
-    u = P.usage(10, 5, reasoning_tokens=3)
+    u = P.usage(10, 5, reasoning_tokens=3, cached_tokens=8)
     assert u == {
         "prompt_tokens": 10,
         "completion_tokens": 5,
         "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 8},
         "completion_tokens_details": {"reasoning_tokens": 3},
     }
     rid = P.new_id("chatcmpl")

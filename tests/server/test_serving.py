@@ -35,7 +35,7 @@ def _job(updates: list[RequestUpdate], *, chat: bool, splitter: bool = False) ->
         for u in updates:
             yield 0, u
 
-    choice = _Choice(0, ReasoningSplitter() if splitter else None)
+    choice = _Choice(0, 0, ReasoningSplitter() if splitter else None)
     return _Job("id-1", 7, 0.0, [choice], merged(), 5, chat, False, True)
 
 
