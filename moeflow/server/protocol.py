@@ -31,6 +31,7 @@ MAX_N = 16
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 256
 MAX_TOOL_CALLS = 128
+MAX_TOOLS = 128
 MAX_PROMPTS = 64
 MAX_TEXT_CHARS = 1_000_000
 MAX_NAME_CHARS = 256
@@ -105,11 +106,22 @@ Content = Annotated[
 ]
 
 
+class ToolCallFunction(_Strict):
+    name: Name
+    arguments: Text = "{}"  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: Name | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Content | None = None
     name: Name | None = None
-    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
     tool_call_id: Name | None = None
 
     @model_validator(mode="after")
@@ -123,6 +135,27 @@ class ChatMessage(_Strict):
         if isinstance(self.content, list):  # parts -> one string, as text-only models expect
             out["content"] = "".join(p.text for p in self.content)
         return out
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: StrictBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: Name
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -205,6 +238,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=64)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -226,7 +262,28 @@ class ChatCompletionRequest(_Sampling):
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or ()}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools"
+                )
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError('tool_choice "required" needs tools')
         return self
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" when tools are given, "none" otherwise."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools for the chat template (None when tool_choice is "none" or none given)."""
+        if not self.tools or self.effective_tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for SamplingParams; max_tokens None means the rest of the context."""

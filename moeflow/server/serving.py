@@ -138,7 +138,13 @@ class OpenAIServing:
         self, request: Request, req: protocol.ChatCompletionRequest
     ) -> Response:
         self._check_model(req.model)
-        kwargs = req.chat_template_kwargs or {}
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.effective_tool_choice != "none":
+            raise ApiError(
+                400,
+                'tool calls are not supported yet (tool_choice must be "none")',
+                param="tool_choice",
+            )
         messages = req.template_messages()
         tokenizer = self.tokenizer
 

@@ -87,7 +87,14 @@ def test_error_body() -> None:
         ([{"role": "bob", "content": "x"}], "messages[0].role"),
         ([{"role": "user"}], "messages[0]"),
         ([{"role": "user", "content": None}], "messages[0]"),
-        ([{"role": "user", "content": None, "tool_calls": [{}]}], "messages[0]"),
+        (
+            [{"role": "user", "content": None, "tool_calls": [{}]}],
+            "messages[0].tool_calls[0].function",
+        ),
+        (
+            [{"role": "user", "content": None, "tool_calls": [{"function": {"name": "f"}}]}],
+            "messages[0]",
+        ),
         ([{"role": "user", "content": 5}], "messages[0].content"),
         ([{"role": "user", "content": {"text": "x"}}], "messages[0].content"),
         ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0].type"),
@@ -113,7 +120,11 @@ def test_good_messages() -> None:
                     "role": "developer",
                     "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
                 },
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}],
+                },
                 {"role": "tool", "content": "r", "tool_call_id": "1"},
                 {"role": "user", "content": "", "name": "u"},
             ]
@@ -122,7 +133,12 @@ def test_good_messages() -> None:
     msgs = req.template_messages()
     assert msgs[0] == {"role": "system", "content": "s"}
     assert msgs[1]["content"] == "ab"
-    assert msgs[2] == {"role": "assistant", "tool_calls": [{"id": "1"}]}
+    assert msgs[2] == {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
     assert msgs[4] == {"role": "user", "content": "", "name": "u"}
 
 
