@@ -349,7 +349,9 @@ def _normalize_call(call: Any) -> dict[str, Any]:
     are a JSON object string (kept as given otherwise)."""
     if not isinstance(call, dict):
         raise RequestError("a tool call must be an object", param="messages")
-    function = call.get("function") if isinstance(call.get("function"), dict) else call
+    function = call.get("function")
+    if not isinstance(function, dict):
+        function = call
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError("a tool call needs function.name", param="messages")
