@@ -293,14 +293,51 @@ def test_top_logprobs_needs_logprobs() -> None:
         P.ChatCompletionRequest.model_validate(chat(top_logprobs=3))
 
 
-@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
-def test_response_format_refused(kind: str) -> None:
-    body = chat(response_format={"type": kind, "json_schema": {"name": "x"}})
-    with pytest.raises(ValidationError) as e:
-        P.ChatCompletionRequest.model_validate(body)
-    message, param = P.validation_error_to_param(e.value)
-    assert param == "response_format"
-    assert f"response_format '{kind}' is not supported yet" in message
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"guided_choice": ["a", "b"]}, "guided_choice"),
+        ({"guided_grammar": "start: 'a'"}, "guided_grammar"),
+        ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs.json"),
+        ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs.choice"),
+    ],
+)
+def test_structured_output_fields(extra: dict[str, Any], param: str) -> None:
+    params = P.ChatCompletionRequest.model_validate(chat(**extra)).sampling_kwargs()
+    spec = params["structured_outputs"]
+    assert spec is not None and spec.param == param
+    assert (
+        "structured_outputs" not in P.ChatCompletionRequest.model_validate(chat()).sampling_kwargs()
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+         "response_format.json_schema.name"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "body"),
+        ({"guided_choice": []}, "guided_choice"),
+    ],
+)  # fmt: skip
+def test_bad_structured_output_fields(extra: dict[str, Any], param: str) -> None:
+    assert bad(P.ChatCompletionRequest, chat(**extra)) == param
 
 
 def test_unknown_fields_ignored() -> None:

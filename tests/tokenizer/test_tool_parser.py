@@ -1,0 +1,131 @@
+"""The tool-call parsers on hand-written model outputs: calls, content around them, malformed
+blocks kept as content, and streamed == whole for every split of the text into two deltas and
+for one character at a time; the parser choice from templates and --tool-call-parser; the
+forced-call grammar compiles and accepts exactly the calls."""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import pytest
+
+from moeflow.tokenizer.tool_parser import (
+    HermesToolParser,
+    pick_tool_parser,
+    tool_call_grammar,
+)
+
+CALL_A = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CALL_B = '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>'
+
+# (model output, content, [(name, arguments)])
+CASES = [
+    ("Hello there.", "Hello there.", []),
+    (CALL_A, "", [("get_weather", {"city": "Paris"})]),
+    ("Let me check.\n" + CALL_A, "Let me check.", [("get_weather", {"city": "Paris"})]),
+    (
+        CALL_A + "\n" + CALL_B + "\n",
+        "",
+        [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})],
+    ),
+    (CALL_A + "\nDone.", "Done.", [("get_weather", {"city": "Paris"})]),
+    ("<tool_call>not json</tool_call> x", "<tool_call>not json</tool_call> x", []),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    ('<tool_call>\n{"name": "f", "arguments": {}}', "", [("f", {})]),  # unclosed, complete JSON
+    ('<tool_call>\n{"name": "f", "argu', '<tool_call>\n{"name": "f", "argu', []),  # cut
+    ("a < b <tool", "a < b <tool", []),
+    ("ends with space  ", "ends with space  ", []),
+]
+
+
+def _check(content: str, calls: list, want_content: str, want_calls: list) -> None:
+    assert content == want_content
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == want_calls
+    assert all(c.id.startswith("call_") for c in calls)
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), CASES)
+def test_hermes_whole(text: str, content: str, calls: list) -> None:
+    _check(*HermesToolParser().parse(text), content, calls)
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), CASES)
+def test_hermes_streamed_equals_whole(text: str, content: str, calls: list) -> None:
+    splits = [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]
+    for pieces in splits:
+        parser = HermesToolParser()
+        got_content, got_calls = "", []
+        for piece in pieces:
+            c, new = parser.feed(piece)
+            got_content += c
+            got_calls += new
+        c, new = parser.finish()
+        _check(got_content + c, got_calls + new, content, calls)
+
+
+def test_pick_tool_parser() -> None:
+    assert pick_tool_parser("auto", None) == "hermes"  # ChatML fallback: Hermes-style tools
+    assert pick_tool_parser("auto", "{{ messages }}") == "hermes"
+    assert pick_tool_parser("auto", "{% if tool_calls %}<tool_call>{% endif %}") == "hermes"
+    assert pick_tool_parser("auto", "tool_calls <｜tool▁calls▁begin｜>") is None  # not yet
+    assert pick_tool_parser("auto", "{{ tool_calls }} without a known marker") is None
+    assert pick_tool_parser("hermes", "<|tool_calls_section_begin|>") == "hermes"
+    assert pick_tool_parser("kimi_k2", None) is None
+    with pytest.raises(ValueError, match="unknown tool call parser"):
+        pick_tool_parser("nope", None)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "now"}},
+]
+
+
+def _tc(body: str) -> str:
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+NOW = _tc('{"name":"now","arguments":{}}')
+WEATHER = _tc('{"name":"get_weather","arguments":{"city":"X"}}')
+
+
+@pytest.mark.parametrize(
+    ("name", "parallel", "text", "ok"),
+    [
+        (None, False, NOW, True),
+        (None, False, WEATHER, True),
+        (None, False, _tc('{"name":"get_weather","arguments":{}}'), False),
+        (None, False, _tc('{"name":"other","arguments":{}}'), False),
+        ("now", False, WEATHER, False),
+        ("get_weather", False, WEATHER, True),
+        (None, True, NOW + "\n" + WEATHER, True),
+        (None, False, NOW + "\n" + WEATHER, False),
+        (None, False, "plain text", False),
+    ],
+)
+def test_forced_call_grammar(name: str | None, parallel: bool, text: str, ok: bool) -> None:
+    grammar = llguidance.LLMatcher.grammar_from_lark(
+        tool_call_grammar("hermes", TOOLS, name, parallel)
+    )
+    tokenizer = llguidance.LLTokenizer(_byte_tokenizer_json())
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+    accepted = matcher.consume_tokens(tokenizer.tokenize_str(text)) and matcher.is_accepting()
+    assert accepted == ok
+
+
+def _byte_tokenizer_json() -> str:
+    from moeflow.tokenizer import Tokenizer
+
+    return Tokenizer.byte_level().backend.to_str()
