@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from moeflow import env
 from moeflow.errors import MoeflowError
 from moeflow.loading.presets import PRESETS
+from moeflow.tokenizer.tool_parser import KNOWN_TOOL_PARSERS
 
 if TYPE_CHECKING:
     from moeflow.api import LLM
@@ -225,6 +226,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         help="split <think>...</think> into reasoning_content (auto: when the vocabulary has "
         "both tags)",
     )
+    serve.add_argument(
+        "--tool-call-parser",
+        choices=["auto", *KNOWN_TOOL_PARSERS],
+        default="auto",
+        help="the tool-call format parsed from the output (vLLM's names; auto: from the chat "
+        "template). Implemented: hermes; others answer tool requests with 400",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,6 +331,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             max_waiting=args.max_waiting,
             reasoning=args.reasoning_parser,
+            tool_call_parser=args.tool_call_parser,
         )
         return serve(engine, config)
     llm = LLM.from_engine_args(engine_args)

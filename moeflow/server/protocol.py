@@ -20,6 +20,7 @@ from pydantic import (
     StrictInt,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -348,15 +349,18 @@ class ChatCompletionRequest(_Sampling):
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if isinstance(self.tool_choice, NamedToolChoice):
-            names = {t.function.name for t in self.tools or ()}
-            if self.tool_choice.function.name not in names:
-                raise ValueError(
-                    f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools"
-                )
-        elif self.tool_choice == "required" and not self.tools:
-            raise ValueError('tool_choice "required" needs tools')
         return self
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_in_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or ()
+        if isinstance(value, NamedToolChoice):
+            if value.function.name not in {t.function.name for t in tools}:
+                raise ValueError(f"names {value.function.name!r}, which is not in tools")
+        elif value == "required" and not tools:
+            raise ValueError('"required" needs tools')
+        return value
 
     @property
     def effective_tool_choice(self) -> str | NamedToolChoice:
@@ -552,15 +556,23 @@ def chat_completion_response(
     rid: str,
     created: int,
     model: str,
-    choices: list[tuple[int, str, str | None, dict[str, Any] | None, str | None]],
+    choices: list[
+        tuple[int, str, str | None, dict[str, Any] | None, str | None, list[dict[str, Any]]]
+    ],
     usage_: dict[str, Any],
 ) -> dict[str, Any]:
-    """choices: (index, content, reasoning_content or None, logprobs, finish_reason)."""
+    """choices: (index, content, reasoning_content or None, logprobs, finish_reason, tool
+    calls); content is null when the model only called tools."""
     out = []
-    for index, content, reasoning, logprobs, finish in choices:
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+    for index, content, reasoning, logprobs, finish, tool_calls in choices:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if tool_calls and not content else content,
+        }
         if reasoning is not None:
             message["reasoning_content"] = reasoning
+        if tool_calls:
+            message["tool_calls"] = tool_calls
         out.append(
             {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         )

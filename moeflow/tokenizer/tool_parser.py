@@ -166,7 +166,12 @@ def tool_call_grammar(
         function = tool["function"]
         if name is not None and function["name"] != name:
             continue
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        # no parameters: the empty object (OpenAI's reading), closed so a call ends
+        parameters = function.get("parameters") or {
+            "type": "object",
+            "properties": {},
+            "additionalProperties": False,
+        }
         options.append(
             {
                 "type": "object",

@@ -490,14 +490,21 @@ def test_response_shapes() -> None:
         ],
     }
     resp = P.chat_completion_response(
-        rid, 1, "m", [(0, "hi", "think", P.chat_logprobs([entry]), "stop")], u
+        rid, 1, "m", [(0, "hi", "think", P.chat_logprobs([entry]), "stop", [])], u
     )
     assert resp["object"] == "chat.completion"
     choice = resp["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "hi", "reasoning_content": "think"}
     assert choice["logprobs"] == {"content": [entry]} and choice["finish_reason"] == "stop"
-    no_reasoning = P.chat_completion_response(rid, 1, "m", [(0, "hi", None, None, "length")], u)
+    no_reasoning = P.chat_completion_response(rid, 1, "m", [(0, "hi", None, None, "length", [])], u)
     assert "reasoning_content" not in no_reasoning["choices"][0]["message"]
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    calls = P.chat_completion_response(rid, 1, "m", [(0, "", None, None, "tool_calls", [call])], u)
+    assert calls["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [call],
+    }
     chunk = P.chat_completion_chunk(rid, 1, "m", 0, {"content": "h"})
     assert chunk["object"] == "chat.completion.chunk"
     assert chunk["choices"] == [
