@@ -231,7 +231,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         choices=["auto", *KNOWN_TOOL_PARSERS],
         default="auto",
         help="the tool-call format parsed from the output (vLLM's names; auto: from the chat "
-        "template). Implemented: hermes; others answer tool requests with 400",
+        "template). Implemented: hermes, llama3_json; others answer tool requests with 400",
     )
 
 

@@ -26,8 +26,8 @@ from moeflow.server.metrics import ServerMetrics
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
 from moeflow.tokenizer.tool_parser import (
     TOOL_PARSERS,
-    HermesToolParser,
     ToolCall,
+    ToolParser,
     pick_tool_parser,
     tool_call_grammar,
 )
@@ -84,7 +84,7 @@ class _Choice:
 
     index: int
     splitter: ReasoningSplitter | None
-    tool_parser: HermesToolParser | None = None  # when the request offers tools
+    tool_parser: ToolParser | None = None  # when the request offers tools
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     text_pieces: list[str] = field(default_factory=list)  # the text deltas so far

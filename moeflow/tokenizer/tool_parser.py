@@ -133,7 +133,53 @@ class HermesToolParser:
         self._strip = True
 
 
-TOOL_PARSERS: dict[str, type[HermesToolParser]] = {"hermes": HermesToolParser}
+class Llama3JsonToolParser:
+    """Llama 3.1-3.3 JSON calls: the whole output is `{"name": ..., "parameters": {...}}` (or
+    several joined by ";"), maybe after <|python_tag|>. Output that starts with "{" (or the
+    tag) is held to the end, then is calls if it parses as calls, else content verbatim."""
+
+    tag = "<|python_tag|>"
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self._text = ""
+        self._holding: bool | None = None  # None: undecided (only whitespace seen so far)
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        if self._holding is False:
+            return delta, []
+        self._text += delta
+        head = self._text.lstrip()
+        if not head or (self.tag.startswith(head) and len(head) < len(self.tag)):
+            return "", []  # still undecided
+        self._holding = head.startswith(("{", self.tag))
+        if self._holding:
+            return "", []
+        text, self._text = self._text, ""
+        return text, []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        text, self._text = self._text, ""
+        if not self._holding:
+            return text, []
+        calls = _json_calls(text.strip().removeprefix(self.tag))
+        if not calls:
+            return text, []
+        self.calls.extend(calls)
+        return "", calls
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        p = type(self)()
+        c1, calls1 = p.feed(text)
+        c2, calls2 = p.finish()
+        return c1 + c2, calls1 + calls2
+
+
+ToolParser = HermesToolParser | Llama3JsonToolParser
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    "hermes": HermesToolParser,
+    "llama3_json": Llama3JsonToolParser,
+}
 
 
 def pick_tool_parser(requested: str, chat_template: str | None) -> str | None:
@@ -159,7 +205,7 @@ def tool_call_grammar(
     """A Lark grammar (llguidance's dialect) that forces `parser`'s call format: one call (or
     several when `parallel`) of the tool `name`, or of any tool when None, with arguments valid
     against the tool's JSON schema."""
-    if parser != "hermes":
+    if parser not in TOOL_PARSERS:
         raise ValueError(f"forced tool calls are not implemented for {parser!r}")
     options = []
     for tool in tools:
@@ -172,16 +218,21 @@ def tool_call_grammar(
             "properties": {},
             "additionalProperties": False,
         }
+        key = "parameters" if parser == "llama3_json" else "arguments"
         options.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": function["name"]}, "arguments": parameters},
-                "required": ["name", "arguments"],
+                "properties": {"name": {"const": function["name"]}, key: parameters},
+                "required": ["name", key],
                 "additionalProperties": False,
             }
         )
     schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
     schema = {**schema, "x-guidance": {"whitespace_flexible": False}}  # compact: no space loops
+    if parser == "llama3_json":
+        call = "%json " + json.dumps(schema)
+        more = ' ("; " call)*' if parallel else ""
+        return f"start: call{more}\ncall: {call}\n"
     call = '"<tool_call>\\n" %json ' + json.dumps(schema) + ' "\\n</tool_call>"'
     more = ' ("\\n" call)*' if parallel else ""
     return f"start: call{more}\ncall: {call}\n"
@@ -191,12 +242,36 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def _json_calls(body: str) -> list[ToolCall]:
+    """JSON call objects joined by ";" (and whitespace) -> calls; [] unless all of it is."""
+    decoder = json.JSONDecoder()
+    calls: list[ToolCall] = []
+    pos = 0
+    while True:
+        while pos < len(body) and (body[pos].isspace() or (calls and body[pos] == ";")):
+            pos += 1
+        if pos == len(body):
+            return calls
+        try:
+            value, pos = decoder.raw_decode(body, pos)
+        except json.JSONDecodeError:
+            return []
+        call = _call_of(value)
+        if call is None:
+            return []
+        calls.append(call)
+
+
 def _json_call(body: str) -> ToolCall | None:
     """{"name": str, "arguments": object (or its JSON text)} -> a ToolCall; None otherwise."""
     try:
         value = json.loads(body)
     except json.JSONDecodeError:
         return None
+    return _call_of(value)
+
+
+def _call_of(value: Any) -> ToolCall | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))

@@ -12,6 +12,8 @@ import pytest
 
 from moeflow.tokenizer.tool_parser import (
     HermesToolParser,
+    Llama3JsonToolParser,
+    ToolParser,
     pick_tool_parser,
     tool_call_grammar,
 )
@@ -45,16 +47,32 @@ def _check(content: str, calls: list, want_content: str, want_calls: list) -> No
     assert all(c.id.startswith("call_") for c in calls)
 
 
-@pytest.mark.parametrize(("text", "content", "calls"), CASES)
-def test_hermes_whole(text: str, content: str, calls: list) -> None:
-    _check(*HermesToolParser().parse(text), content, calls)
+LLAMA_CASES = [
+    ("Hello there.", "Hello there.", []),
+    ('{"name": "f", "parameters": {"a": 1}}', "", [("f", {"a": 1})]),
+    ('<|python_tag|>{"name": "f", "parameters": {}}', "", [("f", {})]),
+    (' {"name": "f", "parameters": {"s": "x;y"}}; {"name": "g", "parameters": {}}', "",
+     [("f", {"s": "x;y"}), ("g", {})]),
+    ('{"name": "f", "parameters": {}} trailing', '{"name": "f", "parameters": {}} trailing', []),
+    ('{"a": 1}', '{"a": 1}', []),
+    ("<|python", "<|python", []),
+    ("  ", "  ", []),
+]  # fmt: skip
+ALL_CASES = [(HermesToolParser, *c) for c in CASES] + [
+    (Llama3JsonToolParser, *c) for c in LLAMA_CASES
+]
 
 
-@pytest.mark.parametrize(("text", "content", "calls"), CASES)
-def test_hermes_streamed_equals_whole(text: str, content: str, calls: list) -> None:
+@pytest.mark.parametrize(("cls", "text", "content", "calls"), ALL_CASES)
+def test_whole(cls: type[ToolParser], text: str, content: str, calls: list) -> None:
+    _check(*cls().parse(text), content, calls)
+
+
+@pytest.mark.parametrize(("cls", "text", "content", "calls"), ALL_CASES)
+def test_streamed_equals_whole(cls: type[ToolParser], text: str, content: str, calls: list) -> None:
     splits = [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]
     for pieces in splits:
-        parser = HermesToolParser()
+        parser = cls()
         got_content, got_calls = "", []
         for piece in pieces:
             c, new = parser.feed(piece)
@@ -72,6 +90,7 @@ def test_pick_tool_parser() -> None:
     assert pick_tool_parser("auto", "{{ tool_calls }} without a known marker") is None
     assert pick_tool_parser("hermes", "<|tool_calls_section_begin|>") == "hermes"
     assert pick_tool_parser("kimi_k2", None) is None
+    assert pick_tool_parser("auto", "{{ tools }} tool_calls <|python_tag|>") == "llama3_json"
     with pytest.raises(ValueError, match="unknown tool call parser"):
         pick_tool_parser("nope", None)
 
@@ -115,8 +134,30 @@ WEATHER = _tc('{"name":"get_weather","arguments":{"city":"X"}}')
     ],
 )
 def test_forced_call_grammar(name: str | None, parallel: bool, text: str, ok: bool) -> None:
+    _check_grammar("hermes", name, parallel, text, ok)
+
+
+@pytest.mark.parametrize(
+    ("name", "parallel", "text", "ok"),
+    [
+        (None, False, '{"name":"now","parameters":{}}', True),
+        ("get_weather", False, '{"name":"get_weather","parameters":{"city":"X"}}', True),
+        ("get_weather", False, '{"name":"now","parameters":{}}', False),
+        (None, True, '{"name":"now","parameters":{}}; {"name":"now","parameters":{}}', True),
+        (None, False, '{"name":"now","parameters":{}}; {"name":"now","parameters":{}}', False),
+        (None, False, '{"name":"now","arguments":{}}', False),
+    ],
+)
+def test_forced_call_grammar_llama3(name: str | None, parallel: bool, text: str, ok: bool) -> None:
+    _check_grammar("llama3_json", name, parallel, text, ok)
+    if ok:
+        content, calls = Llama3JsonToolParser().parse(text)
+        assert content == "" and len(calls) == (2 if parallel else 1)
+
+
+def _check_grammar(parser: str, name: str | None, parallel: bool, text: str, ok: bool) -> None:
     grammar = llguidance.LLMatcher.grammar_from_lark(
-        tool_call_grammar("hermes", TOOLS, name, parallel)
+        tool_call_grammar(parser, TOOLS, name, parallel)
     )
     tokenizer = llguidance.LLTokenizer(_byte_tokenizer_json())
     matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
