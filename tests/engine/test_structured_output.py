@@ -17,6 +17,8 @@ from moeflow import LLM, SamplingParams
 from moeflow.api import StructuredOutputsParams
 from moeflow.engine.structured_output import apply_bitmask
 from moeflow.errors import RequestError
+from moeflow.tokenizer import ReasoningSplitter
+from moeflow.tokenizer.tool_parser import HermesToolParser, tool_call_grammar
 
 SCHEMA = {
     "type": "object",
@@ -118,3 +120,34 @@ def test_reasoning_then_constraint(scripted_checkpoint: Path) -> None:
     out = llm.generate([prompt], params)[0]
     assert out.text.endswith("</think>ok"), out.text
     assert "abc" in out.text
+
+
+def test_reasoning_then_forced_tool_call(scripted_checkpoint: Path) -> None:
+    """Reasoning, then a forced call (tool_choice "required"'s grammar): the scripted model's
+    think block stays free, the call after </think> is valid; the server's chain (reasoning
+    split, then the tool parser) gives the same reasoning, content and call streamed delta by
+    delta as on the whole text, and no markup in either."""
+    llm = LLM(str(scripted_checkpoint), dtype="float32", device="cpu", max_model_len=128)
+    prompt = llm.encode_chat([{"role": "user", "content": "q"}])
+    tools = [{"type": "function", "function": {"name": "ping", "parameters": None}}]
+    spec = StructuredOutputsParams(grammar=tool_call_grammar("hermes", tools, None, False))
+    params = SamplingParams(max_tokens=100, temperature=0, structured_outputs=spec)
+    (out,) = llm.generate([prompt], params)
+    assert out.finish_reason == "stop"
+
+    def chain(deltas: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
+        splitter, parser = ReasoningSplitter(), HermesToolParser()
+        reasoning, content, calls = "", "", []
+        for d in [*deltas, None]:
+            r, c = splitter.feed(d) if d is not None else splitter.finish()
+            c, new = parser.feed(c)
+            if d is None:
+                tail, more = parser.finish()
+                c, new = c + tail, new + more
+            reasoning, content = reasoning + r, content + c
+            calls += [(t.name, t.arguments) for t in new]
+        return reasoning, content, calls
+
+    whole = chain([out.text])
+    assert whole == ("abc", "", [("ping", "{}")])
+    assert chain(list(llm.stream(prompt, params))) == whole
