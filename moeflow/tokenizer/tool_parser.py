@@ -76,6 +76,8 @@ class HermesToolParser:
                 buf = self._block + text
                 # the tag may straddle deltas: search from where it could start
                 i = buf.find(self.end_tag, max(0, len(self._block) - len(self.end_tag) + 1))
+                while i >= 0 and _json_call(buf[:i]) is None and _in_json_string(buf[:i]):
+                    i = buf.find(self.end_tag, i + 1)  # the tag is text inside an argument
                 if i < 0:
                     self._block = buf
                     break
@@ -102,7 +104,7 @@ class HermesToolParser:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """Flush what `feed` held: the output ended. An unclosed block is a call if its JSON is
-        one (a max_tokens cut is not), else content."""
+        one, else dropped (a call cut by max_tokens is markup, not content)."""
         content: list[str] = []
         new_calls: list[ToolCall] = []
         if self._in_block:
@@ -125,8 +127,8 @@ class HermesToolParser:
         self._in_block, self._block = False, ""
         call = _json_call(body)
         if call is None:
-            end = self.end_tag if closed else ""
-            content.append(f"{self.start_tag}{body}{end}")
+            if closed:  # a closed block that is not a call is the model's text
+                content.append(f"{self.start_tag}{body}{self.end_tag}")
             return
         self.calls.append(call)
         calls.append(call)
@@ -134,33 +136,42 @@ class HermesToolParser:
 
 
 class Llama3JsonToolParser:
-    """Llama 3.1-3.3 JSON calls: the whole output is `{"name": ..., "parameters": {...}}` (or
-    several joined by ";"), maybe after <|python_tag|>. Output that starts with "{" (or the
-    tag) is held to the end, then is calls if it parses as calls, else content verbatim."""
+    """Llama 3.1-3.3 JSON calls: `{"name": ..., "parameters": {...}}` (or several joined by
+    ";") as the whole output, or after <|python_tag|> (content may precede the tag). From a
+    leading "{" or the tag, the output is held to the end, then is calls if it all parses as
+    calls, else content verbatim."""
 
     tag = "<|python_tag|>"
 
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
-        self._text = ""
-        self._holding: bool | None = None  # None: undecided (only whitespace seen so far)
+        self._text = ""  # held text
+        self._mode = "undecided"  # only whitespace so far -> "content" | "held" (to the end)
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
-        if self._holding is False:
-            return delta, []
-        self._text += delta
-        head = self._text.lstrip()
-        if not head or (self.tag.startswith(head) and len(head) < len(self.tag)):
-            return "", []  # still undecided
-        self._holding = head.startswith(("{", self.tag))
-        if self._holding:
+        text = self._text + delta
+        if self._mode == "held":
+            self._text = text
             return "", []
-        text, self._text = self._text, ""
-        return text, []
+        self._text = ""
+        if self._mode == "undecided":
+            head = text.lstrip()
+            if not head or self.tag.startswith(head) or head.startswith(("{", self.tag)):
+                self._text = text
+                self._mode = "held" if head.startswith(("{", self.tag)) else "undecided"
+                return "", []
+            self._mode = "content"
+        i = text.find(self.tag)  # content, then the tag and calls
+        if i >= 0:
+            self._mode, self._text = "held", text[i:]
+            return text[:i], []
+        cut = len(text) - _partial_suffix(text, self.tag)
+        self._text = text[cut:]
+        return text[:cut], []
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         text, self._text = self._text, ""
-        if not self._holding:
+        if self._mode != "held":
             return text, []
         calls = _json_calls(text.strip().removeprefix(self.tag))
         if not calls:
@@ -283,6 +294,19 @@ def _call_of(value: Any) -> ToolCall | None:
     if not isinstance(arguments, dict):
         return None
     return ToolCall(new_call_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _in_json_string(text: str) -> bool:
+    """Whether `text` (the start of a JSON value) ends inside a string literal."""
+    in_string = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and in_string:
+            escaped = True
+        elif ch == '"':
+            in_string = not in_string
+    return in_string
 
 
 def _partial_suffix(text: str, tag: str) -> int:

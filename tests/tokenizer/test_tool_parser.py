@@ -35,7 +35,12 @@ CASES = [
     ("<tool_call>not json</tool_call> x", "<tool_call>not json</tool_call> x", []),
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
     ('<tool_call>\n{"name": "f", "arguments": {}}', "", [("f", {})]),  # unclosed, complete JSON
-    ('<tool_call>\n{"name": "f", "argu', '<tool_call>\n{"name": "f", "argu', []),  # cut
+    ('<tool_call>\n{"name": "f", "argu', "", []),  # cut by max_tokens: markup, dropped
+    (
+        '<tool_call>{"name": "f", "arguments": {"s": "</tool_call>"}}</tool_call>',
+        "",
+        [("f", {"s": "</tool_call>"})],
+    ),
     ("a < b <tool", "a < b <tool", []),
     ("ends with space  ", "ends with space  ", []),
 ]
@@ -56,6 +61,8 @@ LLAMA_CASES = [
     ('{"name": "f", "parameters": {}} trailing', '{"name": "f", "parameters": {}} trailing', []),
     ('{"a": 1}', '{"a": 1}', []),
     ("<|python", "<|python", []),
+    ('Let me check. <|python_tag|>{"name": "f", "parameters": {}}', "Let me check. ", [("f", {})]),
+    ("a <|python_tag|>not json", "a <|python_tag|>not json", []),
     ("  ", "  ", []),
 ]  # fmt: skip
 ALL_CASES = [(HermesToolParser, *c) for c in CASES] + [
