@@ -18,6 +18,7 @@ from moeflow.engine.sampler import TokenLogprobs
 from moeflow.errors import RequestError
 from moeflow.loading.loader import LoadedModel
 from moeflow.sampling_params import SamplingParams
+from moeflow.sampling_params import StructuredOutputsParams as StructuredOutputsParams
 from moeflow.tokenizer import Tokenizer
 
 # A prompt: text, token ids, or vLLM's dicts {"prompt": text} / {"prompt_token_ids": ids}.

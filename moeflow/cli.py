@@ -17,6 +17,7 @@ from moeflow import env
 from moeflow.errors import MoeflowError
 from moeflow.loading.presets import PRESETS
 from moeflow.sampling_params import GENERATION_CONFIG_KEYS, sampling_defaults
+from moeflow.tokenizer.tool_parser import KNOWN_TOOL_PARSERS
 
 if TYPE_CHECKING:
     from moeflow.api import LLM
@@ -345,6 +346,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         help="the machine's price per hour: each response's usage.cost.usd is it times the "
         "engine seconds booked to the request (default: usd is null)",
     )
+    serve.add_argument(
+        "--tool-call-parser",
+        choices=["auto", *KNOWN_TOOL_PARSERS],
+        default="auto",
+        help="the tool-call format parsed from the output (vLLM's names; auto: from the chat "
+        "template). Implemented: hermes, llama3_json; others answer tool requests with 400",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -508,6 +516,7 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         default_sampling=defaults,
         allowed_origins=args.allowed_origins,
         price_per_hour=args.price_per_hour,
+        tool_call_parser=args.tool_call_parser,
     )
     return serve(engine, config)
 

@@ -1,9 +1,10 @@
-"""SamplingParams (validated on construction) and FinishReason. Leaf module: the engine and the
-API both import it; api.py re-exports it."""
+"""SamplingParams (validated on construction), StructuredOutputsParams and FinishReason. Leaf
+module: the engine and the API both import it; api.py re-exports them."""
 
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from moeflow.errors import RequestError
 MAX_LOGPROBS = 20
 MAX_STOP = 16
 MAX_LOGIT_BIAS = 1024
+MAX_CHOICES = 1024
 
 
 class FinishReason(str, enum.Enum):
@@ -24,6 +26,54 @@ class FinishReason(str, enum.Enum):
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-9 would overflow
 # float32.
 GREEDY_EPS = 1e-5
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the output must match, vLLM's shape: exactly one of a JSON schema (`json`, a dict or
+    its JSON text), any JSON object (`json_object`), a regular expression (`regex`), one of some
+    strings (`choice`) or a Lark grammar (`grammar`, llguidance's dialect). Enforced by
+    engine/structured_output.py as a token mask; `param` is the request field an error names."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    param: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        kinds = [
+            self.json is not None,
+            self.json_object,
+            self.regex is not None,
+            self.choice is not None,
+            self.grammar is not None,
+        ]
+        _check(
+            sum(kinds) == 1, self.param, "needs one of json, json_object, regex, choice, grammar"
+        )
+        if self.choice is not None:
+            _check(
+                0 < len(self.choice) <= MAX_CHOICES
+                and all(isinstance(c, str) for c in self.choice),
+                self.param,
+                f"choice must be 1 to {MAX_CHOICES} strings",
+            )
+
+    def key(self) -> str:
+        """The cache key of the compiled grammar: equal constraints, equal keys."""
+        if self.json is not None:
+            if isinstance(self.json, str):
+                return "json:" + self.json
+            return "json:" + json.dumps(self.json, sort_keys=True)
+        if self.json_object:
+            return "json_object"
+        if self.regex is not None:
+            return "regex:" + self.regex
+        if self.choice is not None:
+            return "choice:" + json.dumps(self.choice)
+        return "grammar:" + str(self.grammar)
 
 
 @dataclass
@@ -45,6 +95,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per sampled token (0: only the sampled)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured_outputs: StructuredOutputsParams | None = None  # a constraint on the output
     # Generations per prompt: LLM.generate and the server run n engine requests (choice i of a
     # seeded prompt gets seed + i); one engine request is always n = 1.
     n: int = 1

@@ -6,6 +6,7 @@ time and energy are booked to its requests (engine/cost.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -29,6 +30,7 @@ from moeflow.engine.sampler import (
     make_generator,
 )
 from moeflow.engine.scheduler import ScheduledBatch, Scheduler
+from moeflow.engine.structured_output import StructuredOutputs
 from moeflow.errors import RequestError
 from moeflow.models.base import CausalLM, MoEStats
 from moeflow.sampling_params import FinishReason, SamplingParams
@@ -91,6 +93,14 @@ class LLMEngine:
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.model_config.eos_token_ids
         )
+        self.structured = StructuredOutputs(
+            tokenizer,
+            model_config.vocab_size,
+            list(dict.fromkeys([*tokenizer.eos_token_ids, *model_config.eos_token_ids])),
+        )
+        # Computes structured output's token masks while the model runs (llguidance drops the
+        # GIL); made on first use.
+        self._mask_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -147,6 +157,8 @@ class LLMEngine:
             max_tokens=params.max_tokens if params.max_tokens is not None else room,
             arrival_time=time.monotonic(),
         )
+        if params.structured_outputs is not None:
+            req.grammar = self.structured.new_state(params.structured_outputs, req.prompt_ids)
         if not params.is_greedy:
             req.generator = make_generator(params.seed, self.device)
         self.requests[request_id] = req
@@ -182,7 +194,8 @@ class LLMEngine:
         and only then reads the ids sampled by the step before, so the host's work (scheduling,
         preparing, stop checks) runs while the device computes: a step returns the requests of
         the previous launch. A request that finishes has one wasted row in the launch after.
-        A batch with penalties takes the normal schedule: they count every earlier token.
+        A batch with penalties or structured output takes the normal schedule: they need every
+        earlier token on the host.
 
         The step's time and energy go to the requests it scheduled (CostLedger); a step that
         scheduled nothing but read the launch before goes to that launch's requests."""
@@ -195,7 +208,9 @@ class LLMEngine:
             self.cost.book_step(None if waited else ())
             return done
         shares = self._shares(batch)
-        if self.overlap_schedule and not any(has_penalties(r.params) for r in batch.reqs):
+        if self.overlap_schedule and not any(
+            has_penalties(r.params) or r.grammar is not None for r in batch.reqs
+        ):
             done = self._overlap_step(batch)
         else:
             done = self._normal_step(batch)
@@ -278,24 +293,40 @@ class LLMEngine:
         profile = self.profile
         with device_timed(profile, self.device):
             carry = TokenCarry(prev.sampled.token_ids, prev.row_of) if prev is not None else None
+            reqs = [
+                req
+                for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True)
+                if req.num_computed_tokens + n == req.num_tokens
+            ]
+            mask = self._start_masks(reqs)
             logits = self.runner.run(batch, carry, profile)
             self.stats.num_steps += 1
             self.stats.num_computed_tokens += batch.num_tokens
-            reqs: list[Request] = []
             for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
                 req.num_computed_tokens += n
-                if req.num_computed_tokens == req.num_tokens:
-                    reqs.append(req)
             if not reqs:
                 return None
             with timed(profile, "sample_s"):
                 rows = [
                     SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs
                 ]
-                sampled = self.sampler.sample(logits, rows)
+                bitmask = mask.result() if mask is not None else None
+                sampled = self.sampler.sample(logits, rows, bitmask)
                 for req in reqs:
                     req.num_pending += 1
             return _InFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
+
+    def _start_masks(
+        self, reqs: list[Request]
+    ) -> concurrent.futures.Future[torch.Tensor | None] | None:
+        """Start computing the structured-output masks of the rows about to be sampled, on a
+        worker thread, so that they are ready when the forward is (None: no row constrained)."""
+        if all(r.grammar is None for r in reqs):
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, "moeflow-mask")
+        states = [r.grammar for r in reqs]
+        return self._mask_pool.submit(self.structured.fill_bitmask, states)
 
     def _resolve(self, launched: _InFlight) -> list[Request]:
         """Read a launch's sampled ids on the host: append them, check stop conditions, finish
@@ -316,6 +347,13 @@ class LLMEngine:
                 if lp is not None:
                     req.output_logprobs.append(lp)
                 self.stats.num_generated_tokens += 1
+                if req.grammar is not None:
+                    req.error = self.structured.advance(req.grammar, token)
+                    if req.error is not None:
+                        req.finish_reason = FinishReason.ABORT
+                        self._finish(req)
+                        done.append(req)
+                        continue
                 self._check_stop(req, token)
                 if req.finish_reason is not None:
                     self._finish(req)

@@ -15,6 +15,8 @@ from moeflow.sampling_params import FinishReason, SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from moeflow.engine.structured_output import GrammarState
+
 
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()  # not admitted yet, or preempted and waiting for recompute
@@ -45,6 +47,7 @@ class Request:
     num_pending: int = 0
     output_logprobs: list[Any] = field(default_factory=list)
     generator: torch.Generator | None = None
+    grammar: GrammarState | None = None  # params.structured_outputs' matcher
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: str | None = None  # set when the engine had to fail this request

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.engine.structured_output import apply_bitmask
 from moeflow.kernels import sampling
 from moeflow.sampling_params import SamplingParams
 from moeflow.utils.device import to_device
@@ -49,14 +50,18 @@ class Sampler:
     """Stateless: a request's random state lives in its SamplingRow.generator, so a seeded request
     draws the same tokens alone or in any batch, at any row, whatever its neighbours."""
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: torch.Tensor | None = None
+    ) -> SampledBatch:
         """logits [N, V], any float dtype, never written -> the sampled ids, which stay on the
         device (for the next step's inputs) while their copy to the host is queued behind the
-        sampling (SampledBatch.to_host() waits for it)."""
+        sampling (SampledBatch.to_host() waits for it). bitmask: structured output's allowed
+        tokens, host int32 [N, W] (engine/structured_output.py), applied after the penalties;
+        logprobs stay those of the raw logits."""
         num_rows = logits.shape[0]
         if logits.dim() != 2 or len(rows) != num_rows:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
-        if all(_is_plain_greedy(row.params) for row in rows):
+        if bitmask is None and all(_is_plain_greedy(row.params) for row in rows):
             token_ids = logits.argmax(dim=-1)  # [N]
             return SampledBatch(token_ids, token_ids, [], 0, [row.params for row in rows])
 
@@ -67,6 +72,8 @@ class Sampler:
         logprobs = raw[lp_idx].log_softmax(dim=-1) if lp_rows else None  # [L, V]
 
         x = apply_penalties(raw, rows)  # [N, V]
+        if bitmask is not None:
+            x = apply_bitmask(x, bitmask)  # [N, V]
         sample_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if len(sample_rows) == num_rows:
             token_ids = _sample(x, rows)  # [N]

@@ -20,16 +20,25 @@ from pydantic import (
     StrictInt,
     Tag,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
-from moeflow.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP
+from moeflow.sampling_params import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_STOP,
+    StructuredOutputsParams,
+)
 from moeflow.tokenizer.chat_template import CHAT_TEMPLATE_KWARGS
 
 MAX_N = 16
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 256
 MAX_TOOL_CALLS = 128
+MAX_TOOLS = 128
 MAX_PROMPTS = 64
 MAX_TEXT_CHARS = 1_000_000
 MAX_NAME_CHARS = 256
@@ -38,7 +47,17 @@ MAX_TOP_K = 1_000_000
 MAX_JSON_DEPTH = 64
 # Tags of our discriminated unions; validation_error_to_param leaves them out of the path.
 _UNION_TAGS = frozenset({"<str>", "<list>", "<ids>", "<batch>"})
-_DICT_FIELDS = frozenset({"logit_bias", "chat_template_kwargs"})
+_DICT_FIELDS = frozenset(
+    {"logit_bias", "chat_template_kwargs", "schema", "json", "guided_json", "parameters"}
+)
+_CONSTRAINT_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 class BadRequestBody(ValueError):
@@ -104,11 +123,22 @@ Content = Annotated[
 ]
 
 
+class ToolCallFunction(_Strict):
+    name: Name
+    arguments: Text = "{}"  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: Name | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Content | None = None
     name: Name | None = None
-    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
     tool_call_id: Name | None = None
 
     @model_validator(mode="after")
@@ -124,17 +154,63 @@ class ChatMessage(_Strict):
         return out
 
 
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: StrictBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: Name
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: Text | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _only_text(self) -> ResponseFormat:
-        if self.type != "text":
-            raise ValueError(f"response_format {self.type!r} is not supported yet")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs json_schema')
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` object: exactly one of its fields."""
+
+    json_: Annotated[dict[str, Any] | str | None, Field(alias="json")] = None
+    regex: Annotated[str, Field(max_length=MAX_STOP_CHARS * 16)] | None = None
+    choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    grammar: Text | None = None
+    json_object: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [self.json_, self.regex, self.choice, self.grammar, self.json_object or None]
+        if sum(v is not None for v in given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
         return self
 
 
@@ -188,6 +264,49 @@ class _Sampling(_Strict):
     ignore_eos: StrictBool = False  # vLLM extension
     skip_special_tokens: StrictBool = True
     user: Name | None = None  # accepted and ignored
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: Annotated[str, Field(max_length=MAX_STOP_CHARS * 16)] | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    guided_grammar: Text | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _Sampling:
+        given = [n for n in _CONSTRAINT_FIELDS if getattr(self, n) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
+        return self
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, its param the field it came from."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True, param="response_format")
+        if rf is not None and rf.json_schema is not None:
+            schema = rf.json_schema.schema_
+            param = "response_format.json_schema.schema"
+            if schema is None:
+                return StructuredOutputsParams(json_object=True, param=param)
+            return StructuredOutputsParams(json=schema, param=param)
+        so = self.structured_outputs
+        if so is not None:
+            for name, key in (("json", "json_"), ("regex", "regex"), ("choice", "choice"),
+                              ("grammar", "grammar")):  # fmt: skip
+                value = getattr(so, key)
+                if value is not None:
+                    return StructuredOutputsParams(
+                        **{name: value}, param=f"structured_outputs.{name}"
+                    )
+            return StructuredOutputsParams(json_object=True, param="structured_outputs")
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                return StructuredOutputsParams(**{name: value}, param=f"guided_{name}")
+        return None
 
     def _common_kwargs(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
@@ -212,6 +331,9 @@ class _Sampling(_Strict):
             kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
         kw["ignore_eos"] = self.ignore_eos
         kw["skip_special_tokens"] = self.skip_special_tokens
+        spec = self.structured_outputs_params()
+        if spec is not None:
+            kw["structured_outputs"] = spec
         return kw
 
 
@@ -220,14 +342,40 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     chat_template_kwargs: TemplateKwargs | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_in_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or ()
+        if isinstance(value, NamedToolChoice):
+            if value.function.name not in {t.function.name for t in tools}:
+                raise ValueError(f"names {value.function.name!r}, which is not in tools")
+        elif value == "required" and not tools:
+            raise ValueError('"required" needs tools')
+        return value
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" when tools are given, "none" otherwise."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools for the chat template (None when tool_choice is "none" or none given)."""
+        if not self.tools or self.effective_tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for SamplingParams; max_tokens None means the rest of the context."""
@@ -456,15 +604,23 @@ def chat_completion_response(
     rid: str,
     created: int,
     model: str,
-    choices: list[tuple[int, str, str | None, dict[str, Any] | None, str | None]],
+    choices: list[
+        tuple[int, str, str | None, dict[str, Any] | None, str | None, list[dict[str, Any]]]
+    ],
     usage_: dict[str, Any],
 ) -> dict[str, Any]:
-    """choices: (index, content, reasoning_content or None, logprobs, finish_reason)."""
+    """choices: (index, content, reasoning_content or None, logprobs, finish_reason, tool
+    calls); content is null when the model only called tools."""
     out = []
-    for index, content, reasoning, logprobs, finish in choices:
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+    for index, content, reasoning, logprobs, finish, tool_calls in choices:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if tool_calls and not content else content,
+        }
         if reasoning is not None:
             message["reasoning_content"] = reasoning
+        if tool_calls:
+            message["tool_calls"] = tool_calls
         out.append(
             {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         )

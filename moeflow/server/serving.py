@@ -21,10 +21,17 @@ from moeflow.engine.async_engine import AsyncEngine, QueueFullError
 from moeflow.engine.cost import CostSnapshot, usage_cost
 from moeflow.engine.output_processor import RequestUpdate
 from moeflow.errors import EngineDeadError, RequestError
-from moeflow.sampling_params import SamplingParams
+from moeflow.sampling_params import SamplingParams, StructuredOutputsParams
 from moeflow.server import protocol
 from moeflow.server.metrics import ServerMetrics
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
+from moeflow.tokenizer.tool_parser import (
+    TOOL_PARSERS,
+    ToolCall,
+    ToolParser,
+    pick_tool_parser,
+    tool_call_grammar,
+)
 
 logger = logging.getLogger("moeflow")
 
@@ -47,6 +54,7 @@ class ServerConfig:
     # --override-generation-config's); then SamplingParams' own defaults.
     default_sampling: dict[str, Any] = field(default_factory=dict)
     allowed_origins: tuple[str, ...] = ()  # CORS: none by default
+    tool_call_parser: str = "auto"  # auto (from the chat template) or one of KNOWN_TOOL_PARSERS
     max_body_bytes: int = MAX_BODY_BYTES
     max_header_bytes: int = MAX_HEADER_BYTES
     retry_after_s: int = 1
@@ -83,6 +91,7 @@ class _Choice:
     index: int
     prompt_idx: int  # which of the request's prompts this generates from
     splitter: ReasoningSplitter | None
+    tool_parser: ToolParser | None = None  # when the request offers tools
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     text_pieces: list[str] = field(default_factory=list)  # the text deltas so far
@@ -130,6 +139,7 @@ class OpenAIServing:
             and self.tokenizer.token_to_id(THINK_START) is not None
             and self._think_end_id is not None
         )
+        self.tool_parser = pick_tool_parser(config.tool_call_parser, self.tokenizer.chat_template)
 
     # ---- endpoints -----------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -183,7 +193,12 @@ class OpenAIServing:
         self, request: Request, req: protocol.ChatCompletionRequest
     ) -> Response:
         self._check_model(req.model)
-        kwargs = req.chat_template_kwargs or {}
+        kwargs = dict(req.chat_template_kwargs or {})
+        sampling = req.sampling_kwargs()
+        tools = req.template_tools()
+        if tools is not None:
+            kwargs["tools"] = tools
+            self._constrain_tool_call(req, tools, sampling)
         messages = req.template_messages()
         tokenizer = self.tokenizer
 
@@ -200,13 +215,14 @@ class OpenAIServing:
         )
         job = await self._submit(
             [prompt_ids],
-            _sampling_params(req.sampling_kwargs(), self.config.default_sampling),
+            _sampling_params(sampling, self.config.default_sampling),
             req.n,
             chat=True,
             want_logprobs=req.logprobs,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             reasoning=self.use_reasoning,
             in_reasoning=in_reasoning,
+            tool_parser=self.tool_parser if tools is not None else None,
         )
         if req.stream:
             return _event_stream(self._sse(job, self._role_chunks(job), self._chat_chunk))
@@ -243,6 +259,34 @@ class OpenAIServing:
             return Response(status_code=499)
         return JSONResponse(self._completion_response(job))
 
+    def _constrain_tool_call(
+        self, req: protocol.ChatCompletionRequest, tools: list[dict[str, Any]], sampling: dict
+    ) -> None:
+        """Check that this model's call format is parsed; for tool_choice "required" or a named
+        function, constrain the output to such calls (arguments valid against the tools'
+        schemas), so that even a small model calls."""
+        if self.tool_parser is None:
+            raise ApiError(
+                400,
+                'tool calls in this model\'s format are not supported yet (tool_choice "none" '
+                "works; `moeflow serve --tool-call-parser` picks a format: implemented: "
+                f"{', '.join(TOOL_PARSERS)})",
+                param="tools",
+            )
+        choice = req.effective_tool_choice
+        if choice == "auto":
+            return
+        if "structured_outputs" in sampling:
+            raise ApiError(
+                400,
+                'tool_choice "required" or a named function cannot be combined with '
+                "response_format or another output constraint",
+                param="tool_choice",
+            )
+        name = None if isinstance(choice, str) else choice.function.name
+        grammar = tool_call_grammar(self.tool_parser, tools, name, req.parallel_tool_calls)
+        sampling["structured_outputs"] = StructuredOutputsParams(grammar=grammar, param="tools")
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.served_model_name:
             raise ApiError(
@@ -266,6 +310,7 @@ class OpenAIServing:
         include_usage: bool,
         reasoning: bool,
         in_reasoning: bool,
+        tool_parser: str | None = None,
     ) -> _Job:
         """One engine request per prompt and choice (choice i of a seeded request gets seed +
         i); if one is refused, those already submitted are aborted."""
@@ -283,7 +328,8 @@ class OpenAIServing:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
                     splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning)
-                    choices.append(_Choice(idx, p_idx, splitter if reasoning else None))
+                    parser = TOOL_PARSERS[tool_parser]() if tool_parser is not None else None
+                    choices.append(_Choice(idx, p_idx, splitter if reasoning else None, parser))
         except BaseException as e:
             for it in iterators:
                 await _close(it)
@@ -363,10 +409,16 @@ class OpenAIServing:
             reasoning, content = (
                 c.splitter.split(c.final_text) if c.splitter else (None, c.final_text)
             )
+            calls: list[ToolCall] = []
+            if c.tool_parser is not None:
+                content, calls = c.tool_parser.parse(content)
             logprobs = None
             if job.want_logprobs:
                 logprobs = protocol.chat_logprobs(self._logprob_entries(c, 0, len(c.logprobs)))
-            choices.append((c.index, content, reasoning, logprobs, c.finish_reason))
+            finish = _finish_reason(c.finish_reason, bool(calls))
+            choices.append(
+                (c.index, content, reasoning, logprobs, finish, [t.to_openai() for t in calls])
+            )
         model = self.config.served_model_name
         return protocol.chat_completion_response(
             job.rid, job.created, model, choices, self._usage(job)
@@ -444,11 +496,25 @@ class OpenAIServing:
             reasoning_tail, content_tail = c.splitter.finish()
             reasoning_delta += reasoning_tail
             content_delta += content_tail
+        calls: list[ToolCall] = []
+        first = 0  # the index of this delta's first new call
+        if c.tool_parser is not None:
+            first = len(c.tool_parser.calls)
+            content_delta, calls = c.tool_parser.feed(content_delta)
+            if finish is not None:
+                content_tail, tail_calls = c.tool_parser.finish()
+                content_delta += content_tail
+                calls += tail_calls
+            finish = _finish_reason(finish, bool(c.tool_parser.calls))
         payload: dict[str, Any] = {}
         if content_delta:
             payload["content"] = content_delta
         if reasoning_delta:
             payload["reasoning_content"] = reasoning_delta
+        if calls:
+            payload["tool_calls"] = [
+                {"index": first + i, **call.to_openai()} for i, call in enumerate(calls)
+            ]
         if not (payload or finish is not None or entries):
             return None
         logprobs = protocol.chat_logprobs(entries) if entries else None
@@ -541,6 +607,11 @@ class OpenAIServing:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _finish_reason(finish: str | None, has_calls: bool) -> str | None:
+    """OpenAI's "tool_calls" when the model stopped after calling tools."""
+    return "tool_calls" if finish == "stop" and has_calls else finish
+
+
 def _sampling_params(kwargs: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
     """The request's fields over the server's defaults (a field the request left None takes
     the default)."""

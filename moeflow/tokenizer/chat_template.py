@@ -61,11 +61,16 @@ def render_chat_template(
     bos_token: str,
     eos_token: str,
     kwargs: dict[str, Any],
+    source: str = DEFAULT_CHAT_TEMPLATE,
 ) -> str:
-    """Render `messages` after checking their shape; kwargs outside CHAT_TEMPLATE_KWARGS are
-    dropped. Raises RequestError for bad messages and for a render that breaks a bound or fails."""
+    """Render `messages` after checking and normalising them (normalize_messages, given the
+    template's `source`); kwargs outside CHAT_TEMPLATE_KWARGS are dropped. Raises RequestError for
+    bad messages and for a render that breaks a bound or fails."""
     _validate_messages(messages)
     variables = {k: v for k, v in kwargs.items() if k in CHAT_TEMPLATE_KWARGS}
+    messages = normalize_messages(messages, source, variables.get("tools"))
+    if not variables.get("tools") or not template_knows_tools(source):
+        variables.pop("tools", None)
     variables.update(
         messages=messages,
         add_generation_prompt=bool(add_generation_prompt),
@@ -73,6 +78,72 @@ def render_chat_template(
         eos_token=eos_token,
     )
     return _render(template, variables)
+
+
+def template_knows_tools(source: str) -> bool:
+    """Whether a template renders the `tools` variable itself (HF's apply_chat_template
+    convention: a list of {"type": "function", "function": {...}})."""
+    return "tools" in source
+
+
+def normalize_messages(
+    messages: list[dict[str, Any]], source: str, tools: Any = None
+) -> list[dict[str, Any]]:
+    """Copies of `messages` in the shape every template renders, as agent loops send them:
+    content None (an assistant that only calls tools) becomes "" unless the template knows tool
+    calls (transformers passes it as null to those); each tool call is
+    {"id", "type": "function", "function": {"name", "arguments"}} with JSON-string arguments
+    parsed into an object (templates write `arguments | tojson`). A template that knows nothing
+    of tool calls (no "tool_calls" in its source) gets them as Hermes' <tool_call> blocks in the
+    content, and `tool` messages as user messages in <tool_response> blocks; one that ignores
+    `tools` gets them in (or as) the system message, Hermes-style. So the model sees its calls and
+    their results whatever its template."""
+    knows_calls = "tool_calls" in source
+    knows_tool_role = knows_calls or "'tool'" in source or '"tool"' in source
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        m = dict(message)
+        if m.get("content") is None and not knows_calls:  # such a template expects null
+            m["content"] = ""
+        calls = m.get("tool_calls")
+        if calls:
+            m["tool_calls"] = [_normalize_call(c) for c in calls]
+            if not knows_calls:
+                blocks = "\n".join(
+                    "<tool_call>\n"
+                    + json.dumps(
+                        {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                        ensure_ascii=False,
+                    )
+                    + "\n</tool_call>"
+                    for c in m["tool_calls"]
+                )
+                m["content"] = (m["content"] + "\n" if m["content"] else "") + blocks
+                del m["tool_calls"]
+        if m.get("role") == "tool" and not knows_tool_role:
+            m = {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+        out.append(m)
+    if tools and not template_knows_tools(source):
+        prompt = hermes_tools_prompt(tools)
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def hermes_tools_prompt(tools: list[Any]) -> str:
+    """The tools' description for a template that does not render `tools` itself, in the Hermes /
+    Qwen2.5 wording, so that the model answers with <tool_call> blocks (the hermes parser's)."""
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n"
+        f"<tools>\n{listing}\n</tools>\n\n"
+        "For each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -292,6 +363,34 @@ def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
     finally:
         _BUDGET.reset(token)
     return "".join(pieces)
+
+
+def _normalize_call(call: Any) -> dict[str, Any]:
+    """One tool call of an assistant message in OpenAI's shape, arguments as an object when they
+    are a JSON object string (kept as given otherwise)."""
+    if not isinstance(call, dict):
+        raise RequestError("a tool call must be an object", param="messages")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        function = call
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError("a tool call needs function.name", param="messages")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            arguments = parsed
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
 
 
 def _validate_messages(messages: Any) -> None:

@@ -330,6 +330,7 @@ class Tokenizer:
             bos_token=self._token_text(self._bos_token_id),
             eos_token=self._token_text(eos),
             kwargs=kwargs,
+            source=self._chat_template or DEFAULT_CHAT_TEMPLATE,
         )
 
     def _token_text(self, token_id: int | None) -> str:

@@ -87,7 +87,14 @@ def test_error_body() -> None:
         ([{"role": "bob", "content": "x"}], "messages[0].role"),
         ([{"role": "user"}], "messages[0]"),
         ([{"role": "user", "content": None}], "messages[0]"),
-        ([{"role": "user", "content": None, "tool_calls": [{}]}], "messages[0]"),
+        (
+            [{"role": "user", "content": None, "tool_calls": [{}]}],
+            "messages[0].tool_calls[0].function",
+        ),
+        (
+            [{"role": "user", "content": None, "tool_calls": [{"function": {"name": "f"}}]}],
+            "messages[0]",
+        ),
         ([{"role": "user", "content": 5}], "messages[0].content"),
         ([{"role": "user", "content": {"text": "x"}}], "messages[0].content"),
         ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0].type"),
@@ -113,7 +120,11 @@ def test_good_messages() -> None:
                     "role": "developer",
                     "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
                 },
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}],
+                },
                 {"role": "tool", "content": "r", "tool_call_id": "1"},
                 {"role": "user", "content": "", "name": "u"},
             ]
@@ -122,7 +133,12 @@ def test_good_messages() -> None:
     msgs = req.template_messages()
     assert msgs[0] == {"role": "system", "content": "s"}
     assert msgs[1]["content"] == "ab"
-    assert msgs[2] == {"role": "assistant", "tool_calls": [{"id": "1"}]}
+    assert msgs[2] == {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
     assert msgs[4] == {"role": "user", "content": "", "name": "u"}
 
 
@@ -277,14 +293,51 @@ def test_top_logprobs_needs_logprobs() -> None:
         P.ChatCompletionRequest.model_validate(chat(top_logprobs=3))
 
 
-@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
-def test_response_format_refused(kind: str) -> None:
-    body = chat(response_format={"type": kind, "json_schema": {"name": "x"}})
-    with pytest.raises(ValidationError) as e:
-        P.ChatCompletionRequest.model_validate(body)
-    message, param = P.validation_error_to_param(e.value)
-    assert param == "response_format"
-    assert f"response_format '{kind}' is not supported yet" in message
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"guided_choice": ["a", "b"]}, "guided_choice"),
+        ({"guided_grammar": "start: 'a'"}, "guided_grammar"),
+        ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs.json"),
+        ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs.choice"),
+    ],
+)
+def test_structured_output_fields(extra: dict[str, Any], param: str) -> None:
+    params = P.ChatCompletionRequest.model_validate(chat(**extra)).sampling_kwargs()
+    spec = params["structured_outputs"]
+    assert spec is not None and spec.param == param
+    assert (
+        "structured_outputs" not in P.ChatCompletionRequest.model_validate(chat()).sampling_kwargs()
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+         "response_format.json_schema.name"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "body"),
+        ({"guided_choice": []}, "guided_choice"),
+    ],
+)  # fmt: skip
+def test_bad_structured_output_fields(extra: dict[str, Any], param: str) -> None:
+    assert bad(P.ChatCompletionRequest, chat(**extra)) == param
 
 
 def test_unknown_fields_ignored() -> None:
@@ -438,14 +491,21 @@ def test_response_shapes() -> None:
         ],
     }
     resp = P.chat_completion_response(
-        rid, 1, "m", [(0, "hi", "think", P.chat_logprobs([entry]), "stop")], u
+        rid, 1, "m", [(0, "hi", "think", P.chat_logprobs([entry]), "stop", [])], u
     )
     assert resp["object"] == "chat.completion"
     choice = resp["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "hi", "reasoning_content": "think"}
     assert choice["logprobs"] == {"content": [entry]} and choice["finish_reason"] == "stop"
-    no_reasoning = P.chat_completion_response(rid, 1, "m", [(0, "hi", None, None, "length")], u)
+    no_reasoning = P.chat_completion_response(rid, 1, "m", [(0, "hi", None, None, "length", [])], u)
     assert "reasoning_content" not in no_reasoning["choices"][0]["message"]
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    calls = P.chat_completion_response(rid, 1, "m", [(0, "", None, None, "tool_calls", [call])], u)
+    assert calls["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [call],
+    }
     chunk = P.chat_completion_chunk(rid, 1, "m", 0, {"content": "h"})
     assert chunk["object"] == "chat.completion.chunk"
     assert chunk["choices"] == [

@@ -1,0 +1,153 @@
+"""Structured output in the engine: every constraint kind on the default model (SmolLM2-135M),
+greedy and sampled, several constrained requests beside an unconstrained one in one batch; the
+output matches (jsonschema validates every JSON answer); bad constraints name the field; a
+reasoning model (the scripted checkpoint) thinks freely and is constrained after </think>."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from moeflow import LLM, SamplingParams
+from moeflow.api import StructuredOutputsParams
+from moeflow.engine.structured_output import apply_bitmask
+from moeflow.errors import RequestError
+from moeflow.tokenizer import ReasoningSplitter
+from moeflow.tokenizer.tool_parser import HermesToolParser, tool_call_grammar
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf: str) -> LLM:
+    return LLM(smollm2_gguf, device="cpu", max_model_len=512)
+
+
+def _chat_ids(llm: LLM, text: str) -> list[int]:
+    return llm.encode_chat([{"role": "user", "content": text}])
+
+
+def test_constraints_in_one_batch(llm: LLM) -> None:
+    prompt = _chat_ids(llm, "Describe a person as JSON.")
+    kinds = [
+        StructuredOutputsParams(json=SCHEMA),
+        StructuredOutputsParams(json=json.dumps(SCHEMA)),
+        StructuredOutputsParams(json_object=True),
+        StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}"),
+        StructuredOutputsParams(choice=["yes", "no", "maybe"]),
+        StructuredOutputsParams(grammar='start: "x" NUM\nNUM: /[0-9]+/'),
+    ]
+    params = [SamplingParams(max_tokens=120, temperature=t, seed=3, structured_outputs=k)
+              for k in kinds for t in (0.0, 1.0)]  # fmt: skip
+    params.append(SamplingParams(max_tokens=8, temperature=0))  # unconstrained neighbour
+    outs = llm.generate([prompt] * len(params), params)
+    texts = [o.text for o in outs]
+    for i in range(4):
+        assert outs[i].finish_reason == "stop", texts[i]
+        jsonschema.validate(json.loads(texts[i]), SCHEMA)
+    for i in (4, 5):
+        assert outs[i].finish_reason == "stop"
+        assert isinstance(json.loads(texts[i]), dict)
+    for i in (6, 7):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", texts[i]), texts[i]
+    for i in (8, 9):
+        assert texts[i] in ("yes", "no", "maybe")
+    for i in (10, 11):
+        assert re.fullmatch(r"x[0-9]+", texts[i]), texts[i]
+    # the unconstrained request is what it is alone
+    alone = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert texts[-1] == alone.text
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"json": "{not json"},
+        {"json": {"type": "wat"}},
+        {"json": [1, 2]},
+        {"regex": "(("},
+        {"grammar": "start: undefined_rule"},
+    ],
+)
+def test_bad_constraint_names_the_field(llm: LLM, spec: dict) -> None:
+    with pytest.raises(RequestError) as e:
+        llm.generate([[1, 2, 3]], SamplingParams(structured_outputs=StructuredOutputsParams(
+            **spec, param="response_format")))  # fmt: skip
+    assert e.value.param == "response_format"
+    assert str(e.value).startswith("response_format: ")
+
+
+def test_one_kind_exactly() -> None:
+    with pytest.raises(RequestError):
+        StructuredOutputsParams()
+    with pytest.raises(RequestError):
+        StructuredOutputsParams(regex="a", choice=["a"])
+
+
+def test_apply_bitmask_matches_a_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 70, generator=gen)
+    words = torch.randint(-(2**31), 2**31 - 1, (3, 3), generator=gen, dtype=torch.int64)
+    bitmask = words.to(torch.int32)
+    out = apply_bitmask(logits, bitmask)
+    for r in range(3):
+        for t in range(70):
+            allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1
+            assert out[r, t] == (logits[r, t] if allowed else float("-inf"))
+
+
+def test_reasoning_then_constraint(scripted_checkpoint: Path) -> None:
+    """The scripted model writes "<think>abc</think>XYZ": the think block is free, then the
+    choice constraint replaces XYZ."""
+    llm = LLM(str(scripted_checkpoint), dtype="float32", device="cpu", max_model_len=128)
+    prompt = llm.encode_chat([{"role": "user", "content": "q"}])
+    spec = StructuredOutputsParams(choice=["ok"])
+    params = SamplingParams(max_tokens=20, temperature=0, structured_outputs=spec)
+    out = llm.generate([prompt], params)[0]
+    assert out.text.endswith("</think>ok"), out.text
+    assert "abc" in out.text
+
+
+def test_reasoning_then_forced_tool_call(scripted_checkpoint: Path) -> None:
+    """Reasoning, then a forced call (tool_choice "required"'s grammar): the scripted model's
+    think block stays free, the call after </think> is valid; the server's chain (reasoning
+    split, then the tool parser) gives the same reasoning, content and call streamed delta by
+    delta as on the whole text, and no markup in either."""
+    llm = LLM(str(scripted_checkpoint), dtype="float32", device="cpu", max_model_len=128)
+    prompt = llm.encode_chat([{"role": "user", "content": "q"}])
+    tools = [{"type": "function", "function": {"name": "ping", "parameters": None}}]
+    spec = StructuredOutputsParams(grammar=tool_call_grammar("hermes", tools, None, False))
+    params = SamplingParams(max_tokens=100, temperature=0, structured_outputs=spec)
+    (out,) = llm.generate([prompt], params)
+    assert out.finish_reason == "stop"
+
+    def chain(deltas: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
+        splitter, parser = ReasoningSplitter(), HermesToolParser()
+        reasoning, content, calls = "", "", []
+        for d in [*deltas, None]:
+            r, c = splitter.feed(d) if d is not None else splitter.finish()
+            c, new = parser.feed(c)
+            if d is None:
+                tail, more = parser.finish()
+                c, new = c + tail, new + more
+            reasoning, content = reasoning + r, content + c
+            calls += [(t.name, t.arguments) for t in new]
+        return reasoning, content, calls
+
+    whole = chain([out.text])
+    assert whole == ("abc", "", [("ping", "{}")])
+    assert chain(list(llm.stream(prompt, params))) == whole
