@@ -50,7 +50,9 @@ def dequantized_types_note(
     else:
         kept = "/".join(t.name for t in sorted(KEPT_TYPES, key=int))
         why = f"the CPU kernels read {kept} only"
-    listed = ", ".join(f"{t.name} ({counts[t]} tensors)" for t in dequantized)
+    listed = ", ".join(
+        f"{t.name} ({counts[t]} tensor{'s' if counts[t] > 1 else ''})" for t in dequantized
+    )
     dtype_name = str(dtype).removeprefix("torch.")
     return f"dequantising {listed} to {dtype_name} at load: {why}"
 

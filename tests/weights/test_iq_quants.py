@@ -4,6 +4,7 @@ back, hostile tensors of them, and the load's log line about types dequantised a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -198,13 +199,76 @@ def test_dequantized_types_note() -> None:
     types = [GGMLType.F32, GGMLType.IQ2_XXS, GGMLType.IQ2_XXS, GGMLType.Q4_K, GGMLType.IQ3_S]
     note = dequantized_types_note(types, "cuda", torch.bfloat16)
     assert note is not None
-    assert note.startswith("dequantising Q4_K (1 tensors), IQ2_XXS (2 tensors), IQ3_S (1 ")
+    assert note.startswith("dequantising Q4_K (1 tensor), IQ2_XXS (2 tensors), IQ3_S (1 tensor) ")
     assert "to bfloat16 at load" in note and "only on a CPU" in note
     note = dequantized_types_note(types, "cpu", torch.float32)
     assert note is not None
     if cpu_ext.available():
-        assert "IQ2_XXS (2 tensors), IQ3_S (1 tensors) to float32" in note
+        assert "IQ2_XXS (2 tensors), IQ3_S (1 tensor) to float32" in note
         assert "Q4_K (" not in note and "the CPU kernels read" in note
     else:
         assert "unavailable" in note
     assert dequantized_types_note([GGMLType.F32, GGMLType.BF16], "cuda", torch.float32) is None
+
+
+# The tiny Qwen3-MoE GGUF of bench/gguf_models.py with each matrix in another dequantised type
+# (its random blocks get the type's scale field) and the output in IQ4_NL, which stays kept.
+_MODEL_TYPES = {
+    "ffn_gate_exps": GGMLType.IQ2_XXS,
+    "ffn_up_exps": GGMLType.IQ3_S,
+    "ffn_down_exps": GGMLType.IQ1_S,
+    "attn_q": GGMLType.IQ2_XS,
+    "attn_k": GGMLType.IQ2_S,
+    "attn_v": GGMLType.IQ3_XXS,
+    "attn_output": GGMLType.TQ1_0,
+    "token_embd": GGMLType.TQ2_0,
+    "output": GGMLType.IQ4_NL,
+}
+
+
+def test_model_of_iq_types_loads_and_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from moeflow import env
+    from moeflow.bench import gguf_models
+    from moeflow.layers.moe import FusedExperts
+    from moeflow.loading.loader import load_model
+    from moeflow.loading.source import GGUFFile
+    from tests.helpers.gguf import TINY_QWEN3_MOE
+
+    cpu_ext.available()  # the kernels load from the shared cache before it moves
+    monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    for qtype in _MODEL_TYPES.values():
+        monkeypatch.setitem(gguf_models._F16_FIELDS, qtype, GGUF_F16_FIELDS[qtype])
+        monkeypatch.setitem(gguf_models._QUANT_STD, qtype, 60.0)
+
+    def rule(ftype: str, num_layers: int, num_experts: int) -> Callable[[str, int], GGMLType]:
+        def type_of(name: str, layer: int) -> GGMLType:
+            if name.endswith("ffn_gate_inp.weight"):
+                return GGMLType.F32
+            return _MODEL_TYPES[name.split(".")[-2]]
+
+        return type_of
+
+    monkeypatch.setattr(gguf_models, "_type_rule", rule)
+    path = gguf_models.bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, "q8_0", num_layers=1)
+    with caplog.at_level("INFO", logger="moeflow"):
+        loaded = load_model(GGUFFile(str(path)), "cpu", torch.float32)
+    notes = [r.getMessage() for r in caplog.records if "dequantising" in r.getMessage()]
+    assert len(notes) == 1
+    for qtype in _MODEL_TYPES.values():
+        kept = qtype == GGMLType.IQ4_NL and cpu_ext.available()
+        assert (f"{qtype.name} (" in notes[0]) != kept
+    # the experts as loaded are gguf-py's dequantisation of the file's blocks
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    experts = next(m for m in loaded.model.modules() if isinstance(m, FusedExperts))
+    inter = TINY_QWEN3_MOE["moe_intermediate_size"]
+    for name, ours in [
+        ("blk.0.ffn_gate_exps.weight", experts.w13[:, :inter]),
+        ("blk.0.ffn_up_exps.weight", experts.w13[:, inter:]),
+        ("blk.0.ffn_down_exps.weight", experts.w2),
+    ]:
+        t = tensors[name]
+        ref = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        torch.testing.assert_close(ours, torch.from_numpy(ref.copy()), rtol=1e-6, atol=0)
