@@ -179,7 +179,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument(
         "--gguf-type",
         default="q4_k_m",
-        choices=["q4_k_m", "q8_0"],
+        choices=["q4_k_m", "q8_0", "iq4_xs"],
         help="moe-cpu, quality: the type of the GGUF written for preset:<name>",
     )
     bench.add_argument(

@@ -1,8 +1,9 @@
 """Random-weight GGUF files of the presets' real shapes, whole or their first N layers, laid out
 as llama.cpp's converter and quantizer write them (tensor names, expert stacking, Q4_K_M's type
-per tensor), so moeflow and llama.cpp can be benchmarked on the same file. Quantised tensors
-hold random blocks with small finite scales (values of about the preset's init scale); the
-router and norms are float32. Files are written once and cached under MOEFLOW_CACHE_DIR.
+per tensor; IQ4_XS throughout for iq4_xs), so moeflow and llama.cpp can be benchmarked on the
+same file. Quantised tensors hold random blocks with small finite scales (values of about the
+preset's init scale); the router and norms are float32. Files are written once and cached
+under MOEFLOW_CACHE_DIR.
 
 Shape legend: V vocab, H hidden, I intermediate, E experts, Nh / Nkv heads, D head dim."""
 
@@ -25,7 +26,7 @@ from moeflow.weights.gguf_writer import GGUFWriter
 
 logger = logging.getLogger("moeflow")
 
-FTYPES = ("q4_k_m", "q8_0")
+FTYPES = ("q4_k_m", "q8_0", "iq4_xs")
 _WEIGHT_STD = 0.02
 # Byte offsets of the fp16 scale fields in a block, and the scale that gives the values a
 # standard deviation of about _WEIGHT_STD given random quants (std of the quant part per type).
@@ -37,6 +38,8 @@ _F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
     GGMLType.Q4_K: (0, 2),
     GGMLType.Q5_K: (0, 2),
     GGMLType.Q6_K: (208,),
+    GGMLType.IQ4_NL: (0,),
+    GGMLType.IQ4_XS: (0,),
 }
 _QUANT_STD = {
     GGMLType.Q4_0: 4.6,  # uniform 0..15 minus 8
@@ -46,12 +49,15 @@ _QUANT_STD = {
     GGMLType.Q4_K: 166.0,  # 6-bit scale x 4-bit quant
     GGMLType.Q5_K: 331.0,
     GGMLType.Q6_K: 1369.0,  # int8 scale x 6-bit quant
+    GGMLType.IQ4_NL: 67.4,  # the 16-value codebook
+    GGMLType.IQ4_XS: 1246.0,  # 6-bit scale minus 32 x the codebook
 }
 # A K-quant whose rows are not whole 256-value super-blocks takes llama.cpp's fallback type.
 _FALLBACK = {
     GGMLType.Q4_K: GGMLType.Q5_0,
     GGMLType.Q5_K: GGMLType.Q5_1,
     GGMLType.Q6_K: GGMLType.Q8_0,
+    GGMLType.IQ4_XS: GGMLType.IQ4_NL,
 }
 _GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen3": "qwen3", "llama": "llama"}
 
@@ -146,7 +152,8 @@ def _layer_tensors(
 def _type_rule(ftype: str, num_layers: int, num_experts: int) -> Callable[[str, int], GGMLType]:
     """The ggml type llama.cpp's quantizer gives each 2-D tensor for `ftype` (Q4_K_M: Q6_K for
     the output, for attn_v and ffn_down in the layers that get more bits; Q5_K for attn_output
-    of 8-expert models; Q4_K elsewhere); the router stays float32."""
+    of 8-expert models; Q4_K elsewhere); iq4_xs: IQ4_XS for every matrix (llama.cpp's IQ4_XS
+    rules give a few tensors more bits; not modelled here); the router stays float32."""
 
     def more_bits(i: int) -> bool:
         n = num_layers
@@ -157,6 +164,8 @@ def _type_rule(ftype: str, num_layers: int, num_experts: int) -> Callable[[str, 
             return GGMLType.F32
         if ftype == "q8_0":
             return GGMLType.Q8_0
+        if ftype == "iq4_xs":
+            return GGMLType.IQ4_XS
         if name == "output.weight":
             return GGMLType.Q6_K
         if (".attn_v." in name or ".ffn_down" in name) and more_bits(layer):
@@ -201,7 +210,7 @@ def _metadata(w: GGUFWriter, hf: dict[str, Any], arch: str, ftype: str) -> None:
     d = int(hf.get("head_dim") or h // nh)
     w.add("general.architecture", arch)
     w.add("general.name", f"moeflow random {hf['model_type']} ({ftype})")
-    w.add("general.file_type", 15 if ftype == "q4_k_m" else 7)  # llama_ftype
+    w.add("general.file_type", {"q4_k_m": 15, "q8_0": 7, "iq4_xs": 30}[ftype])  # llama_ftype
     w.add(f"{arch}.block_count", int(hf["num_hidden_layers"]))
     w.add(f"{arch}.context_length", int(hf["max_position_embeddings"]))
     w.add(f"{arch}.embedding_length", h)

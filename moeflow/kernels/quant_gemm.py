@@ -32,6 +32,8 @@ KEPT_TYPES = frozenset(
         GGMLType.Q4_K,
         GGMLType.Q5_K,
         GGMLType.Q6_K,
+        GGMLType.IQ4_NL,
+        GGMLType.IQ4_XS,
     }
 )
 

@@ -21,7 +21,12 @@ from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError
 from moeflow.layers.moe import materialize_experts
 from moeflow.loading.presets import preset_config
-from moeflow.loading.quantize import keep_quantized_types, quantize_experts, quantize_linears
+from moeflow.loading.quantize import (
+    dequantized_types_note,
+    keep_quantized_types,
+    quantize_experts,
+    quantize_linears,
+)
 from moeflow.loading.source import GGUFFile, ModelSource, Preset, default_model_path
 from moeflow.models.base import CausalLM
 from moeflow.models.registry import get_model_class
@@ -110,6 +115,9 @@ def load_model(
         reader = gguf.GGUFReader(path)
         config = ModelConfig.from_hf(gguf_hf.gguf_to_hf_config(reader))
         tokenizer = paired or Tokenizer.from_gguf_metadata(reader.metadata)
+        note = dequantized_types_note((t.ggml_type for t in reader.tensors.values()), device, dtype)
+        if note is not None:
+            logger.info("%s: %s", path, note)
         weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]] = gguf_hf.iter_hf_weights(
             reader, dtype, keep_quantized=keep_quantized_types(device)
         )

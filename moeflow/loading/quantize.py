@@ -1,8 +1,12 @@
 """The on-load quantisation policy: which GGUF types stay in their blocks on this device
-(keep_quantized_types) and `--quantize`, which turns float linear layers and MoE experts into
-blocks for the CPU kernels (quantize_experts before the weights load, quantize_linears after)."""
+(keep_quantized_types; dequantized_types_note says which load as floats, and why) and
+`--quantize`, which turns float linear layers and MoE experts into blocks for the CPU kernels
+(quantize_experts before the weights load, quantize_linears after)."""
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
 
 import torch
 
@@ -10,7 +14,13 @@ from moeflow.kernels import cpu_ext
 from moeflow.kernels.quant_gemm import KEPT_TYPES
 from moeflow.layers.linear import Linear
 from moeflow.layers.moe import FusedExperts
-from moeflow.weights.ggml_quants import QUANTIZE_TYPES, quantize, quantize_kind_for
+from moeflow.weights.ggml_quants import (
+    GGML_QUANT_SIZES,
+    QUANTIZE_TYPES,
+    GGMLType,
+    quantize,
+    quantize_kind_for,
+)
 
 
 def keep_quantized_types(device: str) -> frozenset[int]:
@@ -19,6 +29,32 @@ def keep_quantized_types(device: str) -> frozenset[int]:
     if torch.device(device).type != "cpu" or not cpu_ext.available():
         return frozenset()
     return frozenset(int(t) for t in KEPT_TYPES)
+
+
+def dequantized_types_note(
+    tensor_types: Iterable[int], device: str, dtype: torch.dtype
+) -> str | None:
+    """The line a GGUF load logs about its quantised types that load as `dtype` floats, and
+    why; None when every quantised type stays in its blocks. `tensor_types`: each tensor's ggml
+    type."""
+    # block types only: F32 / F16 / BF16 are floats already
+    counts = Counter(GGMLType(t) for t in tensor_types if GGML_QUANT_SIZES[GGMLType(t)][0] > 1)
+    keep = keep_quantized_types(device)
+    dequantized = sorted((t for t in counts if int(t) not in keep), key=int)
+    if not dequantized:
+        return None
+    if torch.device(device).type != "cpu":
+        why = f"quantised weights stay in their blocks only on a CPU (this load is on {device})"
+    elif not keep:
+        why = f"the CPU kernels are unavailable ({cpu_ext.unavailable_reason()})"
+    else:
+        kept = "/".join(t.name for t in sorted(KEPT_TYPES, key=int))
+        why = f"the CPU kernels read {kept} only"
+    listed = ", ".join(
+        f"{t.name} ({counts[t]} tensor{'s' if counts[t] > 1 else ''})" for t in dequantized
+    )
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"dequantising {listed} to {dtype_name} at load: {why}"
 
 
 def quantize_experts(net: torch.nn.Module, kind: str, device: str) -> int:

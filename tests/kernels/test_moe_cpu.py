@@ -83,7 +83,7 @@ def test_int8_gemv_is_exact_over_its_int8_activations(ops: Any, qtype: int, m: i
     xa = dequantized_acts(ops, x, block)
     wd = dequantize_ref(w, qtype, k).double()
     ref = xa @ wd.T
-    if block == 32:
+    if block == 32 and qtype != GGMLType.IQ4_NL:  # a codebook's weights have no min term
         ref += (x.double() - xa) @ block_mins(w, qtype, k).T
     out = ops.qgemm_i8(x, w, qtype)
     scale = xa.abs() @ wd.abs().T
@@ -100,12 +100,13 @@ def _dequantized(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return torch.stack([dequantize_ref(w[i], qtype, k) for i in range(w.shape[0])])
 
 
-# (gate/up type, down type): Q4_K_M's pairs, and 32-weight block types
+# (gate/up type, down type): Q4_K_M's pairs, 32-weight block types, the IQ4 codebook types
 _TYPE_PAIRS = [
     (GGMLType.Q4_K, GGMLType.Q6_K),
     (GGMLType.Q5_K, GGMLType.Q4_K),
     (GGMLType.Q8_0, GGMLType.Q8_0),
     (GGMLType.Q4_0, GGMLType.Q5_1),
+    (GGMLType.IQ4_XS, GGMLType.IQ4_NL),
 ]
 
 

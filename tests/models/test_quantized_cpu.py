@@ -101,7 +101,7 @@ def test_quantize_needs_the_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         load_model(HFFolder(str(path)), "cpu", torch.float32, quantize="q8_0")
 
 
-@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0"])
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0", "iq4_xs"])
 def test_moe_gguf_experts_stay_quantized(
     ftype: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -70,8 +70,8 @@ def test_dequantize_rejects_bad_input() -> None:
         dequantize(raw, int(GGMLType.Q8_0), (2, 32), torch.float32)
     with pytest.raises(ModelFormatError, match="unknown ggml type id 99"):
         dequantize(raw, 99, (34,), torch.float32)
-    with pytest.raises(ModelFormatError, match="unsupported tensor type IQ2_XXS"):
-        dequantize(torch.zeros(66, dtype=torch.uint8), int(GGMLType.IQ2_XXS), (256,), torch.float32)
+    with pytest.raises(ModelFormatError, match="unsupported tensor type Q8_K"):
+        dequantize(torch.zeros(292, dtype=torch.uint8), int(GGMLType.Q8_K), (256,), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------

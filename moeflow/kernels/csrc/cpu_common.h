@@ -7,7 +7,7 @@
 // so for an activation row x:  sum(w * x) = scale * sum(q * x) + min * sum(x)
 // where sum(x) over each 32-chunk is computed once per call. Block layouts follow ggml's
 // (ggml-common.h): Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 are 32-weight blocks, Q4_K Q5_K Q6_K 256-weight
-// super-blocks of 8 chunks.
+// super-blocks of 8 chunks; IQ4_NL (32) and IQ4_XS (256) are in iq4.h.
 #pragma once
 
 #include <torch/extension.h>
@@ -1137,9 +1137,16 @@ void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
   for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]);
 }
 
+}  // namespace
+
+#include "iq4.h"  // IQ4_NL, IQ4_XS
+
+namespace {
+
 // ggml type ids (gguf.py GGMLType)
 enum : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10,
-                 kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+                 kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20,
+                 kIQ4_XS = 23 };
 
 template <class F>
 void dispatch_type(int64_t qtype, F&& f) {
@@ -1154,6 +1161,8 @@ void dispatch_type(int64_t qtype, F&& f) {
     case kQ4_K: f(Q4_K{}); break;
     case kQ5_K: f(Q5_K{}); break;
     case kQ6_K: f(Q6_K{}); break;
+    case kIQ4_NL: f(IQ4_NL{}); break;
+    case kIQ4_XS: f(IQ4_XS{}); break;
     default: TORCH_CHECK(false, "moeflow cpu_ops: unsupported ggml type ", qtype);
   }
 }
