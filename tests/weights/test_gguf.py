@@ -264,7 +264,10 @@ def test_unknown_arch(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with GGUFReader(path) as r, pytest.raises(ModelFormatError, match="deepseek2, llama"):
+    with (
+        GGUFReader(path) as r,
+        pytest.raises(ModelFormatError, match="deepseek2, glm4moe, llama, olmoe"),
+    ):
         gguf_to_hf_config(r)
 
 
