@@ -121,12 +121,19 @@ def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _write_gguf(
-    folder: Path, path: Path, arch: str, hf: dict[str, Any], split_kv_b: bool = False
+    folder: Path,
+    path: Path,
+    arch: str,
+    hf: dict[str, Any],
+    split_kv_b: bool = False,
+    split_max_tensors: int = 0,
 ) -> None:
-    """A GGUF of the checkpoint in `folder` as convert_hf_to_gguf.py would lay it out."""
+    """A GGUF of the checkpoint in `folder` as convert_hf_to_gguf.py would lay it out (with
+    `split_max_tensors`, a split set `<path stem>-0000N-of-0000M.gguf` as its option of that
+    name writes it)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     n_layers = hf["num_hidden_layers"]
     if arch != "glm4moe":
         w.add_block_count(n_layers)
@@ -415,3 +422,20 @@ def test_gguf_matches_hf(arch: str, tmp_path: Path) -> None:
     else:
         assert unused == []
     assert_matches_hf(path, seed=3, hf_path=folder)
+
+
+def test_split_gguf_loads_as_one(tmp_path: Path) -> None:
+    """A split set of the glm4moe file, opened from its middle shard, fills the same tensors."""
+    folder = make_tiny_checkpoint("glm4_moe", tmp_path / "glm4_moe")
+    hf_cfg = _hf_config(folder)
+    _write_gguf(folder, tmp_path / "one.gguf", "glm4moe", hf_cfg)
+    _write_gguf(folder, tmp_path / "split.gguf", "glm4moe", hf_cfg, split_max_tensors=20)
+    shards = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(shards) == 4
+    one = load_model(parse_model_source(str(tmp_path / "one.gguf")), "cpu", torch.float32)
+    split = load_model(parse_model_source(str(shards[1])), "cpu", torch.float32)
+    assert split.model_config == one.model_config
+    ours, ref = split.model.state_dict(), one.model.state_dict()
+    assert ours.keys() == ref.keys()
+    for name, tensor in ref.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
