@@ -39,7 +39,7 @@ MAX_SPLITS = 65_535  # split.count is a u16
 SPLIT_NO = "split.no"  # 0-based
 SPLIT_COUNT = "split.count"
 SPLIT_TENSORS_COUNT = "split.tensors.count"  # tensors over all shards
-_SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf")
+SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf")
 
 
 class GGUFValueType(enum.IntEnum):
@@ -321,7 +321,7 @@ def split_paths(path: str, count: int, no: int) -> list[str]:
     """The paths of the `count` shards of the split set whose shard `no` (0-based) is at `path`:
     its file name must be `<prefix>-NNNNN-of-MMMMM.gguf` with NNNNN = no + 1, MMMMM = count."""
     folder, name = os.path.split(path)
-    m = _SHARD_NAME.fullmatch(name)
+    m = SHARD_NAME.fullmatch(name)
     if m is None or (int(m["no"]), int(m["count"])) != (no + 1, count):
         raise ModelFormatError(
             f"{path}: shard {no + 1} of a {count}-file split set (split.no, split.count), but "
