@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from moeflow import LLM, SamplingParams
+from moeflow import LLM, SamplingParams, env
+from moeflow.kernels import cpu_ext
+from moeflow.layers.moe import FusedExperts
 from moeflow.loading.loader import load_model
 from moeflow.loading.source import parse_model_source
+from moeflow.weights.ggml_quants import GGMLType
 from moeflow.weights.gguf import GGUFReader
 from moeflow.weights.gguf_hf import gguf_to_hf_config, iter_hf_weights
 from tests.helpers.checkpoints import (
@@ -127,13 +130,22 @@ def _write_gguf(
     hf: dict[str, Any],
     split_kv_b: bool = False,
     split_max_tensors: int = 0,
+    q8_0: bool = False,
 ) -> None:
     """A GGUF of the checkpoint in `folder` as convert_hf_to_gguf.py would lay it out (with
     `split_max_tensors`, a split set `<path stem>-0000N-of-0000M.gguf` as its option of that
-    name writes it)."""
+    name writes it; with `q8_0`, its matrices in Q8_0 by gguf-py's quantiser, --outtype q8_0)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+
+    def add(name: str, a: np.ndarray) -> None:
+        if q8_0 and a.ndim >= 2 and a.shape[-1] % 32 == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(a, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, a)
+
     n_layers = hf["num_hidden_layers"]
     if arch != "glm4moe":
         w.add_block_count(n_layers)
@@ -218,7 +230,7 @@ def _write_gguf(
     for name, t in _hf_tensors(folder).items():
         a = t.float().numpy()
         if name in _GLOBAL:
-            w.add_tensor(_GLOBAL[name], a)
+            add(_GLOBAL[name], a)
             continue
         m = _LAYER_NAME.fullmatch(name)
         assert m is not None, name
@@ -231,7 +243,7 @@ def _write_gguf(
         if arch == "llama" and module == "self_attn.k_proj":
             a = _llama_permute(a, hf["num_key_value_heads"])
         if arch == "glm4moe" and module == "post_attention_layernorm":
-            w.add_tensor(f"blk.{layer}.post_attention_norm.{kind}", a)
+            add(f"blk.{layer}.post_attention_norm.{kind}", a)
             continue
         if kind == "e_score_correction_bias":
             w.add_tensor(f"blk.{layer}.exp_probs_b.bias", a)
@@ -245,10 +257,10 @@ def _write_gguf(
             continue
         if module == "mlp.shared_expert_gate":
             a = a.reshape(-1)  # llama.cpp keeps it as a vector
-        w.add_tensor(f"blk.{layer}.{_LAYER[module]}.{kind}", a)
+        add(f"blk.{layer}.{_LAYER[module]}.{kind}", a)
     for (layer, proj), per_expert in experts.items():
         stacked = np.stack([per_expert[i] for i in range(len(per_expert))])  # [E, out, in]
-        w.add_tensor(f"blk.{layer}.ffn_{proj}_exps.weight", stacked)
+        add(f"blk.{layer}.ffn_{proj}_exps.weight", stacked)
     if arch == "glm4moe":  # the MTP layer (HF's layer n_layers, never run by transformers)
         _add_nextn_layer(w, n_layers, hf)
     w.write_header_to_file()
@@ -439,3 +451,33 @@ def test_split_gguf_loads_as_one(tmp_path: Path) -> None:
     assert ours.keys() == ref.keys()
     for name, tensor in ref.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
+@pytest.mark.parametrize("arch", sorted(_ARCH_FAMILIES))
+def test_q8_0_gguf_kernels_match_the_reference(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Q8_0 file run with its blocks kept and the CPU kernels' exact path gives the greedy
+    tokens of the reference: the same file dequantised to fp32, no compiled kernel (the
+    criterion of tests/models/test_quantized_cpu.py)."""
+    family, overrides = _ARCH_FAMILIES[arch]
+    folder = make_tiny_checkpoint(family, tmp_path / family, **overrides)
+    path = tmp_path / f"{family}-q8_0.gguf"
+    _write_gguf(folder, path, arch, _hf_config(folder), q8_0=True)
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
+    prompts = [[7, 100, 42, 3, 250], list(range(60, 90))]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    fast = LLM(str(path), device="cpu", max_model_len=128, kv_cache_tokens=1024)
+    kept = {m.qtype for m in fast.loaded.model.modules() if getattr(m, "qtype", None) is not None}
+    experts = [m for m in fast.loaded.model.modules() if isinstance(m, FusedExperts)]
+    assert kept == {int(GGMLType.Q8_0)} and experts
+    assert all(m.quantized is not None for m in experts)
+    fast_ids = [o.token_ids for o in fast.generate(prompts, params)]
+    del fast
+
+    monkeypatch.setattr(cpu_ext, "ops", lambda: None)
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    ref = LLM(str(path), dtype="float32", device="cpu", max_model_len=128, kv_cache_tokens=1024)
+    assert all(getattr(m, "qtype", None) is None for m in ref.loaded.model.modules())
+    assert [o.token_ids for o in ref.generate(prompts, params)] == fast_ids
