@@ -51,8 +51,9 @@ class LLM:
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
     ) -> None:
-        """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
-        "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
+        """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file (any shard
+        of a split set), "org/name" or "org/name-GGUF:Q4_K_M" found in the local Hugging Face
+        cache, or "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
         ("q8_0" | "q4_0" | "q4_k") quantises the float linear layers and MoE experts on load
         for the CPU kernels; `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are
