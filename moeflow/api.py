@@ -102,8 +102,9 @@ class LLM:
         chat_template: str | None = None,
         gpu_memory_utilization: float | None = None,
     ) -> None:
-        """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file, or
-        "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
+        """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file (any shard
+        of a split set), "org/name" or "org/name-GGUF:Q4_K_M" found in the local Hugging Face
+        cache, or "preset:<name>" (a real shape with random weights, moeflow/loading/presets.py);
         `tokenizer`: a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json and
         its chat template) used instead of the model's own, e.g. to pair a GGUF with it;
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`

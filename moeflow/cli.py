@@ -81,7 +81,9 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--model",
         default=None,
-        help="HF folder, .gguf file, or preset:<name> (random weights of a real shape: "
+        help="HF folder, .gguf file (any shard of a split set), org/name or org/name-GGUF:QUANT "
+        "from the local Hugging Face cache (nothing is downloaded), "
+        "or preset:<name> (random weights of a real shape: "
         f"{', '.join(PRESETS)}); default: the embedded SmolLM2",
     )
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

@@ -117,7 +117,7 @@ class EngineArgs:
     """The user's knobs as given (vLLM's EngineArgs): "auto" and None are resolved when the
     engine is built (engine/factory.py build_engine)."""
 
-    model: str | None = None  # None: the embedded SmolLM2; a folder; a .gguf; "preset:<name>"
+    model: str | None = None  # None: the embedded SmolLM2; a folder; a .gguf; org/name; preset:
     tokenizer: str | None = None  # a HF tokenizer folder instead of the model's own tokenizer
     dtype: str = "auto"  # compute dtype: float32 | bfloat16 | float16 | auto
     device: str = "auto"  # cpu | cuda | cuda:N | auto

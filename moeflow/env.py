@@ -1,4 +1,5 @@
-"""Every MOEFLOW_* environment variable, typed, with its default. Nothing else reads os.environ."""
+"""Every MOEFLOW_* environment variable, typed, with its default, and where the Hugging Face cache
+is (HF_HUB_CACHE, HF_HOME). Nothing else reads os.environ."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ MOEFLOW_CPU_ISA: str = os.environ.get("MOEFLOW_CPU_ISA", "")
 # The folder holding llama.cpp's `llama-batched-bench` for `moeflow bench --workload moe-cpu`
 # (default: the build cached under MOEFLOW_CACHE_DIR, made on first use).
 MOEFLOW_LLAMA_CPP_BIN: str = os.environ.get("MOEFLOW_LLAMA_CPP_BIN", "")
+
+
+def hf_hub_cache() -> str:
+    """The local Hugging Face hub cache, found as huggingface_hub finds it: HF_HUB_CACHE, else
+    HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub (~/.cache when unset). Read at each call
+    (loading/source.py resolves `org/name` model names there; nothing is ever downloaded)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return os.path.expanduser(cache)
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "huggingface",
+    )
+    return os.path.join(os.path.expanduser(home), "hub")

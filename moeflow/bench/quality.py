@@ -316,6 +316,8 @@ def write_f32_gguf(src: Path, dst: Path) -> int:
     for key, value in reader.metadata.items():
         if key in ("general.alignment", "general.quantization_version"):
             continue
+        if key.startswith("split."):  # a split set's copy is one file
+            continue
         if key == "general.file_type":
             value = 0  # LLAMA_FTYPE_ALL_F32
         vtype = GGUFValueType.INT32 if key == "tokenizer.ggml.token_type" else None

@@ -1,13 +1,16 @@
-"""GGUF v2/v3 reader over a read-only mmap: bounds-checked header parsing, every tensor's extent
-checked before any data is read, tensors handed out raw (zero-copy) or dequantised. Executes
+"""GGUF v2/v3 reader over read-only mmaps: bounds-checked header parsing, every tensor's extent
+checked before any data is read, tensors handed out raw (zero-copy) or dequantised; a split set
+(`name-00001-of-00003.gguf`, as llama.cpp's gguf-split writes it) read as one file. Executes
 nothing from the file. Format read from llama.cpp's gguf docs and gguf-py (MIT); our own code."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import mmap
 import os
+import re
 import struct
 import sys
 import warnings
@@ -31,6 +34,12 @@ MAX_KEY_LEN = 65_535
 MAX_TENSOR_NAME_LEN = 4_096
 MAX_DIMS = 4
 MAX_DIM = 1 << 62
+MAX_SPLITS = 65_535  # split.count is a u16
+# The split keys gguf-split writes into every shard (the model's metadata is in the first only).
+SPLIT_NO = "split.no"  # 0-based
+SPLIT_COUNT = "split.count"
+SPLIT_TENSORS_COUNT = "split.tensors.count"  # tensors over all shards
+SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf")
 
 
 class GGUFValueType(enum.IntEnum):
@@ -60,42 +69,38 @@ class GGUFTensorInfo:
     shape: tuple[int, ...]
     data_offset: int  # absolute byte offset in the file
     nbytes: int
+    shard: int = 0  # index of the file of a split set that holds the data
 
 
 class GGUFReader:
     """A parsed, validated GGUF file. Construction checks the whole header and every tensor's
     extent; tensor data is read lazily from the mmap by `raw()` / `load()`.
 
+    Any shard of a split set opens the whole set: the shards are found by their file names
+    (`<prefix>-NNNNN-of-MMMMM.gguf`, symlinks not followed to their targets' names), each is
+    parsed and checked against the others (split.count, split.no, split.tensors.count), and
+    `metadata` is the first shard's, `tensors` the union (`path` stays the path given).
+
     Raises ModelNotFoundError when `path` does not exist and ModelFormatError (message starts
-    with the path) for anything malformed or unsupported.
+    with a path) for anything malformed or unsupported: a missing, repeated or foreign shard too.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._mm: mmap.mmap | None = None
+        self._mms: list[mmap.mmap] | None = None
         if sys.byteorder != "little":
             raise ModelFormatError(f"{self.path}: GGUF reading needs a little-endian host")
+        mm = _map(self.path)
+        self._mms = [mm]
+        self.shard_paths = [self.path]  # the files of a split set, in order
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size == 0:
-                    raise ModelFormatError(f"{self.path}: empty file, not a GGUF file")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError as e:
-            raise ModelNotFoundError(f"{self.path}: no such file") from e
-        except (OSError, ValueError) as e:
-            raise ModelFormatError(f"{self.path}: cannot map file: {e}") from e
-        try:
-            self.version, self.metadata, self.tensors, self.alignment, self.data_start = _parse(
-                self._mm, self.path
-            )
-        except ModelFormatError:
+            parsed = _parse_file(mm, self.path)
+            self.version, self.metadata, self.tensors, self.alignment, self.data_start = parsed
+            if SPLIT_COUNT in self.metadata or SPLIT_NO in self.metadata:
+                self._open_split(mm, parsed)
+        except (ModelFormatError, ModelNotFoundError):
             self.close()
             raise
-        except _UNEXPECTED_PARSE_ERRORS as e:
-            # Defence in depth: the explicit checks in _parse should make this unreachable.
-            self.close()
-            raise ModelFormatError(f"{self.path}: malformed GGUF header ({e!r})") from e
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a 1-D uint8 view over the mmap (zero-copy).
@@ -104,7 +109,7 @@ class GGUFReader:
         for an owned tensor.
         """
         info = self._info(name)
-        mm = self._require_open()
+        mm = self._require_open()[info.shard]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             return torch.frombuffer(
@@ -118,7 +123,7 @@ class GGUFReader:
         try:
             out = dequantize(raw, info.ggml_type, info.shape, dtype)
         except ModelFormatError as e:
-            raise ModelFormatError(f"{self.path}: tensor {name!r}: {e}") from e
+            raise ModelFormatError(f"{self.shard_paths[info.shard]}: tensor {name!r}: {e}") from e
         if out.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
             out = out.clone()  # never hand out a view of the read-only mapping
         return out
@@ -130,7 +135,7 @@ class GGUFReader:
         NOTE: never `mmap.close()` here: torch.frombuffer keeps a reference to the mmap but not
         a buffer export, so close() would succeed and unmap memory that live views (weights
         kept in their blocks) still point into."""
-        self._mm = None
+        self._mms = None
 
     def __enter__(self) -> GGUFReader:
         return self
@@ -138,10 +143,62 @@ class GGUFReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _require_open(self) -> mmap.mmap:
-        if self._mm is None:
+    def _require_open(self) -> list[mmap.mmap]:
+        if self._mms is None:
             raise ValueError(f"{self.path}: GGUFReader is closed")
-        return self._mm
+        return self._mms
+
+    def _open_split(self, given: mmap.mmap, parsed: _Parsed) -> None:
+        """Replace the one shard parsed so far by the whole split set it belongs to."""
+        count, no, num_tensors = _split_keys(self.metadata, self.path)
+        if count == 1:
+            if len(self.tensors) != num_tensors:
+                raise ModelFormatError(
+                    f"{self.path}: split.tensors.count {num_tensors} but the file holds "
+                    f"{len(self.tensors)} tensors"
+                )
+            self.shard_paths = [self.path]
+            return
+        paths = split_paths(self.path, count, no)
+        mms: list[mmap.mmap] = []
+        shards: list[_Parsed] = []
+        tensors: dict[str, GGUFTensorInfo] = {}
+        for i, shard_path in enumerate(paths):
+            if i == no:
+                mm, shard = given, parsed
+            else:
+                if not os.path.isfile(shard_path):
+                    raise ModelFormatError(
+                        f"{self.path}: shard {i + 1} of {count} is missing: no file {shard_path}"
+                    )
+                mm = _map(shard_path)
+                shard = _parse_file(mm, shard_path)
+            mms.append(mm)
+            shards.append(shard)
+            self._mms = mms  # closed with the rest if a later shard fails
+            shard_keys = _split_keys(shard[1], shard_path)
+            if shard_keys != (count, i, num_tensors):
+                raise ModelFormatError(
+                    f"{shard_path}: not shard {i + 1} of this set: its split.count, split.no, "
+                    f"split.tensors.count are {shard_keys}, expected ({count}, {i}, {num_tensors})"
+                )
+            for name, info in shard[2].items():
+                if name in tensors:
+                    raise ModelFormatError(f"{shard_path}: tensor {name!r} is in two shards")
+                if len(tensors) == num_tensors:
+                    raise ModelFormatError(
+                        f"{shard_path}: the shards hold more than split.tensors.count "
+                        f"{num_tensors} tensors"
+                    )
+                tensors[name] = dataclasses.replace(info, shard=i)
+        if len(tensors) != num_tensors:
+            raise ModelFormatError(
+                f"{self.path}: the {count} shards hold {len(tensors)} tensors, split.tensors.count "
+                f"says {num_tensors}"
+            )
+        self.version, self.metadata, _, self.alignment, self.data_start = shards[0]
+        self.tensors = tensors
+        self.shard_paths = paths
 
     def _info(self, name: str) -> GGUFTensorInfo:
         info = self.tensors.get(name)
@@ -166,6 +223,8 @@ _SCALARS: dict[int, struct.Struct] = {
     GGUFValueType.INT64: struct.Struct("<q"),
     GGUFValueType.FLOAT64: struct.Struct("<d"),
 }
+# (version, metadata, tensors, alignment, data_start) of one file
+_Parsed = tuple[int, dict[str, Any], dict[str, GGUFTensorInfo], int, int]
 _U32 = struct.Struct("<I")
 _UNEXPECTED_PARSE_ERRORS = (
     struct.error,
@@ -258,9 +317,64 @@ class _Cursor:
         return [self.value(etype, what, depth + 1) for _ in range(count)]
 
 
-def _parse(
-    buf: mmap.mmap, path: str
-) -> tuple[int, dict[str, Any], dict[str, GGUFTensorInfo], int, int]:
+def split_paths(path: str, count: int, no: int) -> list[str]:
+    """The paths of the `count` shards of the split set whose shard `no` (0-based) is at `path`:
+    its file name must be `<prefix>-NNNNN-of-MMMMM.gguf` with NNNNN = no + 1, MMMMM = count."""
+    folder, name = os.path.split(path)
+    m = SHARD_NAME.fullmatch(name)
+    if m is None or (int(m["no"]), int(m["count"])) != (no + 1, count):
+        raise ModelFormatError(
+            f"{path}: shard {no + 1} of a {count}-file split set (split.no, split.count), but "
+            f"its name is not <prefix>-{no + 1:05d}-of-{count:05d}.gguf, so the other shards "
+            f"cannot be found"
+        )
+    return [
+        os.path.join(folder, f"{m['prefix']}-{i + 1:05d}-of-{count:05d}.gguf") for i in range(count)
+    ]
+
+
+def _map(path: str) -> mmap.mmap:
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ModelFormatError(f"{path}: empty file, not a GGUF file")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"{path}: no such file") from e
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path}: cannot map file: {e}") from e
+
+
+def _parse_file(buf: mmap.mmap, path: str) -> _Parsed:
+    try:
+        return _parse(buf, path)
+    except _UNEXPECTED_PARSE_ERRORS as e:
+        # Defence in depth: the explicit checks in _parse should make this unreachable.
+        raise ModelFormatError(f"{path}: malformed GGUF header ({e!r})") from e
+
+
+def _split_keys(metadata: dict[str, Any], path: str) -> tuple[int, int, int]:
+    """(split.count, split.no, split.tensors.count) of one shard, each checked."""
+    values = []
+    for key, low, high in (
+        (SPLIT_COUNT, 1, MAX_SPLITS),
+        (SPLIT_NO, 0, MAX_SPLITS - 1),
+        (SPLIT_TENSORS_COUNT, 0, MAX_TENSORS),
+    ):
+        value = metadata.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ModelFormatError(
+                f"{path}: split metadata {key!r} must be an integer in {low}..{high}, "
+                f"got {value!r:.80}"
+            )
+        values.append(value)
+    count, no, num_tensors = values
+    if no >= count:
+        raise ModelFormatError(f"{path}: split.no {no} is not below split.count {count}")
+    return count, no, num_tensors
+
+
+def _parse(buf: mmap.mmap, path: str) -> _Parsed:
     """Returns (version, metadata, tensors, alignment, data_start); raises ModelFormatError."""
     cur = _Cursor(buf, path)
     magic = buf[cur.take(4, "magic") : 4]

@@ -1,6 +1,7 @@
 """GGUF -> Hugging Face: a GGUF file's config.json dict and its tensors under HF parameter names,
-for llama/qwen2/qwen3 (Mistral files say llama), qwen2moe/qwen3moe and deepseek2 (DeepSeek-V2/V3/R1,
-Kimi K2). Names and layouts read from llama.cpp's convert_hf_to_gguf.py (MIT); our own code."""
+for llama/qwen2/qwen3 (Mistral files say llama; Mixtral files say llama and carry experts),
+qwen2moe/qwen3moe, olmoe, glm4moe (GLM-4.5 / 4.5-Air) and deepseek2 (DeepSeek-V2/V3/R1, Kimi K2).
+Names and layouts read from llama.cpp's convert_hf_to_gguf.py (MIT); our own code."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ _ARCHITECTURES = {
     "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
     "deepseek2": "DeepseekV2ForCausalLM",  # V3 / R1 / Kimi K2 files too: see _deepseek2_config
+    "olmoe": "OlmoeForCausalLM",
+    "glm4moe": "Glm4MoeForCausalLM",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -41,6 +44,7 @@ _LAYER_NAMES = {
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",  # glm4moe's name for it
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -66,6 +70,12 @@ _EXPERT_NAMES = {
     "ffn_up_exps.weight": "up_proj",
     "ffn_down_exps.weight": "down_proj",
 }
+# HF's name for the routed expert count, by GGUF architecture (the rest say num_experts)
+_EXPERT_COUNT_KEYS = {
+    "deepseek2": "n_routed_experts",
+    "glm4moe": "n_routed_experts",
+    "llama": "num_local_experts",  # Mixtral
+}
 _SHARED_PREFIX = {"qwen2moe": "shared_expert", "deepseek2": "shared_experts"}
 # Newer llama.cpp files split DeepSeek's kv_b_proj into per-head K and V halves.
 _KV_B_HALVES = ("attn_k_b.weight", "attn_v_b.weight")
@@ -73,8 +83,9 @@ _BLOCK_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.(.+)")
 
 
 def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
-    """An HF config.json dict for a llama/qwen2/qwen3 GGUF (Mistral GGUFs say "llama"), a
-    qwen2moe/qwen3moe GGUF or a deepseek2 GGUF (DeepSeek-V2/V3/R1, Kimi K2)."""
+    """An HF config.json dict for a llama/qwen2/qwen3 GGUF (Mistral GGUFs say "llama", Mixtral
+    ones too, with an expert count), a qwen2moe/qwen3moe, olmoe or glm4moe GGUF or a deepseek2
+    GGUF (DeepSeek-V2/V3/R1, Kimi K2)."""
     md = reader.metadata
     arch = _md(reader, "general.architecture", str)
     if arch not in _ARCHITECTURES:
@@ -134,6 +145,12 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
         hf.update(_qwen_moe_config(reader, arch))
     elif arch == "deepseek2":
         hf.update(_deepseek2_config(reader, num_heads))
+    elif arch == "olmoe":
+        hf.update(_olmoe_config(reader))
+    elif arch == "glm4moe":
+        hf.update(_glm4moe_config(reader, head_dim))
+    elif arch == "llama" and _md(reader, "llama.expert_count", int, 0) > 0:
+        hf.update(_mixtral_config(reader))
     return hf
 
 
@@ -378,6 +395,75 @@ def _deepseek2_config(reader: GGUFReader, num_heads: int) -> dict[str, Any]:
     }
 
 
+def _mixtral_config(reader: GGUFReader) -> dict[str, Any]:
+    """HF Mixtral fields of a llama file with experts: llama.cpp always renormalises its top-k
+    softmax weights, as HF's Mixtral does; the experts' width is feed_forward_length."""
+    if "blk.0.ffn_gate.0.weight" in reader.tensors:
+        raise ModelFormatError(
+            f"{reader.path}: experts stored one tensor each (llama.cpp's pre-2024 Mixtral "
+            f"layout) are not supported; re-convert the model with a recent llama.cpp"
+        )
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        **_expert_counts(reader, "llama"),
+        "sliding_window": None,
+    }
+
+
+def _olmoe_config(reader: GGUFReader) -> dict[str, Any]:
+    """HF OLMoE fields. llama.cpp never renormalises OLMoE's top-k weights (OLMoE-1B-7B's
+    norm_topk_prob is false); expert_weights_norm overrides when present. The experts' width is
+    feed_forward_length; q/k are normed over all heads at once (attn_q_norm [heads * dim])."""
+    arch = "olmoe"
+    clip = _md(reader, f"{arch}.attention.clamp_kqv", (int, float), None)
+    return {
+        **_expert_counts(reader, arch),
+        "norm_topk_prob": _md(reader, f"{arch}.expert_weights_norm", bool, False),
+        "clip_qkv": _md_float(reader, f"{arch}.attention.clamp_kqv") if clip is not None else None,
+    }
+
+
+def _glm4moe_config(reader: GGUFReader, head_dim: int) -> dict[str, Any]:
+    """HF GLM-4.5 fields. block_count counts the next-token-prediction (MTP) layers llama.cpp
+    appends after the main ones; moeflow runs only the main layers, and iter_hf_weights skips
+    the MTP layers' tensors. Rotary covers the first rope.dimension_count dims of each head
+    (HF's partial_rotary_factor); the router is a sigmoid with a correction bias."""
+    arch = "glm4moe"
+    num_blocks = _md_pos_int(reader, f"{arch}.block_count")
+    num_nextn = _md(reader, f"{arch}.nextn_predict_layers", int, 0)
+    if not 0 <= num_nextn < num_blocks:
+        raise ModelFormatError(
+            f"{reader.path}: nextn_predict_layers {num_nextn} leaves no main layer of "
+            f"block_count {num_blocks}"
+        )
+    rope_dim = _md_pos_int(reader, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim > head_dim or rope_dim % 2:
+        raise ModelFormatError(
+            f"{reader.path}: rope.dimension_count {rope_dim} must be even and <= the head "
+            f"size {head_dim}"
+        )
+    gating = _md(reader, f"{arch}.expert_gating_func", int, 2)
+    if gating != 2:
+        raise ModelFormatError(
+            f"{reader.path}: glm4moe with expert_gating_func {gating} is not supported "
+            f"(GLM-4.5 routes with a sigmoid, 2)"
+        )
+    return {
+        **_expert_counts(reader, arch),
+        "num_hidden_layers": num_blocks - num_nextn,
+        "num_nextn_predict_layers": 0,
+        "partial_rotary_factor": rope_dim / head_dim,
+        "moe_intermediate_size": _md_pos_int(reader, f"{arch}.expert_feed_forward_length"),
+        "n_shared_experts": _md(reader, f"{arch}.expert_shared_count", int, 0),
+        "first_k_dense_replace": _md(reader, f"{arch}.leading_dense_block_count", int, 0),
+        "n_group": _md(reader, f"{arch}.expert_group_count", int, 1) or 1,
+        "topk_group": _md(reader, f"{arch}.expert_group_used_count", int, 1) or 1,
+        "norm_topk_prob": _md(reader, f"{arch}.expert_weights_norm", bool, True),
+        "routed_scaling_factor": _md_float(reader, f"{arch}.expert_weights_scale", 1.0),
+        "use_qk_norm": "blk.0.attn_q_norm.weight" in reader.tensors,
+    }
+
+
 def _expert_counts(reader: GGUFReader, arch: str) -> dict[str, int]:
     num_experts = _md_pos_int(reader, f"{arch}.expert_count")
     top_k = _md_pos_int(reader, f"{arch}.expert_used_count")
@@ -385,8 +471,7 @@ def _expert_counts(reader: GGUFReader, arch: str) -> dict[str, int]:
         raise ModelFormatError(
             f"{reader.path}: expert_used_count {top_k} > expert_count {num_experts}"
         )
-    key = "n_routed_experts" if arch == "deepseek2" else "num_experts"
-    return {key: num_experts, "num_experts_per_tok": top_k}
+    return {_EXPERT_COUNT_KEYS.get(arch, "num_experts"): num_experts, "num_experts_per_tok": top_k}
 
 
 def _merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:

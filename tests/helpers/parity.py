@@ -59,11 +59,12 @@ def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
         engine.block_manager.free(req)
 
 
-def assert_matches_hf(path: Path, seed: int) -> LLM:
+def assert_matches_hf(path: Path, seed: int, hf_path: Path | None = None) -> LLM:
     """Greedy ids of 4 prompts (batched; a small token budget forces chunked prefill) and the
-    prefill logits of the longest equal transformers' on the checkpoint at `path`; every KV
-    block is free again afterwards. Returns the LLM for further checks."""
-    hf = hf_model(path)
+    prefill logits of the longest equal transformers' on the checkpoint at `path` (or at
+    `hf_path`, the HF folder a GGUF at `path` was written from); every KV block is free again
+    afterwards. Returns the LLM for further checks."""
+    hf = hf_model(hf_path or path)
     llm = LLM(
         str(path), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=24
     )

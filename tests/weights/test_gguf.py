@@ -264,7 +264,10 @@ def test_unknown_arch(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with GGUFReader(path) as r, pytest.raises(ModelFormatError, match="deepseek2, llama"):
+    with (
+        GGUFReader(path) as r,
+        pytest.raises(ModelFormatError, match="deepseek2, glm4moe, llama, olmoe"),
+    ):
         gguf_to_hf_config(r)
 
 
@@ -559,3 +562,53 @@ def test_random_corruption_never_escapes(tmp_path: Path) -> None:
             with contextlib.suppress(ModelFormatError):
                 r.load(name, torch.float32)
         r.close()
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra", "tensor", "match"),
+    [
+        (
+            "llama",
+            {"expert_count": 8, "expert_used_count": 2},
+            "blk.0.ffn_gate.0.weight",
+            "pre-2024",
+        ),
+        ("llama", {"expert_count": 2, "expert_used_count": 4}, None, "used_count 4 > expert"),
+        ("glm4moe", {"nextn_predict_layers": 2}, None, "leaves no main layer"),
+        ("glm4moe", {"rope.dimension_count": 10}, None, "must be even and <= the head size 8"),
+        ("glm4moe", {"expert_gating_func": 1}, None, "expert_gating_func 1 is not supported"),
+        (
+            "olmoe",
+            {"expert_count": 8, "expert_used_count": 2, "attention.clamp_kqv": -1.0},
+            None,
+            "clamp_kqv' must be > 0",
+        ),
+    ],
+)
+def test_moe_metadata_errors(
+    tmp_path: Path, arch: str, extra: dict[str, float], tensor: str | None, match: str
+) -> None:
+    """Files the new architectures refuse, each with the reason."""
+    path = tmp_path / f"{arch}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_head_count(4)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_feed_forward_length(64)
+    w.add_vocab_size(16)
+    defaults = {"expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 16}
+    for key, value in ({**defaults, **extra} if arch == "glm4moe" else extra).items():
+        if isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", value)
+    if tensor is not None:
+        w.add_tensor(tensor, np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFReader(path) as r, pytest.raises(ModelFormatError, match=match):
+        gguf_to_hf_config(r)
