@@ -92,9 +92,9 @@ CASES: list[tuple[str, str, object, dict[str, str], int, str]] = [
     ("repetition", CHAT, _good(repetition_penalty=0), {}, 400, "repetition_penalty"),
     ("seed", CHAT, _good(seed=-1), {}, 400, "seed"),
     (
-        "json-object",
+        "json-schema-without-schema",
         CHAT,
-        _good(response_format={"type": "json_object"}),
+        _good(response_format={"type": "json_schema"}),
         {},
         400,
         "response_format",
