@@ -12,7 +12,7 @@ from typing import Any
 
 from moeflow.config import EngineArgs, EngineConfig
 from moeflow.engine.cost import usage_cost
-from moeflow.engine.factory import build_engine, load
+from moeflow.engine.factory import build_engine, load, shutdown_executor
 from moeflow.engine.output_processor import OutputProcessor, RequestState
 from moeflow.engine.sampler import TokenLogprobs
 from moeflow.errors import RequestError
@@ -101,6 +101,11 @@ class LLM:
         overlap_schedule: bool | None = None,
         chat_template: str | None = None,
         gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
+        data_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
+        expert_placement: list[list[int]] | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file (any shard
         of a split set), "org/name" or "org/name-GGUF:Q4_K_M" found in the local Hugging Face
@@ -116,6 +121,10 @@ class LLM:
         `chat_template` (a jinja source) replaces the checkpoint's chat template;
         `gpu_memory_utilization` (vLLM's) is the share of a GPU's memory the engine may hold in
         all, which sizes the KV cache (default: 0.9 of what the weights leave).
+        `tensor_parallel_size` ranks split every layer (`enable_expert_parallel`: the MoE layers
+        by expert, `expert_placement` giving each MoE layer's slots), started by
+        `distributed_executor_backend` "mp" | "ray" | "external_launcher" (torchrun); this
+        process is rank 0 and `shutdown()` stops the others (docs/DISTRIBUTED.md).
         The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by
         engine/factory.py."""
         args = EngineArgs(
@@ -136,9 +145,32 @@ class LLM:
             overlap_schedule=overlap_schedule,
             chat_template=chat_template,
             gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_expert_parallel=enable_expert_parallel,
+            data_parallel_size=data_parallel_size,
+            distributed_executor_backend=distributed_executor_backend,
+            expert_placement=expert_placement,
         )
-        self.loaded: LoadedModel = load(args)
-        self.engine = build_engine(args, self.loaded)
+        try:
+            self.loaded: LoadedModel = load(args)
+            self.engine = build_engine(args, self.loaded)
+        except BaseException:
+            shutdown_executor()  # the other ranks, when this one failed to start
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a parallel engine and leave its group (a no-op in one
+        process); this LLM cannot generate after."""
+        executor = self.engine.runner.executor
+        if executor is not None:
+            self.engine.runner.executor = None
+            shutdown_executor()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLM:

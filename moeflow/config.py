@@ -136,6 +136,41 @@ class EngineArgs:
     # The share of a GPU's memory the engine may hold in all (vLLM's); None: the KV cache takes
     # 0.9 of what the weights leave (loading/memory_plan.py kv_tokens_that_fit).
     gpu_memory_utilization: float | None = None
+    # Parallelism (vLLM's names; docs/DISTRIBUTED.md): ranks that split each layer, whether the
+    # MoE layers split by expert instead of by expert rows, and the process launcher: "mp" (one
+    # process per rank here), "ray" (Ray actors), "external_launcher" (torchrun started every
+    # rank); None: "external_launcher" under torchrun, else "mp".
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    # Expert parallelism: the checkpoint expert held in each physical slot, per MoE layer in
+    # model order (distributed/eplb.py rebalance_experts makes one from routing statistics).
+    expert_placement: list[list[int]] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.data_parallel_size
+
+    def check_parallel(self) -> None:
+        """Bad parallel settings fail before any process starts."""
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and data_parallel_size must be >= 1")
+        if self.data_parallel_size > 1:
+            raise ValueError(
+                "data_parallel_size > 1 (engine replicas) is not supported yet: run one "
+                "`moeflow serve` per replica behind a load balancer"
+            )
+        backend = self.distributed_executor_backend
+        if backend not in (None, *EXECUTOR_BACKENDS):
+            raise ValueError(
+                f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}"
+            )
+        if self.world_size > 1 and self.quantize is not None:
+            raise ValueError("--quantize is not split across tensor-parallel ranks yet")
+
+
+EXECUTOR_BACKENDS = ("mp", "ray", "external_launcher")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,19 @@ MOEFLOW_CPU_ISA: str = os.environ.get("MOEFLOW_CPU_ISA", "")
 MOEFLOW_LLAMA_CPP_BIN: str = os.environ.get("MOEFLOW_LLAMA_CPP_BIN", "")
 
 
+# Ray: the cluster to join (Ray's own variable; unset: a local cluster is started).
+RAY_ADDRESS: str = os.environ.get("RAY_ADDRESS", "")
+
+
+def torchrun_rank() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when torchrun (or another launcher of torch.distributed) started this
+    process, read at each call; None otherwise."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None or world is None or "MASTER_ADDR" not in os.environ:
+        return None
+    return int(rank), int(world)
+
+
 def hf_hub_cache() -> str:
     """The local Hugging Face hub cache, found as huggingface_hub finds it: HF_HUB_CACHE, else
     HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub (~/.cache when unset). Read at each call

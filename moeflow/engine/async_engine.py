@@ -203,6 +203,7 @@ class AsyncEngine:
                     self._snapshot()
                 else:
                     self._snapshot()
+                    engine.check_health()  # a dead parallel rank ends the loop
                     engine.cost.book_idle()  # often enough for a meter that wraps
                     self._wake.wait(0.5)
                     self._wake.clear()

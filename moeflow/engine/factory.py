@@ -5,9 +5,14 @@ itself."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from moeflow import env
 from moeflow.config import EngineArgs, EngineConfig
+from moeflow.distributed.parallel_state import device_of_rank, get_state
+from moeflow.engine.executor import current_executor, resolved_device, run_rank, start_executor
 from moeflow.engine.kv_cache import kv_bytes_per_token
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.loading.loader import LoadedModel, default_dtype, load_model
@@ -21,6 +26,10 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
     given, its device and dtype hold and args' loading knobs are not read)."""
     if loaded is None:
         loaded = load(args)
+    executor = current_executor()
+    if executor is not None:
+        # SPMD steps: every rank runs the same eager forward (no graphs, no overlap)
+        args = dataclasses.replace(args, enforce_eager=True, overlap_schedule=False)
     config = EngineConfig.resolve(
         args,
         model=loaded.path,
@@ -29,13 +38,24 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
         model_max_len=loaded.model_config.max_position_embeddings,
         kv_tokens_that_fit=_kv_tokens_that_fit(loaded, args.gpu_memory_utilization),
     )
-    return LLMEngine(config, loaded.model, loaded.model_config, loaded.tokenizer)
+    engine = LLMEngine(config, loaded.model, loaded.model_config, loaded.tokenizer)
+    if executor is not None:
+        executor.start_engine(config.num_cache_blocks, config.block_size, config.dtype)
+        engine.runner.executor = executor
+    return engine
 
 
 def load(args: EngineArgs) -> LoadedModel:
     """Parse the model source, resolve "auto" device and dtype, check the memory plan (too
     little memory is an InsufficientMemoryError before any weight is read), seed torch, then
     load; `args.chat_template` replaces the checkpoint's template."""
+    args.check_parallel()
+    if args.world_size > 1 and get_state() is None:
+        _join_group(args)
+    state = get_state()
+    if state is not None:
+        device = device_of_rank(resolved_device(args.device), state.rank)
+        args = dataclasses.replace(args, device=device)
     source, device, dtype = _resolve(args)
     if args.gpu_memory_utilization is not None and not device.startswith("cuda"):
         raise ValueError(
@@ -43,10 +63,36 @@ def load(args: EngineArgs) -> LoadedModel:
         )
     check_memory(plan_memory(source, device, dtype, args))
     torch.manual_seed(args.seed)
-    loaded = load_model(source, device, dtype, args.hf_overrides, args.quantize, args.tokenizer)
+    loaded = load_model(
+        source,
+        device,
+        dtype,
+        args.hf_overrides,
+        args.quantize,
+        args.tokenizer,
+        args.expert_placement,
+    )
     if args.chat_template is not None:
         loaded.tokenizer = loaded.tokenizer.with_chat_template(args.chat_template)
     return loaded
+
+
+def _join_group(args: EngineArgs) -> None:
+    """Rank 0 starts the other ranks and forms the group; a rank torchrun started other than 0
+    serves rank 0's steps here and leaves the program when rank 0 stops it."""
+    launched = env.torchrun_rank()
+    backend = args.distributed_executor_backend
+    if launched is not None and launched[0] != 0 and backend in (None, "external_launcher"):
+        run_rank(launched[0], args, None)
+        raise SystemExit(0)
+    start_executor(args)
+
+
+def shutdown_executor() -> None:
+    """Stop this process's parallel group, if it formed one."""
+    executor = current_executor()
+    if executor is not None:
+        executor.shutdown()
 
 
 def plan(args: EngineArgs) -> MemoryPlan:

@@ -182,6 +182,12 @@ class LLMEngine:
         self._finish(req)
         return True
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError when a rank of a parallel group is gone (a no-op in one
+        process); the async engine calls it while idle, so a dead group ends the server."""
+        if self.runner.executor is not None:
+            self.runner.executor.check_alive()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 

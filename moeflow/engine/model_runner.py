@@ -6,6 +6,7 @@ take the fused decode step where the model fits it (kernels/decode_stack.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -29,6 +30,16 @@ class TokenCarry:
     row_of: dict[str, int]
 
 
+class StepSender(Protocol):
+    """The other ranks of a parallel group (engine/executor.py Executor)."""
+
+    def send_step(self, fb: ForwardBatch) -> None: ...
+
+    def check_alive(self) -> None:
+        """Raise EngineDeadError when a rank is gone."""
+        ...
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, device: torch.device) -> None:
         self.model = model
@@ -39,6 +50,8 @@ class ModelRunner:
         self.graphs_paused = False
         # The fused CPU decode step (kernels/decode_stack.py), tried on every eager step.
         self.decode_stack = CpuDecodeStack(model.decoder_parts())
+        # Parallel ranks (engine/executor.py): each eager step's batch is sent to them first.
+        self.executor: StepSender | None = None
 
     def make_graph_runner(
         self, max_num_seqs: int, max_model_len: int, sink_block: int
@@ -101,8 +114,10 @@ class ModelRunner:
         if graphs is not None:
             return graphs.replay(n).float()
         assert fb is not None
+        if self.executor is not None:
+            self.executor.send_step(fb)
         with forward_context(fb):
-            if self.decode_stack.fits(fb):
+            if self.executor is None and self.decode_stack.fits(fb):
                 hidden = self.decode_stack.forward(fb)  # [T, E]
             else:
                 hidden = self.model(fb.input_ids, fb.positions)  # [T, E]

@@ -2,13 +2,21 @@
 holds several checkpoint projections side by side (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
 
 A weight can also be kept quantised (GGUF blocks, or quantised on load): `weight` is then uint8
-[out_features, row_bytes] and `qtype` its ggml type, multiplied by kernels/quant_gemm.py."""
+[out_features, row_bytes] and `qtype` its ggml type, multiplied by kernels/quant_gemm.py.
+
+Tensor parallelism (distributed/parallel_state.py): a column-parallel linear holds its rank's
+slice of the output rows (a merged one: of each shard), a row-parallel one its slice of the
+input columns and sums the ranks' partial outputs. Each narrows the checkpoint tensor it is
+given to its slice (a view of the memory-mapped file: the other ranks' rows are not read). With
+one process they are the plain layers."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from moeflow.distributed.comm import all_reduce
+from moeflow.distributed.parallel_state import tp_rank_size
 from moeflow.errors import ModelFormatError
 from moeflow.kernels.gemm import linear
 from moeflow.kernels.quant_gemm import qlinear, row_bytes
@@ -28,12 +36,19 @@ class QuantizableWeight(nn.Module):
     def load(
         self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None = None
     ) -> None:
+        tensor = self.shard_tensor(param_name, tensor)
         if isinstance(tensor, QuantizedTensor):
             if param_name == "weight" and self.keep_quantized:
                 self.set_quantized(tensor)
                 return
             tensor = tensor.dequantize(getattr(self, param_name).dtype)
         copy_checked(getattr(self, param_name), tensor, param_name)
+
+    def shard_tensor(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor
+    ) -> torch.Tensor | QuantizedTensor:
+        """This rank's part of a whole checkpoint tensor (all of it without parallelism)."""
+        return tensor
 
     def set_quantized(self, q: QuantizedTensor) -> None:
         """Replace the float weight by quantised blocks of the same logical shape."""
@@ -146,6 +161,110 @@ class MergedLinear(Linear):
             return
         for shard, q in pending.items():  # mixed types or float shards beside them
             self._copy_shard("weight", shard, q)
+
+
+class ColumnParallelLinear(Linear):
+    """Output rows split over the tensor-parallel ranks: rank r holds rows
+    [r * out / tp, (r + 1) * out / tp) and returns that slice of y."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        self.tp_rank, self.tp_size = tp_rank_size()
+        super().__init__(in_features, split_size(out_features, self.tp_size, "outputs"), bias)
+
+    def shard_tensor(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor
+    ) -> torch.Tensor | QuantizedTensor:
+        return narrow_shard(tensor, 0, self.tp_rank, self.tp_size)
+
+
+class MergedColumnParallelLinear(MergedLinear):
+    """A merged linear whose every shard (q / k / v, gate / up) is split over the ranks: rank r
+    holds its slice of each shard, side by side. `shard_sizes` are the whole model's."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
+        self.tp_rank, self.tp_size = tp_rank_size()
+        self.full_sizes = dict(shard_sizes)
+        local = {k: split_size(n, self.tp_size, f"{k} outputs") for k, n in shard_sizes.items()}
+        super().__init__(in_features, local, bias)
+
+    def load(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None = None
+    ) -> None:
+        if shard is not None:
+            tensor = narrow_shard(tensor, 0, self.tp_rank, self.tp_size)
+        super().load(param_name, tensor, shard)
+
+    def shard_tensor(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor
+    ) -> torch.Tensor | QuantizedTensor:
+        """A whole merged tensor: each shard's slice, concatenated."""
+        if self.tp_size == 1:
+            return tensor
+        if isinstance(tensor, QuantizedTensor):
+            narrow_shard(tensor, 0, self.tp_rank, self.tp_size)  # raises: not split yet
+            return tensor
+        parts = tensor.split(list(self.full_sizes.values()), dim=0)
+        return torch.cat(
+            [
+                p.narrow(0, self.tp_rank * p.shape[0] // self.tp_size, p.shape[0] // self.tp_size)
+                for p in parts
+            ]
+        )
+
+
+class RowParallelLinear(Linear):
+    """Input columns split over the ranks: rank r multiplies its slice of x (the output of a
+    column-parallel layer) by its columns of W; the partial outputs are summed by an all-reduce
+    (or later, by the caller, when `reduce_results` is False). The bias is added once."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True
+    ) -> None:
+        self.tp_rank, self.tp_size = tp_rank_size()
+        self.reduce_results = reduce_results
+        super().__init__(split_size(in_features, self.tp_size, "inputs"), out_features, bias)
+
+    def shard_tensor(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor
+    ) -> torch.Tensor | QuantizedTensor:
+        if param_name == "bias":
+            return tensor
+        return narrow_shard(tensor, 1, self.tp_rank, self.tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return super().forward(x)
+        y = linear(x, self.weight)  # [..., out_features], this rank's part of the sum
+        if self.reduce_results:
+            y = all_reduce(y)
+        if self.bias is not None and (self.reduce_results or self.tp_rank == 0):
+            y = y + self.bias
+        return y
+
+
+def split_size(n: int, parts: int, what: str) -> int:
+    """n / parts, which must divide it."""
+    if n % parts:
+        raise ModelFormatError(
+            f"{n} {what} cannot be split over {parts} tensor-parallel ranks; choose a "
+            f"tensor_parallel_size that divides it"
+        )
+    return n // parts
+
+
+def narrow_shard(
+    tensor: torch.Tensor | QuantizedTensor, dim: int, rank: int, parts: int
+) -> torch.Tensor | QuantizedTensor:
+    """Rank `rank`'s equal slice of `tensor` along `dim` (a view: nothing else is read)."""
+    if parts == 1:
+        return tensor
+    if isinstance(tensor, QuantizedTensor):
+        raise ModelFormatError(
+            "quantised weights (GGUF files, --quantize) are not split across tensor-parallel "
+            "ranks yet: run an HF folder (safetensors) with tensor_parallel_size > 1"
+        )
+    n = split_size(tensor.shape[dim], parts, f"rows of dim {dim}")
+    return tensor.narrow(dim, rank * n, n)
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:

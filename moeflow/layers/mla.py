@@ -3,7 +3,12 @@ cache holds only [kv_lora_rank + qk_rope_head_dim] values (576 for V3), not 2 x 
 Prefill/extend decompresses through kv_b_proj; decode attends in latent space with the absorbed
 projections (q_nope through W_UK before, W_UV after).
 
-Shape legend: T tokens, E hidden, H heads, L kv_lora_rank, R rope dim, Dn nope dim, Dv v dim."""
+Tensor parallelism splits the heads: q / q_b / kv_b projections by column (each rank its heads'
+rows), o_proj by row; the latent (kv_a) is computed whole on every rank, so each rank's cache
+holds the same latent.
+
+Shape legend: T tokens, E hidden, H heads (this rank's), L kv_lora_rank, R rope dim, Dn nope dim,
+Dv v dim."""
 
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import torch
 from torch import nn
 
 from moeflow.context import get_forward_batch
+from moeflow.distributed.parallel_state import tp_rank_size
 from moeflow.kernels.mla import mla_decode, mla_prefill, store_latent
-from moeflow.layers.linear import Linear
+from moeflow.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, split_size
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding, yarn_mscale
 
@@ -37,22 +43,25 @@ class MLAAttention(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        self.num_heads, self.kv_lora_rank = num_heads, kv_lora_rank
+        _, tp = tp_rank_size()
+        self.num_heads, self.kv_lora_rank = split_size(num_heads, tp, "heads"), kv_lora_rank
         self.nope, self.rope, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         if q_lora_rank is None:
-            self.q_proj: Linear | None = Linear(hidden_size, num_heads * qk_head_dim)
+            self.q_proj: Linear | None = ColumnParallelLinear(hidden_size, num_heads * qk_head_dim)
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         else:
             self.q_proj = None
             self.q_a_proj = Linear(hidden_size, q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(q_lora_rank, rms_norm_eps)
-            self.q_b_proj = Linear(q_lora_rank, num_heads * qk_head_dim)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, num_heads * qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, rms_norm_eps)
-        self.kv_b_proj = Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim))
+        self.kv_b_proj = ColumnParallelLinear(
+            kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim)
+        )
         self.kv_b_proj.keep_quantized = False  # decode absorbs its float weight (W_UK, W_UV)
-        self.o_proj = Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias)
         self.rotary_emb = RotaryEmbedding(
             qk_rope_head_dim, max_position, rope_theta, rope_scaling, layout=rope_layout
         )

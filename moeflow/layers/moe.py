@@ -2,6 +2,12 @@
 the chosen experts (stacked weights, run through kernels.fused_moe) -> weighted sum, plus shared
 experts. Routing statistics (tokens per expert) accumulate on the device when enabled.
 
+Parallel experts (distributed/parallel_state.py): with expert parallelism each rank holds E/ep
+experts (or the slots an EPLB placement gives it, distributed/eplb.py, hot experts copied on
+several ranks); every rank routes every token, runs the pairs whose expert copy it holds and the
+ranks' partial outputs are summed. Without it, tensor parallelism splits every expert's
+intermediate size (gate/up rows, down columns). The shared experts are split like a dense MLP.
+
 Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K experts per token."""
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import torch
 from torch import nn
 
 from moeflow import env
+from moeflow.distributed.comm import all_reduce
+from moeflow.distributed.parallel_state import ep_rank_size, tp_rank_size
 from moeflow.errors import ModelFormatError
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.fused_moe import (
@@ -23,7 +31,7 @@ from moeflow.kernels.fused_moe import (
     select_experts,
 )
 from moeflow.kernels.gemm import linear
-from moeflow.layers.linear import Linear, copy_checked
+from moeflow.layers.linear import Linear, copy_checked, narrow_shard, split_size
 from moeflow.layers.mlp import GatedMLP
 from moeflow.weights.ggml_quants import (
     QUANTIZE_TYPES,
@@ -62,12 +70,28 @@ class FusedExperts(nn.Module):
       are (usually views of the memory-mapped file; elsewhere dequantised into the float form
       on load), or float experts quantised by `--quantize` (`quantize`).
     NOTE: w13 and w2 start on the meta device and are allocated by the first float tensor
-    loaded (or `materialize()`), so experts that stay quantised never reserve float memory."""
+    loaded (or `materialize()`), so experts that stay quantised never reserve float memory.
+
+    Parallel: `slots` names the checkpoint expert held in each of the E local slots (None: expert
+    e in slot e, every expert); `tp` = (rank, size) splits every expert's intermediate size.
+    Checkpoint tensors of experts not held here are skipped unread; held ones are narrowed to
+    this rank's rows."""
 
     def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu"
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str = "silu",
+        slots: list[int] | None = None,
+        tp: tuple[int, int] = (0, 1),
     ) -> None:
         super().__init__()
+        self.slots = slots
+        self.tp_rank, self.tp_size = tp
+        if slots is not None:
+            num_experts = len(slots)
+        intermediate_size = split_size(intermediate_size, self.tp_size, "expert intermediate rows")
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.hidden_size, self.act = hidden_size, act
         self._device = torch.get_default_device()
@@ -100,19 +124,30 @@ class FusedExperts(nn.Module):
                 requires_grad=False,
             )
 
+    @property
+    def is_parallel(self) -> bool:
+        return self.slots is not None or self.tp_size > 1
+
+    def checkpoint_experts(self) -> list[int]:
+        """The checkpoint experts whose weights this layer holds, in order."""
+        return sorted(set(self.slots)) if self.slots is not None else list(range(self.num_experts))
+
     def expected_shards(self, param_name: str) -> list[str]:
         kinds = ("gate", "up") if param_name == "w13" else ("down",)
-        return [f"{k}:{e}" for e in range(self.num_experts) for k in kinds]
+        return [f"{k}:{e}" for e in self.checkpoint_experts() for k in kinds]
 
     def filled_shards(self, param_name: str, shard: str) -> list[str]:
         """A stacked half ("gate" / "up": every expert at once) fills each expert's shard."""
         if ":" in shard:
             return [shard]
-        return [f"{shard}:{e}" for e in range(self.num_experts)]
+        return [f"{shard}:{e}" for e in self.checkpoint_experts()]
 
     def load(
         self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None = None
     ) -> None:
+        if self.is_parallel:
+            self._load_parallel(param_name, tensor, shard)
+            return
         kind = shard if shard in ("gate", "up") else ("down" if param_name == "w2" else None)
         if isinstance(tensor, QuantizedTensor) and kind is not None and self.w13.is_meta:
             # the stacked blocks of one projection: kept once all three have come
@@ -135,6 +170,38 @@ class FusedExperts(nn.Module):
         if isinstance(tensor, QuantizedTensor):
             tensor = tensor.dequantize(self._dtype)
         self._copy(param_name, tensor, shard)
+
+    def _load_parallel(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None
+    ) -> None:
+        """A checkpoint tensor (global expert numbering, whole intermediate size) into the local
+        slots that hold its experts, narrowed to this rank's intermediate rows."""
+        if isinstance(tensor, QuantizedTensor):
+            narrow_shard(tensor, 0, 0, 2)  # raises: quantised experts are not split yet
+            return
+        r, n = self.tp_rank, self.tp_size
+        i_dim = {"gate": 0, "up": 0, "down": 1}  # the intermediate dim of one expert's tensor
+        if shard is not None and ":" in shard:
+            kind, _, expert = shard.partition(":")
+            e = int(expert)
+            local = [j for j, x in enumerate(self._slot_list()) if x == e]
+            one = narrow_shard(tensor, i_dim[kind], r, n)  # not read when no slot holds it
+            for j in local:
+                self._copy(param_name, one, f"{kind}:{j}")  # type: ignore[arg-type]
+            return
+        index = torch.tensor(self._slot_list(), dtype=torch.int64)
+        stacked = tensor.index_select(0, index)  # [E_local, ...]: the held experts only
+        if shard in ("gate", "up"):  # a stacked half [E, I, H]
+            self._copy(param_name, narrow_shard(stacked, 1, r, n), shard)  # type: ignore[arg-type]
+        elif param_name == "w13":  # whole [E, 2I, H]: each half narrowed
+            gate, up = stacked.chunk(2, dim=1)
+            halves = [narrow_shard(h, 1, r, n) for h in (gate, up)]
+            self._copy(param_name, torch.cat(halves, dim=1), None)  # type: ignore[arg-type]
+        else:  # whole w2 [E, H, I]
+            self._copy(param_name, narrow_shard(stacked, 2, r, n), None)  # type: ignore[arg-type]
+
+    def _slot_list(self) -> list[int]:
+        return self.slots if self.slots is not None else list(range(self.num_experts))
 
     def _flush_pending(self) -> None:
         pending, self._pending = self._pending, {}
@@ -189,6 +256,11 @@ class FusedExperts(nn.Module):
         temporaries; converting loaded experts, the float experts + the blocks (+27 % of
         float32 experts for q8_0, +14 % for q4_0 / q4_k) + one expert's temporaries."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        if self.is_parallel:
+            raise ModelFormatError(
+                "--quantize does not split experts across ranks yet: run tensor_parallel_size 1 "
+                "or float weights"
+            )
         if self.quantized is not None:
             return False
         if not quantized_experts_supported(self.act, h, i, self._device):
@@ -330,13 +402,34 @@ class MoE(nn.Module):
         self.routed_scaling_factor = routed_scaling_factor
         self.hidden_act, self.layer_idx = hidden_act, layer_idx
         self.gate = TopKRouter(hidden_size, num_experts, use_correction_bias)
-        self.experts = FusedExperts(num_experts, hidden_size, moe_intermediate_size, hidden_act)
+        self.hidden_size, self.moe_intermediate_size = hidden_size, moe_intermediate_size
+        self.tp_rank, self.tp_size = tp_rank_size()
+        self.ep_rank, self.ep_size = ep_rank_size()
+        # Expert parallelism: the checkpoint expert of every physical slot, the ranks' slots
+        # one after the other (distributed/eplb.py); None: expert e in slot e on one rank.
+        self.placement: list[int] | None = None
+        self.first_slot = 0  # this rank's first physical slot
+        self.replica_ids: torch.Tensor  # [E, Rmax] physical slots holding each expert
+        self.num_replicas: torch.Tensor  # [E]
+        self.register_buffer("replica_ids", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("num_replicas", torch.zeros(0, dtype=torch.int64), persistent=False)
+        if self.ep_size > 1:
+            per = split_size(num_experts, self.ep_size, "experts")
+            self.set_placement(list(range(num_experts)), per * self.ep_rank)
+        else:
+            tp = (self.tp_rank, self.tp_size)
+            self.experts = FusedExperts(
+                num_experts, hidden_size, moe_intermediate_size, hidden_act, tp=tp
+            )
         self.shared_prefix = shared_prefix
         shared_intermediate_size = (
             shared_intermediate_size or num_shared_experts * moe_intermediate_size
         )
         if shared_intermediate_size:
-            shared = GatedMLP(hidden_size, shared_intermediate_size, hidden_act)
+            # the shared experts' partial sums join the routed experts' before one all-reduce
+            shared = GatedMLP(
+                hidden_size, shared_intermediate_size, hidden_act, reduce_results=False
+            )
             setattr(self, shared_prefix, shared)
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
         # Routing statistics: tokens routed to each expert since the last reset.
@@ -351,6 +444,58 @@ class MoE(nn.Module):
         )
         self.stats_forwards = 0
         self._cpu: tuple[Any, Any] | None = None  # (kernel module, its MoeLayer)
+
+    def set_placement(self, placement: list[int], first_slot: int | None = None) -> None:
+        """Hold the experts as `placement` says: physical slot p holds checkpoint expert
+        placement[p]; the ep ranks own equal runs of slots, this rank [first_slot, first_slot +
+        len / ep). Every expert must have a slot. Called before the weights load (the experts
+        are rebuilt on the meta device); a token's pair goes to one copy of its expert, chosen
+        by the token's position, so every placement gives the same sums."""
+        e = self.num_experts
+        if sorted(set(placement)) != list(range(e)) or len(placement) % self.ep_size:
+            raise ValueError(
+                f"an expert placement must give each of the {e} experts a slot, in a multiple "
+                f"of {self.ep_size} slots; got {len(placement)} slots holding "
+                f"{len(set(placement))} distinct experts"
+            )
+        per_rank = len(placement) // self.ep_size
+        if first_slot is None:
+            first_slot = per_rank * self.ep_rank
+        copies: list[list[int]] = [[] for _ in range(e)]
+        for p, x in enumerate(placement):
+            copies[x].append(p)
+        width = max(len(c) for c in copies)
+        device = self.gate.weight.device
+        self.replica_ids = torch.tensor(
+            [c + [c[0]] * (width - len(c)) for c in copies], dtype=torch.int64, device=device
+        )
+        self.num_replicas = torch.tensor([len(c) for c in copies], device=device)
+        self.placement = list(placement)
+        self.first_slot = first_slot
+        slots = placement[first_slot : first_slot + per_rank]
+        tp = (0, 1) if self.ep_size > 1 else (self.tp_rank, self.tp_size)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.gate.weight.dtype)  # the model's compute dtype
+        try:
+            with torch.device(device):
+                self.experts = FusedExperts(
+                    e, self.hidden_size, self.moe_intermediate_size, self.hidden_act, slots, tp
+                )
+        finally:
+            torch.set_default_dtype(prev)
+
+    def _local_pairs(
+        self, weights: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checkpoint expert ids [T, K] -> (weights, slot ids) of this rank's slots: each pair
+        goes to one copy of its expert; pairs of other ranks keep weight 0 (on slot 0)."""
+        t, k = ids.shape
+        turn = torch.arange(t, device=ids.device)[:, None] + torch.arange(k, device=ids.device)
+        copy = turn % self.num_replicas[ids]  # [T, K]
+        physical = self.replica_ids[ids, copy]  # [T, K]
+        local = physical - self.first_slot
+        mine = (local >= 0) & (local < self.experts.num_experts)
+        return weights * mine, local.masked_fill(~mine, 0)
 
     def shared_mlp(self) -> GatedMLP | None:
         """The shared experts as one gated MLP (None without them)."""
@@ -372,6 +517,7 @@ class MoE(nn.Module):
         if (
             ops is None
             or q is None
+            or self.placement is not None
             or self.hidden_act != "silu"
             or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats)
         ):
@@ -417,14 +563,20 @@ class MoE(nn.Module):
                 self.routed_scaling_factor,
                 self.group_mask_value,
             )  # [T, K] each
+            if self.placement is not None:
+                run_weights, run_ids = self._local_pairs(weights, ids)
+            else:
+                run_weights, run_ids = weights, ids
             if experts.quantized is not None:
-                out = fused_moe_quantized(x, experts.quantized, weights, ids, self.hidden_act)
+                out = fused_moe_quantized(
+                    x, experts.quantized, run_weights, run_ids, self.hidden_act
+                )
             elif experts.w13.is_meta:
                 raise RuntimeError(
                     f"layer {self.layer_idx}: the experts' weights were never loaded"
                 )
             else:
-                out = fused_moe(x, experts.w13, experts.w2, weights, ids, self.hidden_act)
+                out = fused_moe(x, experts.w13, experts.w2, run_weights, run_ids, self.hidden_act)
         if self.stats_enabled:
             self.record_routing(ids)
         shared = self.shared_mlp()
@@ -433,6 +585,8 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 s = torch.sigmoid(self.shared_expert_gate(x)) * s
             out = out + s
+        if self.tp_size > 1:
+            out = all_reduce(out)  # the ranks' experts (or expert rows) summed
         return out
 
     # ---- routing statistics (models/base.py MoEStats) ----------------------------------------

@@ -19,7 +19,7 @@ import torch
 from moeflow import env
 from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError
-from moeflow.layers.moe import materialize_experts
+from moeflow.layers.moe import MoE, materialize_experts
 from moeflow.loading.presets import preset_config
 from moeflow.loading.quantize import (
     dequantized_types_note,
@@ -91,6 +91,7 @@ def load_model(
     hf_overrides: dict[str, Any] | None = None,
     quantize: str | None = None,
     tokenizer_path: str | None = None,
+    expert_placement: list[list[int]] | None = None,
 ) -> LoadedModel:
     """Build and fill the model. A preset builds its real shape with random weights on the
     device (no files; `hf_overrides` changes its config, e.g. fewer layers; the embedded SmolLM2
@@ -134,6 +135,8 @@ def load_model(
     if paired is not None:
         _check_vocab(paired, config, tokenizer_path)
     net = build_model(config, device, dtype)
+    if expert_placement is not None:
+        place_experts(net, expert_placement)
     if quantize is not None:
         quantize_experts(net, quantize, device)  # each expert quantised as it loads
     net.load_weights(_progress(weights, num_tensors, os.path.basename(path)))
@@ -157,6 +160,18 @@ def build_model(config: ModelConfig, device: str, dtype: torch.dtype) -> CausalL
     finally:
         torch.set_default_dtype(prev_dtype)
     return net.eval()
+
+
+def place_experts(net: CausalLM, placement: list[list[int]]) -> None:
+    """Give each MoE layer its slots (before any expert weight is loaded)."""
+    layers = [m for m in net.modules() if isinstance(m, MoE)]
+    if len(placement) != len(layers):
+        raise ValueError(
+            f"the expert placement lists {len(placement)} layers; the model has {len(layers)} "
+            "MoE layers"
+        )
+    for layer, slots in zip(layers, placement, strict=True):
+        layer.set_placement(list(slots))
 
 
 def _build_random(

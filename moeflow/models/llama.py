@@ -12,9 +12,14 @@ import torch
 from torch import nn
 
 from moeflow.config import ModelConfig
+from moeflow.errors import ModelFormatError
 from moeflow.layers.attention import PagedAttention
 from moeflow.layers.embedding import LMHead, VocabEmbedding
-from moeflow.layers.linear import Linear, MergedLinear
+from moeflow.layers.linear import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    split_size,
+)
 from moeflow.layers.mlp import GatedMLP
 from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
@@ -38,11 +43,19 @@ class LlamaAttention(nn.Module):
     ) -> None:
         super().__init__()
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
-        self.qkv_proj = MergedLinear(
+        # tensor parallelism: this rank's heads (q/k/v split by column, o_proj by row)
+        self.qkv_proj = MergedColumnParallelLinear(
             config.hidden_size, {"q": h * d, "k": hkv * d, "v": hkv * d}, bias=qkv_bias
         )
-        self.o_proj = Linear(h * d, config.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=o_bias)
+        tp = self.qkv_proj.tp_size
+        if qk_norm and not qk_norm_per_head and tp > 1:
+            raise ModelFormatError(
+                "qk-norm over the whole projection (olmoe) is not split across tensor-parallel "
+                "ranks yet: run this family with tensor_parallel_size 1"
+            )
+        h, hkv = split_size(h, tp, "attention heads"), split_size(hkv, tp, "KV heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
         # qk-norm over each head (qwen3) or over the whole projection (olmoe)
         self.qk_norm_per_head = qk_norm_per_head
         self.q_norm = (
