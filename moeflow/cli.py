@@ -105,6 +105,33 @@ def _common_parser() -> argparse.ArgumentParser:
         "--enforce-eager", action="store_true", help="never capture CUDA graphs for decode"
     )
     common.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="ranks that split every layer (one process each; docs/DISTRIBUTED.md)",
+    )
+    common.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="split the MoE layers by expert over the tensor-parallel ranks (else by rows)",
+    )
+    common.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="engine replicas (only 1 is supported yet)",
+    )
+    common.add_argument(
+        "--distributed-executor-backend",
+        choices=["mp", "ray", "external_launcher"],
+        default=None,
+        help="how the ranks start: mp (processes here), ray (Ray actors; RAY_ADDRESS joins a "
+        "cluster), external_launcher (torchrun started them); default: external_launcher "
+        "under torchrun, else mp",
+    )
+    common.add_argument(
         "--disable-overlap-schedule",
         action="store_true",
         help="read each step's tokens before launching the next (on a GPU the next step is "
@@ -422,6 +449,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         enforce_eager=args.enforce_eager,
         overlap_schedule=False if args.disable_overlap_schedule else None,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        data_parallel_size=args.data_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         **(
             {"kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs}
             if args.command == "info"

@@ -124,7 +124,13 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self.dead_reason is None and self._thread.is_alive()
+        if self.dead_reason is not None or not self._thread.is_alive():
+            return False
+        try:
+            self.engine.check_health()  # a parallel rank gone: dead before the loop notices
+        except EngineDeadError:
+            return False
+        return True
 
     def is_healthy(self, max_silence_s: float = 30.0) -> bool:
         """Alive and stepping (or idle-ticking) within the last `max_silence_s` seconds."""

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,7 +80,6 @@ class Executor:
         )
         self.backend = backend
         self.dead_reason: str | None = None
-        self.on_death: list[Callable[[str], None]] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._ray_refs: list[Any] = []
         self._stopping = False
@@ -237,8 +235,6 @@ class Executor:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
-        for callback in self.on_death:
-            callback(reason)
 
 
 def start_executor(args: EngineArgs) -> Executor:
