@@ -193,8 +193,11 @@ class Executor:
                 "distributed_executor_backend='ray' needs Ray: pip install 'moeflow[distributed]'"
             ) from e
         if not ray.is_initialized():
+            # a local cluster (no RAY_ADDRESS) gets a CPU per rank it runs, no more
+            local = {} if env.RAY_ADDRESS else {"num_cpus": self.world_size - 1}
             ray.init(
                 address=env.RAY_ADDRESS or None,
+                **local,
                 runtime_env={"env_vars": {"PYTHONPATH": _package_root()}},
                 include_dashboard=False,
                 log_to_driver=True,

@@ -1,6 +1,7 @@
-"""Tensor and expert parallelism on gloo (2 ranks on this machine, "mp"): greedy tokens and
-last-token logits (fp32, within 1e-5) equal the single-process engine's, for qwen3_moe (MoE
-split by expert rows, and by expert) and deepseek_v3 (MLA heads split, experts by expert); an
+"""Tensor and expert parallelism on gloo (2 ranks on this machine, "mp" or a local Ray cluster):
+greedy tokens and last-token logits (fp32, within 1e-5) equal the single-process engine's, for
+qwen3_moe (MoE split by expert rows, and by expert) and deepseek_v3 (MLA heads split, experts by
+expert); an
 EPLB placement with redundant copies changes nothing. Each parallel engine runs in its own
 process (tests/helpers/dist_run.py) under a timeout, so a hung group fails instead of hanging."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from moeflow import LLM, SamplingParams
 from moeflow.distributed.eplb import rebalance_experts
 from tests.helpers.checkpoints import make_deepseek_checkpoint, make_tiny_checkpoint
 from tests.helpers.dist_run import PROMPTS, run
+from tests.helpers.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 240
@@ -40,18 +43,32 @@ def single(checkpoints: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return {name: run(str(path)) for name, path in checkpoints.items()}
 
 
-def run_parallel(model: Path, **kwargs: Any) -> dict[str, Any]:
-    """The same run with `kwargs` (2 ranks), in a fresh process bounded in time."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.dist_run", str(model), json.dumps(kwargs)],
+def run_bounded(cmd: list[str]) -> str:
+    """Run `cmd` in its own session; past RUN_TIMEOUT_S the whole session (every rank) is
+    killed and the test fails. Returns stdout."""
+    proc = subprocess.Popen(
+        cmd,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=RUN_TIMEOUT_S,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the parallel run hung past {RUN_TIMEOUT_S} s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def run_parallel(model: Path, **kwargs: Any) -> dict[str, Any]:
+    """The same run with `kwargs` (2 ranks), in a fresh process bounded in time."""
+    cmd = [sys.executable, "-m", "tests.helpers.dist_run", str(model), json.dumps(kwargs)]
+    return json.loads(run_bounded(cmd).strip().splitlines()[-1])
 
 
 def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -61,19 +78,50 @@ def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "expert_parallel"),
-    [("qwen3_moe", False), ("qwen3_moe", True), ("deepseek_v3", True)],
+    ("model", "expert_parallel", "backend"),
+    [
+        ("qwen3_moe", False, "mp"),
+        ("qwen3_moe", True, "mp"),
+        ("deepseek_v3", True, "mp"),
+        ("qwen3_moe", False, "ray"),  # a local Ray cluster of one CPU, rank 1 as an actor
+    ],
 )
 def test_tp2_equals_tp1(
     model: str,
     expert_parallel: bool,
+    backend: str,
     checkpoints: dict[str, Path],
     single: dict[str, dict[str, Any]],
 ) -> None:
+    if backend == "ray":
+        pytest.importorskip("ray")
     got = run_parallel(
-        checkpoints[model], tensor_parallel_size=2, enable_expert_parallel=expert_parallel
+        checkpoints[model],
+        tensor_parallel_size=2,
+        enable_expert_parallel=expert_parallel,
+        distributed_executor_backend=backend,
     )
     assert_same(got, single[model])
+
+
+def test_torchrun_launches_the_ranks(
+    checkpoints: dict[str, Path], single: dict[str, dict[str, Any]]
+) -> None:
+    """torchrun starts both ranks ("external_launcher"): rank 0 returns from LLM() and runs
+    the engine, rank 1 serves its steps inside LLM() and leaves the program after."""
+    kwargs = {"tensor_parallel_size": 2, "distributed_executor_backend": "external_launcher"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = run_bounded(
+        [
+            str(torchrun),
+            *("--nproc-per-node", "2", "--master-addr", "127.0.0.1"),
+            *("--master-port", str(free_port())),
+            *("-m", "tests.helpers.dist_run", str(checkpoints["qwen3_moe"]), json.dumps(kwargs)),
+        ]
+    )
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 only
+    assert_same(json.loads(lines[0]), single["qwen3_moe"])
 
 
 def test_eplb_placement_leaves_tokens_unchanged(
