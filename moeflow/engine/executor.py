@@ -194,10 +194,9 @@ class Executor:
             ) from e
         if not ray.is_initialized():
             # a local cluster (no RAY_ADDRESS) gets a CPU per rank it runs, no more
-            local = {} if env.RAY_ADDRESS else {"num_cpus": self.world_size - 1}
             ray.init(
                 address=env.RAY_ADDRESS or None,
-                **local,
+                num_cpus=None if env.RAY_ADDRESS else self.world_size - 1,
                 runtime_env={"env_vars": {"PYTHONPATH": _package_root()}},
                 include_dashboard=False,
                 log_to_driver=True,

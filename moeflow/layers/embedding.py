@@ -18,7 +18,7 @@ from moeflow.distributed.comm import all_gather, all_reduce
 from moeflow.distributed.parallel_state import tp_rank_size
 from moeflow.kernels.gemm import linear
 from moeflow.kernels.quant_gemm import qembedding, qlinear
-from moeflow.layers.linear import QuantizableWeight, narrow_shard
+from moeflow.layers.linear import QuantizableWeight, quantized_not_split
 from moeflow.weights.ggml_quants import QuantizedTensor
 
 
@@ -39,7 +39,7 @@ class VocabParallel(QuantizableWeight):
         if self.tp_size == 1:
             return tensor
         if isinstance(tensor, QuantizedTensor):
-            return narrow_shard(tensor, 0, 0, self.tp_size)  # raises: not split yet
+            raise quantized_not_split()
         rows = tensor[self.vocab_start : self.vocab_end]  # [<= Vr, H]
         pad = self.out_features - rows.shape[0]
         return F.pad(rows, (0, 0, 0, pad)) if pad else rows

@@ -201,8 +201,7 @@ class MergedColumnParallelLinear(MergedLinear):
         if self.tp_size == 1:
             return tensor
         if isinstance(tensor, QuantizedTensor):
-            narrow_shard(tensor, 0, self.tp_rank, self.tp_size)  # raises: not split yet
-            return tensor
+            raise quantized_not_split()
         parts = tensor.split(list(self.full_sizes.values()), dim=0)
         return torch.cat(
             [
@@ -259,12 +258,16 @@ def narrow_shard(
     if parts == 1:
         return tensor
     if isinstance(tensor, QuantizedTensor):
-        raise ModelFormatError(
-            "quantised weights (GGUF files, --quantize) are not split across tensor-parallel "
-            "ranks yet: run an HF folder (safetensors) with tensor_parallel_size > 1"
-        )
+        raise quantized_not_split()
     n = split_size(tensor.shape[dim], parts, f"rows of dim {dim}")
     return tensor.narrow(dim, rank * n, n)
+
+
+def quantized_not_split() -> ModelFormatError:
+    return ModelFormatError(
+        "quantised weights (GGUF files, --quantize) are not split across tensor-parallel ranks "
+        "yet: run an HF folder (safetensors) with tensor_parallel_size > 1"
+    )
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:

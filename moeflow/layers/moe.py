@@ -31,7 +31,13 @@ from moeflow.kernels.fused_moe import (
     select_experts,
 )
 from moeflow.kernels.gemm import linear
-from moeflow.layers.linear import Linear, copy_checked, narrow_shard, split_size
+from moeflow.layers.linear import (
+    Linear,
+    copy_checked,
+    narrow_shard,
+    quantized_not_split,
+    split_size,
+)
 from moeflow.layers.mlp import GatedMLP
 from moeflow.weights.ggml_quants import (
     QUANTIZE_TYPES,
@@ -177,8 +183,7 @@ class FusedExperts(nn.Module):
         """A checkpoint tensor (global expert numbering, whole intermediate size) into the local
         slots that hold its experts, narrowed to this rank's intermediate rows."""
         if isinstance(tensor, QuantizedTensor):
-            narrow_shard(tensor, 0, 0, 2)  # raises: quantised experts are not split yet
-            return
+            raise quantized_not_split()
         r, n = self.tp_rank, self.tp_size
         i_dim = {"gate": 0, "up": 0, "down": 1}  # the intermediate dim of one expert's tensor
         if shard is not None and ":" in shard:
