@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from moeflow.server import protocol
+from moeflow.server.protocol import BadRequestBody, error_body, parse_json_body, require_object
 
 logger = logging.getLogger("moeflow")
 
@@ -50,7 +50,7 @@ class _Failure(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(
-            protocol.error_body(self.message, self.type, self.param), status_code=self.status
+            error_body(self.message, self.type, self.param), status_code=self.status
         )
 
 
@@ -186,8 +186,8 @@ async def _read_body(request: Request, max_body_bytes: int) -> dict[str, Any]:
             raise _Failure(413, f"request body over {max_body_bytes} bytes", _INVALID)
         chunks.append(chunk)
     try:
-        body = protocol.require_object(protocol.parse_json_body(b"".join(chunks)))
-    except protocol.BadRequestBody as e:
+        body = require_object(parse_json_body(b"".join(chunks)))
+    except BadRequestBody as e:
         raise _Failure(400, str(e), _INVALID) from None
     if body.get("n", 1) != 1:
         raise _Failure(
@@ -215,7 +215,7 @@ async def _relay(resp: httpx.Response) -> AsyncIterator[bytes]:
             yield chunk
     except httpx.HTTPError as e:
         message = f"the decode instance's stream broke: {_describe(e)}"
-        yield f"data: {json.dumps(protocol.error_body(message, 'server_error'))}\n\n".encode()
+        yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n".encode()
         yield b"data: [DONE]\n\n"
     finally:
         await resp.aclose()
