@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -160,13 +161,15 @@ def create_router_app(
 
 
 def run_router(config: RouterConfig) -> int:
-    """Serve until SIGTERM or Ctrl-C."""
+    """Serve until SIGTERM (exit 0) or Ctrl-C."""
     app = create_router_app(config)
     print(
         f"moeflow: routing on http://{config.host}:{config.port} "
         f"(prefill {config.prefill_url}, decode {config.decode_url})",
         flush=True,
     )
+    # As `moeflow serve`: uvicorn re-raises SIGTERM with the handler from before it started.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 
@@ -211,7 +214,7 @@ async def _relay(resp: httpx.Response) -> AsyncIterator[bytes]:
     """The decode instance's event stream, byte for byte; if it breaks, an error event and
     [DONE]. Closing this (the client left) closes the decode call, which aborts the request."""
     try:
-        async for chunk in resp.aiter_raw():
+        async for chunk in resp.aiter_bytes():
             yield chunk
     except httpx.HTTPError as e:
         message = f"the decode instance's stream broke: {_describe(e)}"
