@@ -309,7 +309,11 @@ def attach_kv_connector(
     `addr`, decode connects; both block until the other comes, at most `connect_timeout_s`)
     and give `engine` its connector."""
     host, port = parse_addr(addr)
-    transport = GlooTransport(host, port, 0 if role == "prefill" else 1, connect_timeout_s)
+    rank = 0 if role == "prefill" else 1
+    # No transfer can hold more than the whole cache: a larger payload is refused unread.
+    transport = GlooTransport(
+        host, port, rank, connect_timeout_s, max_payload_bytes=engine.kv_cache_bytes
+    )
     connector = KVConnector(engine, transport, role, wait_timeout_s, on_failure)
     engine.kv_connector = connector
     return connector

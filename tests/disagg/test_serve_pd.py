@@ -115,8 +115,17 @@ def test_router_answers_equal_the_colocated_ones(pd: dict[str, Server]) -> None:
         for ge, we in zip(g_lps, w_lps, strict=True):
             assert ge["logprob"] == pytest.approx(we["logprob"], abs=1e-4)
         assert _stream_text(router, "/v1/chat/completions", body) == w["message"]["content"]
-    status, models = pd["router"].request("GET", "/v1/models")[:2]
-    assert status == 200
+    status, _, models = router.request("GET", "/v1/models")
+    assert status == 200 and json.loads(models)["data"][0]["id"] == "tiny"
+    # What an instance refuses: one transfer per request, and its own role only.
+    kv = {"transfer_id": "x", "do_remote_prefill": True}
+    status, body = _post(
+        decode, "/v1/chat/completions", {**CHATS[0], "n": 2, "kv_transfer_params": kv}
+    )
+    assert status == 400 and body["error"]["param"] == "kv_transfer_params"
+    kv = {"transfer_id": "x", "do_remote_decode": True}
+    status, body = _post(decode, "/v1/chat/completions", {**CHATS[0], "kv_transfer_params": kv})
+    assert status == 400 and "--role decode" in body["error"]["message"]
     log = decode.log.read_text()
     assert "recomputing" not in log and "failed" not in log  # every prompt's KV was received
 
