@@ -29,7 +29,7 @@ from moeflow.disagg.transport import GlooTransport, Message, Transport, Transpor
 from moeflow.engine.kv_cache import cache_tensors
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.request import Request
-from moeflow.engine.sampler import TokenLogprobs
+from moeflow.engine.sampler import TokenLogprobs, skip_draw
 from moeflow.errors import EngineDeadError, RequestError
 from moeflow.sampling_params import FinishReason, KVTransferParams
 from moeflow.utils import cdiv
@@ -240,6 +240,9 @@ class KVConnector:
         engine = self.engine
         if not engine.scheduler.admit_computed(req):
             # No room for its blocks now: computed here once room allows, like any request.
+            logger.info(
+                "KV transfer %s: no room for its blocks, recomputing", msg.header["transfer_id"]
+            )
             self.stats["recomputed_no_room"] += 1
             engine.scheduler.add(req)
             return []
@@ -250,6 +253,8 @@ class KVConnector:
         if req.params.logprobs is not None:
             token_id, logprob, top = msg.header["first_logprob"]
             lp = TokenLogprobs(token_id, logprob, dict(top))
+        if req.generator is not None:
+            skip_draw(req.generator)  # the draw of the first token, made on the prefill side
         self.stats["admitted"] += 1
         engine.accept_token(req, msg.header["first_token"], lp)
         return [req]
@@ -333,14 +338,8 @@ def _valid_logprob(value: Any, token: int) -> bool:
         isinstance(value, list)
         and len(value) == 3
         and value[0] == token
-        and _is_float(value[1])
+        and isinstance(value[1], float)
         and isinstance(value[2], list)
-        and all(
-            isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and _is_float(p[1])
-            for p in value[2]
-        )
+        and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) for p in value[2])
+        and all(isinstance(p[1], float) for p in value[2])
     )
-
-
-def _is_float(x: Any) -> bool:
-    return isinstance(x, float)

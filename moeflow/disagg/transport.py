@@ -264,7 +264,6 @@ class Faults:
     none), a number delays one by that many seconds. `kill()` makes both ends dead."""
 
     plan: list[str | float] = field(default_factory=list)
-    num_sent: int = 0
 
     def next(self) -> str | float | None:
         return self.plan.pop(0) if self.plan else None
@@ -301,7 +300,6 @@ class FakeTransport(Transport):
         if self._error is not None:
             raise TransportError(f"the KV transfer peer is gone: {self._error}")
         assert self.peer is not None
-        self.faults.num_sent += 1
         header = decode_header(encode_header(msg.header))
         payload = None if msg.payload is None else msg.payload.clone()
         fault = self.faults.next()

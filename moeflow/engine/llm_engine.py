@@ -173,11 +173,8 @@ class LLMEngine:
         if not params.is_greedy:
             req.generator = make_generator(params.seed, self.device)
         self.requests[request_id] = req
-        if (
-            self.kv_connector is not None
-            and req.params.kv_transfer is not None
-            and (req.params.kv_transfer.do_remote_prefill)
-        ):
+        if params.kv_transfer is not None and params.kv_transfer.do_remote_prefill:
+            assert self.kv_connector is not None  # checked above
             self.kv_connector.add_receiving(req)  # admitted by kv_connector.poll()
         else:
             self.scheduler.add(req)

@@ -31,8 +31,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {f: make_tiny_checkpoint(f, root / f) for f in FAMILIES}
 
 
-def _llm(path: Path) -> LLM:
-    return LLM(str(path), dtype="float32", device="cpu", max_model_len=128, kv_cache_tokens=1024)
+def _llm(path: Path, kv_cache_tokens: int = 1024) -> LLM:
+    return LLM(
+        str(path),
+        dtype="float32",
+        device="cpu",
+        max_model_len=min(128, kv_cache_tokens),
+        kv_cache_tokens=kv_cache_tokens,
+    )
 
 
 def _pair(
@@ -251,3 +257,35 @@ def test_kv_transfer_params_are_checked() -> None:
     for bad in ("", "a b", "x" * 129, "é"):
         with pytest.raises(RequestError, match="transfer_id"):
             KVTransferParams(bad, do_remote_decode=True)
+
+
+def test_no_room_for_the_blocks_recomputes_later(checkpoints: dict[str, Path]) -> None:
+    """Three blocks of cache: the first transfer takes two, the second waits as a plain
+    request and is computed once the first has finished; both equal the colocated tokens."""
+    path = checkpoints["qwen3_moe"]
+    prefill, decode = _llm(path), _llm(path, kv_cache_tokens=48)
+    a, b = FakeTransport.pair()
+    prefill.engine.kv_connector = KVConnector(prefill.engine, a, "prefill")
+    decode.engine.kv_connector = KVConnector(decode.engine, b, "decode", on_failure="error")
+    prompts = [list(range(10, 30)), list(range(40, 60))]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)] * 2
+    want = _colocated(_llm(path), prompts, params)
+    reqs = _disaggregated(prefill, decode, prompts, params)
+    assert [r.output_ids for r in reqs] == want and [r.error for r in reqs] == [None, None]
+    stats = decode.engine.kv_connector.stats  # type: ignore[union-attr]
+    assert (stats["admitted"], stats["recomputed_no_room"]) == (1, 1)
+    assert_idle(decode)
+
+
+def test_seeded_sampling_equals_colocated(checkpoints: dict[str, Path]) -> None:
+    """A seeded request draws the same uniforms as colocated: the decode side skips the draw
+    the prefill side made for the first token."""
+    path = checkpoints["qwen3_moe"]
+    prefill, decode, _ = _pair(path)
+    prompts, _ = _workload(5, seed=13)
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=8, ignore_eos=True)
+        for i in range(5)
+    ]
+    want = _colocated(_llm(path), prompts, params)
+    assert [r.output_ids for r in _disaggregated(prefill, decode, prompts, params)] == want
