@@ -18,7 +18,7 @@ from moeflow.disagg.transport import FakeTransport, Faults
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.request import Request
 from moeflow.errors import RequestError
-from moeflow.sampling_params import FinishReason, KVTransferParams
+from moeflow.sampling_params import FinishReason, KVTransferParams, StructuredOutputsParams
 from tests.helpers.checkpoints import make_tiny_checkpoint
 from tests.helpers.engine import assert_idle
 
@@ -289,3 +289,15 @@ def test_seeded_sampling_equals_colocated(checkpoints: dict[str, Path]) -> None:
     ]
     want = _colocated(_llm(path), prompts, params)
     assert [r.output_ids for r in _disaggregated(prefill, decode, prompts, params)] == want
+
+
+def test_structured_output_carries_over(checkpoints: dict[str, Path]) -> None:
+    """The decode side's grammar takes the first token the prefill side sampled under it."""
+    path = checkpoints["qwen3_moe"]
+    prefill, decode, _ = _pair(path)
+    prompts, _ = _workload(5, seed=17)
+    so = StructuredOutputsParams(regex="(yes|no|maybe)[a-z]{0,3}")
+    params = [SamplingParams(temperature=0, max_tokens=8, structured_outputs=so)] * 5
+    want = _colocated(_llm(path), prompts, params)
+    reqs = _disaggregated(prefill, decode, prompts, params)
+    assert [r.output_ids for r in reqs] == want and all(r.error is None for r in reqs)
