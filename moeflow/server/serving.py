@@ -314,6 +314,12 @@ class OpenAIServing:
     ) -> _Job:
         """One engine request per prompt and choice (choice i of a seeded request gets seed +
         i); if one is refused, those already submitted are aborted."""
+        if params.kv_transfer is not None and n * len(prompts) != 1:
+            raise ApiError(
+                400,
+                "kv_transfer_params take one prompt and n = 1 (one KV transfer per request)",
+                param="kv_transfer_params",
+            )
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         created = protocol.now()
         arrival = time.monotonic()
