@@ -26,8 +26,10 @@ from moeflow.server import protocol
 from moeflow.server.metrics import ServerMetrics
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
 from moeflow.tokenizer.tool_parser import (
+    KNOWN_TOOL_PARSERS,
     TOOL_PARSERS,
     ToolCall,
+    ToolCallDelta,
     ToolParser,
     pick_tool_parser,
     tool_call_grammar,
@@ -223,6 +225,7 @@ class OpenAIServing:
             reasoning=self.use_reasoning,
             in_reasoning=in_reasoning,
             tool_parser=self.tool_parser if tools is not None else None,
+            tools=tools,
         )
         if req.stream:
             return _event_stream(self._sse(job, self._role_chunks(job), self._chat_chunk))
@@ -268,9 +271,9 @@ class OpenAIServing:
         if self.tool_parser is None:
             raise ApiError(
                 400,
-                'tool calls in this model\'s format are not supported yet (tool_choice "none" '
-                "works; `moeflow serve --tool-call-parser` picks a format: implemented: "
-                f"{', '.join(TOOL_PARSERS)})",
+                "this model's chat template writes tool calls in a format not known here "
+                '(tool_choice "none" works; `moeflow serve --tool-call-parser` picks one of: '
+                f"{', '.join(KNOWN_TOOL_PARSERS)})",
                 param="tools",
             )
         choice = req.effective_tool_choice
@@ -311,6 +314,7 @@ class OpenAIServing:
         reasoning: bool,
         in_reasoning: bool,
         tool_parser: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> _Job:
         """One engine request per prompt and choice (choice i of a seeded request gets seed +
         i); if one is refused, those already submitted are aborted."""
@@ -328,7 +332,7 @@ class OpenAIServing:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
                     splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning)
-                    parser = TOOL_PARSERS[tool_parser]() if tool_parser is not None else None
+                    parser = TOOL_PARSERS[tool_parser](tools) if tool_parser is not None else None
                     choices.append(_Choice(idx, p_idx, splitter if reasoning else None, parser))
         except BaseException as e:
             for it in iterators:
@@ -496,25 +500,21 @@ class OpenAIServing:
             reasoning_tail, content_tail = c.splitter.finish()
             reasoning_delta += reasoning_tail
             content_delta += content_tail
-        calls: list[ToolCall] = []
-        first = 0  # the index of this delta's first new call
+        call_deltas: list[ToolCallDelta] = []  # OpenAI's: id and name first, then arguments
         if c.tool_parser is not None:
-            first = len(c.tool_parser.calls)
-            content_delta, calls = c.tool_parser.feed(content_delta)
+            content_delta, call_deltas = c.tool_parser.feed(content_delta)
             if finish is not None:
-                content_tail, tail_calls = c.tool_parser.finish()
+                content_tail, tail_deltas = c.tool_parser.finish()
                 content_delta += content_tail
-                calls += tail_calls
+                call_deltas += tail_deltas
             finish = _finish_reason(finish, bool(c.tool_parser.calls))
         payload: dict[str, Any] = {}
         if content_delta:
             payload["content"] = content_delta
         if reasoning_delta:
             payload["reasoning_content"] = reasoning_delta
-        if calls:
-            payload["tool_calls"] = [
-                {"index": first + i, **call.to_openai()} for i, call in enumerate(calls)
-            ]
+        if call_deltas:
+            payload["tool_calls"] = [d.to_openai() for d in call_deltas]
         if not (payload or finish is not None or entries):
             return None
         logprobs = protocol.chat_logprobs(entries) if entries else None

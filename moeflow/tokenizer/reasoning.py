@@ -8,13 +8,14 @@ class ReasoningSplitter:
     """Splits a reasoning model's output into reasoning (inside <think>...</think>) and content,
     streamed (`feed` each delta, then `finish`) or whole (`split`); both give the same text.
 
-    As vLLM's deepseek_r1 / qwen3 parsers: text inside the block is reasoning; text before the
-    start tag and after the end tag is content (vLLM drops text before the start tag; we keep
-    it); a second block after the first is plain content; a block that never closes is all
-    reasoning. `in_reasoning=True` when the prompt already opened the block (see
-    `prompt_opens_reasoning`): the output starts as reasoning. Newlines at the start and end of
-    the reasoning and at the start of the content after the end tag are dropped (templates
-    write "<think>\n...\n</think>\n\n"); an unclosed block keeps its trailing newlines.
+    As vLLM's deepseek_r1 / qwen3 parsers: text inside the block is reasoning, text after the
+    end tag content; a block opens only at the start of the output (whitespace before it is
+    dropped), so a start tag after other text is plain content (a second block, or "<think>"
+    in a tool call's argument); a block that never closes is all reasoning.
+    `in_reasoning=True` when the prompt already opened the block (see `prompt_opens_reasoning`):
+    the output starts as reasoning. Newlines at the start and end of the reasoning and at the
+    start of the content after the end tag are dropped (templates write
+    "<think>\n...\n</think>\n\n"); an unclosed block keeps its trailing newlines.
     NOTE: streaming never emits part of a tag: a tail that could still become a tag (and, inside
     the block, the newlines before it) is held until the next delta or `finish`."""
 
@@ -29,11 +30,12 @@ class ReasoningSplitter:
         self._strip = in_reasoning  # drop newlines at the start of the next text
         self._held = ""  # a tail that may be the start of the tag looked for
         self._held_newlines = 0  # inside the block: newlines that may precede the end tag
+        self._opened = in_reasoning  # a think block was opened (by the prompt or the output)
 
     @property
     def has_reasoning(self) -> bool:
         """Whether a think block was opened (by the prompt or the output)."""
-        return self.in_reasoning_at_start or self._mode != "before"
+        return self._opened
 
     def feed(self, delta: str) -> tuple[str, str]:
         """(reasoning delta, content delta) for the next piece of output text."""
@@ -50,25 +52,26 @@ class ReasoningSplitter:
             if self._mode == "after":
                 content.append(text)
                 break
-            in_block = self._mode == "reasoning"
-            tag = self.end_tag if in_block else self.start_tag
-            i = text.find(tag)
-            if i >= 0:
-                if in_block:  # newlines before the end tag are dropped
-                    self._emit_reasoning(reasoning, text[:i])
-                    self._held_newlines = 0
-                    self._mode = "after"
-                else:
-                    content.append(text[:i])
-                    self._mode = "reasoning"
-                self._strip = True
-                text = text[i + len(tag) :]
+            if self._mode == "before":  # a block opens only at the start (after whitespace)
+                head = text.lstrip()
+                if head.startswith(self.start_tag) or self.start_tag.startswith(head):
+                    if not head.startswith(self.start_tag):
+                        self._held = text  # may still become the tag (or stay whitespace)
+                        break
+                    self._mode, self._strip, self._opened = "reasoning", True, True
+                    text = head[len(self.start_tag) :]
+                    continue
+                self._mode = "after"  # text first: a tag later is text (say, in an argument)
                 continue
-            cut = len(text) - _partial_suffix(text, tag)
-            if in_block:
-                self._emit_reasoning(reasoning, text[:cut])
-            else:
-                content.append(text[:cut])
+            i = text.find(self.end_tag)
+            if i >= 0:  # newlines before the end tag are dropped
+                self._emit_reasoning(reasoning, text[:i])
+                self._held_newlines = 0
+                self._mode, self._strip = "after", True
+                text = text[i + len(self.end_tag) :]
+                continue
+            cut = len(text) - _partial_suffix(text, self.end_tag)
+            self._emit_reasoning(reasoning, text[:cut])
             self._held = text[cut:]
             break
         return "".join(reasoning), "".join(content)

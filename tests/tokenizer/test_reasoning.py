@@ -17,7 +17,10 @@ CASES = [
     ("<think>never closes", False, ("never closes", "")),
     ("still thinking <thi", True, ("still thinking <thi", "")),
     ("unclosed with newlines\n\n</thin", True, ("unclosed with newlines\n\n</thin", "")),
-    ("pre<think>r</think>post <think>x</think>", False, ("r", "prepost <think>x</think>")),
+    (" \n<think>r</think>post <think>x</think>", False, ("r", "post <think>x</think>")),
+    (" \n ", False, (None, " \n ")),
+    ("pre<think>r</think>post", False, (None, "pre<think>r</think>post")),  # text first
+    ('<tool_call>{"a": "<think>"}', True, ('<tool_call>{"a": "<think>"}', "")),
     ("<think></think>", False, ("", "")),
     ("", True, ("", "")),
     ("", False, (None, "")),
@@ -58,7 +61,7 @@ def test_streaming_matches_whole_at_every_boundary(
 
 def test_no_partial_tag_is_emitted() -> None:
     s = ReasoningSplitter()
-    assert s.feed("hello <th") == ("", "hello ")
+    assert s.feed(" \n<th") == ("", "")
     assert s.feed("ink>deep") == ("deep", "")
     assert s.feed(" thought\n</thi") == (" thought", "")  # "\n</thi" waits
     assert s.feed("nk>\nok") == ("", "ok")
