@@ -287,7 +287,9 @@ class OpenAIServing:
                 param="tool_choice",
             )
         name = None if isinstance(choice, str) else choice.function.name
-        grammar = tool_call_grammar(self.tool_parser, tools, name, req.parallel_tool_calls)
+        grammar = tool_call_grammar(
+            self.tool_parser, tools, name, req.parallel_tool_calls, self.tokenizer.token_to_id
+        )
         sampling["structured_outputs"] = StructuredOutputsParams(grammar=grammar, param="tools")
 
     def _check_model(self, name: str | None) -> None:

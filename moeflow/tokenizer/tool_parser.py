@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -661,43 +662,52 @@ def pick_tool_parser(requested: str, chat_template: str | None) -> str | None:
 
 
 def tool_call_grammar(
-    parser: str, tools: list[dict[str, Any]], name: str | None, parallel: bool
+    parser: str,
+    tools: list[dict[str, Any]],
+    name: str | None,
+    parallel: bool,
+    token_id: Callable[[str], int | None] | None = None,
 ) -> str:
     """A Lark grammar (llguidance's dialect) that forces `parser`'s call format: one call (or
     several when `parallel`) of the tool `name`, or of any tool when None, with arguments valid
     against the tool's JSON schema (key/value formats: each property in schema order, the
-    required ones always, strings as plain text)."""
+    required ones always, strings as plain text). `token_id` (the tokenizer's): a marker that is
+    one token is that token (`<[id]>`: llguidance never matches a special token to text)."""
     if parser not in TOOL_PARSERS:
         raise ValueError(f"forced tool calls are not implemented for {parser!r}")
+
+    def lit(text: str) -> str:
+        return _literal(text, token_id)
+
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     if parser in ("hermes", "llama3_json"):
-        return _json_call_grammar(parser, functions, parallel)
+        return _json_call_grammar(parser, functions, parallel, lit)
     lines = []
     for i, function in enumerate(functions):
         parameters = _parameters(function)
         fname = function["name"]
         if parser in ("glm45", "qwen3_coder"):
-            body, rules = _xml_params_grammar(parser, f"f{i}", parameters)
+            body, rules = _xml_params_grammar(parser, f"f{i}", parameters, lit)
             lines += rules
             if parser == "glm45":
-                call = f"{_lit('<tool_call>' + fname + chr(10))} {body} {_lit('</tool_call>')}"
+                call = f"{lit('<tool_call>' + fname + chr(10))} {body} {lit('</tool_call>')}"
             else:
                 head = f"<tool_call>\n<function={fname}>\n"
-                call = f"{_lit(head)} {body} {_lit('</function>' + chr(10) + '</tool_call>')}"
+                call = f"{lit(head)} {body} {lit('</function>' + chr(10) + '</tool_call>')}"
         else:
             args = "%json " + json.dumps(
                 {**parameters, "x-guidance": {"whitespace_flexible": False}}
             )
             if parser == "deepseek_v3":
                 head = f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{fname}\n```json\n"
-                call = f"{_lit(head)} {args} {_lit(chr(10) + '```<｜tool▁call▁end｜>')}"
+                call = f"{lit(head)} {args} {lit(chr(10) + '```<｜tool▁call▁end｜>')}"
             elif parser == "deepseek_v31":
                 head = f"<｜tool▁call▁begin｜>{fname}<｜tool▁sep｜>"
-                call = f"{_lit(head)} {args} {_lit('<｜tool▁call▁end｜>')}"
+                call = f"{lit(head)} {args} {lit('<｜tool▁call▁end｜>')}"
             else:  # kimi_k2
                 call = (
-                    f"{_lit('<|tool_call_begin|>functions.' + fname + ':')} /[0-9]{{1,3}}/ "
-                    f"{_lit('<|tool_call_argument_begin|>')} {args} {_lit('<|tool_call_end|>')}"
+                    f"{lit('<|tool_call_begin|>functions.' + fname + ':')} /[0-9]{{1,3}}/ "
+                    f"{lit('<|tool_call_argument_begin|>')} {args} {lit('<|tool_call_end|>')}"
                 )
         lines.append(f"call_{i}: {call}")
     calls = " | ".join(f"call_{i}" for i in range(len(functions)))
@@ -711,7 +721,7 @@ def tool_call_grammar(
     }.get(parser)
     start = f"call{more}"
     if wrap is not None:
-        start = f"{_lit(wrap[0])} {start} {_lit(wrap[1])}"
+        start = f"{lit(wrap[0])} {start} {lit(wrap[1])}"
     return f"start: {start}\n" + "\n".join(lines) + "\n"
 
 
@@ -741,6 +751,19 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+# Every format's markers, which a tokenizer may hold as single (special) tokens.
+_MARKERS = frozenset(
+    [
+        "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+        "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
+        "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<|tool_calls_section_begin|>",
+        "<|tool_calls_section_end|>", "<|tool_call_begin|>", "<|tool_call_end|>",
+        "<|tool_call_argument_begin|>",
+    ]
+)  # fmt: skip
+_MARKER_SPLIT = re.compile(
+    "(" + "|".join(re.escape(m) for m in sorted(_MARKERS, key=len, reverse=True)) + ")"
+)
 _NAME = re.compile(r"[A-Za-z0-9_.\-:/]{1,256}")
 _QWEN_VALUE_END = re.compile(r"</parameter>|\n<parameter=|\n</function>")
 _QWEN_AFTER_VALUE = ("<parameter=", "</function>", "</tool_call>")
@@ -780,7 +803,9 @@ class _JsonObjectScan:
         return len(text), "more"
 
 
-def _json_call_grammar(parser: str, functions: list[dict[str, Any]], parallel: bool) -> str:
+def _json_call_grammar(
+    parser: str, functions: list[dict[str, Any]], parallel: bool, lit: Callable[[str], str]
+) -> str:
     """Hermes and Llama 3: the call is one JSON object {name, arguments | parameters}."""
     key = "parameters" if parser == "llama3_json" else "arguments"
     options = [
@@ -798,13 +823,14 @@ def _json_call_grammar(parser: str, functions: list[dict[str, Any]], parallel: b
         call = "%json " + json.dumps(schema)
         more = ' ("; " call)*' if parallel else ""
         return f"start: call{more}\ncall: {call}\n"
-    call = '"<tool_call>\\n" %json ' + json.dumps(schema) + ' "\\n</tool_call>"'
+    head, tail = lit("<tool_call>" + chr(10)), lit(chr(10) + "</tool_call>")
+    call = f"{head} %json {json.dumps(schema)} {tail}"
     more = ' ("\\n" call)*' if parallel else ""
     return f"start: call{more}\ncall: {call}\n"
 
 
 def _xml_params_grammar(
-    parser: str, prefix: str, parameters: dict[str, Any]
+    parser: str, prefix: str, parameters: dict[str, Any], lit: Callable[[str], str]
 ) -> tuple[str, list[str]]:
     """The key/value body of one call: each property in schema order (required ones always,
     others optional) -> (the body's expression, its rules)."""
@@ -818,7 +844,7 @@ def _xml_params_grammar(
             open_, close = f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"
         else:
             open_, close = f"<parameter={key}>\n", "\n</parameter>\n"
-        part = f"{_lit(open_)} {value} {_lit(close)}"
+        part = f"{lit(open_)} {value} {lit(close)}"
         parts.append(part if key in required else f"({part})?")
     return (" ".join(parts) or '""'), rules
 
@@ -838,6 +864,17 @@ def _value_grammar(schema: dict[str, Any]) -> str:
 def _lit(text: str) -> str:
     """A Lark string literal."""
     return json.dumps(text, ensure_ascii=False)
+
+
+def _literal(text: str, token_id: Callable[[str], int | None] | None) -> str:
+    """Fixed text as Lark: its markers that are one token as that token, the rest quoted."""
+    parts = []
+    for piece in _MARKER_SPLIT.split(text):
+        if not piece:
+            continue
+        tid = token_id(piece) if token_id is not None and piece in _MARKERS else None
+        parts.append(f"<[{tid}]>" if tid is not None else _lit(piece))
+    return " ".join(parts) or '""'
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:

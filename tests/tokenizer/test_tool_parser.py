@@ -369,3 +369,24 @@ def test_forced_parallel_calls(parser: str) -> None:
     _check_grammar(parser, "now", True, text, True)
     _check_grammar(parser, "now", False, text, False)
     assert len(TOOL_PARSERS[parser](TOOLS).parse(text)[1]) == 2
+
+
+def test_forced_call_grammar_uses_marker_tokens() -> None:
+    """Markers the tokenizer holds as one token are forced as that token: llguidance never
+    matches a special token to quoted text, so a real model's markers must be named by id."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from moeflow.tokenizer import Tokenizer
+
+    backend = HFTokenizer.from_str(Tokenizer.byte_level().backend.to_str())
+    markers = ["<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>"]
+    markers += ["<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"]
+    backend.add_tokens(markers)
+    ids = {m: backend.token_to_id(m) for m in markers}
+    grammar = tool_call_grammar("deepseek_v31", TOOLS, "now", False, ids.get)
+    assert all(f"<[{i}]>" in grammar for i in ids.values())
+    ll = llguidance.LLTokenizer(backend.to_str())
+    matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+    tokens = [ids[markers[0]], ids[markers[1]], *ll.tokenize_str("now"), ids[markers[2]]]
+    tokens += [*ll.tokenize_str("{}"), ids[markers[3]], ids[markers[4]]]
+    assert matcher.consume_tokens(tokens) and matcher.is_accepting(), matcher.get_error()
