@@ -47,6 +47,9 @@ CASES = [
     ),
     ("a < b <tool", "a < b <tool", []),
     ("ends with space  ", "ends with space  ", []),
+    ('<tool_call>{"name": "f", "arguments": {bad}}</tool_call>ok', "ok", []),  # streamed: dropped
+    ('<tool_call>{"name": "f", "arguments": {}} x</tool_call>', "", []),
+    ('<tool_call>{"arguments": {}, "name": "f"}</tool_call>', "", [("f", {})]),  # held whole
 ]
 
 
@@ -86,6 +89,17 @@ def test_streamed_equals_whole(cls: type[ToolParser], text: str, content: str, c
         parser = cls()
         got_content, _ = _stream(parser, pieces)
         _check(got_content, parser.calls, content, calls)
+
+
+def test_hermes_streams_arguments_in_pieces() -> None:
+    parser = HermesToolParser()
+    content, deltas = _stream(parser, list("Hi " + CALL_A))
+    assert content == "Hi" and deltas[0].id and deltas[0].name == "get_weather"
+    assert len([d for d in deltas[1:] if d.arguments]) > 1
+    assert "".join(d.arguments for d in deltas) == parser.calls[0].arguments
+    parser = HermesToolParser()  # arguments as a JSON string: held, one delta at the end
+    _, deltas = _stream(parser, list(CALL_B))
+    assert len(deltas) == 1 and json.loads(deltas[0].arguments) == {"tz": "CET"}
 
 
 def _stream(parser: ToolParser, pieces: list[str]) -> tuple[str, list[ToolCallDelta]]:
