@@ -333,8 +333,9 @@ class OpenAIServing:
                     if n > 1 and params.seed is not None:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
-                    splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning)
                     parser = TOOL_PARSERS[tool_parser](tools) if tool_parser is not None else None
+                    call_tags = parser.call_tags if parser is not None else ()
+                    splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning, call_tags)
                     choices.append(_Choice(idx, p_idx, splitter if reasoning else None, parser))
         except BaseException as e:
             for it in iterators:

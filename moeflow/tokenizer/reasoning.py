@@ -11,7 +11,9 @@ class ReasoningSplitter:
     As vLLM's deepseek_r1 / qwen3 parsers: text inside the block is reasoning, text after the
     end tag content; a block opens only at the start of the output (whitespace before it is
     dropped), so a start tag after other text is plain content (a second block, or "<think>"
-    in a tool call's argument); a block that never closes is all reasoning.
+    in a tool call's argument); a block that never closes is all reasoning, unless one of
+    `call_tags` (the start of a tool call, when the request offers tools) ends it: the call is
+    content.
     `in_reasoning=True` when the prompt already opened the block (see `prompt_opens_reasoning`):
     the output starts as reasoning. Newlines at the start and end of the reasoning and at the
     start of the content after the end tag are dropped (templates write
@@ -20,11 +22,16 @@ class ReasoningSplitter:
     the block, the newlines before it) is held until the next delta or `finish`."""
 
     def __init__(
-        self, start_tag: str = "<think>", end_tag: str = "</think>", in_reasoning: bool = False
+        self,
+        start_tag: str = "<think>",
+        end_tag: str = "</think>",
+        in_reasoning: bool = False,
+        call_tags: tuple[str, ...] = (),
     ) -> None:
-        if not start_tag or not end_tag:
+        if not start_tag or not end_tag or not all(call_tags):
             raise ValueError("reasoning tags must be non-empty")
         self.start_tag, self.end_tag = start_tag, end_tag
+        self.call_tags = call_tags
         self.in_reasoning_at_start = in_reasoning
         self._mode = "reasoning" if in_reasoning else "before"  # -> "reasoning" -> "after"
         self._strip = in_reasoning  # drop newlines at the start of the next text
@@ -63,14 +70,18 @@ class ReasoningSplitter:
                     continue
                 self._mode = "after"  # text first: a tag later is text (say, in an argument)
                 continue
-            i = text.find(self.end_tag)
-            if i >= 0:  # newlines before the end tag are dropped
+            ends = [(i, t) for t in (self.end_tag, *self.call_tags) if (i := text.find(t)) >= 0]
+            if ends:  # newlines before the end tag are dropped
+                i, tag = min(ends)
                 self._emit_reasoning(reasoning, text[:i])
                 self._held_newlines = 0
-                self._mode, self._strip = "after", True
-                text = text[i + len(self.end_tag) :]
+                self._mode = "after"
+                if tag == self.end_tag:
+                    self._strip, text = True, text[i + len(tag) :]
+                else:  # a tool call ends the block unclosed; the call is content
+                    text = text[i:]
                 continue
-            cut = len(text) - _partial_suffix(text, self.end_tag)
+            cut = len(text) - max(_partial_suffix(text, t) for t in (self.end_tag, *self.call_tags))
             self._emit_reasoning(reasoning, text[:cut])
             self._held = text[cut:]
             break
@@ -96,7 +107,9 @@ class ReasoningSplitter:
     def split(self, text: str) -> tuple[str | None, str]:
         """Whole output -> (reasoning, or None when no think block was opened; content).
         Uses a fresh splitter with this one's settings; this one's state is untouched."""
-        s = ReasoningSplitter(self.start_tag, self.end_tag, self.in_reasoning_at_start)
+        s = ReasoningSplitter(
+            self.start_tag, self.end_tag, self.in_reasoning_at_start, self.call_tags
+        )
         r1, c1 = s.feed(text)
         r2, c2 = s.finish()
         return (r1 + r2 if s.has_reasoning else None), c1 + c2

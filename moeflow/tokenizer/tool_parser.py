@@ -81,7 +81,10 @@ class ToolCallDelta:
 class BaseToolParser:
     """The interface every format implements: `feed` -> (content delta, call deltas),
     `finish` at the end of the output, `parse` for a whole output; `calls` holds the calls
-    completed so far, in order."""
+    completed so far, in order. `call_tags`: text that starts a call (it also ends a think block
+    the model left open)."""
+
+    call_tags: tuple[str, ...] = ()
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         self.tools = tools or []
@@ -129,6 +132,7 @@ class HermesToolParser(BaseToolParser):
     trailing whitespace (which a block may follow) are held until the next delta or `finish`."""
 
     start_tag, end_tag = "<tool_call>", "</tool_call>"
+    call_tags = ("<tool_call>",)
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
@@ -484,6 +488,7 @@ class DeepSeekV3ToolParser(_SectionJsonToolParser):
     \\n```json\\n{...}\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`."""
 
     section_start, section_end = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+    call_tags = (section_start,)
     call_start, call_end = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"
     head = re.compile(r"\s*(?:function)?\s*<｜tool▁sep｜>\s*([^\s<>{}`]+)\s*(?:```(?:json)?\s*)?")
     fence = True
@@ -494,6 +499,7 @@ class DeepSeekV31ToolParser(_SectionJsonToolParser):
     <｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`."""
 
     section_start, section_end = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+    call_tags = (section_start,)
     call_start, call_end = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"
     head = re.compile(r"\s*([^\s<>{}]+)\s*<｜tool▁sep｜>\s*")
 
@@ -505,6 +511,7 @@ class KimiK2ToolParser(_SectionJsonToolParser):
 
     section_start = "<|tool_calls_section_begin|>"
     section_end = "<|tool_calls_section_end|>"
+    call_tags = (section_start,)
     call_start, call_end = "<|tool_call_begin|>", "<|tool_call_end|>"
     head = re.compile(
         r"\s*(?:functions\.)?([^\s:<>{}]+)(?::\d+)?\s*<\|tool_call_argument_begin\|>\s*"
@@ -519,6 +526,7 @@ class Glm45ToolParser(_ScanningToolParser):
 
     strip_around = True
     start = "<tool_call>"
+    call_tags = ("<tool_call>",)
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)

@@ -31,10 +31,7 @@ FAMILIES: dict[str, dict[str, str]] = {
     "qwen3-xml": {"*": "qwen3_coder"},
 }
 # Fixtures we fail, and why (each one a bug to fix, not a format to skip).
-KNOWN_FAILURES = {
-    "qwen3-xml/llamacpp-q35-call-inside-think": "a call inside an unclosed think block stays "
-    "reasoning: the splitter does not end the block at <tool_call>",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 OTHER_FORMAT = {
     "deepseek-v32": "DeepSeek V3.2's DSML markup is vLLM's deepseek_v32 parser, not parsed here",
     "deepseek-v4": "DeepSeek V4's DSML markup is not parsed here",
@@ -68,8 +65,9 @@ def _fixtures() -> list[Any]:
 
 def _run(parser_name: str, fx: dict[str, Any], pieces: list[str]) -> tuple[Any, ...]:
     """(reasoning, content, completed calls, the calls a client assembles from the deltas)."""
-    splitter = ReasoningSplitter(in_reasoning=prompt_opens_reasoning(fx["generation_prompt"]))
     parser = TOOL_PARSERS[parser_name](fx.get("tools"))
+    opened = prompt_opens_reasoning(fx["generation_prompt"])
+    splitter = ReasoningSplitter(in_reasoning=opened, call_tags=parser.call_tags)
     reasoning, content = "", ""
     deltas: list[ToolCallDelta] = []
     for piece in [*pieces, None]:
