@@ -826,7 +826,7 @@ def new_call_id() -> str:
 
 
 # Every format's markers, which a tokenizer may hold as single (special) tokens.
-_MARKERS = frozenset(
+TOOL_MARKERS = frozenset(
     [
         "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
         "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
@@ -836,7 +836,7 @@ _MARKERS = frozenset(
     ]
 )  # fmt: skip
 _MARKER_SPLIT = re.compile(
-    "(" + "|".join(re.escape(m) for m in sorted(_MARKERS, key=len, reverse=True)) + ")"
+    "(" + "|".join(re.escape(m) for m in sorted(TOOL_MARKERS, key=len, reverse=True)) + ")"
 )
 _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\n]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 _NAME = re.compile(r"[A-Za-z0-9_.\-:/]{1,256}")
@@ -947,7 +947,7 @@ def _literal(text: str, token_id: Callable[[str], int | None] | None) -> str:
     for piece in _MARKER_SPLIT.split(text):
         if not piece:
             continue
-        tid = token_id(piece) if token_id is not None and piece in _MARKERS else None
+        tid = token_id(piece) if token_id is not None and piece in TOOL_MARKERS else None
         parts.append(f"<[{tid}]>" if tid is not None else _lit(piece))
     return " ".join(parts) or '""'
 

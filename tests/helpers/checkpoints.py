@@ -270,11 +270,15 @@ THINK_SCRIPT = ["<think>", "a", "b", "c", "</think>", "X", "Y", "Z"]
 
 
 def make_scripted_checkpoint(
-    folder: Path, script: list[str] = THINK_SCRIPT, template: str | None = None
+    folder: Path,
+    script: list[str] = THINK_SCRIPT,
+    template: str | None = None,
+    special: tuple[str, ...] = (),
 ) -> Path:
     """A real llama checkpoint whose greedy output is scripted: every layer adds nothing (o_proj
     and down_proj are zero), embeddings are one-hot and the LM head maps each token to its
-    successor in `script` (pieces that are not one byte become added tokens; all distinct), so
+    successor in `script` (pieces that are not one byte become added tokens, special ones for
+    those in `special`, which decoding skips by default; all distinct), so
     any prompt continues with the script then EOS. The default script is
     "<think>abc</think>XYZ", and the default chat template opens the think block itself when
     enable_thinking is true."""
@@ -284,6 +288,7 @@ def make_scripted_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(folder)
     tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(list(special))
     tok.add_tokens([t for t in dict.fromkeys(script) if tok.token_to_id(t) is None])
     tok.save(str(folder / "tokenizer.json"))
     template = template or (
