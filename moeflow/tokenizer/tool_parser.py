@@ -315,6 +315,8 @@ class _ScanningToolParser(BaseToolParser):
     text (at the end, `final`, every handler decides). Streamed and whole parses run the same
     handlers over the same text, so they agree."""
 
+    strip_around = False  # whitespace around a call is dropped (the key/value formats)
+
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
         self._buf = ""
@@ -383,8 +385,6 @@ class _ScanningToolParser(BaseToolParser):
         content.append(body)
         self._buf = self._buf[len(body) :]
         return False
-
-    strip_around = False
 
 
 class _SectionJsonToolParser(_ScanningToolParser):
