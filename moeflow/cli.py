@@ -165,7 +165,15 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--json", default=None, help="also write the results to this file")
     bench.add_argument(
         "--workload",
-        choices=["default", "moe-scaling", "suite", "moe-tune", "moe-cpu", "quality"],
+        choices=[
+            "default",
+            "moe-scaling",
+            "suite",
+            "moe-tune",
+            "moe-cpu",
+            "quality",
+            "json-schema",
+        ],
         default="default",
         help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
         "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts; suite: "
@@ -176,7 +184,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "llama.cpp's llama-batched-bench on the same file, with peak RSS, load and roofline; "
         "quality: KL divergence and top-1 agreement of the CPU kernels' exact and int8 paths "
         "against an fp32 reference on a fixed text, beside llama-perplexity's KL of the same "
-        "GGUF against its F32 copy",
+        "GGUF against its F32 copy; json-schema: --concurrency requests decoding together, free "
+        "and under a json_schema constraint, and the ratio of their tok/s (target >= 0.9x)",
     )
     bench.add_argument("--streams", default="1,4,16", help="moe-cpu: stream counts (comma list)")
     bench.add_argument(
@@ -353,8 +362,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "--tool-call-parser",
         choices=["auto", *KNOWN_TOOL_PARSERS],
         default="auto",
-        help="the tool-call format parsed from the output (vLLM's names; auto: from the chat "
-        "template). Implemented: hermes, llama3_json; others answer tool requests with 400",
+        help="the tool-call format parsed from the output (vLLM's names; auto: the one the chat "
+        "template writes, hermes when it writes none)",
     )
     pd = serve.add_argument_group(
         "prefill/decode disaggregation (docs/DISAGGREGATION.md; `moeflow router` in front)"
@@ -466,6 +475,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from moeflow.bench.suite import run_suite
 
             return run_suite(args)
+        if args.workload == "json-schema":
+            from moeflow.bench.structured import run_structured
+
+            return run_structured(args)
         if args.workload == "moe-scaling":
             from moeflow.bench.moe_scaling import run_moe_scaling
 
