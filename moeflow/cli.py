@@ -1,5 +1,5 @@
-"""The `moeflow` command: chat | generate | info | bench | serve. Argument parsing and printing
-only; the work is in api, bench and server."""
+"""The `moeflow` command: chat | generate | info | bench | serve | router. Argument parsing and
+printing only; the work is in api, bench, server and disagg."""
 
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench_parser(sub, common)
     _add_serve_parser(sub, common)
+    _add_router_parser(sub)
     return parser
 
 
@@ -191,7 +192,15 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--json", default=None, help="also write the results to this file")
     bench.add_argument(
         "--workload",
-        choices=["default", "moe-scaling", "suite", "moe-tune", "moe-cpu", "quality"],
+        choices=[
+            "default",
+            "moe-scaling",
+            "suite",
+            "moe-tune",
+            "moe-cpu",
+            "quality",
+            "json-schema",
+        ],
         default="default",
         help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
         "a 64-expert top-2 MoE vs a dense model of equal active size vs all experts; suite: "
@@ -202,7 +211,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "llama.cpp's llama-batched-bench on the same file, with peak RSS, load and roofline; "
         "quality: KL divergence and top-1 agreement of the CPU kernels' exact and int8 paths "
         "against an fp32 reference on a fixed text, beside llama-perplexity's KL of the same "
-        "GGUF against its F32 copy",
+        "GGUF against its F32 copy; json-schema: --concurrency requests decoding together, free "
+        "and under a json_schema constraint, and the ratio of their tok/s (target >= 0.9x)",
     )
     bench.add_argument("--streams", default="1,4,16", help="moe-cpu: stream counts (comma list)")
     bench.add_argument(
@@ -379,8 +389,69 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "--tool-call-parser",
         choices=["auto", *KNOWN_TOOL_PARSERS],
         default="auto",
-        help="the tool-call format parsed from the output (vLLM's names; auto: from the chat "
-        "template). Implemented: hermes, llama3_json; others answer tool requests with 400",
+        help="the tool-call format parsed from the output (vLLM's names; auto: the one the chat "
+        "template writes, hermes when it writes none)",
+    )
+    pd = serve.add_argument_group(
+        "prefill/decode disaggregation (docs/DISAGGREGATION.md; `moeflow router` in front)"
+    )
+    pd.add_argument(
+        "--role",
+        choices=["colocated", "prefill", "decode"],
+        default="colocated",
+        help="prefill: compute prompts and send their KV to the decode instance; decode: take "
+        "prompts' KV from the prefill instance and generate. Both still serve plain requests "
+        "(default: colocated, no peer)",
+    )
+    pd.add_argument(
+        "--kv-transfer-addr",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the two instances meet (a torch.distributed gloo pair): the prefill "
+        "instance listens there, the decode instance connects; e.g. 127.0.0.1:29700",
+    )
+    pd.add_argument(
+        "--kv-connect-timeout",
+        type=_positive_float,
+        default=300.0,
+        help="seconds to wait for the other instance at start (then exit 1)",
+    )
+    pd.add_argument(
+        "--kv-transfer-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="decode: seconds a request waits for its KV before --kv-transfer-failure applies",
+    )
+    pd.add_argument(
+        "--kv-transfer-failure",
+        choices=["recompute", "error"],
+        default="recompute",
+        help="decode: when a transfer is lost, late, corrupt or does not match, compute the "
+        "prompt here (recompute) or fail the request with an error (error)",
+    )
+
+
+def _add_router_parser(sub: argparse._SubParsersAction) -> None:
+    router = sub.add_parser(
+        "router",
+        help="OpenAI-compatible proxy in front of a prefill and a decode instance",
+        description="Send each completion to the prefill instance (max_tokens 1; it sends the "
+        "prompt's KV to the decode instance), then to the decode instance, which answers "
+        "(streamed or whole). /v1/chat/completions, /v1/completions, /v1/models, /health. "
+        "Start the instances with `moeflow serve --role prefill|decode --kv-transfer-addr "
+        "HOST:PORT` (docs/DISAGGREGATION.md).",
+    )
+    router.add_argument(
+        "--prefill", required=True, metavar="URL", help="e.g. http://127.0.0.1:8100"
+    )
+    router.add_argument("--decode", required=True, metavar="URL", help="e.g. http://127.0.0.1:8200")
+    router.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    router.add_argument("--port", type=int, default=8000)
+    router.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        help="seconds one call to an instance may take (while streaming: between two reads)",
     )
 
 
@@ -392,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     args = parser.parse_args(argv)
-    level = env.MOEFLOW_LOG_LEVEL or ("INFO" if args.command == "serve" else "WARNING")
+    level = env.MOEFLOW_LOG_LEVEL or ("INFO" if args.command in ("serve", "router") else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(message)s")
     try:
         return _dispatch(args)
@@ -406,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "router":
+        from moeflow.disagg.router import RouterConfig, run_router
+
+        return run_router(
+            RouterConfig(args.prefill, args.decode, args.host, args.port, args.timeout)
+        )
     if args.command == "bench":
         if args.decode_tokens is None:
             args.decode_tokens = 256 if args.workload == "suite" else 128
@@ -425,6 +502,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from moeflow.bench.suite import run_suite
 
             return run_suite(args)
+        if args.workload == "json-schema":
+            from moeflow.bench.structured import run_structured
+
+            return run_structured(args)
         if args.workload == "moe-scaling":
             from moeflow.bench.moe_scaling import run_moe_scaling
 
@@ -509,6 +590,8 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
             f"--kv-cache-dtype {args.kv_cache_dtype} is not supported yet: the KV cache is "
             "stored in the compute dtype (auto)"
         )
+    if args.role != "colocated" and args.kv_transfer_addr is None:
+        raise ValueError(f"--role {args.role} needs --kv-transfer-addr HOST:PORT")
     model = args.model_tag or args.model  # the positional wins, as in vLLM
     # Bad files and defaults fail before the model is loaded.
     template = None if args.chat_template is None else read_chat_template(args.chat_template)
@@ -538,6 +621,20 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
     # The engine loads (and sizes its KV cache) before the server binds: too little memory
     # exits non-zero.
     engine = build_engine(engine_args)
+    connector = None
+    if args.role != "colocated":
+        from moeflow.disagg.connector import attach_kv_connector
+
+        other = "decode" if args.role == "prefill" else "prefill"
+        print(f"moeflow: waiting for the {other} instance on {args.kv_transfer_addr}", flush=True)
+        connector = attach_kv_connector(
+            engine,
+            args.role,
+            args.kv_transfer_addr,
+            connect_timeout_s=args.kv_connect_timeout,
+            wait_timeout_s=args.kv_transfer_timeout,
+            on_failure=args.kv_transfer_failure,
+        )
     config = ServerConfig(
         served_model_name=args.served_model_name
         or os.path.basename(engine.config.model.rstrip("/")),
@@ -551,7 +648,11 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         price_per_hour=args.price_per_hour,
         tool_call_parser=args.tool_call_parser,
     )
-    return serve(engine, config)
+    try:
+        return serve(engine, config)
+    finally:
+        if connector is not None:
+            connector.transport.close()
 
 
 def _generation_defaults(choice: str, model: str | None) -> dict[str, Any]:
@@ -701,4 +802,11 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value

@@ -1,4 +1,5 @@
-"""SamplingParams (validated on construction), StructuredOutputsParams and FinishReason. Leaf
+"""SamplingParams (validated on construction), StructuredOutputsParams, KVTransferParams and
+FinishReason. Leaf
 module: the engine and the API both import it; api.py re-exports them."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,8 @@ MAX_LOGPROBS = 20
 MAX_STOP = 16
 MAX_LOGIT_BIAS = 1024
 MAX_CHOICES = 1024
+# A KV transfer id: what a router may put in a header and a log line.
+TRANSFER_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class FinishReason(str, enum.Enum):
@@ -76,6 +80,33 @@ class StructuredOutputsParams:
         return "grammar:" + str(self.grammar)
 
 
+@dataclass(frozen=True)
+class KVTransferParams:
+    """Prefill/decode disaggregation (moeflow/disagg/, docs/DISAGGREGATION.md), vLLM's field
+    names: on a prefill instance `do_remote_decode` sends the prompt's KV to the decode instance
+    when the request finishes; on a decode instance `do_remote_prefill` takes the prompt's KV
+    (and first token) from the prefill instance instead of computing it. `transfer_id` links
+    the two halves of one request."""
+
+    transfer_id: str
+    do_remote_decode: bool = False
+    do_remote_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.transfer_id, str)
+            and TRANSFER_ID_PATTERN.fullmatch(self.transfer_id) is not None,
+            "kv_transfer_params.transfer_id",
+            "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+        )
+        _check(
+            self.do_remote_decode != self.do_remote_prefill,
+            "kv_transfer_params",
+            "needs exactly one of do_remote_decode (a prefill instance) and do_remote_prefill "
+            "(a decode instance)",
+        )
+
+
 @dataclass
 class SamplingParams:
     """vLLM-shaped. temperature 0 means greedy; max_tokens None means the rest of the context."""
@@ -96,6 +127,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     structured_outputs: StructuredOutputsParams | None = None  # a constraint on the output
+    kv_transfer: KVTransferParams | None = None  # prefill/decode disaggregation
     # Generations per prompt: LLM.generate and the server run n engine requests (choice i of a
     # seeded prompt gets seed + i); one engine request is always n = 1.
     n: int = 1

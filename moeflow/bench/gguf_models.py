@@ -1,9 +1,10 @@
 """Random-weight GGUF files of the presets' real shapes, whole or their first N layers, laid out
 as llama.cpp's converter and quantizer write them (tensor names, expert stacking, Q4_K_M's type
 per tensor; IQ4_XS throughout for iq4_xs), so moeflow and llama.cpp can be benchmarked on the
-same file. Quantised tensors hold random blocks with small finite scales (values of about the
-preset's init scale); the router and norms are float32. Files are written once and cached
-under MOEFLOW_CACHE_DIR.
+same file: qwen3moe, qwen3, llama, olmoe, and deepseek2 (DeepSeek-V2/V3 and Kimi K2, MLA with
+the split k_b / v_b of today's converter). Quantised tensors hold random blocks with small
+finite scales (values of about the preset's init scale); the router and norms are float32.
+Files are written once and cached under MOEFLOW_CACHE_DIR.
 
 Shape legend: V vocab, H hidden, I intermediate, E experts, Nh / Nkv heads, D head dim."""
 
@@ -59,7 +60,14 @@ _FALLBACK = {
     GGMLType.Q6_K: GGMLType.Q8_0,
     GGMLType.IQ4_XS: GGMLType.IQ4_NL,
 }
-_GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen3": "qwen3", "llama": "llama"}
+_GGUF_ARCH = {
+    "qwen3_moe": "qwen3moe",
+    "qwen3": "qwen3",
+    "llama": "llama",
+    "olmoe": "olmoe",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
+}
 
 
 def bench_gguf(preset: str, hf: dict[str, Any], ftype: str, num_layers: int | None = None) -> Path:
@@ -123,10 +131,41 @@ def _layer_tensors(
     hf: dict[str, Any], layer: int, add: Callable[[str, tuple[int, ...]], None]
 ) -> None:
     h = int(hf["hidden_size"])
+    add("attn_norm.weight", (h,))
+    if "kv_lora_rank" in hf:
+        _mla_tensors(hf, add)
+    else:
+        _attention_tensors(hf, add)
+    add("ffn_norm.weight", (h,))
+    num_experts = int(hf.get("num_experts") or hf.get("n_routed_experts") or 0)
+    dense = layer in (hf.get("mlp_only_layers") or []) or layer < int(
+        hf.get("first_k_dense_replace") or 0
+    )
+    if not num_experts or dense:
+        inter = int(hf["intermediate_size"])
+        add("ffn_gate.weight", (inter, h))
+        add("ffn_up.weight", (inter, h))
+        add("ffn_down.weight", (h, inter))
+        return
+    inter = int(hf.get("moe_intermediate_size") or hf["intermediate_size"])  # OLMoE: the latter
+    add("ffn_gate_inp.weight", (num_experts, h))
+    if hf.get("topk_method") == "noaux_tc":
+        add("exp_probs_b.bias", (num_experts,))
+    add("ffn_gate_exps.weight", (num_experts, inter, h))
+    add("ffn_up_exps.weight", (num_experts, inter, h))
+    add("ffn_down_exps.weight", (num_experts, h, inter))
+    shared = int(hf.get("n_shared_experts") or 0) * inter
+    if shared:
+        add("ffn_gate_shexp.weight", (shared, h))
+        add("ffn_up_shexp.weight", (shared, h))
+        add("ffn_down_shexp.weight", (h, shared))
+
+
+def _attention_tensors(hf: dict[str, Any], add: Callable[[str, tuple[int, ...]], None]) -> None:
+    h = int(hf["hidden_size"])
     nh, nkv = int(hf["num_attention_heads"]), int(hf.get("num_key_value_heads") or 0)
     nkv = nkv or nh
     d = int(hf.get("head_dim") or h // nh)
-    add("attn_norm.weight", (h,))
     add("attn_q.weight", (nh * d, h))
     add("attn_k.weight", (nkv * d, h))
     add("attn_v.weight", (nkv * d, h))
@@ -134,19 +173,29 @@ def _layer_tensors(
     if hf["model_type"] in ("qwen3", "qwen3_moe"):
         add("attn_q_norm.weight", (d,))
         add("attn_k_norm.weight", (d,))
-    add("ffn_norm.weight", (h,))
-    num_experts = int(hf.get("num_experts") or 0)
-    if num_experts and layer not in (hf.get("mlp_only_layers") or []):
-        inter = int(hf["moe_intermediate_size"])
-        add("ffn_gate_inp.weight", (num_experts, h))
-        add("ffn_gate_exps.weight", (num_experts, inter, h))
-        add("ffn_up_exps.weight", (num_experts, inter, h))
-        add("ffn_down_exps.weight", (num_experts, h, inter))
+    elif hf["model_type"] == "olmoe":  # normed over all heads at once
+        add("attn_q_norm.weight", (nh * d,))
+        add("attn_k_norm.weight", (nkv * d,))
+
+
+def _mla_tensors(hf: dict[str, Any], add: Callable[[str, tuple[int, ...]], None]) -> None:
+    """DeepSeek's MLA as llama.cpp's converter writes it today: kv_b_proj split into per-head
+    attn_k_b [heads, kv_lora, nope] and attn_v_b [heads, v, kv_lora] (the absorbed cache)."""
+    h, nh = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    nope, rope = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+    kv_lora, v_dim = int(hf["kv_lora_rank"]), int(hf["v_head_dim"])
+    q_lora = int(hf.get("q_lora_rank") or 0)
+    if q_lora:
+        add("attn_q_a.weight", (q_lora, h))
+        add("attn_q_a_norm.weight", (q_lora,))
+        add("attn_q_b.weight", (nh * (nope + rope), q_lora))
     else:
-        inter = int(hf["intermediate_size"])
-        add("ffn_gate.weight", (inter, h))
-        add("ffn_up.weight", (inter, h))
-        add("ffn_down.weight", (h, inter))
+        add("attn_q.weight", (nh * (nope + rope), h))
+    add("attn_kv_a_mqa.weight", (kv_lora + rope, h))
+    add("attn_kv_a_norm.weight", (kv_lora,))
+    add("attn_k_b.weight", (nh, kv_lora, nope))
+    add("attn_v_b.weight", (nh, v_dim, kv_lora))
+    add("attn_output.weight", (h, nh * v_dim))
 
 
 def _type_rule(ftype: str, num_layers: int, num_experts: int) -> Callable[[str, int], GGMLType]:
@@ -216,16 +265,53 @@ def _metadata(w: GGUFWriter, hf: dict[str, Any], arch: str, ftype: str) -> None:
     w.add(f"{arch}.embedding_length", h)
     w.add(f"{arch}.feed_forward_length", int(hf["intermediate_size"]))
     w.add(f"{arch}.attention.head_count", nh)
-    w.add(f"{arch}.attention.head_count_kv", int(hf.get("num_key_value_heads") or nh))
-    w.add(f"{arch}.attention.key_length", d)
-    w.add(f"{arch}.attention.value_length", d)
     w.add(f"{arch}.rope.freq_base", float(hf.get("rope_theta") or 10000.0))
     w.add(f"{arch}.attention.layer_norm_rms_epsilon", float(hf.get("rms_norm_eps") or 1e-6))
+    if arch == "deepseek2":
+        _deepseek2_metadata(w, hf)
+    else:
+        w.add(f"{arch}.attention.head_count_kv", int(hf.get("num_key_value_heads") or nh))
+        w.add(f"{arch}.attention.key_length", d)
+        w.add(f"{arch}.attention.value_length", d)
     if hf.get("num_experts"):
         w.add(f"{arch}.expert_count", int(hf["num_experts"]))
         w.add(f"{arch}.expert_used_count", int(hf["num_experts_per_tok"]))
-        w.add(f"{arch}.expert_feed_forward_length", int(hf["moe_intermediate_size"]))
+        if hf.get("moe_intermediate_size"):  # OLMoE's experts are feed_forward_length wide
+            w.add(f"{arch}.expert_feed_forward_length", int(hf["moe_intermediate_size"]))
     _tokenizer(w, int(hf["vocab_size"]))
+
+
+def _deepseek2_metadata(w: GGUFWriter, hf: dict[str, Any]) -> None:
+    """deepseek2's keys as the converter writes them for the absorbed MLA cache: one KV head of
+    kv_lora + rope dims, the per-head sizes in *_length_mla; V3's sigmoid router with groups."""
+    arch = "deepseek2"
+    nope, rope = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+    kv_lora = int(hf["kv_lora_rank"])
+    w.add(f"{arch}.attention.head_count_kv", 1)
+    w.add(f"{arch}.attention.key_length", kv_lora + rope)
+    w.add(f"{arch}.attention.value_length", kv_lora)
+    w.add(f"{arch}.attention.key_length_mla", nope + rope)
+    w.add(f"{arch}.attention.value_length_mla", int(hf["v_head_dim"]))
+    w.add(f"{arch}.attention.q_lora_rank", int(hf.get("q_lora_rank") or 0))
+    w.add(f"{arch}.attention.kv_lora_rank", kv_lora)
+    w.add(f"{arch}.rope.dimension_count", rope)
+    w.add(f"{arch}.leading_dense_block_count", int(hf.get("first_k_dense_replace") or 0))
+    w.add(f"{arch}.expert_count", int(hf["n_routed_experts"]))
+    w.add(f"{arch}.expert_used_count", int(hf["num_experts_per_tok"]))
+    w.add(f"{arch}.expert_feed_forward_length", int(hf["moe_intermediate_size"]))
+    w.add(f"{arch}.expert_shared_count", int(hf.get("n_shared_experts") or 0))
+    w.add(f"{arch}.expert_weights_scale", float(hf.get("routed_scaling_factor") or 1.0))
+    w.add(f"{arch}.expert_weights_norm", bool(hf.get("norm_topk_prob")))
+    w.add(f"{arch}.expert_gating_func", 2 if hf.get("scoring_func") == "sigmoid" else 1)
+    w.add(f"{arch}.expert_group_count", int(hf.get("n_group") or 1))
+    w.add(f"{arch}.expert_group_used_count", int(hf.get("topk_group") or 1))
+    yarn = hf.get("rope_scaling")
+    if yarn and yarn.get("type", yarn.get("rope_type")) == "yarn":
+        w.add(f"{arch}.rope.scaling.type", "yarn")
+        w.add(f"{arch}.rope.scaling.factor", float(yarn["factor"]))
+        original = int(yarn["original_max_position_embeddings"])
+        w.add(f"{arch}.rope.scaling.original_context_length", original)
+        w.add(f"{arch}.rope.scaling.yarn_log_multiplier", 0.1 * float(yarn["mscale_all_dim"]))
 
 
 def _tokenizer(w: GGUFWriter, vocab_size: int) -> None:

@@ -1,7 +1,8 @@
 """The memory plan and the paged KV tensors. Every cache-owning layer implements
 `allocate_cache(num_blocks, block_size, dtype, device) -> bytes` and
-`cache_bytes_per_token(dtype) -> bytes` (layers/attention.py PagedAttention: a K/V pair;
-an MLA layer: its latent); this module only walks the model."""
+`cache_bytes_per_token(dtype) -> bytes` and `cache_tensors() -> [N, S, ...] tensors`
+(layers/attention.py PagedAttention: a K/V pair; an MLA layer: its latent); this module only
+walks the model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class CacheLayer(Protocol):
 
     def cache_bytes_per_token(self, dtype: torch.dtype) -> int: ...
 
+    def cache_tensors(self) -> list[torch.Tensor]: ...
+
 
 def cache_layers(model: nn.Module) -> Iterator[CacheLayer]:
     for module in model.modules():
@@ -32,6 +35,12 @@ def cache_layers(model: nn.Module) -> Iterator[CacheLayer]:
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes the cache stores per token, all layers together."""
     return sum(layer.cache_bytes_per_token(dtype) for layer in cache_layers(model))
+
+
+def cache_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every cache tensor of the model, [N, S, ...] with blocks first, in model order (what a
+    KV connector copies block by block)."""
+    return [t for layer in cache_layers(model) for t in layer.cache_tensors()]
 
 
 def allocate_kv_cache(

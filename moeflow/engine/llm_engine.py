@@ -19,6 +19,7 @@ from moeflow.config import EngineConfig, ModelConfig
 from moeflow.engine.block_manager import BlockManager
 from moeflow.engine.cost import CostLedger, Share, find_meter
 from moeflow.engine.kv_cache import plan_kv_cache
+from moeflow.engine.kv_connector import KVConnector
 from moeflow.engine.model_runner import ModelRunner, TokenCarry
 from moeflow.engine.profile import StepProfile, device_timed, timed
 from moeflow.engine.request import Request, RequestStatus
@@ -26,6 +27,7 @@ from moeflow.engine.sampler import (
     SampledBatch,
     Sampler,
     SamplingRow,
+    TokenLogprobs,
     has_penalties,
     make_generator,
 )
@@ -109,6 +111,8 @@ class LLMEngine:
         self.cost = CostLedger(find_meter(config.device))
         # Called with each request as it ends, whatever ended it (the server's metrics).
         self.finish_listeners: list[Callable[[Request], None]] = []
+        # Prefill/decode disaggregation (moeflow/disagg attaches one): None runs colocated.
+        self.kv_connector: KVConnector | None = None
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -157,12 +161,23 @@ class LLMEngine:
             max_tokens=params.max_tokens if params.max_tokens is not None else room,
             arrival_time=time.monotonic(),
         )
+        if params.kv_transfer is not None:
+            if self.kv_connector is None:
+                raise RequestError(
+                    "kv_transfer_params need an instance started with --role prefill or decode",
+                    param="kv_transfer_params",
+                )
+            self.kv_connector.check_request(params.kv_transfer)
         if params.structured_outputs is not None:
             req.grammar = self.structured.new_state(params.structured_outputs, req.prompt_ids)
         if not params.is_greedy:
             req.generator = make_generator(params.seed, self.device)
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if params.kv_transfer is not None and params.kv_transfer.do_remote_prefill:
+            assert self.kv_connector is not None  # checked above
+            self.kv_connector.add_receiving(req)  # admitted by kv_connector.poll()
+        else:
+            self.scheduler.add(req)
         self.stats.num_prompt_tokens += len(prompt_ids)
         return req
 
@@ -189,7 +204,11 @@ class LLMEngine:
             self.runner.executor.check_alive()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return (
+            self.scheduler.has_unfinished()
+            or self._in_flight is not None
+            or (self.kv_connector is not None and self.kv_connector.has_pending())
+        )
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -204,7 +223,18 @@ class LLMEngine:
         earlier token on the host.
 
         The step's time and energy go to the requests it scheduled (CostLedger); a step that
-        scheduled nothing but read the launch before goes to that launch's requests."""
+        scheduled nothing but read the launch before goes to that launch's requests.
+
+        With a KV connector, requests whose prompt's KV arrived from a prefill instance are
+        admitted first (their first token, sampled there, is among the returned updates)."""
+        if self.kv_connector is None:
+            return self._step()
+        idle = not self.scheduler.has_unfinished() and self._in_flight is None
+        received = self.kv_connector.poll(wait=idle)
+        done = self._step()
+        return received + [r for r in done if r not in received]
+
+    def _step(self) -> list[Request]:
         self.cost.book_idle()
         with timed(self.profile, "schedule_s"):
             batch = self.scheduler.schedule()
@@ -346,25 +376,30 @@ class LLMEngine:
                 req.num_pending -= 1
                 if req.is_finished:
                     continue
-                req.output_ids.append(token)
-                req.last_token_time = time.monotonic()
-                if req.first_token_time is None:
-                    req.first_token_time = req.last_token_time
-                if lp is not None:
-                    req.output_logprobs.append(lp)
-                self.stats.num_generated_tokens += 1
-                if req.grammar is not None:
-                    req.error = self.structured.advance(req.grammar, token)
-                    if req.error is not None:
-                        req.finish_reason = FinishReason.ABORT
-                        self._finish(req)
-                        done.append(req)
-                        continue
-                self._check_stop(req, token)
-                if req.finish_reason is not None:
-                    self._finish(req)
+                self.accept_token(req, token, lp)
                 done.append(req)
         return done
+
+    def accept_token(self, req: Request, token: int, lp: TokenLogprobs | None = None) -> None:
+        """Append one sampled token to a running request, check its grammar and stop
+        conditions, and finish it when they end it. Also how a KV connector hands over the
+        first token a prefill instance sampled."""
+        req.output_ids.append(token)
+        req.last_token_time = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = req.last_token_time
+        if lp is not None:
+            req.output_logprobs.append(lp)
+        self.stats.num_generated_tokens += 1
+        if req.grammar is not None:
+            req.error = self.structured.advance(req.grammar, token)
+            if req.error is not None:
+                req.finish_reason = FinishReason.ABORT
+                self._finish(req)
+                return
+        self._check_stop(req, token)
+        if req.finish_reason is not None:
+            self._finish(req)
 
     # ---- profiling ---------------------------------------------------------------------------
     # The phases of every step between start_profile and stop_profile (engine/profile.py).
@@ -407,6 +442,8 @@ class LLMEngine:
     def _finish(self, req: Request) -> None:
         if req.status is RequestStatus.FINISHED:
             return
+        if self.kv_connector is not None and req.params.kv_transfer is not None:
+            self.kv_connector.request_finished(req)  # before its blocks are freed
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
         for listener in self.finish_listeners:

@@ -213,6 +213,13 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return to_device(values, torch.float32, device)[:, None]  # [N, 1]
 
 
+def skip_draw(generator: torch.Generator) -> None:
+    """Advance a request's generator past the one uniform a step draws for it (_sample), for a
+    token sampled elsewhere (a prefill instance's first token): its later tokens are then the
+    ones a colocated run draws."""
+    torch.rand(1, dtype=torch.float64, generator=generator, device=generator.device)
+
+
 def _flat_index(
     row_ids: list[int], token_lists: list[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,6 +91,19 @@ class Scheduler:
             budget -= n
         return batch
 
+    def admit_computed(self, req: Request) -> bool:
+        """Admit a waiting request whose tokens are all computed elsewhere (a KV connector then
+        writes their KV into the blocks allocated here): it joins the running ones, and its
+        next row is a decode. False (nothing changed) when blocks or sequence slots run out."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        if not self.block_manager.allocate_slots(req, req.num_tokens - req.num_computed_tokens):
+            return False
+        req.num_computed_tokens = req.num_tokens
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return True
+
     def finish(self, req: Request) -> None:
         """Take a finished or aborted request out of the queues and free its blocks."""
         if req.status is RequestStatus.RUNNING:

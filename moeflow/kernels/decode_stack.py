@@ -1,16 +1,17 @@
 """The fused CPU decode step of a Llama-layout decoder (Llama, Mistral, Qwen2, Qwen3 and the MoE
-families on their attention: Qwen3-MoE, Qwen2-MoE, Mixtral, GLM-4.5): every layer and the final
-norm in one call of the compiled kernels (csrc/cpu_ops.cpp DecodeStack), one OpenMP region for
-the whole step instead of ~10 Python dispatches and thread fork/joins per layer. It runs the
-single ops' own row functions (an MoE layer: the compiled router and grouped expert pass its
-eager path runs, csrc/moe.h), so its output is theirs.
+families on their attention: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5; not yet DeepSeek's
+MLA): every layer and the final norm in one call of the compiled kernels (csrc/cpu_ops.cpp
+DecodeStack), one OpenMP region for the whole step instead of ~10 Python dispatches and thread
+fork/joins per layer. It runs the single ops' own row functions (an MoE layer: the compiled router
+and grouped expert pass its eager path runs, csrc/moe.h), so its output is theirs.
 
-It applies to decode steps on the CPU of up to `MAX_ROWS` sequences when every projection is
-kept quantised (GGUF blocks or `--quantize`; MoE experts as blocks too), activations and the KV
-cache are float32, the rotary layout is NeoX and the MLP (and the shared experts) gated SiLU;
-otherwise the model runs layer by layer. The engine's runner asks `fits` on each eager step and
-then calls `forward` instead of the model. MoE layers' routing statistics, when enabled, are
-counted from the experts the step chose.
+It applies to decode steps on the CPU of up to `MAX_ROWS` sequences when every projection is kept
+quantised (GGUF blocks or `--quantize`; MoE experts as blocks too), activations and the KV cache
+are float32, the rotary layout is NeoX and the MLP (and the shared experts, gated by a sigmoid or
+not) gated SiLU, q/k normed per head (Qwen3) or over all heads and q/k/v clipped (OLMoE); otherwise
+the model runs layer by layer. The engine's runner asks `fits` on each eager step and then calls
+`forward` instead of the model. MoE layers' routing statistics, when enabled, are counted from the
+experts the step chose.
 
 The model is read through its models.base.DecoderParts view (kernels may not import models, so
 it is typed Any here): `embed`, `norm` and, per layer, the fields of models.base.LayerParts."""
@@ -100,23 +101,24 @@ def unfit_reason(decoder: Any, ops: Any) -> str | None:
         if moe is not None:
             if moe.cpu_layer(ops) is None:
                 return f"layer {i}'s experts are not kept quantised (or not SiLU) on the CPU"
-            if moe.shared_expert_gate is not None:
-                return f"layer {i} gates its shared experts"
+            gate = moe.shared_expert_gate
+            if gate is not None and gate.parts is not None:
+                return f"layer {i}'s shared-expert gate mixes ggml types"
         mlp = [layer.gate_up_proj, layer.down_proj] if layer.gate_up_proj is not None else []
         projections = [layer.qkv_proj, layer.o_proj, *mlp]
         if any(not _parts(p) or any(q.qtype is None for q in _parts(p)) for p in projections):
             return f"layer {i} has a projection that is not kept quantised"
         if layer.act is not None and not layer.act.is_silu:
             return f"layer {i}'s MLP activation is not SiLU"
-        if layer.rotary.layout != "neox" or layer.clip_qkv is not None:
-            return f"layer {i} needs a rotary layout or q/k/v clipping the fused step lacks"
-        if layer.q_norm is not None and not layer.qk_norm_per_head:
-            return f"layer {i} normalises q/k over the whole projection"
+        if layer.rotary.layout != "neox":
+            return f"layer {i} needs a rotary layout the fused step lacks"
         norms = [layer.input_norm, layer.post_norm]
         norms += [layer.q_norm, layer.k_norm] if layer.q_norm is not None else []
         if any(n.eps != eps for n in norms):
             return f"layer {i}'s norms differ in eps"
         tensors = [n.weight for n in norms] + [p.bias for p in projections if p.bias is not None]
+        gate = moe.shared_expert_gate if moe is not None else None
+        tensors += [gate.weight] if gate is not None and gate.qtype is None else []
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
             return f"layer {i} has norms or biases that are not float32 on the CPU"
         attn = layer.attn
@@ -172,8 +174,21 @@ def _build(ops: Any, decoder: Any) -> Any:
             layer.attn.v_cache,
             layer.attn.sliding_window or 0,
             layer.moe.cpu_layer(ops) if layer.moe is not None else None,
+            *_shared_gate(layer.moe),
+            layer.clip_qkv or 0.0,
         )
     return stack
+
+
+def _shared_gate(moe: Any) -> tuple[torch.Tensor | None, list[int]]:
+    """Qwen2-MoE's shared-expert gate [1, H]: its blocks and ggml type, or its float32 row [H]
+    and no type (None: the layer has none)."""
+    gate = moe.shared_expert_gate if moe is not None else None
+    if gate is None:
+        return None, []
+    if gate.qtype is not None:
+        return gate.weight.detach(), [gate.qtype]
+    return gate.weight.detach().reshape(-1), []
 
 
 def _parts(linear: Any) -> list[Any]:

@@ -40,6 +40,9 @@ class PagedAttention(nn.Module):
     def cache_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=dtype).element_size()
 
+    def cache_tensors(self) -> list[torch.Tensor]:
+        return [self.k_cache, self.v_cache]
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
         batch = get_forward_batch()

@@ -83,6 +83,9 @@ class MLAAttention(nn.Module):
     def cache_bytes_per_token(self, dtype: torch.dtype) -> int:
         return (self.kv_lora_rank + self.rope) * torch.empty(0, dtype=dtype).element_size()
 
+    def cache_tensors(self) -> list[torch.Tensor]:
+        return [self.latent_cache]
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         if self.q_proj is not None:
             q = self.q_proj(hidden)

@@ -30,6 +30,8 @@ from moeflow.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_STOP,
+    TRANSFER_ID_PATTERN,
+    KVTransferParams,
     StructuredOutputsParams,
 )
 from moeflow.tokenizer.chat_template import CHAT_TEMPLATE_KWARGS
@@ -243,6 +245,20 @@ TemplateKwargs = Annotated[
 ]
 
 
+class KVTransferParamsBody(_Strict):
+    """vLLM's kv_transfer_params, as `moeflow router` sets them (docs/DISAGGREGATION.md)."""
+
+    transfer_id: Annotated[str, Field(pattern=f"^{TRANSFER_ID_PATTERN.pattern}$")]
+    do_remote_decode: StrictBool = False
+    do_remote_prefill: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_side(self) -> KVTransferParamsBody:
+        if self.do_remote_decode == self.do_remote_prefill:
+            raise ValueError("give exactly one of do_remote_decode and do_remote_prefill")
+        return self
+
+
 class _Sampling(_Strict):
     """The fields both endpoints share. None means "the engine's default"."""
 
@@ -271,6 +287,7 @@ class _Sampling(_Strict):
     guided_regex: Annotated[str, Field(max_length=MAX_STOP_CHARS * 16)] | None = None
     guided_choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
     guided_grammar: Text | None = None
+    kv_transfer_params: KVTransferParamsBody | None = None  # vLLM's; set by `moeflow router`
 
     @model_validator(mode="after")
     def _one_constraint(self) -> _Sampling:
@@ -334,6 +351,11 @@ class _Sampling(_Strict):
         spec = self.structured_outputs_params()
         if spec is not None:
             kw["structured_outputs"] = spec
+        kv = self.kv_transfer_params
+        if kv is not None:
+            kw["kv_transfer"] = KVTransferParams(
+                kv.transfer_id, kv.do_remote_decode, kv.do_remote_prefill
+            )
         return kw
 
 

@@ -26,8 +26,11 @@ from moeflow.server import protocol
 from moeflow.server.metrics import ServerMetrics
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
 from moeflow.tokenizer.tool_parser import (
+    KNOWN_TOOL_PARSERS,
+    TOOL_MARKERS,
     TOOL_PARSERS,
     ToolCall,
+    ToolCallDelta,
     ToolParser,
     pick_tool_parser,
     tool_call_grammar,
@@ -92,6 +95,7 @@ class _Choice:
     prompt_idx: int  # which of the request's prompts this generates from
     splitter: ReasoningSplitter | None
     tool_parser: ToolParser | None = None  # when the request offers tools
+    strip_stop_token: bool = False  # special tokens are kept: drop the text of the one that stops
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     text_pieces: list[str] = field(default_factory=list)  # the text deltas so far
@@ -140,6 +144,13 @@ class OpenAIServing:
             and self._think_end_id is not None
         )
         self.tool_parser = pick_tool_parser(config.tool_call_parser, self.tokenizer.chat_template)
+        # Tool markers this tokenizer holds as special tokens would vanish from decoded text:
+        # tool requests then keep special tokens (as vLLM does for these parsers).
+        self._keep_special_for_tools = any(
+            (tid := self.tokenizer.token_to_id(m)) is not None
+            and self.tokenizer.decode([tid], skip_special_tokens=True) == ""
+            for m in TOOL_MARKERS
+        )
 
     # ---- endpoints -----------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -196,9 +207,13 @@ class OpenAIServing:
         kwargs = dict(req.chat_template_kwargs or {})
         sampling = req.sampling_kwargs()
         tools = req.template_tools()
+        strip_stop_token = False
         if tools is not None:
             kwargs["tools"] = tools
             self._constrain_tool_call(req, tools, sampling)
+            if self._keep_special_for_tools and sampling.get("skip_special_tokens", True):
+                sampling["skip_special_tokens"] = False
+                strip_stop_token = True
         messages = req.template_messages()
         tokenizer = self.tokenizer
 
@@ -223,6 +238,8 @@ class OpenAIServing:
             reasoning=self.use_reasoning,
             in_reasoning=in_reasoning,
             tool_parser=self.tool_parser if tools is not None else None,
+            tools=tools,
+            strip_stop_token=strip_stop_token,
         )
         if req.stream:
             return _event_stream(self._sse(job, self._role_chunks(job), self._chat_chunk))
@@ -268,9 +285,9 @@ class OpenAIServing:
         if self.tool_parser is None:
             raise ApiError(
                 400,
-                'tool calls in this model\'s format are not supported yet (tool_choice "none" '
-                "works; `moeflow serve --tool-call-parser` picks a format: implemented: "
-                f"{', '.join(TOOL_PARSERS)})",
+                "this model's chat template writes tool calls in a format not known here "
+                '(tool_choice "none" works; `moeflow serve --tool-call-parser` picks one of: '
+                f"{', '.join(KNOWN_TOOL_PARSERS)})",
                 param="tools",
             )
         choice = req.effective_tool_choice
@@ -284,7 +301,9 @@ class OpenAIServing:
                 param="tool_choice",
             )
         name = None if isinstance(choice, str) else choice.function.name
-        grammar = tool_call_grammar(self.tool_parser, tools, name, req.parallel_tool_calls)
+        grammar = tool_call_grammar(
+            self.tool_parser, tools, name, req.parallel_tool_calls, self.tokenizer.token_to_id
+        )
         sampling["structured_outputs"] = StructuredOutputsParams(grammar=grammar, param="tools")
 
     def _check_model(self, name: str | None) -> None:
@@ -311,9 +330,17 @@ class OpenAIServing:
         reasoning: bool,
         in_reasoning: bool,
         tool_parser: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        strip_stop_token: bool = False,
     ) -> _Job:
         """One engine request per prompt and choice (choice i of a seeded request gets seed +
         i); if one is refused, those already submitted are aborted."""
+        if params.kv_transfer is not None and n * len(prompts) != 1:
+            raise ApiError(
+                400,
+                "kv_transfer_params take one prompt and n = 1 (one KV transfer per request)",
+                param="kv_transfer_params",
+            )
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         created = protocol.now()
         arrival = time.monotonic()
@@ -327,9 +354,12 @@ class OpenAIServing:
                     if n > 1 and params.seed is not None:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
-                    splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning)
-                    parser = TOOL_PARSERS[tool_parser]() if tool_parser is not None else None
-                    choices.append(_Choice(idx, p_idx, splitter if reasoning else None, parser))
+                    parser = TOOL_PARSERS[tool_parser](tools) if tool_parser is not None else None
+                    call_tags = parser.call_tags if parser is not None else ()
+                    splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning, call_tags)
+                    choice = _Choice(idx, p_idx, splitter if reasoning else None, parser)
+                    choice.strip_stop_token = strip_stop_token
+                    choices.append(choice)
         except BaseException as e:
             for it in iterators:
                 await _close(it)
@@ -355,7 +385,12 @@ class OpenAIServing:
         choice.logprobs.extend(update.new_logprobs)
         choice.num_cached_tokens = max(choice.num_cached_tokens, update.num_cached_tokens)
         self.metrics.generation_tokens.inc(len(update.new_token_ids))
-        choice.text_pieces.append(update.text_delta)
+        text_delta = update.text_delta
+        if choice.strip_stop_token and update.finish_reason == "stop" and update.new_token_ids:
+            last = update.new_token_ids[-1]  # an eos or stop token is markup, never content
+            if self.tokenizer.decode([last], skip_special_tokens=True) == "":
+                text_delta = text_delta.removesuffix(self.tokenizer.decode([last], False))
+        choice.text_pieces.append(text_delta)
         if update.finish_reason is not None:
             choice.finish_reason = update.finish_reason
             choice.cost = update.cost
@@ -363,7 +398,7 @@ class OpenAIServing:
                 reasoning_ns = update.cost.decode_ns_of_first(self._reasoning_tokens(choice))
                 self.metrics.reasoning_seconds.inc(reasoning_ns / 1e9)
             choice.final_text = "".join(choice.text_pieces)
-        return update.text_delta
+        return text_delta
 
     # ---- a full response -----------------------------------------------------------------------
     async def _collect_or_leave(self, request: Request, job: _Job) -> bool:
@@ -496,25 +531,21 @@ class OpenAIServing:
             reasoning_tail, content_tail = c.splitter.finish()
             reasoning_delta += reasoning_tail
             content_delta += content_tail
-        calls: list[ToolCall] = []
-        first = 0  # the index of this delta's first new call
+        call_deltas: list[ToolCallDelta] = []  # OpenAI's: id and name first, then arguments
         if c.tool_parser is not None:
-            first = len(c.tool_parser.calls)
-            content_delta, calls = c.tool_parser.feed(content_delta)
+            content_delta, call_deltas = c.tool_parser.feed(content_delta)
             if finish is not None:
-                content_tail, tail_calls = c.tool_parser.finish()
+                content_tail, tail_deltas = c.tool_parser.finish()
                 content_delta += content_tail
-                calls += tail_calls
+                call_deltas += tail_deltas
             finish = _finish_reason(finish, bool(c.tool_parser.calls))
         payload: dict[str, Any] = {}
         if content_delta:
             payload["content"] = content_delta
         if reasoning_delta:
             payload["reasoning_content"] = reasoning_delta
-        if calls:
-            payload["tool_calls"] = [
-                {"index": first + i, **call.to_openai()} for i, call in enumerate(calls)
-            ]
+        if call_deltas:
+            payload["tool_calls"] = [d.to_openai() for d in call_deltas]
         if not (payload or finish is not None or entries):
             return None
         logprobs = protocol.chat_logprobs(entries) if entries else None

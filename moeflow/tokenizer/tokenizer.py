@@ -30,8 +30,9 @@ MAX_JSON_FILE_BYTES = 64 * 1024 * 1024
 
 # How each GGUF `tokenizer.ggml.pre` splits text before byte-level BPE, as the family's own
 # tokenizer.json does (the regexes are data from those files; Kimi K2's from its tiktoken
-# `pat_str`). Oniguruma, which `tokenizers` uses, reads `(?i:...)`, `\p{Han}` and `&&` classes.
-_GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# `pat_str`; tests/tokenizer/data/pre_tokenizers.json records where each was read and the tests
+# compare these against it). Oniguruma, which `tokenizers` uses, reads `(?i:...)`, `\p{Han}` and
+# `&&` classes.
 _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
     r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -40,9 +41,21 @@ _QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
     r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN35_PATTERN = (  # Qwen 3.5 / 3.6: combining marks stay with their letters
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class _Digits:
+    """tokenizer.json's `Digits(individual_digits=true)` step: every digit its own piece."""
+
+
+_DIGITS = _Digits()
 # DeepSeek LLM / MoE / V2: newlines, letters of cased scripts (code points escaped: NFC would
 # fold some, e.g. U+1F7D, and empty their ranges), punctuation, trailing spaces, CJK, digits.
-_DEEPSEEK_LLM_PATTERNS = (
+_DEEPSEEK_LLM_STEPS: tuple[str | _Digits, ...] = (
     r"[\r\n]",
     r"\s?[A-Za-z\x{B5}\x{C0}-\x{D6}\x{D8}-\x{F6}\x{F8}-\x{1BA}\x{1BC}-\x{1BF}"
     r"\x{1C4}-\x{293}\x{295}-\x{2AF}\x{370}-\x{373}\x{376}\x{377}\x{37B}-\x{37D}\x{37F}"
@@ -64,14 +77,14 @@ _DEEPSEEK_LLM_PATTERNS = (
     r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
     r"\s+$",
     r"[一-龥ࠀ-一가-퟿]+",
-    r"\p{N}+",
+    _DIGITS,
 )
-_DEEPSEEK_CODER_PATTERNS = (
+_DEEPSEEK_CODER_STEPS: tuple[str | _Digits, ...] = (
     r"[\r\n]",
     r"\s?\p{L}+",
     r"\s?\p{P}+",
     r"[一-龥ࠀ-一가-퟿]+",
-    r"\p{N}",
+    _DIGITS,
 )
 _DEEPSEEK_V3_PATTERNS = (  # DeepSeek V3 / R1: digits in threes, CJK runs, then the main split
     r"\p{N}{1,3}",
@@ -96,36 +109,40 @@ _TEKKEN_PATTERN = (  # Mistral's tekken (Nemo and later)
 
 @dataclass(frozen=True)
 class _PreTokenizer:
-    """The Split regexes applied in order (each match isolated), NFC before them where the
-    tokenizer.json has that normalizer, and the BPE model's `ignore_merges` (a word that is
-    itself a token is not merged: tiktoken-born vocabularies)."""
+    """The tokenizer.json's pre-tokenizer steps in order (a regex is a Split, each match
+    isolated), then ByteLevel with GPT-2's own regex where `gpt2_regex` (the `use_regex` flag);
+    NFC first where the file has that normalizer; and the BPE model's `ignore_merges` (a word
+    that is itself a token is not merged: tiktoken-born vocabularies)."""
 
-    patterns: tuple[str, ...]
+    steps: tuple[str | _Digits, ...] = ()
+    gpt2_regex: bool = False
     nfc: bool = False
     ignore_merges: bool = False
 
 
-_GPT2 = _PreTokenizer((_GPT2_PATTERN,))
+_GPT2 = _PreTokenizer(gpt2_regex=True)
+_DIGITS_GPT2 = _PreTokenizer((_DIGITS,), gpt2_regex=True)  # SmolLM, StarCoder: digits alone
+_LLAMA3 = _PreTokenizer((_LLAMA3_PATTERN,), ignore_merges=True)
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _GPT2,
     "gpt2": _GPT2,
     "gpt-2": _GPT2,
     "olmo": _GPT2,
-    # SmolLM / StarCoder style: every digit alone, then the GPT-2 split.
-    "smollm": _PreTokenizer((r"\p{N}", _GPT2_PATTERN)),
-    "starcoder": _PreTokenizer((r"\p{N}", _GPT2_PATTERN)),
-    "refact": _PreTokenizer((r"\p{N}", _GPT2_PATTERN)),
-    "llama-bpe": _PreTokenizer((_LLAMA3_PATTERN,), ignore_merges=True),
-    "llama3": _PreTokenizer((_LLAMA3_PATTERN,), ignore_merges=True),
-    "llama-v3": _PreTokenizer((_LLAMA3_PATTERN,), ignore_merges=True),
+    "smollm": _DIGITS_GPT2,
+    "starcoder": _DIGITS_GPT2,
+    "refact": _DIGITS_GPT2,
+    "llama-bpe": _LLAMA3,
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
     "dbrx": _PreTokenizer((_LLAMA3_PATTERN,)),
     "smaug-bpe": _PreTokenizer((_LLAMA3_PATTERN,)),
-    "glm4": _PreTokenizer((_LLAMA3_PATTERN,)),
+    "glm4": _LLAMA3,  # GLM-4.7 / 5's tokenizer.json sets ignore_merges as Llama 3's does
     "chatglm-bpe": _PreTokenizer((_LLAMA3_PATTERN,)),
     "qwen2": _PreTokenizer((_QWEN2_PATTERN,), nfc=True),
     "deepseek-r1-qwen": _PreTokenizer((_QWEN2_PATTERN,), nfc=True),
-    "deepseek-llm": _PreTokenizer(_DEEPSEEK_LLM_PATTERNS),
-    "deepseek-coder": _PreTokenizer(_DEEPSEEK_CODER_PATTERNS),
+    "qwen35": _PreTokenizer((_QWEN35_PATTERN,), nfc=True),
+    "deepseek-llm": _PreTokenizer(_DEEPSEEK_LLM_STEPS),
+    "deepseek-coder": _PreTokenizer(_DEEPSEEK_CODER_STEPS),
     "deepseek-v3": _PreTokenizer(_DEEPSEEK_V3_PATTERNS),
     "kimi-k2": _PreTokenizer((_KIMI_K2_PATTERN,), ignore_merges=True),
     "tekken": _PreTokenizer((_TEKKEN_PATTERN,), ignore_merges=True),
@@ -414,8 +431,13 @@ def _bpe_backend(metadata: Mapping[str, Any], tokens: list[str]) -> tokenizers.T
     if spec.nfc:
         backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in spec.patterns]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True)
+            if isinstance(step, _Digits)
+            else pre_tokenizers.Split(Regex(step), behavior="isolated")
+            for step in spec.steps
+        ]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=spec.gpt2_regex)]
     )
     backend.decoder = decoders.ByteLevel()
     return backend

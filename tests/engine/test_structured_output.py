@@ -137,16 +137,14 @@ def test_reasoning_then_forced_tool_call(scripted_checkpoint: Path) -> None:
 
     def chain(deltas: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
         splitter, parser = ReasoningSplitter(), HermesToolParser()
-        reasoning, content, calls = "", "", []
+        reasoning, content = "", ""
         for d in [*deltas, None]:
             r, c = splitter.feed(d) if d is not None else splitter.finish()
-            c, new = parser.feed(c)
+            c, _ = parser.feed(c)
             if d is None:
-                tail, more = parser.finish()
-                c, new = c + tail, new + more
+                c += parser.finish()[0]
             reasoning, content = reasoning + r, content + c
-            calls += [(t.name, t.arguments) for t in new]
-        return reasoning, content, calls
+        return reasoning, content, [(t.name, t.arguments) for t in parser.calls]
 
     whole = chain([out.text])
     assert whole == ("abc", "", [("ping", "{}")])

@@ -269,20 +269,29 @@ def make_deepseek_checkpoint(variant: str, folder: Path, seed: int = 0) -> Path:
 THINK_SCRIPT = ["<think>", "a", "b", "c", "</think>", "X", "Y", "Z"]
 
 
-def make_scripted_checkpoint(folder: Path) -> Path:
+def make_scripted_checkpoint(
+    folder: Path,
+    script: list[str] = THINK_SCRIPT,
+    template: str | None = None,
+    special: tuple[str, ...] = (),
+) -> Path:
     """A real llama checkpoint whose greedy output is scripted: every layer adds nothing (o_proj
     and down_proj are zero), embeddings are one-hot and the LM head maps each token to its
-    successor in THINK_SCRIPT, so any prompt continues with "<think>abc</think>XYZ" then EOS.
-    The chat template opens the think block itself when enable_thinking is true."""
+    successor in `script` (pieces that are not one byte become added tokens, special ones for
+    those in `special`, which decoding skips by default; all distinct), so
+    any prompt continues with the script then EOS. The default script is
+    "<think>abc</think>XYZ", and the default chat template opens the think block itself when
+    enable_thinking is true."""
     import transformers
     from tokenizers import Tokenizer as HFTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(folder)
     tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.add_tokens(["<think>", "</think>"])
+    tok.add_special_tokens(list(special))
+    tok.add_tokens([t for t in dict.fromkeys(script) if tok.token_to_id(t) is None])
     tok.save(str(folder / "tokenizer.json"))
-    template = (
+    template = template or (
         "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
         "{% if add_generation_prompt %}<s>assistant\n"
         "{% if enable_thinking is defined and enable_thinking %}<think>{% endif %}{% endif %}"
@@ -290,7 +299,7 @@ def make_scripted_checkpoint(folder: Path) -> Path:
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
     )
-    ids = [tok.token_to_id(t) for t in THINK_SCRIPT]
+    ids = [tok.token_to_id(t) for t in script]
     assert all(i is not None for i in ids) and len(set(ids)) == len(ids)
     hidden = TINY_VOCAB
     config = transformers.LlamaConfig(

@@ -56,3 +56,39 @@ TINY_QWEN3_MOE = {
     "head_dim": 64,
     "vocab_size": 2048,
 }
+
+# OLMoE, DeepSeek-V2-Lite (MLA, a leading dense layer, shared experts, softmax router) and
+# DeepSeek-V3 (q_lora, sigmoid router with groups and a correction bias) of the same tiny width.
+TINY_OLMOE = {
+    **PRESETS["olmoe-1b-7b"],
+    "hidden_size": 256,
+    "intermediate_size": 256,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 2048,
+}
+_TINY_MLA = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 256,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 256,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 32,
+    "v_head_dim": 64,
+    "vocab_size": 2048,
+}
+TINY_DEEPSEEK_V2 = {**PRESETS["deepseek-v2-lite"], **_TINY_MLA}
+TINY_DEEPSEEK_V3 = {
+    **PRESETS["deepseek-v3-4l"],
+    **_TINY_MLA,
+    "q_lora_rank": 256,
+    "n_group": 4,
+    "topk_group": 2,
+    "first_k_dense_replace": 1,
+}

@@ -115,12 +115,16 @@ def test_moe_fused_step_matches_layer_by_layer(
     [
         "mixtral",  # softmax top-2, sliding-window attention layout
         "glm4_moe",  # sigmoid + correction bias + expert groups, shared experts, partial rotary
+        "qwen2_moe",  # a shared expert scaled by sigmoid(x . gate), q/k/v bias
+        "olmoe",  # q/k RMSNorm over all heads at once, top-k weights not renormalised
     ],
 )
 def test_moe_families_fused_step_match_layer_by_layer(tmp_path: Path, family: str) -> None:
     """Safetensors MoE folders under --quantize q8_0 (experts quantised on load) run their MoE
     layers, shared experts and dense layers in the fused step, as layer by layer."""
-    path = make_tiny_checkpoint(family, tmp_path / family)
+    # Qwen2-MoE's tiny shared expert (48 wide) would stay float: rows of whole Q8_0 blocks.
+    overrides = {"shared_expert_intermediate_size": 64} if family == "qwen2_moe" else {}
+    path = make_tiny_checkpoint(family, tmp_path / family, **overrides)
     llm = LLM(
         model=str(path),
         device="cpu",
@@ -135,14 +139,31 @@ def test_moe_families_fused_step_match_layer_by_layer(tmp_path: Path, family: st
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=1e-4)
 
 
-def test_gated_shared_experts_run_layer_by_layer(tmp_path: Path) -> None:
-    """Qwen2-MoE scales its shared expert by a sigmoid gate, which the fused step lacks."""
-    path = make_tiny_checkpoint("qwen2_moe", tmp_path / "moe")
-    llm = LLM(model=str(path), device="cpu", kv_cache_tokens=1024, quantize="q8_0")
-    llm.generate([PROMPTS[1]], SamplingParams(max_tokens=3, temperature=0.0))
-    stack = llm.engine.runner.decode_stack
-    assert stack._stack is None
-    assert stack.unfit_reason is not None and "gates its shared experts" in stack.unfit_reason
+def test_float_shared_expert_gate_in_fused_step(tmp_path: Path) -> None:
+    """Qwen2-MoE GGUF files keep the shared-expert gate in float32 (llama.cpp does not quantise
+    it): the fused step takes that row as it is, as layer by layer."""
+    path = make_tiny_checkpoint("qwen2_moe", tmp_path / "moe", shared_expert_intermediate_size=64)
+    llm = LLM(
+        model=str(path),
+        device="cpu",
+        kv_cache_tokens=1024,
+        quantize="q8_0",
+        enable_prefix_caching=False,
+    )
+    ops = cpu_ext.ops()
+    assert ops is not None
+    gates = [m.shared_expert_gate for m in llm.loaded.model.moe_layers()]
+    assert gates and all(g is not None and g.qtype is not None for g in gates)
+    for g in gates:
+        assert g is not None and g.qtype is not None
+        w = ops.dequantize(g.weight, g.qtype, g.in_features)  # [1, H] float32
+        g.weight = torch.nn.Parameter(w, requires_grad=False)
+        g.qtype = None
+    layered = _run(llm, fused=False)
+    fused = _run(llm, fused=True)
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(layered, fused, strict=True):
+        assert ids_a == ids_b
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=1e-4)
 
 
 def test_float_model_runs_layer_by_layer(tmp_path: Path) -> None:

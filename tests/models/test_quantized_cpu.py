@@ -19,7 +19,7 @@ from moeflow.loading.loader import load_model
 from moeflow.loading.source import HFFolder
 from moeflow.weights.ggml_quants import GGMLType, quantize
 from tests.helpers.checkpoints import make_tiny_checkpoint
-from tests.helpers.gguf import TINY_QWEN3_MOE
+from tests.helpers.gguf import TINY_DEEPSEEK_V2, TINY_DEEPSEEK_V3, TINY_OLMOE, TINY_QWEN3_MOE
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
@@ -143,3 +143,71 @@ def test_moe_gguf_experts_stay_quantized(
         for la, lb, ls in zip(a.logprobs, b.logprobs, s.logprobs, strict=True):
             assert abs(la.logprob - lb.logprob) < 1e-3
             assert abs(lb.logprob - ls.logprob) < 1e-5  # batched rows == solo rows
+
+
+_ROUND_TRIP = {
+    "olmoe": (TINY_OLMOE, ("num_experts", "num_experts_per_tok", "intermediate_size")),
+    "deepseek-v2": (
+        TINY_DEEPSEEK_V2,
+        (
+            "n_routed_experts",
+            "n_shared_experts",
+            "first_k_dense_replace",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "moe_intermediate_size",
+            "scoring_func",
+            "norm_topk_prob",
+        ),
+    ),
+    "deepseek-v3": (
+        TINY_DEEPSEEK_V3,
+        (
+            "n_routed_experts",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "n_group",
+            "topk_group",
+            "topk_method",
+            "scoring_func",
+            "routed_scaling_factor",
+            "norm_topk_prob",
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0"])
+@pytest.mark.parametrize("family", sorted(_ROUND_TRIP))
+def test_bench_gguf_layouts_of_other_families(
+    family: str, ftype: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The benchmark files of the OLMoE and DeepSeek-V2/V3 presets (bench/gguf_models.py, laid
+    out as llama.cpp's converter writes them: OLMoE's all-heads q/k norms, MLA's split k_b / v_b,
+    V3's correction bias) read back with the preset's fields, experts in their blocks, and the
+    kernels give the dequantised fp32 reference's tokens."""
+    hf, fields = _ROUND_TRIP[family]
+    monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
+    path = bench_gguf(f"tiny-{family}", hf, ftype, num_layers=2)
+    fast = LLM(model=str(path), device="cpu", max_model_len=128, kv_cache_tokens=512)
+    cfg = fast.loaded.model_config.hf
+    assert {k: cfg[k] for k in fields} == {k: hf[k] for k in fields}
+    experts = [m for m in fast.loaded.model.modules() if isinstance(m, FusedExperts)]
+    assert experts and all(m.quantized is not None for m in experts)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
+    prompts = [list(range(3, 30)), [7]]
+    fast_out = fast.generate(prompts, params)
+    del fast
+    monkeypatch.setattr(cpu_ext, "ops", lambda: None)
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    ref = LLM(
+        model=str(path), device="cpu", dtype="float32", max_model_len=128, kv_cache_tokens=512
+    )
+    for a, b in zip(ref.generate(prompts, params), fast_out, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+            assert abs(la.logprob - lb.logprob) < 1e-3

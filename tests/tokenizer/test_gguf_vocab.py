@@ -1,14 +1,19 @@
 """GGUF vocabularies against the Hugging Face tokenizer they were converted from: for each
 pre-tokenizer a family's GGUF names, a byte-level BPE trained here under that family's real
-tokenizer.json normalizer / pre_tokenizer (written below as data), its GGUF fields written as
-llama.cpp's convert_hf_to_gguf.py writes them, and a multilingual, code and digits corpus
-encoded both ways; SentencePiece ("llama") vocabularies against sentencepiece itself and a
-LlamaTokenizerFast built by transformers."""
+tokenizer.json normalizer / pre_tokenizer (data/pre_tokenizers.json, each entry naming the
+published file it was read from), its GGUF fields written as llama.cpp's convert_hf_to_gguf.py
+writes them, and a multilingual, code and digits corpus encoded both ways; llama.cpp's own
+vocabulary test files (real vocabularies, the ids HF's tokenizer gave each input) where
+MOEFLOW_LLAMA_VOCAB_DIR points at them; SentencePiece ("llama") vocabularies against
+sentencepiece itself and a LlamaTokenizerFast built by transformers."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import unicodedata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,121 +47,41 @@ CORPUS = [
     "😀😃😄 🇯🇵🇺🇸 👩🏽‍💻 ✔︎ ❤️",
 ]
 
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-KIMI_PAT_STR = "|".join(  # tokenization_kimi.py pat_str (tiktoken; no tokenizer.json upstream)
-    [
-        r"[\p{Han}]+",
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
-        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
-        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-        r"\p{N}{1,3}",
-        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
-        r"\s*[\r\n]+",
-        r"\s+(?!\S)",
-        r"\s+",
-    ]
-)
+# The families' real normalizer / pre_tokenizer / ignore_merges, read from published files (each
+# entry names its source: data/README.md), never from moeflow's own table.
+REFERENCE = json.loads((Path(__file__).parent / "data" / "pre_tokenizers.json").read_text("utf-8"))
+KIMI = REFERENCE["kimi-k2"]  # tokenization_kimi.py's tiktoken pat_str (no tokenizer.json upstream)
+KIMI_PAT_STR = "|".join(KIMI["pat_str_parts"])
+FAMILIES = [*REFERENCE["families"], "kimi-k2"]
 
 
-def _split(regex: str) -> dict[str, Any]:
-    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+def _family(pre: str) -> tuple[dict[str, Any] | None, dict[str, Any], bool]:
+    """(normalizer, pre_tokenizer, BPE ignore_merges) of `pre`'s tokenizer.json, as JSON objects
+    `tokenizers` reads: the census lists steps and drops ByteLevel's trim_offsets (it moves
+    offsets after post-processing only; the files hold true)."""
+    if pre == "kimi-k2":  # tiktoken: pattern pieces, a piece that is a rank taken whole
+        split = {"type": "Split", "pattern": {"Regex": KIMI_PAT_STR}, "behavior": "Isolated",
+                 "invert": False}  # fmt: skip
+        steps = [split, {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]
+        return None, _sequence(steps), KIMI["ignore_merges"]
+    entry = REFERENCE["families"][pre]
+    norm = entry["normalizer"]
+    return (
+        {"type": "Sequence", "normalizers": norm} if norm else None,
+        _sequence(entry["pre_tokenizer"]),
+        entry["ignore_merges"],
+    )
 
 
-def _byte_level(use_regex: bool) -> dict[str, Any]:
-    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-            "use_regex": use_regex}  # fmt: skip
-
-
-def _seq(*steps: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "Sequence", "pretokenizers": list(steps)}
-
-
-# tokenizer.ggml.pre -> (normalizer, pre_tokenizer, BPE ignore_merges) of the family's
-# tokenizer.json, as data.
-FAMILIES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], bool]] = {
-    "gpt2": (None, _byte_level(True), False),  # GPT-2, OLMoE
-    "smollm": (
-        None,
-        _seq({"type": "Digits", "individual_digits": True}, _byte_level(True)),
-        False,
-    ),
-    "llama-bpe": (None, _seq(_split(_LLAMA3_SPLIT), _byte_level(False)), True),
-    "qwen2": ({"type": "NFC"}, _seq(_split(_QWEN2_SPLIT), _byte_level(False)), False),
-    "glm4": (None, _seq(_split(_LLAMA3_SPLIT), _byte_level(False)), False),  # GLM-4.5
-    "deepseek-llm": (  # DeepSeek-V2 / DeepSeek-MoE
-        {"type": "Sequence", "normalizers": []},
-        _seq(
-            _split("[\r\n]"),
-            _split(
-                r"\s?[A-Za-z\x{B5}\x{C0}-\x{D6}\x{D8}-\x{F6}\x{F8}-\x{1BA}\x{1BC}-\x{1BF}"
-                r"\x{1C4}-\x{293}\x{295}-\x{2AF}\x{370}-\x{373}\x{376}\x{377}\x{37B}-\x{37D}\x{37F}"
-                r"\x{386}\x{388}-\x{38A}\x{38C}\x{38E}-\x{3A1}\x{3A3}-\x{3F5}\x{3F7}-\x{481}"
-                r"\x{48A}-\x{52F}\x{531}-\x{556}\x{10A0}-\x{10C5}\x{13A0}-\x{13F5}\x{13F8}-\x{13FD}"
-                r"\x{1C90}-\x{1CBA}\x{1CBD}-\x{1CBF}\x{1D00}-\x{1D2B}\x{1D6B}-\x{1D77}"
-                r"\x{1D79}-\x{1D9A}\x{1E00}-\x{1F15}\x{1F18}-\x{1F1D}\x{1F20}-\x{1F45}"
-                r"\x{1F48}-\x{1F4D}\x{1F50}-\x{1F57}\x{1F59}\x{1F5B}\x{1F5D}\x{1F5F}-\x{1F7D}"
-                r"\x{1F80}-\x{1FB4}\x{1FB6}-\x{1FBC}\x{1FBE}\x{1FC2}-\x{1FC4}\x{1FC6}-\x{1FCC}"
-                r"\x{1FD0}-\x{1FD3}\x{1FD6}-\x{1FDB}\x{1FE0}-\x{1FEC}\x{1FF2}-\x{1FF4}"
-                r"\x{1FF6}-\x{1FFC}\x{2102}\x{2107}\x{210A}-\x{2113}\x{2115}\x{2119}-\x{211D}\x{2124}"
-                r"\x{2126}\x{2128}\x{212A}-\x{212D}\x{212F}-\x{2134}\x{2139}\x{213C}-\x{213F}"
-                r"\x{2145}-\x{2149}\x{214E}\x{2183}\x{2184}\x{2C00}-\x{2C7B}\x{2C7E}-\x{2CE4}"
-                r"\x{2CEB}-\x{2CEE}\x{2CF2}\x{2CF3}\x{A640}-\x{A66D}\x{A680}-\x{A69B}\x{A722}-\x{A76F}"
-                r"\x{A771}-\x{A787}\x{A78B}-\x{A78E}\x{AB70}-\x{ABBF}\x{FB00}-\x{FB06}"
-                r"\x{FB13}-\x{FB17}\x{FF21}-\x{FF3A}\x{FF41}-\x{FF5A}\x{10400}-\x{1044F}"
-                r"\x{104B0}-\x{104D3}\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}"
-                r"\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}]+"
-            ),
-            _split("\\s?[!-/:-~！-／：-～‘-‟　-。]+"),
-            _split("\\s+$"),
-            _split("[一-龥ࠀ-一가-퟿]+"),
-            _split("\\p{N}+"),
-            _byte_level(False),
-        ),
-        False,
-    ),
-    "deepseek-v3": (  # DeepSeek-V3 / R1
-        {"type": "Sequence", "normalizers": []},
-        _seq(
-            _split("\\p{N}{1,3}"),
-            _split("[一-龥\u3040-ゟ゠-ヿ]+"),
-            _split(
-                "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+"
-                "|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*"
-                "|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"
-            ),
-            _byte_level(False),
-        ),
-        False,
-    ),
-    "kimi-k2": (None, _seq(_split(KIMI_PAT_STR), _byte_level(False)), True),
-    "tekken": (
-        None,
-        _seq(
-            _split(
-                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-            ),
-            _byte_level(False),
-        ),
-        True,
-    ),
-}
+def _sequence(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    with_trim = [{"trim_offsets": True, **s} if s["type"] == "ByteLevel" else s for s in steps]
+    return {"type": "Sequence", "pretokenizers": with_trim}
 
 
 def _hf_tokenizer(pre: str) -> tokenizers.Tokenizer:
     """A byte-level BPE trained on CORPUS under the family's normalizer and pre_tokenizer,
     saved and reloaded as its tokenizer.json."""
-    normalizer, pre_tokenizer, ignore_merges = FAMILIES[pre]
+    normalizer, pre_tokenizer, ignore_merges = _family(pre)
     spec = json.loads(tokenizers.Tokenizer(models.BPE()).to_str())
     spec.update(normalizer=normalizer, pre_tokenizer=pre_tokenizer)
     tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
@@ -203,7 +128,7 @@ def _gguf_bpe_metadata(hf: tokenizers.Tokenizer, pre: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> tuple[str, tokenizers.Tokenizer, dict[str, Any]]:
     hf = _hf_tokenizer(request.param)
     return request.param, hf, _gguf_bpe_metadata(hf, request.param)
@@ -222,6 +147,21 @@ def test_gguf_bpe_encodes_as_hf_tokenizer_json(
         assert ours.decode(ids) == hf.decode(ids), (pre, text)
 
 
+def test_gguf_bpe_ignore_merges_as_hf_tokenizer_json(
+    family: tuple[str, tokenizers.Tokenizer, dict[str, Any]],
+) -> None:
+    """Without merges a word that is itself a token is taken whole only where the family's
+    tokenizer.json sets ignore_merges (tiktoken-born vocabularies); else it stays in bytes."""
+    pre, hf, metadata = family
+    saved = json.loads(hf.to_str())
+    saved["model"]["merges"] = []
+    hf_unmerged = tokenizers.Tokenizer.from_str(json.dumps(saved))
+    ours = Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.merges": []})
+    for text in CORPUS:
+        want = hf_unmerged.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, add_special_tokens=False) == want, (pre, text)
+
+
 def test_corpus_tells_the_pre_tokenizers_apart(
     family: tuple[str, tokenizers.Tokenizer, dict[str, Any]],
 ) -> None:
@@ -238,6 +178,7 @@ def test_kimi_split_matches_tiktoken_regex_semantics() -> None:
     """Kimi K2 has no tokenizer.json: its split runs tiktoken's pattern through the `regex`
     module's engine (V1: class intersection); ours must cut the same pieces."""
     regex = pytest.importorskip("regex")
+    assert KIMI["census_pattern"] == KIMI_PAT_STR  # tokenization_kimi.py and the census agree
     hf = _hf_tokenizer("kimi-k2")
     ours = Tokenizer.from_gguf_metadata(_gguf_bpe_metadata(hf, "kimi-k2")).backend
     pattern = regex.compile(KIMI_PAT_STR, regex.V1)
@@ -270,6 +211,46 @@ def test_bpe_ignore_merges_and_bad_fields(
     ]:
         with pytest.raises(ModelFormatError):
             Tokenizer.from_gguf_metadata({**md, key: bad})
+
+
+# llama.cpp's models/ggml-vocab-NAME.gguf: a real vocabulary as convert_hf_to_gguf.py wrote it,
+# with .inp (texts) and .out (the ids HF's tokenizer gave each, by convert_hf_to_gguf_update.py).
+# About 22 MB for these families, so not shipped: MOEFLOW_LLAMA_VOCAB_DIR names that folder.
+LLAMA_VOCAB_FILES = [
+    "gpt-2", "starcoder", "refact", "llama-bpe", "qwen2", "qwen35", "deepseek-llm",
+    "deepseek-coder",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LLAMA_VOCAB_FILES)
+def test_llama_cpp_vocab_files_encode_as_hf(name: str) -> None:
+    folder = os.environ.get("MOEFLOW_LLAMA_VOCAB_DIR")
+    if not folder:
+        pytest.skip("MOEFLOW_LLAMA_VOCAB_DIR (llama.cpp's models/ folder) is not set")
+    path = Path(folder) / f"ggml-vocab-{name}.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    from moeflow.weights.gguf import GGUFReader
+
+    with GGUFReader(path) as reader:
+        metadata = dict(reader.metadata)
+    assert metadata["tokenizer.ggml.pre"] == name
+    ours = Tokenizer.from_gguf_metadata(metadata)
+    texts = Path(f"{path}.inp").read_text("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    lines = Path(f"{path}.out").read_text("utf-8").splitlines()
+    assert len(texts) == len(lines) >= 46
+    checked = 0
+    for text, line in zip(texts, lines, strict=True):
+        # NOTE: qwen35's file adds NFD texts whose ids are llama.cpp's own (it applies no
+        # normalizer and its CI passes them); the tokenizer.json composes them first (NFC).
+        if name.startswith("qwen") and unicodedata.normalize("NFC", text) != text:
+            continue
+        assert ours.encode(text, add_special_tokens=False) == [int(t) for t in line.split()], (
+            name,
+            text,
+        )
+        checked += 1
+    assert checked >= 46
 
 
 def _pieces(tok: tokenizers.Tokenizer, text: str) -> list[tuple[str, tuple[int, int]]]:

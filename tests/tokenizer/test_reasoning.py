@@ -17,7 +17,10 @@ CASES = [
     ("<think>never closes", False, ("never closes", "")),
     ("still thinking <thi", True, ("still thinking <thi", "")),
     ("unclosed with newlines\n\n</thin", True, ("unclosed with newlines\n\n</thin", "")),
-    ("pre<think>r</think>post <think>x</think>", False, ("r", "prepost <think>x</think>")),
+    (" \n<think>r</think>post <think>x</think>", False, ("r", "post <think>x</think>")),
+    (" \n ", False, (None, " \n ")),
+    ("pre<think>r</think>post", False, (None, "pre<think>r</think>post")),  # text first
+    ('<tool_call>{"a": "<think>"}', True, ('<tool_call>{"a": "<think>"}', "")),
     ("<think></think>", False, ("", "")),
     ("", True, ("", "")),
     ("", False, (None, "")),
@@ -58,7 +61,7 @@ def test_streaming_matches_whole_at_every_boundary(
 
 def test_no_partial_tag_is_emitted() -> None:
     s = ReasoningSplitter()
-    assert s.feed("hello <th") == ("", "hello ")
+    assert s.feed(" \n<th") == ("", "")
     assert s.feed("ink>deep") == ("deep", "")
     assert s.feed(" thought\n</thi") == (" thought", "")  # "\n</thi" waits
     assert s.feed("nk>\nok") == ("", "ok")
@@ -77,3 +80,21 @@ def test_prompt_opens_reasoning() -> None:
     assert not prompt_opens_reasoning("<think>\n\n</think>\n\n", "<think>", "</think>")
     assert not prompt_opens_reasoning("plain", "<think>", "</think>")
     assert prompt_opens_reasoning("<think>a</think> then <think>", "<think>", "</think>")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plan\n<tool_call>{}</tool_call>", ("plan", "<tool_call>{}</tool_call>")),
+        ("plan</think>\n<tool_call>x", ("plan", "<tool_call>x")),
+        ("plan <tool_cal", ("plan <tool_cal", "")),  # never completed: still reasoning
+    ],
+)
+def test_a_tool_call_ends_an_open_block(text: str, expected: tuple[str, str]) -> None:
+    """With tools offered, a call the model starts inside an unclosed think block ends it."""
+    splitter = ReasoningSplitter(in_reasoning=True, call_tags=("<tool_call>",))
+    assert splitter.split(text) == expected
+    for step in (1, 2, 3):
+        pieces = [text[i : i + step] for i in range(0, len(text), step)]
+        s = ReasoningSplitter(in_reasoning=True, call_tags=("<tool_call>",))
+        assert _stream(s, pieces) == expected

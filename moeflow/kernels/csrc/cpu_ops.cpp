@@ -645,6 +645,12 @@ void gemv_team(const Acts& a, const Proj& p, float* y, GemvScratch& scratch) {
 
 struct StackLayer {
   at::Tensor ln1, ln2, q_norm, k_norm, k_cache, v_cache;
+  // Qwen2-MoE: the shared MLP's output is scaled by sigmoid(x . gate), gate one row [1, E]
+  // quantised (shared_gate_q) or float32 (shared_gate).
+  at::Tensor shared_gate;
+  Proj shared_gate_q;
+  bool qk_norm_whole = false;  // q_norm / k_norm span all heads at once (OLMoE), not one head
+  float clip = 0.0f;  // > 0: q, k, v clamped to [-clip, clip] after the whole-projection norm
   Proj qkv, o, gate_up, down;  // gate_up / down: the dense MLP, or an MoE layer's shared MLP
   std::shared_ptr<MoeLayer> moe;  // the routed experts of an MoE layer
   bool has_mlp = true;  // gate_up / down are set
@@ -681,7 +687,9 @@ class DecodeStack {
                  const Types& o_type, const c10::optional<at::Tensor>& o_bias,
                  const at::Tensor& ln2, const Tensors& gate_up_w, const Types& gate_up_type,
                  const Tensors& down_w, const Types& down_type, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, int64_t window, std::shared_ptr<MoeLayer> moe) {
+                 const at::Tensor& v_cache, int64_t window, std::shared_ptr<MoeLayer> moe,
+                 const c10::optional<at::Tensor>& shared_gate, const Types& shared_gate_type,
+                 double clip_qkv) {
     StackLayer l;
     for (const at::Tensor* t : {&ln1, &ln2}) {
       check_f32(*t, "norm weight");
@@ -693,7 +701,10 @@ class DecodeStack {
     if (q_norm.has_value()) {
       check_f32(*q_norm, "q_norm");
       check_f32(*k_norm, "k_norm");
-      TORCH_CHECK(q_norm->numel() == D_ && k_norm->numel() == D_, "q/k norm: one head's dims");
+      l.qk_norm_whole = q_norm->numel() != D_;
+      const int64_t qn = l.qk_norm_whole ? H_ * D_ : D_, kn = l.qk_norm_whole ? Hkv_ * D_ : D_;
+      TORCH_CHECK(q_norm->numel() == qn && k_norm->numel() == kn,
+                  "q/k norm: one head's dims, or all heads'");
       l.q_norm = *q_norm;
       l.k_norm = *k_norm;
     }
@@ -710,6 +721,19 @@ class DecodeStack {
       l.down = make_proj(down_w, down_type, l.gate_up.N / 2, c10::nullopt);
       TORCH_CHECK(l.down.N == E_, "down rows");
     }
+    if (shared_gate.has_value()) {
+      TORCH_CHECK(moe && l.has_mlp, "a shared-expert gate needs an MoE layer's shared MLP");
+      if (shared_gate_type.empty()) {
+        check_f32(*shared_gate, "shared_gate");
+        TORCH_CHECK(shared_gate->numel() == E_, "shared_gate: one row of the hidden size");
+        l.shared_gate = *shared_gate;
+      } else {
+        l.shared_gate_q = make_proj({*shared_gate}, shared_gate_type, E_, c10::nullopt);
+        TORCH_CHECK(l.shared_gate_q.N == 1, "shared_gate: one row");
+      }
+    }
+    TORCH_CHECK(clip_qkv >= 0.0, "clip_qkv must be >= 0");
+    l.clip = static_cast<float>(clip_qkv);
     if (moe) {
       TORCH_CHECK(moe->hidden() == E_, "the MoE layer's hidden size differs");
       for (const StackLayer& other : layers_)
@@ -763,7 +787,7 @@ class DecodeStack {
     const int64_t max_k = std::max({E, H * D, max_i});
     ids_ = at::empty({num_moe, B, top_k}, at::TensorOptions().dtype(at::kLong));
     std::vector<float> wts(static_cast<size_t>(B * top_k)), route_scratch(2 * num_experts),
-        shared(B * E);
+        shared(B * E), gate(B);
 
     at::Tensor out = at::empty({B, E}, hidden.options());
     std::vector<float> res(hidden.data_ptr<float>(), hidden.data_ptr<float>() + B * E);
@@ -801,10 +825,17 @@ class DecodeStack {
           for (int64_t b = 0; b < B; ++b) {
             float* q = qkv.data() + b * NQ;
             float* k = q + H * D;
+            if (l.qk_norm_whole) {
+              rms_row(q, nullptr, false, l.q_norm.data_ptr<float>(), H * D, eps_, q);
+              rms_row(k, nullptr, false, l.k_norm.data_ptr<float>(), Hkv * D, eps_, k);
+            }
+            if (l.clip > 0.0f)
+              for (int64_t i = 0; i < NQ; ++i) q[i] = std::min(std::max(q[i], -l.clip), l.clip);
             for (int64_t hd = 0; hd < H + Hkv; ++hd) {
               float* x = q + hd * D;  // q heads, then k heads
               const at::Tensor& norm = hd < H ? l.q_norm : l.k_norm;
-              if (norm.defined()) rms_row(x, nullptr, false, norm.data_ptr<float>(), D, eps_, x);
+              if (norm.defined() && !l.qk_norm_whole)
+                rms_row(x, nullptr, false, norm.data_ptr<float>(), D, eps_, x);
               rope_head(x, cp + pos[b] * R, sp + pos[b] * R, R);
             }
             store_kv_row(kc, vc, slots[b], Hkv * D, k, k + Hkv * D);
@@ -851,6 +882,7 @@ class DecodeStack {
         if (l.has_mlp) {
           float* y = l.moe ? shared.data() : h.data();
           gemv_team(acts, l.gate_up, gu.data(), scratch);
+          if (!l.shared_gate_q.parts.empty()) gemv_team(acts, l.shared_gate_q, gate.data(), scratch);
 #pragma omp single
           {
             for (int64_t b = 0; b < B; ++b)
@@ -859,7 +891,22 @@ class DecodeStack {
             acts.prepare(act.data(), B, Il, int8);
           }
           gemv_team(acts, l.down, y, scratch);
-          if (l.moe) {  // routed + shared, as the layer-by-layer path adds them
+          if (l.moe && (l.shared_gate.defined() || !l.shared_gate_q.parts.empty())) {
+#pragma omp single
+            {  // Qwen2-MoE: routed + sigmoid(x . gate) * shared
+              for (int64_t b = 0; b < B; ++b) {
+                float dot = gate[b];
+                if (l.shared_gate.defined()) {
+                  const float* g = l.shared_gate.data_ptr<float>();
+                  const float* x = xn.data() + b * E;
+                  dot = 0.0f;
+                  for (int64_t i = 0; i < E; ++i) dot += x[i] * g[i];
+                }
+                const float s = 1.0f / (1.0f + std::exp(-dot));
+                for (int64_t i = 0; i < E; ++i) h[b * E + i] += s * shared[b * E + i];
+              }
+            }
+          } else if (l.moe) {  // routed + shared, as the layer-by-layer path adds them
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * E; ++i) h[i] = h[i] + shared[i];
           }
@@ -923,7 +970,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("qkv_type"), py::arg("qkv_bias"), py::arg("q_norm"), py::arg("k_norm"),
            py::arg("o"), py::arg("o_type"), py::arg("o_bias"), py::arg("ln2"), py::arg("gate_up"),
            py::arg("gate_up_type"), py::arg("down"), py::arg("down_type"), py::arg("k_cache"),
-           py::arg("v_cache"), py::arg("window"), py::arg("moe") = py::none())
+           py::arg("v_cache"), py::arg("window"), py::arg("moe") = py::none(),
+           py::arg("shared_gate") = py::none(), py::arg("shared_gate_type") = std::vector<int64_t>{},
+           py::arg("clip_qkv") = 0.0)
       .def("num_layers", &DecodeStack::num_layers)
       .def("routed_ids", &DecodeStack::routed_ids)
       .def("forward", &DecodeStack::forward, "one decode step of the whole stack",
