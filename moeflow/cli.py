@@ -200,6 +200,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
             "moe-cpu",
             "quality",
             "json-schema",
+            "serve",
         ],
         default="default",
         help="default: load/prefill/decode of --model beside peers; moe-scaling: decode cost of "
@@ -212,7 +213,11 @@ def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "quality: KL divergence and top-1 agreement of the CPU kernels' exact and int8 paths "
         "against an fp32 reference on a fixed text, beside llama-perplexity's KL of the same "
         "GGUF against its F32 copy; json-schema: --concurrency requests decoding together, free "
-        "and under a json_schema constraint, and the ratio of their tok/s (target >= 0.9x)",
+        "and under a json_schema constraint, and the ratio of their tok/s (target >= 0.9x); "
+        "serve: TTFT, inter-token latency and output tok/s at 1 and --concurrency streams of "
+        "the offline engine, of `moeflow serve` over HTTP (streamed chat completions) and of "
+        "llama.cpp's llama-server on the same GGUF (when found), with the serving overhead and "
+        "the ratio to llama-server",
     )
     bench.add_argument("--streams", default="1,4,16", help="moe-cpu: stream counts (comma list)")
     bench.add_argument(
@@ -506,6 +511,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from moeflow.bench.structured import run_structured
 
             return run_structured(args)
+        if args.workload == "serve":
+            from moeflow.bench.serving import run_serve_bench
+
+            return run_serve_bench(args)
         if args.workload == "moe-scaling":
             from moeflow.bench.moe_scaling import run_moe_scaling
 

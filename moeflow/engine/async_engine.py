@@ -1,6 +1,7 @@
 """The engine thread and its asyncio bridge. One thread owns the LLMEngine and steps it, and runs
 the OutputProcessor right after each step (so updates carry text); coroutines submit requests and
-aborts through a command queue and read each request's updates from its own asyncio.Queue.
+aborts through a command queue and read each request's updates from its own asyncio.Queue. A
+step's updates reach each event loop in one call (one wake-up per step, however many streams).
 Bounded: a full waiting queue refuses new work at once (QueueFullError).
 
 NOTE: if a step raises, engine state is unknown: every open request gets an error update, the
@@ -84,6 +85,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, _Sink] = {}  # owned by the engine thread
+        # Updates not yet handed to their event loop (engine thread), sent by _flush.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestUpdate]]] = {}
         self._num_pending_adds = 0
         self._lock = threading.Lock()
         self._stopping = False
@@ -202,10 +205,12 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._run_commands()
+                self._flush()  # what the commands ended (aborts), at once
                 self.last_tick = time.monotonic()
                 if engine.has_unfinished():
                     for state in self._outputs.process(engine.step()):
                         self._publish(state)
+                    self._flush()
                     self._snapshot()
                 else:
                     self._snapshot()
@@ -214,6 +219,7 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
             self._run_commands()
+            self._flush()
         except BaseException as e:  # noqa: BLE001 - engine state is unknown: fail everything
             self.dead_reason = f"{type(e).__name__}: {e}"
             logger.exception("engine loop died")
@@ -224,6 +230,7 @@ class AsyncEngine:
                 self.finished_reasons["error"] += 1
             with self._lock:
                 self._sinks.clear()
+            self._flush()
             if self.exit_on_death:
                 # Give the event loop a moment to flush the error events, then leave.
                 threading.Timer(0.5, os._exit, args=(70,)).start()
@@ -284,9 +291,22 @@ class AsyncEngine:
 
     def _push(self, request_id: str, update: RequestUpdate) -> None:
         sink = self._sinks.get(request_id)
-        if sink is not None and not sink.loop.is_closed():
-            sink.loop.call_soon_threadsafe(sink.queue.put_nowait, update)
+        if sink is not None:
+            self._outbox.setdefault(sink.loop, []).append((sink, update))
+
+    def _flush(self) -> None:
+        """Hand the updates gathered since the last flush to their event loops, one call each."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, updates in outbox.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, updates)
 
     def _snapshot(self) -> None:
         sched = self.engine.scheduler
         self.num_running, self.num_waiting = len(sched.running), len(sched.waiting)
+
+
+def _deliver(updates: list[tuple[_Sink, RequestUpdate]]) -> None:
+    """On the event loop: each update into its request's queue, in the order they came."""
+    for sink, update in updates:
+        sink.queue.put_nowait(update)

@@ -4,6 +4,7 @@ and frees blocks, a full queue refuses at once, and a dying engine fails every o
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,42 @@ def test_results_equal_the_sync_engine(llm: LLM) -> None:
 
     assert asyncio.run(main()) == expected
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_one_hand_off_per_step(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many requests a step advances, the engine thread wakes the event loop once for
+    their updates (and once per admission, for its ack)."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5], [42] * 20]
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    calls = {"engine": 0}
+
+    async def main() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if threading.current_thread().name == "moeflow-engine":
+                calls["engine"] += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+        engine = AsyncEngine(llm.engine)
+        steps = llm.engine.stats.num_steps
+        engine.start()
+        try:
+            results = await asyncio.gather(
+                *(_collect(engine, p, params, f"h{i}") for i, p in enumerate(prompts))
+            )
+        finally:
+            await engine.drain(5)
+        num_steps = llm.engine.stats.num_steps - steps
+        num_updates = sum(len(u) for u in results)
+        assert num_updates >= 3 * 12
+        assert calls["engine"] <= num_steps + len(prompts) < num_updates
+        return [[t for u in updates for t in u.new_token_ids] for updates in results]
+
+    assert asyncio.run(main()) == expected
 
 
 def test_leaving_early_aborts_and_bad_input_raises(llm: LLM) -> None:
