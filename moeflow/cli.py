@@ -318,6 +318,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "list (default: none, CORS off)",
     )
     _add_tokenizer_flag(serve)
+    _add_serve_engine_flags(serve)
+    _add_serve_output_flags(serve)
+    _add_disaggregation_flags(serve)
+
+
+def _add_serve_engine_flags(serve: argparse.ArgumentParser) -> None:
+    """Scheduling, KV cache and seed: vLLM's engine flags."""
     serve.add_argument(
         "--max-waiting", type=int, default=256, help="queued requests at most (then 503)"
     )
@@ -356,6 +363,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         help="auto only: the KV cache is stored in the compute dtype (fp8 is not supported yet)",
     )
     serve.add_argument("--seed", type=int, default=0, help="the engine's random seed")
+
+
+def _add_serve_output_flags(serve: argparse.ArgumentParser) -> None:
+    """How requests become prompts and outputs: template, sampling defaults, parsers, cost."""
     serve.add_argument(
         "--chat-template",
         default=None,
@@ -397,6 +408,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         help="the tool-call format parsed from the output (vLLM's names; auto: the one the chat "
         "template writes, hermes when it writes none)",
     )
+
+
+def _add_disaggregation_flags(serve: argparse.ArgumentParser) -> None:
     pd = serve.add_argument_group(
         "prefill/decode disaggregation (docs/DISAGGREGATION.md; `moeflow router` in front)"
     )
