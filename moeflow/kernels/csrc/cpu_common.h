@@ -244,19 +244,23 @@ inline __m256i k_crumbs(const uint8_t* qs, int c) {
                           _mm256_set1_epi8(3));
 }
 
-// Q2_K: scales[16] (per 16 values: scale in the low nibble, min in the high one), qs[64], d and
-// dmin (fp16): w = d * sc * q - dmin * m. The float path folds the per-16 scales and mins into
-// chunk() (scales() gives 1 and 0); the int8 path is dot_q8k.
-struct Q2_K {
-  static constexpr int QK = 256, BYTES = 84, NC = 8;
-  static constexpr bool SIGNED = false;
-  static constexpr int SUB = 2;
+// The K-quants whose chunk() applies the per-16 scales and mins itself: scales() gives 1 and 0.
+struct ScalesInChunk {
   static void scales(const uint8_t*, float* sc, float* mn) {
     for (int c = 0; c < 8; ++c) {
       sc[c] = 1.0f;
       mn[c] = 0.0f;
     }
   }
+};
+
+// Q2_K: scales[16] (per 16 values: scale in the low nibble, min in the high one), qs[64], d and
+// dmin (fp16): w = d * sc * q - dmin * m. The float path folds the per-16 scales and mins into
+// chunk() (scales() gives 1 and 0); the int8 path is dot_q8k.
+struct Q2_K : ScalesInChunk {
+  static constexpr int QK = 256, BYTES = 84, NC = 8;
+  static constexpr bool SIGNED = false;
+  static constexpr int SUB = 2;
   static __m256i I(const uint8_t* b, int c) { return k_crumbs(b + 16, c); }
   static void chunk(const uint8_t* b, int c, __m256* q) {
     const float d = fp16(b + 80), dmin = fp16(b + 82);
@@ -283,16 +287,10 @@ inline void q3k_scales(const uint8_t* s, int8_t* out) {
 
 // Q3_K: hmask[32] (bit c of byte l: the third bit of value l of chunk c), qs[64], scales[12],
 // d (fp16): w = d * sc * (q - 4) with q = low 2 bits | third bit << 2 in 0..7.
-struct Q3_K {
+struct Q3_K : ScalesInChunk {
   static constexpr int QK = 256, BYTES = 110, NC = 8;
   static constexpr bool SIGNED = false;
   static constexpr int SUB = 2;
-  static void scales(const uint8_t*, float* sc, float* mn) {
-    for (int c = 0; c < 8; ++c) {
-      sc[c] = 1.0f;
-      mn[c] = 0.0f;
-    }
-  }
   static __m256i I(const uint8_t* b, int c) {  // q in 0..7
     const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
     const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(c)),
