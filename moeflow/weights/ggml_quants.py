@@ -1,13 +1,12 @@
 """ggml's tensor types and their block codecs: GGMLType, GGML_QUANT_SIZES, QuantizedTensor (a weight
 kept in its blocks), and per type the torch dequantiser (the legacy and K-quants; the IQ types,
-over the grids stored in weights/iq_grids.py; TQ1_0 / TQ2_0; MXFP4) and, for Q8_0 / Q4_0 / Q4_K,
+TQ1_0 / TQ2_0 and MXFP4 in weights/ggml_iq.py) and, for Q8_0 / Q4_0 / Q4_K,
 the quantiser. Layouts read from ggml-common.h, ggml-quants.c and gguf-py `quants.py` (MIT); the
 code is our own."""
 
 from __future__ import annotations
 
 import enum
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.errors import ModelFormatError
-from moeflow.weights.iq_grids import GRIDS
+from moeflow.weights import ggml_iq
+from moeflow.weights.ggml_bits import (
+    bits32,
+    byte_shifts,
+    f16_bytes,
+    f16_field,
+    nibbles32,
+    two_bit_planes,
+)
 
 # Shape legend: nb = blocks in a tensor; QK = elements per block (32, or 256 for K-quants);
 # TS = bytes per block (type_size); sub-blocks are 16 or 32 elements with their own scale.
@@ -94,13 +101,6 @@ GGML_QUANT_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.MXFP4: (32, 1 + 16),
 }
 
-# IQ4_NL / IQ4_XS's 16-value codebook (ggml-common.h `kvalues_iq4nl`): a non-linear 4-bit grid,
-# denser near zero where most weights are.
-IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-# MXFP4's FP4 (E2M1) values doubled, as ggml stores them (`kvalues_mxfp4`), sign in bit 3.
-_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
-# IQ1_S / IQ1_M: every grid value is shifted by +-1/8 (ggml `IQ1S_DELTA`).
-_IQ1_DELTA = 0.125
 
 # `--quantize` names -> the types quantize() writes.
 QUANTIZE_TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_k": GGMLType.Q4_K}
@@ -230,8 +230,8 @@ _PLAIN_DTYPES: dict[GGMLType, torch.dtype] = {
 
 # ---- Q4_0: d (fp16), 16 bytes of nibbles; x = d * (q - 8)
 def _dequantize_q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = _nibbles32(b[:, 2:18]).float() - 8
+    d = f16_field(b, 0)
+    q = nibbles32(b[:, 2:18]).float() - 8
     return d * q
 
 
@@ -242,47 +242,47 @@ def _quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     q = torch.clamp(torch.trunc(x * inv + 8.5), max=15).to(torch.uint8)  # [.., 32]
     packed = q[..., :16] | (q[..., 16:] << 4)
-    return torch.cat([_f16_bytes(d), packed], dim=-1)  # [.., 18]
+    return torch.cat([f16_bytes(d), packed], dim=-1)  # [.., 18]
 
 
 # ---- Q4_1: d, m (fp16), 16 bytes of nibbles; x = d * q + m
 def _dequantize_q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles32(b[:, 4:20]).float()
+    d, m = f16_field(b, 0), f16_field(b, 2)
+    q = nibbles32(b[:, 4:20]).float()
     return d * q + m
 
 
 # ---- Q5_0: d (fp16), 32 high bits, 16 bytes of nibbles; x = d * (q - 16)
 def _dequantize_q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = (_nibbles32(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4)).float() - 16
+    d = f16_field(b, 0)
+    q = (nibbles32(b[:, 6:22]) | (bits32(b[:, 2:6]) << 4)).float() - 16
     return d * q
 
 
 # ---- Q5_1: d, m (fp16), 32 high bits, 16 bytes of nibbles; x = d * q + m
 def _dequantize_q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = (_nibbles32(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4)).float()
+    d, m = f16_field(b, 0), f16_field(b, 2)
+    q = (nibbles32(b[:, 8:24]) | (bits32(b[:, 4:8]) << 4)).float()
     return d * q + m
 
 
 # ---- Q8_0: d (fp16), 32 int8; x = d * q
 def _dequantize_q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * b[:, 2:34].view(torch.int8).float()
+    return f16_field(b, 0) * b[:, 2:34].view(torch.int8).float()
 
 
 def _quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     d = x.abs().amax(-1, keepdim=True) / 127  # [.., 1]
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(x * inv).to(torch.int8)
-    return torch.cat([_f16_bytes(d), q.view(torch.uint8)], dim=-1)  # [.., 34]
+    return torch.cat([f16_bytes(d), q.view(torch.uint8)], dim=-1)  # [.., 34]
 
 
 # ---- Q2_K: 16 scale/min nibbles, 64 bytes of 2-bit q, d, dmin (fp16); 16 sub-blocks of 16
 def _dequantize_q2_k(b: torch.Tensor) -> torch.Tensor:
     scales = b[:, 0:16]
-    d, dmin = _f16(b, 80), _f16(b, 82)
-    q = _two_bit_planes(b[:, 16:80]).reshape(-1, 16, 16).float()  # 16 sub-blocks of 16
+    d, dmin = f16_field(b, 80), f16_field(b, 82)
+    q = two_bit_planes(b[:, 16:80]).reshape(-1, 16, 16).float()  # 16 sub-blocks of 16
     dl = (d * (scales & 0xF).float()).unsqueeze(-1)
     ml = (dmin * (scales >> 4).float()).unsqueeze(-1)
     return (dl * q - ml).reshape(-1, 256)
@@ -291,20 +291,20 @@ def _dequantize_q2_k(b: torch.Tensor) -> torch.Tensor:
 # ---- Q3_K: 32 bytes of high bits, 64 bytes of 2-bit q, 12 bytes of 6-bit scales, d (fp16)
 def _dequantize_q3_k(b: torch.Tensor) -> torch.Tensor:
     hmask, s = b[:, 0:32], b[:, 96:108]
-    d = _f16(b, 108)
+    d = f16_field(b, 108)
     # 16 six-bit scales: low 4 bits from bytes 0..7 (low nibbles first), high 2 from bytes 8..11
     low = torch.cat([s[:, 0:8] & 0xF, s[:, 0:8] >> 4], dim=1)  # [nb, 16]
-    shifts = _shifts((0, 2, 4, 6), b.device).view(1, 4, 1)
+    shifts = byte_shifts((0, 2, 4, 6), b.device).view(1, 4, 1)
     high = ((s[:, 8:12].unsqueeze(1) >> shifts) & 3).reshape(-1, 16)  # [nb, 4, 4] -> [nb, 16]
     sc = (low | (high << 4)).float() - 32
-    hbit = (hmask.unsqueeze(1) >> _shifts(tuple(range(8)), b.device).view(1, 8, 1)) & 1
-    q = _two_bit_planes(b[:, 32:96]).float() - 4 * (1 - hbit.reshape(-1, 2, 4, 32).float())
+    hbit = (hmask.unsqueeze(1) >> byte_shifts(tuple(range(8)), b.device).view(1, 8, 1)) & 1
+    q = two_bit_planes(b[:, 32:96]).float() - 4 * (1 - hbit.reshape(-1, 2, 4, 32).float())
     return ((d * sc).unsqueeze(-1) * q.reshape(-1, 16, 16)).reshape(-1, 256)
 
 
 # ---- Q4_K: d, dmin (fp16), 12 bytes of 6-bit (scale, min), 128 bytes of nibbles; 8 x 32
 def _dequantize_q4_k(b: torch.Tensor) -> torch.Tensor:
-    d, dmin = _f16(b, 0), _f16(b, 2)
+    d, dmin = f16_field(b, 0), f16_field(b, 2)
     sc, mn = _k_scale_min(b[:, 4:16])
     q = _k_low_nibbles(b[:, 16:144]).float()  # [nb, 8, 32]
     out = (d * sc).unsqueeze(-1) * q - (dmin * mn).unsqueeze(-1)
@@ -342,16 +342,16 @@ def _quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
     )  # [nb, 12]
     q = q.reshape(-1, 4, 2, 32)  # [nb, chunk, 2, 32]: the inverse of _k_low_nibbles
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    blocks = torch.cat([_f16_bytes(d), _f16_bytes(dmin), packed, qs], dim=1)  # [nb, 144]
+    blocks = torch.cat([f16_bytes(d), f16_bytes(dmin), packed, qs], dim=1)  # [nb, 144]
     return blocks.reshape(*lead, 144)
 
 
 # ---- Q5_K: Q4_K's fields plus 32 bytes of fifth bits before the nibbles
 def _dequantize_q5_k(b: torch.Tensor) -> torch.Tensor:
-    d, dmin = _f16(b, 0), _f16(b, 2)
+    d, dmin = f16_field(b, 0), f16_field(b, 2)
     sc, mn = _k_scale_min(b[:, 4:16])
     # bit s of qh[l] is the 5th bit of element l of sub-block s
-    high = (b[:, 16:48].unsqueeze(1) >> _shifts(tuple(range(8)), b.device).view(1, 8, 1)) & 1
+    high = (b[:, 16:48].unsqueeze(1) >> byte_shifts(tuple(range(8)), b.device).view(1, 8, 1)) & 1
     q = (_k_low_nibbles(b[:, 48:176]) | (high << 4)).float()  # [nb, 8, 32]
     out = (d * sc).unsqueeze(-1) * q - (dmin * mn).unsqueeze(-1)
     return out.reshape(-1, 256)
@@ -361,150 +361,13 @@ def _dequantize_q5_k(b: torch.Tensor) -> torch.Tensor:
 def _dequantize_q6_k(b: torch.Tensor) -> torch.Tensor:
     ql, qh = b[:, 0:128], b[:, 128:192]
     sc = b[:, 192:208].view(torch.int8).float()  # [nb, 16]
-    d = _f16(b, 208)
+    d = f16_field(b, 208)
     ql = ql.reshape(-1, 2, 1, 2, 32)  # [nb, half, 1, a, 32]
     low = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(-1, 2, 4, 32)  # group g = 2*nibble + a
-    high = (qh.reshape(-1, 2, 1, 32) >> _shifts((0, 2, 4, 6), b.device).view(1, 1, 4, 1)) & 3
+    high = (qh.reshape(-1, 2, 1, 32) >> byte_shifts((0, 2, 4, 6), b.device).view(1, 1, 4, 1)) & 3
     q = (low | (high << 4)).float() - 32  # [nb, half, g, 32]
     scale = (d * sc).reshape(-1, 2, 4, 2, 1)  # scale index 8*half + 2*g + l//16
     return (scale * q.reshape(-1, 2, 4, 2, 16)).reshape(-1, 256)
-
-
-# ---- The IQ types: each group of 8 (or 4) weights is an entry of a fixed grid (weights/
-# iq_grids.py) chosen by an index, with signs from a bit field and a scale per 16 or 32 weights.
-# Signs of 8 values in 7 bits (IQ2_XXS, IQ2_XS, IQ3_XXS): the 8th sign makes their count even.
-
-
-# ---- IQ2_XXS: d (fp16), per 32 weights 8 bytes: 4 grid indices (8 bits), then a uint32 of
-# four 7-bit signs and a 4-bit scale in its top bits
-def _dequantize_iq2_xxs(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    qs = b[:, 2:66].reshape(-1, 8, 8)  # [nb, 8 sub-blocks, 8 bytes]
-    grid = _iq_grid("IQ2XXS", b.device)[qs[:, :, :4].long()]  # [nb, 8, 4, 8]
-    aux = _u32(qs[:, :, 4:8])  # [nb, 8]
-    db = d * (0.5 + (aux >> 28).float()) * 0.25  # [nb, 8]
-    signs = _even_signs((aux.unsqueeze(-1) >> _arange(0, 28, 7, b.device)) & 127)  # [nb, 8, 4, 8]
-    return (db[..., None, None] * grid * signs).reshape(-1, 256)
-
-
-# ---- IQ2_XS: d (fp16), 32 uint16 (9-bit grid index, 7-bit signs), 8 bytes of two 4-bit scales
-def _dequantize_iq2_xs(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    qs = _u16(b[:, 2:66]).reshape(-1, 8, 4)  # [nb, 8, 4]
-    grid = _iq_grid("IQ2XS", b.device)[qs & 511]  # [nb, 8, 4, 8]
-    signs = _even_signs(qs >> 9)
-    return (_iq2_scales(d, b[:, 66:74]) * grid * signs).reshape(-1, 256)
-
-
-# ---- IQ2_S: d (fp16), 32 low bytes of 10-bit grid indices, 32 bytes of signs, 8 bytes of the
-# indices' top 2 bits, 8 bytes of two 4-bit scales
-def _dequantize_iq2_s(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    high = (b[:, 66:74].unsqueeze(-1) >> _arange(0, 8, 2, b.device)) & 3  # [nb, 8, 4]
-    idx = b[:, 2:34].reshape(-1, 8, 4).long() | (high.long() << 8)
-    grid = _iq_grid("IQ2S", b.device)[idx]  # [nb, 8, 4, 8]
-    signs = _sign_bits(b[:, 34:66].reshape(-1, 8, 4))
-    return (_iq2_scales(d, b[:, 74:82]) * grid * signs).reshape(-1, 256)
-
-
-# ---- IQ3_XXS: d (fp16), 64 bytes of grid indices (4 weights each), then per 32 weights a
-# uint32 of four 7-bit signs and a 4-bit scale in its top bits
-def _dequantize_iq3_xxs(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    grid = _iq_grid("IQ3XXS", b.device)[b[:, 2:66].long()]  # [nb, 64, 4]
-    aux = _u32(b[:, 66:98].reshape(-1, 8, 4))  # [nb, 8]
-    db = d * (0.5 + (aux >> 28).float()) * 0.5
-    signs = _even_signs((aux.unsqueeze(-1) >> _arange(0, 28, 7, b.device)) & 127)  # [nb, 8, 4, 8]
-    return (db[..., None, None] * grid.reshape(-1, 8, 4, 8) * signs).reshape(-1, 256)
-
-
-# ---- IQ3_S: d (fp16), 64 low bytes of 9-bit grid indices (4 weights each), 8 bytes of their
-# top bits, 32 bytes of signs, 4 bytes of two 4-bit scales (odd multipliers 1..31)
-def _dequantize_iq3_s(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    high = (b[:, 66:74].unsqueeze(-1) >> _arange(0, 8, 1, b.device)) & 1  # [nb, 8, 8]
-    idx = b[:, 2:66].reshape(-1, 8, 8).long() | (high.long() << 8)
-    grid = _iq_grid("IQ3S", b.device)[idx].reshape(-1, 8, 32)  # [nb, 8, 32]
-    signs = _sign_bits(b[:, 74:106].reshape(-1, 8, 4)).reshape(-1, 8, 32)
-    sc = _nibbles_interleaved(b[:, 106:110])  # [nb, 8]
-    db = d * (1 + 2 * sc).float()
-    return (db.unsqueeze(-1) * grid * signs).reshape(-1, 256)
-
-
-# ---- IQ1_S: d (fp16), 32 low bytes of 11-bit grid indices (8 weights of -1, 0, 1 each), 8
-# uint16: 4 x 3 top index bits, a 3-bit scale, the sign of the shift +-1/8
-def _dequantize_iq1_s(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    qh = _u16(b[:, 34:50])  # [nb, 8]
-    high = (qh.unsqueeze(-1) >> _arange(0, 12, 3, b.device)) & 7  # [nb, 8, 4]
-    grid = _iq_grid("IQ1S", b.device)[b[:, 2:34].reshape(-1, 8, 4).long() | (high << 8)]
-    dl = d * (2 * ((qh >> 12) & 7) + 1).float()  # [nb, 8]
-    delta = torch.where((qh & 0x8000) != 0, -_IQ1_DELTA, _IQ1_DELTA)
-    return (dl[..., None, None] * (grid + delta[..., None, None])).reshape(-1, 256)
-
-
-# ---- IQ1_M: 32 low bytes of 11-bit grid indices, 16 bytes (per 8 weights a nibble: 3 top index
-# bits and the shift's sign), 8 bytes of 3-bit scales per 16 weights whose four top nibbles
-# together are d (fp16)
-def _dequantize_iq1_m(b: torch.Tensor) -> torch.Tensor:
-    sc = _u16(b[:, 48:56])  # [nb, 4]
-    d_bits = (sc[:, 0:1] >> 12) | ((sc[:, 1:2] >> 8) & 0xF0)  # [nb, 1]
-    d_bits |= ((sc[:, 2:3] >> 4) & 0xF00) | (sc[:, 3:4] & 0xF000)
-    d = torch.cat([d_bits & 255, d_bits >> 8], 1).to(torch.uint8).view(torch.float16).float()
-    qh = b[:, 32:48].reshape(-1, 8, 2).repeat_interleave(2, -1)  # [nb, 8, 4]: a byte per 2 groups
-    qh = qh >> _shifts((0, 4, 0, 4), b.device)
-    idx = b[:, 0:32].reshape(-1, 8, 4).long() | ((qh & 7).long() << 8)
-    grid = _iq_grid("IQ1S", b.device)[idx]  # [nb, 8, 4, 8]
-    delta = torch.where((qh & 8) != 0, -_IQ1_DELTA, _IQ1_DELTA)  # [nb, 8, 4]
-    # the scale of groups 0-1 and of 2-3 of sub-block s: bits 6 (s % 2) and + 3 of sc[s // 2]
-    shifts = torch.tensor([[0, 0, 3, 3], [6, 6, 9, 9]], device=b.device).repeat(4, 1)  # [8, 4]
-    scale = (sc.repeat_interleave(2, -1).unsqueeze(-1) >> shifts) & 7  # [nb, 8, 4]
-    dl = d.unsqueeze(-1) * (2 * scale + 1).float()
-    return (dl.unsqueeze(-1) * (grid + delta.unsqueeze(-1))).reshape(-1, 256)
-
-
-# ---- IQ4_NL: d (fp16), 16 bytes of nibbles indexing a 16-value non-linear codebook
-def _dequantize_iq4_nl(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _lookup(IQ4_VALUES, _nibbles32(b[:, 2:18]))
-
-
-# ---- IQ4_XS: d (fp16), uint16 of the 8 scales' top 2 bits, 4 bytes of their low nibbles, 128
-# bytes of codebook nibbles (IQ4_NL's); scale per 32 weights d * (6-bit scale - 32)
-def _dequantize_iq4_xs(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    high = (_u16(b[:, 2:4]) >> _arange(0, 16, 2, b.device)) & 3  # [nb, 8]
-    ls = _nibbles_interleaved(b[:, 4:8]).long() | (high << 4)
-    q = _lookup(IQ4_VALUES, _nibbles32(b[:, 8:136].reshape(-1, 16)))  # [nb * 8, 32]
-    return ((d * (ls - 32).float()).unsqueeze(-1) * q.reshape(-1, 8, 32)).reshape(-1, 256)
-
-
-# ---- TQ1_0: 48 + 4 bytes of base-3 digits (5 ternary weights a byte, 4 in the last 4 bytes
-# of the block), d (fp16); x = d * (t - 1), t in 0..2
-def _dequantize_tq1_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 52)
-    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=b.device).view(1, 5, 1)
-
-    def trits(x: torch.Tensor, n: int) -> torch.Tensor:  # [nb, m] -> [nb, n * m], digit-major
-        t = (((x.int().unsqueeze(1) * pow3[:, :n]) & 255) * 3) >> 8  # [nb, n, m]
-        return t.reshape(x.shape[0], -1)
-
-    t = torch.cat([trits(b[:, 0:32], 5), trits(b[:, 32:48], 5), trits(b[:, 48:52], 4)], dim=1)
-    return d * (t.float() - 1)
-
-
-# ---- TQ2_0: 64 bytes of 2-bit q (Q2_K's plane order), d (fp16); x = d * (q - 1)
-def _dequantize_tq2_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 64) * (_two_bit_planes(b[:, 0:64]).reshape(-1, 256).float() - 1)
-
-
-# ---- MXFP4 (OCP microscaling): a shared power-of-two scale (E8M0), 16 bytes of FP4 (E2M1)
-# nibbles, low nibbles elements 0..15; ggml stores the E2M1 values doubled and halves the scale
-def _dequantize_mxfp4(b: torch.Tensor) -> torch.Tensor:
-    e = b[:, 0:1].int()
-    # 2**(e - 128) as float32 bits: subnormal for e < 2
-    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
-    d = bits.view(torch.float32)
-    return d * _lookup(_MXFP4_VALUES, _nibbles32(b[:, 1:17]))
 
 
 _CODECS: dict[GGMLType, _Codec] = {
@@ -518,48 +381,23 @@ _CODECS: dict[GGMLType, _Codec] = {
     GGMLType.Q4_K: _Codec(_dequantize_q4_k, _quantize_q4_k),
     GGMLType.Q5_K: _Codec(_dequantize_q5_k),
     GGMLType.Q6_K: _Codec(_dequantize_q6_k),
-    GGMLType.IQ2_XXS: _Codec(_dequantize_iq2_xxs),
-    GGMLType.IQ2_XS: _Codec(_dequantize_iq2_xs),
-    GGMLType.IQ2_S: _Codec(_dequantize_iq2_s),
-    GGMLType.IQ3_XXS: _Codec(_dequantize_iq3_xxs),
-    GGMLType.IQ3_S: _Codec(_dequantize_iq3_s),
-    GGMLType.IQ1_S: _Codec(_dequantize_iq1_s),
-    GGMLType.IQ1_M: _Codec(_dequantize_iq1_m),
-    GGMLType.IQ4_NL: _Codec(_dequantize_iq4_nl),
-    GGMLType.IQ4_XS: _Codec(_dequantize_iq4_xs),
-    GGMLType.TQ1_0: _Codec(_dequantize_tq1_0),
-    GGMLType.TQ2_0: _Codec(_dequantize_tq2_0),
-    GGMLType.MXFP4: _Codec(_dequantize_mxfp4),
+    GGMLType.IQ2_XXS: _Codec(ggml_iq.dequantize_iq2_xxs),
+    GGMLType.IQ2_XS: _Codec(ggml_iq.dequantize_iq2_xs),
+    GGMLType.IQ2_S: _Codec(ggml_iq.dequantize_iq2_s),
+    GGMLType.IQ3_XXS: _Codec(ggml_iq.dequantize_iq3_xxs),
+    GGMLType.IQ3_S: _Codec(ggml_iq.dequantize_iq3_s),
+    GGMLType.IQ1_S: _Codec(ggml_iq.dequantize_iq1_s),
+    GGMLType.IQ1_M: _Codec(ggml_iq.dequantize_iq1_m),
+    GGMLType.IQ4_NL: _Codec(ggml_iq.dequantize_iq4_nl),
+    GGMLType.IQ4_XS: _Codec(ggml_iq.dequantize_iq4_xs),
+    GGMLType.TQ1_0: _Codec(ggml_iq.dequantize_tq1_0),
+    GGMLType.TQ2_0: _Codec(ggml_iq.dequantize_tq2_0),
+    GGMLType.MXFP4: _Codec(ggml_iq.dequantize_mxfp4),
 }
 
 
 # ----------------------------------------------------------------------------------------------
 # Private helpers: bit fields shared by several types
-
-
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The fp16 field at byte `start` of every block, as float32 [nb, 1]."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
-
-
-def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
-    """[.., 1] float -> [.., 2] the little-endian bytes of its fp16 value."""
-    return d.half().contiguous().view(torch.uint8)
-
-
-def _shifts(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=device)
-
-
-def _nibbles32(qs: torch.Tensor) -> torch.Tensor:
-    """[nb, 16] packed bytes -> [nb, 32]: low nibbles are elements 0..15, high are 16..31."""
-    return torch.cat([qs & 0xF, qs >> 4], dim=1)
-
-
-def _bits32(qh: torch.Tensor) -> torch.Tensor:
-    """[nb, 4] little-endian uint32 -> [nb, 32] with bit j of the word at position j."""
-    bits = (qh.unsqueeze(-1) >> _shifts(tuple(range(8)), qh.device)) & 1  # [nb, 4, 8]
-    return bits.reshape(-1, 32)
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -638,66 +476,3 @@ def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
     """[nb, 128] -> [nb, 8, 32]: each 32-byte chunk gives sub-block 2c (low) and 2c+1 (high)."""
     qs = qs.reshape(-1, 4, 1, 32)  # [nb, chunk, 1, 32]
     return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32)
-
-
-def _two_bit_planes(qs: torch.Tensor) -> torch.Tensor:
-    """[nb, 64] -> [nb, 2, 4, 32]: half h, shift j (2 bits at 2j) of the half's 32 bytes."""
-    shifts = _shifts((0, 2, 4, 6), qs.device).view(1, 1, 4, 1)
-    return (qs.reshape(-1, 2, 1, 32) >> shifts) & 3
-
-
-def _u16(b: torch.Tensor) -> torch.Tensor:
-    """[.., 2n] bytes -> [.., n] little-endian uint16 values, int64."""
-    return b[..., 0::2].long() | (b[..., 1::2].long() << 8)
-
-
-def _u32(b: torch.Tensor) -> torch.Tensor:
-    """[.., 4] bytes -> [..] the little-endian uint32, int64."""
-    b = b.long()
-    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-
-
-def _arange(start: int, end: int, step: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(start, end, step, dtype=torch.int64, device=device)
-
-
-def _nibbles_interleaved(b: torch.Tensor) -> torch.Tensor:
-    """[nb, n] bytes -> [nb, 2n]: low then high nibble of each byte in turn."""
-    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], -1)
-
-
-def _lookup(values: tuple[int, ...], idx: torch.Tensor) -> torch.Tensor:
-    """Float values[idx] (a small codebook)."""
-    return torch.tensor(values, dtype=torch.float32, device=idx.device)[idx.long()]
-
-
-def _sign_bits(b: torch.Tensor) -> torch.Tensor:
-    """[..] bytes -> [.., 8] +1.0 / -1.0 for bits 0..7 (a set bit negates)."""
-    bits = (b.long().unsqueeze(-1) >> _arange(0, 8, 1, b.device)) & 1
-    return 1.0 - 2.0 * bits.float()
-
-
-def _even_signs(s7: torch.Tensor) -> torch.Tensor:
-    """7 stored sign bits -> [.., 8] signs, the 8th making the count of minus signs even (ggml's
-    `ksigns_iq2xs`)."""
-    parity = s7.clone()
-    for shift in (4, 2, 1):
-        parity ^= parity >> shift
-    return _sign_bits(s7 | ((parity & 1) << 7))
-
-
-def _iq2_scales(d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """IQ2_XS / IQ2_S: [nb, 8] bytes of two 4-bit scales (groups 0-1, 2-3 of a sub-block) ->
-    [nb, 8, 4, 1] d * (0.5 + s) / 4 per group of 8 weights."""
-    s = _nibbles_interleaved(scales).reshape(-1, 8, 2).repeat_interleave(2, -1)  # [nb, 8, 4]
-    return (d.unsqueeze(-1) * (0.5 + s.float()) * 0.25).unsqueeze(-1)
-
-
-@functools.cache
-def _iq_grid(name: str, device: torch.device) -> torch.Tensor:
-    """The float grid [entries, values per entry] of iq_grids.GRIDS[name] on `device`."""
-    values, per_entry, bits, codes = GRIDS[name]
-    c = torch.frombuffer(bytearray(codes), dtype=torch.uint8)
-    c = _u16(c).unsqueeze(-1)  # [entries, 1]
-    idx = (c >> _arange(0, bits * per_entry, bits, c.device)) & ((1 << bits) - 1)
-    return torch.tensor(values, dtype=torch.float32)[idx].to(device)

@@ -1,4 +1,4 @@
-"""The IQ, ternary and MXFP4 GGUF types (weights/ggml_quants.py) against gguf-py's numpy
+"""The IQ, ternary and MXFP4 GGUF types (weights/ggml_iq.py) against gguf-py's numpy
 dequantisers on random blocks, their stored grids against gguf-py's, a GGUF file of them read
 back, hostile tensors of them, and the load's log line about types dequantised at load."""
 
@@ -14,7 +14,7 @@ import torch
 from moeflow.errors import ModelFormatError
 from moeflow.kernels import cpu_ext
 from moeflow.loading.quantize import dequantized_types_note
-from moeflow.weights import ggml_quants
+from moeflow.weights import ggml_iq, ggml_quants
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, dequantize
 from moeflow.weights.gguf import GGUFReader
 from moeflow.weights.iq_grids import GRIDS
@@ -85,7 +85,7 @@ def test_stored_grids_equal_gguf(name: str) -> None:
     )
     cls.init_grid()
     ref = torch.from_numpy(np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape))
-    assert torch.equal(ggml_quants._iq_grid(name, torch.device("cpu")), ref)
+    assert torch.equal(ggml_iq.iq_grid(name, torch.device("cpu")), ref)
 
 
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
