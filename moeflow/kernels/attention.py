@@ -54,9 +54,6 @@ def paged_attention_ref(
         # [num_blocks, S, Hkv, D] -> [ctx, Hkv, D] -> [Hkv, ctx, D]
         k = k_cache[blocks].flatten(0, 1)[:ctx_len].transpose(0, 1)
         v = v_cache[blocks].flatten(0, 1)[:ctx_len].transpose(0, 1)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=0)  # [H, ctx, D]
-            v = v.repeat_interleave(group, dim=0)
         qs = q[start : start + q_len].transpose(0, 1)  # [H, q, D]
         mask = None
         if q_len > 1 or (sliding_window is not None and ctx_len > sliding_window):
@@ -66,14 +63,35 @@ def paged_attention_ref(
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
         work = _work_dtype(q)
-        o = F.scaled_dot_product_attention(
-            qs.to(work), k.to(work), v.to(work), attn_mask=mask, scale=scale
-        )
+        o = sdpa(qs.to(work), k.to(work), v.to(work), mask, scale, gqa=group > 1)
         out[start : start + q_len] = (
             o.transpose(0, 1).reshape(q_len, num_heads, head_dim).to(q.dtype)
         )
         start += q_len
     return out
+
+
+def sdpa(
+    q: torch.Tensor,  # [H, q, Dk]
+    k: torch.Tensor,  # [Hkv, ctx, Dk]
+    v: torch.Tensor,  # [Hkv, ctx, Dv]
+    mask: torch.Tensor | None,  # [q, ctx] bool, True where a key is seen
+    scale: float,
+    gqa: bool = False,
+) -> torch.Tensor:  # [H, q, Dv]
+    """torch's scaled_dot_product_attention for one sequence, given 4-D (a batch of one) and
+    same-width values, which is what its fused CPU kernel (flash attention for the CPU) takes:
+    3-D inputs, or values narrower than the keys (MLA: Dv < Dn + R), fall back to the math path,
+    which materialises the [H, q, ctx] scores and runs ~10x slower on a 128-token prompt.
+    Narrower values are zero-padded to the key width (the padding's outputs are zeros, dropped);
+    `gqa`: Hkv divides H and each KV head serves H / Hkv query heads (no copy of K and V)."""
+    v_dim = v.shape[-1]
+    if v_dim < k.shape[-1]:
+        v = F.pad(v, (0, k.shape[-1] - v_dim))
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=gqa
+    )
+    return o[0, ..., :v_dim]
 
 
 def paged_decode_attention_ref(

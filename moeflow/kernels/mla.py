@@ -7,8 +7,8 @@ Dv value dim, N blocks of S tokens. Cache: [N, S, L + R]. W_kv_b: [H, Dn + Dv, L
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from moeflow.kernels.attention import sdpa
 from moeflow.kernels.triton_utils import use_triton
 from moeflow.utils import cdiv
 
@@ -56,7 +56,7 @@ def mla_prefill_ref(
         if q_len > 1:
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
             mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos  # [q, ctx]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [H, q, Dv]
+        o = sdpa(q, k, v, mask, scale)  # [H, q, Dv]
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
