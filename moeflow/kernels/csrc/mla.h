@@ -3,7 +3,7 @@
 // thread of DecodeStack's parallel region. Included by cpu_ops.cpp after the row functions it
 // uses (rms_row, rope_head, the paged attention's attend_part / attend_merge, Proj, gemv_team).
 //
-// Per token, as the layer-by-layer path computes it:
+// Per token (what the torch path of layers/mla.py computes, to rounding):
 //   a = [q | c, k_r] = x [q_proj | kv_a]^T    or with q LoRA: [q_a | c, k_r], q = q_b(norm(q_a))
 //   c = kv_a_norm(c); k_r, q_r = rope(k_r), rope(q_r)        (q per head: [q_nope Dn | q_r R])
 //   cache row (slot of the token) = [c, k_r]                 (the latent cache, L + R floats)
