@@ -34,7 +34,7 @@ logger = logging.getLogger("moeflow")
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "cpu_ops.cpp",)
-_HEADERS = (_CSRC / "cpu_common.h", _CSRC / "moe.h", _CSRC / "iq4.h")
+_HEADERS = (_CSRC / "cpu_common.h", _CSRC / "moe.h", _CSRC / "mla.h", _CSRC / "iq4.h")
 _BASE_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 # ISA -> (compiler flags, CPU flags /proc/cpuinfo must list), best first.
 ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

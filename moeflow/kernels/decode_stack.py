@@ -1,14 +1,17 @@
 """The fused CPU decode step of a Llama-layout decoder (Llama, Mistral, Qwen2, Qwen3 and the MoE
-families on their attention: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5; not yet DeepSeek's
-MLA): every layer and the final norm in one call of the compiled kernels (csrc/cpu_ops.cpp
-DecodeStack), one OpenMP region for the whole step instead of ~10 Python dispatches and thread
+families on their attention: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5) or of DeepSeek's
+(V2, V3, R1, Kimi K2: multi-head latent attention, leading dense layers, shared experts): every
+layer and the final norm in one call of the compiled kernels (csrc/cpu_ops.cpp DecodeStack,
+csrc/mla.h), one OpenMP region for the whole step instead of ~10 Python dispatches and thread
 fork/joins per layer. It runs the single ops' own row functions (an MoE layer: the compiled router
-and grouped expert pass its eager path runs, csrc/moe.h), so its output is theirs.
+and grouped expert pass its eager path runs, csrc/moe.h; a latent-attention layer: the compiled
+MlaAttention its eager decode runs, layers/mla.py), so its output is theirs.
 
 It applies to decode steps on the CPU of up to `MAX_ROWS` sequences when every projection is kept
-quantised (GGUF blocks or `--quantize`; MoE experts as blocks too), activations and the KV cache
-are float32, the rotary layout is NeoX and the MLP (and the shared experts, gated by a sigmoid or
-not) gated SiLU, q/k normed per head (Qwen3) or over all heads and q/k/v clipped (OLMoE); otherwise
+quantised (GGUF blocks or `--quantize`; MoE experts as blocks too; MLA's kv_b stays float32, as
+the layer-by-layer path reads it), activations and the KV cache are float32, the rotary layout is
+NeoX (MLA: any of its three) and the MLP (and the shared experts, gated by a sigmoid or not)
+gated SiLU, q/k normed per head (Qwen3) or over all heads and q/k/v clipped (OLMoE); otherwise
 the model runs layer by layer. The engine's runner asks `fits` on each eager step and then calls
 `forward` instead of the model. MoE layers' routing statistics, when enabled, are counted from the
 experts the step chose.
@@ -96,6 +99,9 @@ def unfit_reason(decoder: Any, ops: Any) -> str | None:
     (None when it can)."""
     norm, layers = decoder.norm, decoder.layers
     eps = norm.eps
+    latent = [_is_latent(layer) for layer in layers]
+    if any(latent) and not all(latent):
+        return "latent and q/k/v attention layers mixed"
     for i, layer in enumerate(layers):
         moe = layer.moe
         if moe is not None:
@@ -105,12 +111,14 @@ def unfit_reason(decoder: Any, ops: Any) -> str | None:
             if gate is not None and gate.parts is not None:
                 return f"layer {i}'s shared-expert gate mixes ggml types"
         mlp = [layer.gate_up_proj, layer.down_proj] if layer.gate_up_proj is not None else []
-        projections = [layer.qkv_proj, layer.o_proj, *mlp]
+        attn = layer.attn
+        qkv = _latent_projections(attn) if latent[i] else [layer.qkv_proj]
+        projections = [*qkv, layer.o_proj, *mlp]
         if any(not _parts(p) or any(q.qtype is None for q in _parts(p)) for p in projections):
             return f"layer {i} has a projection that is not kept quantised"
         if layer.act is not None and not layer.act.is_silu:
             return f"layer {i}'s MLP activation is not SiLU"
-        if layer.rotary.layout != "neox":
+        if layer.rotary.layout != "neox" and not latent[i]:
             return f"layer {i} needs a rotary layout the fused step lacks"
         norms = [layer.input_norm, layer.post_norm]
         norms += [layer.q_norm, layer.k_norm] if layer.q_norm is not None else []
@@ -121,8 +129,10 @@ def unfit_reason(decoder: Any, ops: Any) -> str | None:
         tensors += [gate.weight] if gate is not None and gate.qtype is None else []
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
             return f"layer {i} has norms or biases that are not float32 on the CPU"
-        attn = layer.attn
-        if attn.head_dim % 8 or attn.num_heads // attn.num_kv_heads > 64:
+        if latent[i]:
+            if attn.cpu_layer(ops) is None:
+                return f"layer {i}'s latent attention does not run compiled (float32 kv_b)"
+        elif attn.head_dim % 8 or attn.num_heads // attn.num_kv_heads > 64:
             return f"layer {i}'s head shape is not supported by the fused step"
     if norm.weight.dtype != torch.float32:
         return "the final norm is not float32"
@@ -135,34 +145,49 @@ def unfit_reason(decoder: Any, ops: Any) -> str | None:
 
 
 def _cache_key(layers: list[Any]) -> tuple[int, ...]:
-    first, last = layers[0].attn, layers[-1].attn
-    return (first.k_cache.data_ptr(), last.v_cache.data_ptr(), first.k_cache.numel())
+    first, last = _caches(layers[0]), _caches(layers[-1])
+    return (first[0].data_ptr(), last[-1].data_ptr(), first[0].numel())
 
 
 def _cache_fits(layers: list[Any]) -> bool:
-    """Every layer's K/V cache is allocated, float32, on the CPU."""
-    caches = [c for layer in layers for c in (layer.attn.k_cache, layer.attn.v_cache)]
-    return all(c.dim() == 4 and c.dtype == torch.float32 and c.device.type == "cpu" for c in caches)
+    """Every layer's K/V (or latent) cache is allocated, float32, on the CPU."""
+    return all(
+        c.dim() == (3 if _is_latent(layer) else 4)
+        and c.dtype == torch.float32
+        and c.device.type == "cpu"
+        for layer in layers
+        for c in _caches(layer)
+    )
 
 
 def _build(ops: Any, decoder: Any) -> Any:
     first, norm = decoder.layers[0], decoder.norm
+    attn = first.attn
+    if _is_latent(first):  # H heads over one "KV head": the latent row [L + R]
+        heads, kv_heads, head_dim = attn.num_heads, 1, attn.kv_lora_rank + attn.rope
+    else:
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
     stack = ops.DecodeStack(
-        first.attn.num_heads,
-        first.attn.num_kv_heads,
-        first.attn.head_dim,
+        heads,
+        kv_heads,
+        head_dim,
         norm.eps,
-        first.attn.scale,
+        attn.scale,
         first.rotary.cos_cache,
         first.rotary.sin_cache,
         norm.weight.detach(),
     )
     for layer in decoder.layers:
         qkv, o, gate_up, down = layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj
+        mla = layer.attn.cpu_layer(ops) if _is_latent(layer) else None
+        if mla is not None:
+            k_cache = v_cache = layer.attn.latent_cache.unsqueeze(2)  # [N, S, 1, L + R]
+        else:
+            k_cache, v_cache = layer.attn.k_cache, layer.attn.v_cache
         stack.add_layer(
             layer.input_norm.weight.detach(),
             *_blocks(qkv),
-            _opt(qkv.bias),
+            _opt(qkv.bias if qkv is not None else None),
             _opt(layer.q_norm.weight if layer.q_norm is not None else None),
             _opt(layer.k_norm.weight if layer.k_norm is not None else None),
             *_blocks(o),
@@ -170,14 +195,32 @@ def _build(ops: Any, decoder: Any) -> Any:
             layer.post_norm.weight.detach(),
             *_blocks(gate_up),
             *_blocks(down),
-            layer.attn.k_cache,
-            layer.attn.v_cache,
-            layer.attn.sliding_window or 0,
+            k_cache,
+            v_cache,
+            0 if mla is not None else layer.attn.sliding_window or 0,
             layer.moe.cpu_layer(ops) if layer.moe is not None else None,
             *_shared_gate(layer.moe),
             layer.clip_qkv or 0.0,
+            mla,
         )
     return stack
+
+
+def _is_latent(layer: Any) -> bool:
+    """A latent-attention layer (models.base.LayerParts without qkv_proj; attn an MLAAttention)."""
+    return layer.qkv_proj is None
+
+
+def _caches(layer: Any) -> list[torch.Tensor]:
+    attn = layer.attn
+    return [attn.latent_cache] if _is_latent(layer) else [attn.k_cache, attn.v_cache]
+
+
+def _latent_projections(attn: Any) -> list[Any]:
+    """The projections of an MLAAttention that must be kept quantised: q (or q_a and q_b),
+    kv_a."""
+    q = [attn.q_proj] if attn.q_proj is not None else [attn.q_a_proj, attn.q_b_proj]
+    return [*q, attn.kv_a_proj_with_mqa]
 
 
 def _shared_gate(moe: Any) -> tuple[torch.Tensor | None, list[int]]:

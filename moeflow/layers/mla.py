@@ -1,7 +1,10 @@
 """DeepSeek's multi-head latent attention with a latent paged cache: per token and layer the
 cache holds only [kv_lora_rank + qk_rope_head_dim] values (576 for V3), not 2 x H x head_dim.
 Prefill/extend decompresses through kv_b_proj; decode attends in latent space with the absorbed
-projections (q_nope through W_UK before, W_UV after).
+projections (q_nope through W_UK before, W_UV after). On the CPU, with q (or q_a / q_b) and kv_a
+kept quantised, a decode step of up to 16 tokens runs as one compiled op (csrc/mla.h
+MlaAttention: the projections, norms, rope, cache write, absorbed attention), which the fused
+decode step (kernels/decode_stack.py) also runs, so the two give the same numbers.
 
 Tensor parallelism splits the heads: q / q_b / kv_b projections by column (each rank its heads'
 rows), o_proj by row; the latent (kv_a) is computed whole on every rank, so each rank's cache
@@ -17,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeflow import env
 from moeflow.context import get_forward_batch
 from moeflow.distributed.parallel_state import tp_rank_size
+from moeflow.kernels import cpu_ext
 from moeflow.kernels.mla import mla_decode, mla_prefill, store_latent
 from moeflow.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, split_size
 from moeflow.layers.norm import RMSNorm
@@ -71,6 +76,7 @@ class MLAAttention(nn.Module):
             self.scale *= m * m
         self.latent_cache = torch.empty(0)  # [N, S, L + R], bound by the engine
         self.force_decompressed = False  # tests: run decode through the prefill path
+        self._cpu: tuple[Any, Any] | None = None  # (kernel module, its MlaAttention)
 
     # ---- cache protocol (engine/kv_cache.py) ----
     def allocate_cache(
@@ -86,7 +92,80 @@ class MLAAttention(nn.Module):
     def cache_tensors(self) -> list[torch.Tensor]:
         return [self.latent_cache]
 
+    def cpu_layer(self, ops: Any) -> Any | None:
+        """The compiled latent attention (`ops.MlaAttention`) of this layer, built once per
+        kernel module, or None where it does not run it: q (or q_a / q_b) or kv_a not kept
+        quantised, norms, biases or kv_b not float32 on the CPU, shapes it does not take."""
+        if self._cpu is not None and self._cpu[0] is ops:
+            return self._cpu[1]
+        q = self.q_proj if self.q_proj is not None else self.q_a_proj
+        kv_a, kv_b = self.kv_a_proj_with_mqa, self.kv_b_proj
+        assert q is not None
+        projections = [q, kv_a] + ([self.q_b_proj] if self.q_b_proj is not None else [])
+        norms = [self.kv_a_layernorm]
+        norms += [self.q_a_layernorm] if self.q_a_layernorm is not None else []
+        floats = [n.weight for n in norms] + [kv_b.weight]
+        floats += [p.bias for p in (q, kv_a) if p.bias is not None]
+        if (
+            ops is None
+            or any(not _parts(p) for p in projections)
+            or kv_b.qtype is not None
+            or kv_b.parts is not None
+            or kv_b.bias is not None
+            or any(n.eps != norms[0].eps for n in norms)
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats)
+            or (self.kv_lora_rank + self.rope) % 8
+            or self.rope % 2
+            or self.rope > 256
+            or self.num_heads > 128
+        ):
+            return None
+        bias = None
+        if q.bias is not None or kv_a.bias is not None:  # zeros where one has none
+            bias = torch.cat(
+                [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in (q, kv_a)]
+            )
+        q_parts, kv_parts = _parts(q), _parts(kv_a)
+        q_b_parts = _parts(self.q_b_proj) if self.q_b_proj is not None else []
+        layer = ops.MlaAttention(
+            q.in_features,
+            self.num_heads,
+            self.kv_lora_rank,
+            self.nope,
+            self.rope,
+            self.v_dim,
+            q.out_features if self.q_b_proj is not None else 0,
+            [p.weight for p in q_parts + kv_parts],
+            [p.qtype for p in q_parts + kv_parts],
+            bias,
+            self.q_a_layernorm.weight.detach() if self.q_a_layernorm is not None else None,
+            [p.weight for p in q_b_parts],
+            [p.qtype for p in q_b_parts],
+            self.kv_a_layernorm.weight.detach(),
+            kv_b.weight.detach(),
+            self.kv_a_layernorm.eps,
+            self.rotary_emb.layout,
+        )
+        self._cpu = (ops, layer)
+        return layer
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        batch = get_forward_batch()
+        cpu = self._cpu_decode(batch.is_decode, hidden)
+        if cpu is not None:
+            out = cpu.forward(
+                hidden.contiguous(),
+                positions.contiguous(),
+                batch.slot_mapping,
+                batch.block_tables,
+                batch.context_lens,
+                self.latent_cache,
+                self.rotary_emb.cos_cache,
+                self.rotary_emb.sin_cache,
+                self.scale,
+                env.MOEFLOW_CPU_INT8,
+            )  # [T, H * Dv]
+            return self.o_proj(out)
         if self.q_proj is not None:
             q = self.q_proj(hidden)
         else:
@@ -99,7 +178,6 @@ class MLAAttention(nn.Module):
         c, k_rope = ckv.split([self.kv_lora_rank, self.rope], dim=-1)
         c = self.kv_a_layernorm.norm(c)
         q_rope, k_rope = self.rotary_emb(positions, q_rope, k_rope.unsqueeze(1))
-        batch = get_forward_batch()
         store_latent(
             torch.cat((c, k_rope.squeeze(1)), dim=-1), self.latent_cache, batch.slot_mapping
         )
@@ -132,3 +210,27 @@ class MLAAttention(nn.Module):
                 context_lens_gpu=batch.context_lens,
             )  # [T, H, Dv]
         return self.o_proj(out.flatten(1))
+
+    def _cpu_decode(self, is_decode: bool, hidden: torch.Tensor) -> Any | None:
+        """The compiled op where it runs this step: an all-decode batch of at most 16 float32
+        tokens on the CPU (the quantised GEMV's rows), a float32 latent cache."""
+        if (
+            not is_decode
+            or self.force_decompressed
+            or hidden.device.type != "cpu"
+            or hidden.dtype != torch.float32
+            or hidden.shape[0] > 16
+            or self.latent_cache.dtype != torch.float32
+            or self.latent_cache.dim() != 3
+        ):
+            return None
+        return self.cpu_layer(cpu_ext.ops())
+
+
+def _parts(linear: Linear) -> list[Linear]:
+    """A Linear's quantised weight as its parts (one, unless its shards mix ggml types); none
+    for a float weight."""
+    if linear.qtype is not None:
+        return [linear]
+    parts = [p for p in linear.parts or [] if isinstance(p, Linear) and p.qtype is not None]
+    return parts if linear.parts is not None and len(parts) == len(linear.parts) else []

@@ -15,6 +15,7 @@ from moeflow.layers.activation import GatedAct
 from moeflow.layers.attention import PagedAttention
 from moeflow.layers.embedding import VocabEmbedding
 from moeflow.layers.linear import Linear
+from moeflow.layers.mla import MLAAttention
 from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding
@@ -51,16 +52,20 @@ class LayerParts:
       out = h + mlp(post_norm(h)),  mlp(y) = down_proj(act(gate_up_proj(y)))
     or, in an MoE layer, out = h + moe(post_norm(h)) where the MoE layer's own shared experts
     (gate_up_proj / down_proj / act here, None without them) add to its routed experts.
-    q_norm / k_norm normalise each head or, without qk_norm_per_head, the whole projection."""
+    q_norm / k_norm normalise each head or, without qk_norm_per_head, the whole projection.
+    A latent-attention layer (DeepSeek) has no qkv_proj (None) nor q/k norms: `attn` is then the
+    MLAAttention (layers/mla.py) whose q / q_a + q_b, kv_a, kv_a_norm, float kv_b (the absorbed
+    W_UK, W_UV per head), scale and latent cache stand in for them; `rotary` and `o_proj` are
+    its own."""
 
     input_norm: RMSNorm  # [input_layernorm]
-    qkv_proj: Linear
+    qkv_proj: Linear | None  # None: latent attention
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
     qk_norm_per_head: bool
     clip_qkv: float | None
     rotary: RotaryEmbedding  # [rotary_emb]
-    attn: PagedAttention  # heads, scale, window, and the K/V cache the engine binds
+    attn: PagedAttention | MLAAttention  # heads, scale, window, and the cache the engine binds
     o_proj: Linear
     post_norm: RMSNorm  # [post_attention_layernorm]
     gate_up_proj: Linear | None
@@ -97,6 +102,6 @@ class CausalLM(nn.Module):
         return []
 
     def decoder_parts(self) -> DecoderParts | None:
-        """The decoder as its parts when every layer is attention + a gated MLP or an MoE
-        layer; None otherwise (latent attention)."""
+        """The decoder as its parts when every layer is attention (q/k/v or latent) + a gated
+        MLP or an MoE layer; None otherwise."""
         return None

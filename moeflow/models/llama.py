@@ -20,6 +20,7 @@ from moeflow.layers.linear import (
     RowParallelLinear,
     split_size,
 )
+from moeflow.layers.mla import MLAAttention
 from moeflow.layers.mlp import GatedMLP
 from moeflow.layers.moe import MoE
 from moeflow.layers.norm import RMSNorm
@@ -171,7 +172,7 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.model.layers:
             assert isinstance(layer, LlamaDecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
-            if not isinstance(attn, LlamaAttention):
+            if not isinstance(attn, LlamaAttention | MLAAttention):
                 return None
             if isinstance(mlp, MoE):
                 moe, dense = mlp, mlp.shared_mlp()
@@ -179,16 +180,17 @@ class LlamaForCausalLM(CausalLM):
                 moe, dense = None, mlp
             else:
                 return None
+            mla = isinstance(attn, MLAAttention)
             layers.append(
                 LayerParts(
                     input_norm=layer.input_layernorm,
-                    qkv_proj=attn.qkv_proj,
-                    q_norm=attn.q_norm,
-                    k_norm=attn.k_norm,
-                    qk_norm_per_head=attn.qk_norm_per_head,
-                    clip_qkv=attn.clip_qkv,
+                    qkv_proj=None if mla else attn.qkv_proj,
+                    q_norm=None if mla else attn.q_norm,
+                    k_norm=None if mla else attn.k_norm,
+                    qk_norm_per_head=not mla and attn.qk_norm_per_head,
+                    clip_qkv=None if mla else attn.clip_qkv,
                     rotary=attn.rotary_emb,
-                    attn=attn.attn,
+                    attn=attn if mla else attn.attn,
                     o_proj=attn.o_proj,
                     post_norm=layer.post_attention_layernorm,
                     gate_up_proj=dense.gate_up_proj if dense is not None else None,

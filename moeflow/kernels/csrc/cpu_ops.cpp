@@ -574,7 +574,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 // ---------------------------------------------------------------------------------------------
 // The fused decode stack: every decoder layer of a Llama-family model (RMSNorm, q/k/v projection
-// with optional bias and per-head q/k norm, NeoX rotary, paged attention, o projection, RMSNorm,
+// with optional bias and per-head q/k norm, NeoX rotary, paged attention, or DeepSeek's latent
+// attention (mla.h) over its latent cache, o projection, RMSNorm,
 // then a gated MLP (gate/up projection, SiLU-and-mul, down projection) or an MoE layer (router,
 // the grouped expert pass of moe.h, plus an ungated shared MLP)) and the final norm, for a batch
 // of one new token per sequence, in one call and one OpenMP parallel region: the phases are
@@ -643,6 +644,12 @@ void gemv_team(const Acts& a, const Proj& p, float* y, GemvScratch& scratch) {
   }
 }
 
+}  // namespace
+
+#include "mla.h"  // DeepSeek's latent attention, on the row functions above
+
+namespace {
+
 struct StackLayer {
   at::Tensor ln1, ln2, q_norm, k_norm, k_cache, v_cache;
   // Qwen2-MoE: the shared MLP's output is scaled by sigmoid(x . gate), gate one row [1, E]
@@ -653,6 +660,7 @@ struct StackLayer {
   float clip = 0.0f;  // > 0: q, k, v clamped to [-clip, clip] after the whole-projection norm
   Proj qkv, o, gate_up, down;  // gate_up / down: the dense MLP, or an MoE layer's shared MLP
   std::shared_ptr<MoeLayer> moe;  // the routed experts of an MoE layer
+  std::shared_ptr<MlaAttention> mla;  // latent attention in place of qkv (DeepSeek)
   bool has_mlp = true;  // gate_up / down are set
   int64_t window = 0;
 };
@@ -662,7 +670,8 @@ struct StackLayer {
 class DecodeStack {
  public:
   // H, Hkv query / KV heads of D dims; rotary tables cos/sin [P, R] (NeoX, R <= D); eps of
-  // every RMSNorm; final_norm [E].
+  // every RMSNorm; final_norm [E]. A latent-attention stack: H heads over one KV head of D = L + R
+  // dims (the latent cache's rows [N, S, 1, D]); the tables of its rope layout.
   DecodeStack(int64_t H, int64_t Hkv, int64_t D, double eps, double scale, at::Tensor cos,
               at::Tensor sin, at::Tensor final_norm)
       : H_(H), Hkv_(Hkv), D_(D), eps_(static_cast<float>(eps)), scale_(scale),
@@ -670,7 +679,8 @@ class DecodeStack {
     check_f32(cos_, "cos");
     check_f32(sin_, "sin");
     check_f32(final_norm_, "final_norm");
-    TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= 64, "bad head counts");
+    // (up to 128 query heads per KV head: DeepSeek-V3's latent attention)
+    TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= 128, "bad head counts");
     TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8");
     TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == sin_.sizes() && cos_.size(1) % 2 == 0 &&
                     cos_.size(1) <= D, "bad rotary tables");
@@ -689,7 +699,7 @@ class DecodeStack {
                  const Tensors& down_w, const Types& down_type, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, int64_t window, std::shared_ptr<MoeLayer> moe,
                  const c10::optional<at::Tensor>& shared_gate, const Types& shared_gate_type,
-                 double clip_qkv) {
+                 double clip_qkv, std::shared_ptr<MlaAttention> mla) {
     StackLayer l;
     for (const at::Tensor* t : {&ln1, &ln2}) {
       check_f32(*t, "norm weight");
@@ -708,9 +718,23 @@ class DecodeStack {
       l.q_norm = *q_norm;
       l.k_norm = *k_norm;
     }
-    l.qkv = make_proj(qkv_w, qkv_type, E_, qkv_bias);
-    TORCH_CHECK(l.qkv.N == (H_ + 2 * Hkv_) * D_, "qkv rows");
-    l.o = make_proj(o_w, o_type, H_ * D_, o_bias);
+    TORCH_CHECK(layers_.empty() || !layers_[0].mla == !mla,
+                "latent and q/k/v attention layers in one stack");
+    if (mla) {
+      TORCH_CHECK(qkv_w.empty() && !q_norm.has_value(), "a latent-attention layer has no qkv");
+      TORCH_CHECK(mla->E == E_ && mla->H == H_ && Hkv_ == 1 && mla->L + mla->R == D_,
+                  "the latent attention's dims differ from the stack's");
+      TORCH_CHECK(cos_.size(1) == (mla->layout == kRopeNeox ? mla->R : mla->R / 2),
+                  "the rotary tables do not fit the latent attention's rope dims");
+      for (const StackLayer& other : layers_)
+        TORCH_CHECK(other.mla->Lq == mla->Lq && other.mla->Dn == mla->Dn &&
+                        other.mla->Dv == mla->Dv, "latent attention layers differ in shape");
+      l.mla = std::move(mla);
+    } else {
+      l.qkv = make_proj(qkv_w, qkv_type, E_, qkv_bias);
+      TORCH_CHECK(l.qkv.N == (H_ + 2 * Hkv_) * D_, "qkv rows");
+    }
+    l.o = make_proj(o_w, o_type, l.mla ? H_ * l.mla->Dv : H_ * D_, o_bias);
     TORCH_CHECK(l.o.N == E_, "o rows");
     TORCH_CHECK(gate_up_w.empty() == down_w.empty(), "gate_up and down go together");
     l.has_mlp = !gate_up_w.empty();  // none: an MoE layer without shared experts
@@ -791,15 +815,20 @@ class DecodeStack {
 
     at::Tensor out = at::empty({B, E}, hidden.options());
     std::vector<float> res(hidden.data_ptr<float>(), hidden.data_ptr<float>() + B * E);
-    std::vector<float> xn(B * E), qkv(B * NQ), att(B * H * D), h(B * E), gu(B * 2 * max_i),
-        act(B * max_i);
+    const MlaAttention* mla = layers_[0].mla.get();  // a latent-attention stack
+    const int64_t B_mha = mla ? 0 : B;  // the q/k/v path's rows (none in a latent stack)
+    std::vector<float> xn(B * E), qkv(B_mha * NQ), att(B_mha * H * D), h(B * E),
+        gu(B * 2 * max_i), act(B * max_i);
     Acts acts;
     // Partial attention results: at most as many tasks as without a sliding window.
     const PagedCtx whole = paged_ctx(layers_[0].k_cache, layers_[0].v_cache, block_tables,
                                      context_lens, 0, scale_);
     const int64_t PS = G * part_size(D);
-    std::vector<float> parts(static_cast<size_t>(AttnTasks(whole, B).total * PS));
+    std::vector<float> parts(static_cast<size_t>(mla ? 0 : AttnTasks(whole, B).total * PS));
     const int nt = at::get_num_threads();
+    const MlaTasks mla_tasks(whole, mla ? B : 0, H, nt);
+    std::unique_ptr<MlaBuffers> mla_buf;
+    if (mla) mla_buf = std::make_unique<MlaBuffers>(*mla, B, mla_tasks);
     float* op = out.data_ptr<float>();
 
 #pragma omp parallel num_threads(nt)
@@ -817,47 +846,54 @@ class DecodeStack {
                     l.ln1.data_ptr<float>(), E, eps_, xn.data() + b * E);
           acts.prepare(xn.data(), B, E, int8);
         }
-        gemv_team(acts, l.qkv, qkv.data(), scratch);
-#pragma omp single
-        {  // q and k: norm, rotary; k and v into the cache
-          float* kc = l.k_cache.data_ptr<float>();
-          float* vc = l.v_cache.data_ptr<float>();
-          for (int64_t b = 0; b < B; ++b) {
-            float* q = qkv.data() + b * NQ;
-            float* k = q + H * D;
-            if (l.qk_norm_whole) {
-              rms_row(q, nullptr, false, l.q_norm.data_ptr<float>(), H * D, eps_, q);
-              rms_row(k, nullptr, false, l.k_norm.data_ptr<float>(), Hkv * D, eps_, k);
+        if (l.mla) {
+          const PagedCtx c =
+              paged_ctx(l.k_cache, l.v_cache, block_tables, context_lens, 0, scale_);
+          l.mla->attend(acts, B, pos, slots, cp, sp, R, l.k_cache.data_ptr<float>(), c,
+                        mla_tasks, *mla_buf, int8, scratch, p.data());
+        } else {
+          gemv_team(acts, l.qkv, qkv.data(), scratch);
+  #pragma omp single
+          {  // q and k: norm, rotary; k and v into the cache
+            float* kc = l.k_cache.data_ptr<float>();
+            float* vc = l.v_cache.data_ptr<float>();
+            for (int64_t b = 0; b < B; ++b) {
+              float* q = qkv.data() + b * NQ;
+              float* k = q + H * D;
+              if (l.qk_norm_whole) {
+                rms_row(q, nullptr, false, l.q_norm.data_ptr<float>(), H * D, eps_, q);
+                rms_row(k, nullptr, false, l.k_norm.data_ptr<float>(), Hkv * D, eps_, k);
+              }
+              if (l.clip > 0.0f)
+                for (int64_t i = 0; i < NQ; ++i) q[i] = std::min(std::max(q[i], -l.clip), l.clip);
+              for (int64_t hd = 0; hd < H + Hkv; ++hd) {
+                float* x = q + hd * D;  // q heads, then k heads
+                const at::Tensor& norm = hd < H ? l.q_norm : l.k_norm;
+                if (norm.defined() && !l.qk_norm_whole)
+                  rms_row(x, nullptr, false, norm.data_ptr<float>(), D, eps_, x);
+                rope_head(x, cp + pos[b] * R, sp + pos[b] * R, R);
+              }
+              store_kv_row(kc, vc, slots[b], Hkv * D, k, k + Hkv * D);
             }
-            if (l.clip > 0.0f)
-              for (int64_t i = 0; i < NQ; ++i) q[i] = std::min(std::max(q[i], -l.clip), l.clip);
-            for (int64_t hd = 0; hd < H + Hkv; ++hd) {
-              float* x = q + hd * D;  // q heads, then k heads
-              const at::Tensor& norm = hd < H ? l.q_norm : l.k_norm;
-              if (norm.defined() && !l.qk_norm_whole)
-                rms_row(x, nullptr, false, norm.data_ptr<float>(), D, eps_, x);
-              rope_head(x, cp + pos[b] * R, sp + pos[b] * R, R);
-            }
-            store_kv_row(kc, vc, slots[b], Hkv * D, k, k + Hkv * D);
           }
-        }
-        const PagedCtx c =
-            paged_ctx(l.k_cache, l.v_cache, block_tables, context_lens, l.window, scale_);
-        const AttnTasks tasks(c, B);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < tasks.total; ++t) {
-          int64_t b, hk, split;
-          tasks.decode(t, &b, &hk, &split);
-          attend_part(c, b, hk, G, qkv.data() + b * NQ + hk * G * D, split,
-                      parts.data() + t * PS, p.data());
-        }
-#pragma omp single
-        {
-          for (int64_t b = 0; b < B; ++b)
-            for (int64_t hk = 0; hk < Hkv; ++hk)
-              attend_merge(G, D, parts.data() + (tasks.first[b] + hk * tasks.splits[b]) * PS,
-                           tasks.splits[b], att.data() + (b * H + hk * G) * D);
-          acts.prepare(att.data(), B, H * D, int8);
+          const PagedCtx c =
+              paged_ctx(l.k_cache, l.v_cache, block_tables, context_lens, l.window, scale_);
+          const AttnTasks tasks(c, B);
+  #pragma omp for schedule(dynamic, 1)
+          for (int64_t t = 0; t < tasks.total; ++t) {
+            int64_t b, hk, split;
+            tasks.decode(t, &b, &hk, &split);
+            attend_part(c, b, hk, G, qkv.data() + b * NQ + hk * G * D, split,
+                        parts.data() + t * PS, p.data());
+          }
+  #pragma omp single
+          {
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t hk = 0; hk < Hkv; ++hk)
+                attend_merge(G, D, parts.data() + (tasks.first[b] + hk * tasks.splits[b]) * PS,
+                             tasks.splits[b], att.data() + (b * H + hk * G) * D);
+            acts.prepare(att.data(), B, H * D, int8);
+          }
         }
         gemv_team(acts, l.o, h.data(), scratch);
 #pragma omp single
@@ -960,6 +996,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("forward", &MoeLayer::forward, "x [T, H] -> (routed experts' sum [T, H], ids [T, K])",
            py::call_guard<py::gil_scoped_release>());
+  py::class_<MlaAttention, std::shared_ptr<MlaAttention>>(m, "MlaAttention", py::module_local())
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    const std::vector<at::Tensor>&, const std::vector<int64_t>&,
+                    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                    const std::vector<at::Tensor>&, const std::vector<int64_t>&,
+                    const at::Tensor&, const at::Tensor&, double, const std::string&>(),
+           py::arg("hidden"), py::arg("num_heads"), py::arg("kv_lora_rank"), py::arg("nope"),
+           py::arg("rope"), py::arg("v_dim"), py::arg("q_lora_rank"), py::arg("qa"),
+           py::arg("qa_type"), py::arg("qa_bias"), py::arg("q_a_norm"), py::arg("q_b"),
+           py::arg("q_b_type"), py::arg("kv_a_norm"), py::arg("kv_b"), py::arg("eps"),
+           py::arg("rope_layout"))
+      .def("forward", &MlaAttention::forward,
+           "normed hidden [B, E] -> heads' outputs [B, H Dv]; writes the latent cache",
+           py::call_guard<py::gil_scoped_release>());
   // module_local: the avx2 and avx512 builds may both be loaded (tests), each with its class
   py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor,
@@ -972,7 +1022,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("gate_up_type"), py::arg("down"), py::arg("down_type"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("window"), py::arg("moe") = py::none(),
            py::arg("shared_gate") = py::none(), py::arg("shared_gate_type") = std::vector<int64_t>{},
-           py::arg("clip_qkv") = 0.0)
+           py::arg("clip_qkv") = 0.0, py::arg("mla") = py::none())
       .def("num_layers", &DecodeStack::num_layers)
       .def("routed_ids", &DecodeStack::routed_ids)
       .def("forward", &DecodeStack::forward, "one decode step of the whole stack",
