@@ -4,9 +4,10 @@ experts. Routing statistics (tokens per expert) accumulate on the device when en
 
 Parallel experts (distributed/parallel_state.py): with expert parallelism each rank holds E/ep
 experts (or the slots an EPLB placement gives it, distributed/eplb.py, hot experts copied on
-several ranks); every rank routes every token, runs the pairs whose expert copy it holds and the
-ranks' partial outputs are summed. Without it, tensor parallelism splits every expert's
-intermediate size (gate/up rows, down columns). The shared experts are split like a dense MLP.
+several ranks); every rank routes every token, runs only the pairs whose expert copy it holds
+(layers/moe_ep.py) and the ranks' partial outputs are summed. Without it, tensor parallelism
+splits every expert's intermediate size (gate/up rows, down columns). The shared experts are
+split like a dense MLP.
 
 Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K experts per token."""
 
@@ -39,6 +40,7 @@ from moeflow.layers.linear import (
     split_size,
 )
 from moeflow.layers.mlp import GatedMLP
+from moeflow.layers.moe_ep import ReplicaTables, local_pairs, replica_tables, run_local_experts
 from moeflow.weights.ggml_quants import (
     QUANTIZE_TYPES,
     QuantizedTensor,
@@ -456,25 +458,12 @@ class MoE(nn.Module):
         len / ep). Every expert must have a slot. Called before the weights load (the experts
         are rebuilt on the meta device); a token's pair goes to one copy of its expert, chosen
         by the token's position, so every placement gives the same sums."""
-        e = self.num_experts
-        if sorted(set(placement)) != list(range(e)) or len(placement) % self.ep_size:
-            raise ValueError(
-                f"an expert placement must give each of the {e} experts a slot, in a multiple "
-                f"of {self.ep_size} slots; got {len(placement)} slots holding "
-                f"{len(set(placement))} distinct experts"
-            )
+        e, device = self.num_experts, self.gate.weight.device
+        tables = replica_tables(placement, e, self.ep_size, device)
+        self.replica_ids, self.num_replicas = tables.replica_ids, tables.num_replicas
         per_rank = len(placement) // self.ep_size
         if first_slot is None:
             first_slot = per_rank * self.ep_rank
-        copies: list[list[int]] = [[] for _ in range(e)]
-        for p, x in enumerate(placement):
-            copies[x].append(p)
-        width = max(len(c) for c in copies)
-        device = self.gate.weight.device
-        self.replica_ids = torch.tensor(
-            [c + [c[0]] * (width - len(c)) for c in copies], dtype=torch.int64, device=device
-        )
-        self.num_replicas = torch.tensor([len(c) for c in copies], device=device)
         self.placement = list(placement)
         self.first_slot = first_slot
         slots = placement[first_slot : first_slot + per_rank]
@@ -489,18 +478,17 @@ class MoE(nn.Module):
         finally:
             torch.set_default_dtype(prev)
 
-    def _local_pairs(
-        self, weights: torch.Tensor, ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checkpoint expert ids [T, K] -> (weights, slot ids) of this rank's slots: each pair
-        goes to one copy of its expert; pairs of other ranks keep weight 0 (on slot 0)."""
-        t, k = ids.shape
-        turn = torch.arange(t, device=ids.device)[:, None] + torch.arange(k, device=ids.device)
-        copy = turn % self.num_replicas[ids]  # [T, K]
-        physical = self.replica_ids[ids, copy]  # [T, K]
-        local = physical - self.first_slot
-        mine = (local >= 0) & (local < self.experts.num_experts)
-        return weights * mine, local.masked_fill(~mine, 0)
+    def local_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Expert parallelism (layers/moe_ep.py): this rank's partial sum [T, H], from the
+        pairs routed to its slots only; weights / ids [T, K] are every token's routing."""
+        experts = self.experts
+        tables = ReplicaTables(self.replica_ids, self.num_replicas)
+        pairs = local_pairs(weights, ids, tables, self.first_slot, experts.num_experts)
+        quantized = experts.quantized
+        w13, w2 = (None, None) if quantized is not None else (experts.w13, experts.w2)
+        return run_local_experts(x, pairs, w13, w2, quantized, self.hidden_act)
 
     def shared_mlp(self) -> GatedMLP | None:
         """The shared experts as one gated MLP (None without them)."""
@@ -568,20 +556,16 @@ class MoE(nn.Module):
                 self.routed_scaling_factor,
                 self.group_mask_value,
             )  # [T, K] each
-            if self.placement is not None:
-                run_weights, run_ids = self._local_pairs(weights, ids)
-            else:
-                run_weights, run_ids = weights, ids
-            if experts.quantized is not None:
-                out = fused_moe_quantized(
-                    x, experts.quantized, run_weights, run_ids, self.hidden_act
-                )
-            elif experts.w13.is_meta:
+            if experts.quantized is None and experts.w13.is_meta:
                 raise RuntimeError(
                     f"layer {self.layer_idx}: the experts' weights were never loaded"
                 )
+            if self.placement is not None:
+                out = self.local_experts(x, weights, ids)
+            elif experts.quantized is not None:
+                out = fused_moe_quantized(x, experts.quantized, weights, ids, self.hidden_act)
             else:
-                out = fused_moe(x, experts.w13, experts.w2, run_weights, run_ids, self.hidden_act)
+                out = fused_moe(x, experts.w13, experts.w2, weights, ids, self.hidden_act)
         if self.stats_enabled:
             self.record_routing(ids)
         shared = self.shared_mlp()
