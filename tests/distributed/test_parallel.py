@@ -22,7 +22,7 @@ from moeflow import LLM, SamplingParams
 from moeflow.distributed.eplb import rebalance_experts
 from tests.helpers.checkpoints import make_deepseek_checkpoint, make_tiny_checkpoint
 from tests.helpers.dist_run import PROMPTS, run
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 240
@@ -102,6 +102,48 @@ def test_tp2_equals_tp1(
         distributed_executor_backend=backend,
     )
     assert_same(got, single[model])
+
+
+def test_dp2_replicas_equal_dp1(
+    checkpoints: dict[str, Path], single: dict[str, dict[str, Any]]
+) -> None:
+    """Two data-parallel replicas ("mp", one process each): requests spread over both (each
+    replica ran pieces of the steps) and every request's tokens and logits equal one process's."""
+    got = run_parallel(checkpoints["qwen3_moe"], data_parallel_size=2)
+    assert got["replicas"] == [0, 1]
+    assert_same(got, single["qwen3_moe"])
+
+
+def test_serve_dp2_answers_as_one_process(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """`moeflow serve --data-parallel-size 2`: two requests in turn (one per replica) complete
+    with one process's greedy text."""
+    path = str(checkpoints["qwen3_moe"])
+    prompts = ["abc", "hello there"]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    with LLM(path, dtype="float32", device="cpu", max_model_len=128) as llm:
+        want = [out.text for out in llm.generate(prompts, params)]
+    server = start_server(
+        path,
+        tmp_path,
+        *("--dtype", "float32", "--device", "cpu", "--max-model-len", "128"),
+        *("--data-parallel-size", "2", "--served-model-name", "tiny"),
+        wait_s=240,
+    )
+    try:
+        got = []
+        for prompt in prompts:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0}
+            body["ignore_eos"] = True
+            status, _, data = server.request("POST", "/v1/completions", body, timeout=300)
+            assert status == 200, data
+            got.append(json.loads(data)["choices"][0]["text"])
+    finally:
+        server.proc.send_signal(signal.SIGINT)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+    assert got == want
 
 
 def test_torchrun_launches_the_ranks(

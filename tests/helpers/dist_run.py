@@ -26,10 +26,26 @@ def run(model: str, **kwargs: Any) -> dict[str, Any]:
         model, dtype="float32", device="cpu", max_model_len=128, kv_cache_tokens=512, **kwargs
     )
     with llm:
+        replicas = _record_replicas(llm)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens = [out.token_ids for out in llm.generate(PROMPTS, params)]
         logits = [last_logits(llm, ids).tolist() for ids in PROMPTS]
-    return {"tokens": tokens, "logits": logits}
+    return {"tokens": tokens, "logits": logits, "replicas": sorted(replicas)}
+
+
+def _record_replicas(llm: LLM) -> set[int]:
+    """The data-parallel replicas that rank 0 sends steps to (from now on); {0} in one process."""
+    seen = {0}
+    executor = llm.engine.runner.executor
+    if executor is not None:
+        send = executor.send_step
+
+        def recording(fb: Any, replica: int = 0, last: bool = True) -> None:
+            seen.add(replica)
+            send(fb, replica, last)
+
+        executor.send_step = recording  # type: ignore[method-assign]
+    return seen
 
 
 def last_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
