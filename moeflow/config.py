@@ -161,8 +161,6 @@ class EngineArgs:
             raise ValueError(
                 f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}"
             )
-        if self.world_size > 1 and self.quantize is not None:
-            raise ValueError("--quantize is not split across tensor-parallel ranks yet")
 
 
 EXECUTOR_BACKENDS = ("mp", "ray", "external_launcher")

@@ -36,7 +36,6 @@ from moeflow.layers.linear import (
     Linear,
     copy_checked,
     narrow_shard,
-    quantized_not_split,
     split_size,
 )
 from moeflow.layers.mlp import GatedMLP
@@ -155,7 +154,13 @@ class FusedExperts(nn.Module):
     ) -> None:
         if self.is_parallel:
             self._load_parallel(param_name, tensor, shard)
-            return
+        else:
+            self._load_local(param_name, tensor, shard)
+
+    def _load_local(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None
+    ) -> None:
+        """A tensor of this layer's own experts and rows (local slot numbers)."""
         kind = shard if shard in ("gate", "up") else ("down" if param_name == "w2" else None)
         if isinstance(tensor, QuantizedTensor) and kind is not None and self.w13.is_meta:
             # the stacked blocks of one projection: kept once all three have come
@@ -183,29 +188,40 @@ class FusedExperts(nn.Module):
         self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None
     ) -> None:
         """A checkpoint tensor (global expert numbering, whole intermediate size) into the local
-        slots that hold its experts, narrowed to this rank's intermediate rows."""
-        if isinstance(tensor, QuantizedTensor):
-            raise quantized_not_split()
+        slots that hold its experts, narrowed to this rank's intermediate rows (gate / up) or
+        columns (down; quantised blocks on block boundaries), then loaded as in one process:
+        stacked quantised blocks stay blocks. Only the held experts' slices are read."""
         r, n = self.tp_rank, self.tp_size
-        i_dim = {"gate": 0, "up": 0, "down": 1}  # the intermediate dim of one expert's tensor
         if shard is not None and ":" in shard:
             kind, _, expert = shard.partition(":")
             e = int(expert)
-            local = [j for j, x in enumerate(self._slot_list()) if x == e]
+            i_dim = {"gate": 0, "up": 0, "down": 1}  # the intermediate dim of one expert
             one = narrow_shard(tensor, i_dim[kind], r, n)  # not read when no slot holds it
-            for j in local:
-                self._copy(param_name, one, f"{kind}:{j}")  # type: ignore[arg-type]
+            for j, x in enumerate(self._slot_list()):
+                if x == e:
+                    if isinstance(one, QuantizedTensor):
+                        one = one.dequantize(self._dtype)
+                    self._load_local(param_name, one, f"{kind}:{j}")
             return
-        index = torch.tensor(self._slot_list(), dtype=torch.int64)
-        stacked = tensor.index_select(0, index)  # [E_local, ...]: the held experts only
         if shard in ("gate", "up"):  # a stacked half [E, I, H]
-            self._copy(param_name, narrow_shard(stacked, 1, r, n), shard)  # type: ignore[arg-type]
+            self._load_local(param_name, self._held(narrow_shard(tensor, 1, r, n)), shard)
         elif param_name == "w13":  # whole [E, 2I, H]: each half narrowed
-            gate, up = stacked.chunk(2, dim=1)
-            halves = [narrow_shard(h, 1, r, n) for h in (gate, up)]
-            self._copy(param_name, torch.cat(halves, dim=1), None)  # type: ignore[arg-type]
+            held = self._held(tensor)
+            if isinstance(held, QuantizedTensor):
+                held = held.dequantize(self._dtype)
+            halves = [narrow_shard(h, 1, r, n) for h in held.chunk(2, dim=1)]
+            self._load_local(param_name, torch.cat(halves, dim=1), None)  # type: ignore[arg-type]
         else:  # whole w2 [E, H, I]
-            self._copy(param_name, narrow_shard(stacked, 2, r, n), None)  # type: ignore[arg-type]
+            self._load_local(param_name, self._held(narrow_shard(tensor, 2, r, n)), None)
+
+    def _held(self, stacked: torch.Tensor | QuantizedTensor) -> torch.Tensor | QuantizedTensor:
+        """The slots' experts of a stacked [E, ...] tensor, in slot order: a copy of their
+        bytes only (of a memory-mapped file's view, only those pages are read)."""
+        index = torch.tensor(self._slot_list(), dtype=torch.int64)
+        if isinstance(stacked, QuantizedTensor):
+            data = stacked.data.index_select(0, index)  # [E_local, N, row_bytes]
+            return QuantizedTensor(data, stacked.qtype, (len(index), *stacked.shape[1:]))
+        return stacked.index_select(0, index)
 
     def _slot_list(self) -> list[int]:
         return self.slots if self.slots is not None else list(range(self.num_experts))
@@ -263,11 +279,6 @@ class FusedExperts(nn.Module):
         temporaries; converting loaded experts, the float experts + the blocks (+27 % of
         float32 experts for q8_0, +14 % for q4_0 / q4_k) + one expert's temporaries."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
-        if self.is_parallel:
-            raise ModelFormatError(
-                "--quantize does not split experts across ranks yet: run tensor_parallel_size 1 "
-                "or float weights"
-            )
         if self.quantized is not None:
             return False
         if not quantized_experts_supported(self.act, h, i, self._device):
