@@ -82,7 +82,7 @@ class FusedExperts(nn.Module):
     Parallel: `slots` names the checkpoint expert held in each of the E local slots (None: expert
     e in slot e, every expert); `tp` = (rank, size) splits every expert's intermediate size.
     Checkpoint tensors of experts not held here are skipped unread; held ones are narrowed to
-    this rank's rows."""
+    this rank's rows (ggml blocks too, and kept as blocks)."""
 
     def __init__(
         self,
