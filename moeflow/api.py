@@ -124,7 +124,9 @@ class LLM:
         `tensor_parallel_size` ranks split every layer (`enable_expert_parallel`: the MoE layers
         by expert, `expert_placement` giving each MoE layer's slots), started by
         `distributed_executor_backend` "mp" | "ray" | "external_launcher" (torchrun); this
-        process is rank 0 and `shutdown()` stops the others (docs/DISTRIBUTED.md).
+        process is rank 0 and `shutdown()` stops the others (docs/DISTRIBUTED.md);
+        `data_parallel_size` replicas of that group each run their share of the requests
+        (round-robin; the whole model per replica, prefix caching off).
         The other knobs are EngineArgs' (moeflow/config.py); "auto" and None are resolved by
         engine/factory.py."""
         args = EngineArgs(

@@ -122,7 +122,9 @@ def _common_parser() -> argparse.ArgumentParser:
         "-dp",
         type=int,
         default=1,
-        help="engine replicas (only 1 is supported yet)",
+        help="model replicas, each its own process(es) with the whole model (or its -tp shard); "
+        "one engine spreads requests round-robin over them and runs their pieces of each step "
+        "at once; experts are not shared across replicas; prefix caching off (docs/DISTRIBUTED.md)",
     )
     common.add_argument(
         "--distributed-executor-backend",

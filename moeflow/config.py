@@ -156,18 +156,11 @@ class EngineArgs:
         """Bad parallel settings fail before any process starts."""
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
             raise ValueError("tensor_parallel_size and data_parallel_size must be >= 1")
-        if self.data_parallel_size > 1:
-            raise ValueError(
-                "data_parallel_size > 1 (engine replicas) is not supported yet: run one "
-                "`moeflow serve` per replica behind a load balancer"
-            )
         backend = self.distributed_executor_backend
         if backend not in (None, *EXECUTOR_BACKENDS):
             raise ValueError(
                 f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}"
             )
-        if self.world_size > 1 and self.quantize is not None:
-            raise ValueError("--quantize is not split across tensor-parallel ranks yet")
 
 
 EXECUTOR_BACKENDS = ("mp", "ray", "external_launcher")

@@ -96,6 +96,11 @@ def bench_gguf(preset: str, hf: dict[str, Any], ftype: str, num_layers: int | No
     return path
 
 
+def write_gguf(hf: dict[str, Any], ftype: str, path: str | Path) -> int:
+    """bench_gguf's file of `hf` (random weights) written to `path`; returns the size."""
+    return _writer(hf, ftype).write(path)
+
+
 def write_gguf_layout(hf: dict[str, Any], ftype: str, path: str | Path) -> int:
     """bench_gguf's file of `hf` without its tensor data (a sparse file of the full size);
     returns the size."""

@@ -312,7 +312,13 @@ def attach_kv_connector(
 ) -> KVConnector:
     """Connect to the other instance over a gloo pair (prefill is rank 0 and listens on
     `addr`, decode connects; both block until the other comes, at most `connect_timeout_s`)
-    and give `engine` its connector."""
+    and give `engine` its connector. One process only: the KV worker copies the blocks of
+    rank 0's cache, not those of other tensor-parallel ranks or data-parallel replicas."""
+    if engine.runner.executor is not None:
+        raise ValueError(
+            f"--role {role} needs tensor_parallel_size and data_parallel_size 1: moving the KV "
+            "of a parallel engine is not supported yet"
+        )
     host, port = parse_addr(addr)
     rank = 0 if role == "prefill" else 1
     # No transfer can hold more than the whole cache: a larger payload is refused unread.

@@ -82,12 +82,17 @@ def all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) 
     return out
 
 
+def control_group() -> dist.ProcessGroup:
+    """The gloo group of every rank (step messages, the replicas' logits)."""
+    state = get_state()
+    assert state is not None and state.control_group is not None
+    return state.control_group
+
+
 def broadcast_object_bytes(data: bytes | None, src: int = 0) -> bytes:
     """Bytes from rank `src` to every rank of the control group (typed messages only: the
     caller encodes JSON; nothing here pickles)."""
-    state = get_state()
-    assert state is not None and state.control_group is not None
-    group = state.control_group
+    group = control_group()
     length = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
     dist.broadcast(length, src, group=group)
     buf = (
@@ -102,7 +107,5 @@ def broadcast_object_bytes(data: bytes | None, src: int = 0) -> bytes:
 
 def broadcast_tensor(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """A CPU tensor from rank `src` over the control group, in place."""
-    state = get_state()
-    assert state is not None and state.control_group is not None
-    dist.broadcast(x, src, group=state.control_group)
+    dist.broadcast(x, src, group=control_group())
     return x

@@ -4,8 +4,13 @@ the flattened batch. Never pickle (docs/RELIABILITY.md rule 1).
 
   {"kind": "init", "num_cache_blocks": N, "block_size": S, "dtype": "float32"}
   {"kind": "step", "num_tokens": T, "num_seqs": B, "table_width": W, "num_logits": S,
-   "query_lens": [...], "context_lens": [...], "is_decode": bool}  + int64 [3T + 2B + 1 + S + BW]
-  {"kind": "stop"}"""
+   "query_lens": [...], "context_lens": [...], "is_decode": bool, "replica": d, "last": bool}
+   + int64 [3T + 2B + 1 + S + BW]
+  {"kind": "stop"}
+With data parallelism a step is one piece per replica that has sequences (`replica`: the
+data-parallel rank that runs it), the last marked `last`; every rank receives every piece and
+runs its own once the last has come. A replica's logits go back to rank 0 point to point
+(`send_logits` / `receive_logits`: an int64 [2] shape, then the float32 rows)."""
 
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ import json
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moeflow.context import ForwardBatch
-from moeflow.distributed.comm import broadcast_object_bytes, broadcast_tensor
+from moeflow.distributed.comm import broadcast_object_bytes, broadcast_tensor, control_group
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "init": {"num_cache_blocks": int, "block_size": int, "dtype": str},
@@ -27,6 +33,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "query_lens": list,
         "context_lens": list,
         "is_decode": bool,
+        "replica": int,
+        "last": bool,
     },
     "stop": {},
 }
@@ -47,7 +55,7 @@ def receive() -> dict[str, Any]:
     return message
 
 
-def send_step(fb: ForwardBatch) -> None:
+def send_step(fb: ForwardBatch, replica: int = 0, last: bool = True) -> None:
     b, w = fb.block_tables.shape
     payload = torch.cat(
         [
@@ -69,6 +77,8 @@ def send_step(fb: ForwardBatch) -> None:
         "query_lens": list(fb.query_lens_cpu),
         "context_lens": list(fb.context_lens_cpu),
         "is_decode": fb.is_decode,
+        "replica": replica,
+        "last": last,
     }
     send(header, payload)
 
@@ -93,6 +103,26 @@ def receive_step(header: dict[str, Any], device: torch.device) -> ForwardBatch:
         context_lens_cpu=[int(n) for n in header["context_lens"]],
         is_decode=bool(header["is_decode"]),
     )
+
+
+def send_logits(logits: torch.Tensor) -> None:
+    """A data-parallel replica's first rank: its logits [S, V] to rank 0."""
+    group = control_group()
+    rows, vocab = logits.shape
+    dist.send(torch.tensor([rows, vocab], dtype=torch.int64), 0, group=group)
+    dist.send(logits.float().cpu().contiguous(), 0, group=group)
+
+
+def receive_logits(src: int, rows: int) -> torch.Tensor:
+    """Rank 0: the logits [rows, V] float32 of the replica whose first rank is `src`."""
+    group = control_group()
+    shape = torch.empty(2, dtype=torch.int64)
+    dist.recv(shape, src, group=group)
+    if int(shape[0]) != rows:
+        raise RuntimeError(f"rank {src} sent {int(shape[0])} logits rows, expected {rows}")
+    out = torch.empty(rows, int(shape[1]), dtype=torch.float32)
+    dist.recv(out, src, group=group)
+    return out
 
 
 def _check(message: Any) -> None:

@@ -1,6 +1,7 @@
 """The process's place in a parallel group: its rank, the tensor-, expert- and data-parallel
 ranks and sizes, and two process groups: the device group (NCCL on a GPU, gloo on a CPU) for
-the model's collectives and a gloo control group for the step messages. None while a single
+the model's collectives, the ranks of one data-parallel replica, and a gloo control group of
+every rank for the step messages and the replicas' logits. None while a single
 process runs: every parallel layer then takes its single-process path, and no group exists.
 
 Set once per process (`init_parallel`), before the model is built: the layers read their
@@ -25,7 +26,8 @@ CONTROL_GROUP_TIMEOUT_S = 10 * 365 * 24 * 3600.0
 @dataclass(frozen=True)
 class ParallelState:
     """rank = dp_rank * tp_size + tp_rank. Expert parallelism spans the tensor-parallel group
-    (vLLM's EP size = TP x DP, with DP = 1 here): ep_rank = tp_rank when enabled."""
+    of one data-parallel replica (vLLM's EP size is TP x DP; experts are not shared across
+    replicas here): ep_rank = tp_rank when enabled."""
 
     rank: int
     world_size: int
@@ -89,6 +91,13 @@ def init_parallel(
     control: Any = dist.new_group(
         backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_GROUP_TIMEOUT_S)
     )
+    device_group: Any = dist.group.WORLD
+    if dp_size > 1:
+        # one device group per replica; every rank creates every group, in the same order
+        for d in range(dp_size):
+            group = dist.new_group(list(range(d * tp_size, (d + 1) * tp_size)), backend=backend)
+            if d == rank // tp_size:
+                device_group = group
     _state = ParallelState(
         rank=rank,
         world_size=world,
@@ -97,7 +106,7 @@ def init_parallel(
         dp_rank=rank // tp_size,
         dp_size=dp_size,
         use_ep=use_ep,
-        device_group=dist.group.WORLD,
+        device_group=device_group,
         control_group=control,
     )
     return _state

@@ -80,6 +80,7 @@ class Executor:
         )
         self.backend = backend
         self.dead_reason: str | None = None
+        self._next_replica = 0
         self._procs: list[subprocess.Popen[bytes]] = []
         self._ray_refs: list[Any] = []
         self._stopping = False
@@ -132,9 +133,24 @@ class Executor:
             }
         )
 
-    def send_step(self, fb: ForwardBatch) -> None:
+    def send_step(self, fb: ForwardBatch, replica: int = 0, last: bool = True) -> None:
         self.check_alive()
-        messages.send_step(fb)
+        messages.send_step(fb, replica, last)
+
+    @property
+    def dp_size(self) -> int:
+        return self.args.data_parallel_size
+
+    def next_replica(self) -> int:
+        """The data-parallel replica a new request runs on: round-robin."""
+        replica = self._next_replica
+        self._next_replica = (replica + 1) % self.dp_size
+        return replica
+
+    def receive_logits(self, replica: int, rows: int) -> torch.Tensor:
+        """The logits [rows, V] of the step's piece that `replica` ran (from its first rank)."""
+        self.check_alive()
+        return messages.receive_logits(replica * self.args.tensor_parallel_size, rows)
 
     def check_alive(self) -> None:
         if self.dead_reason is not None:
@@ -258,7 +274,9 @@ class RayRank:
 # ---- the other ranks ---------------------------------------------------------------------------
 def run_rank(rank: int, args: EngineArgs, store: Store | None) -> None:
     """One rank other than 0: load this rank's shard, allocate the KV cache rank 0 describes,
-    then run every step rank 0 sends until it says stop."""
+    then run every step rank 0 sends until it says stop. With data parallelism a step comes in
+    pieces, one per replica: the rank runs its replica's piece once the last has come, and a
+    replica's first rank sends the piece's logits to rank 0."""
     from moeflow.engine.factory import load  # the factory imports this module
 
     device = device_of_rank(resolved_device(args.device), rank)
@@ -279,16 +297,25 @@ def run_rank(rank: int, args: EngineArgs, store: Store | None) -> None:
     allocate_kv_cache(
         model, header["num_cache_blocks"], header["block_size"], parse_dtype(header["dtype"]), dev
     )
+    tp_rank, dp_rank = rank % args.tensor_parallel_size, rank // args.tensor_parallel_size
+    mine: ForwardBatch | None = None
     with torch.inference_mode():
         while True:
             header = messages.receive()
             if header["kind"] == "stop":
                 break
-            fb = messages.receive_step(header, dev)
+            fb = messages.receive_step(header, dev)  # every piece is received, mine or not
+            if header["replica"] == dp_rank:
+                mine = fb
+            if not header["last"] or mine is None:
+                continue
+            fb, mine = mine, None
             with forward_context(fb):
                 hidden = model(fb.input_ids, fb.positions)  # [T, E]
             if fb.logits_indices.numel():
-                model.compute_logits(hidden, fb.logits_indices)  # its part of the gather
+                logits = model.compute_logits(hidden, fb.logits_indices)  # [S, V] (gathered)
+                if dp_rank > 0 and tp_rank == 0:
+                    messages.send_logits(logits)
     destroy_parallel()
 
 

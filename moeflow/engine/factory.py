@@ -28,8 +28,12 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
         loaded = load(args)
     executor = current_executor()
     if executor is not None:
-        # SPMD steps: every rank runs the same eager forward (no graphs, no overlap)
-        args = dataclasses.replace(args, enforce_eager=True, overlap_schedule=False)
+        # SPMD steps: every rank runs the same eager forward (no graphs, no overlap); a cached
+        # prefix block lives on one data-parallel replica only (engine/data_parallel.py)
+        prefix_caching = args.enable_prefix_caching and args.data_parallel_size == 1
+        args = dataclasses.replace(
+            args, enforce_eager=True, overlap_schedule=False, enable_prefix_caching=prefix_caching
+        )
     config = EngineConfig.resolve(
         args,
         model=loaded.path,

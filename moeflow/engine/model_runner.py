@@ -1,7 +1,8 @@
 """Runs a scheduled batch: flattens it (engine/flatten.py), fills its pending input tokens on the
 device, runs the model under forward_context and returns the logits of the sequences that sample
-this step. Decode steps replay CUDA graphs when captured (engine/cuda_graph.py), or on the CPU
-take the fused decode step where the model fits it (kernels/decode_stack.py)."""
+this step (data-parallel replicas each run their requests' piece: engine/data_parallel.py).
+Decode steps replay CUDA graphs when captured (engine/cuda_graph.py), or on the CPU take the
+fused decode step where the model fits it (kernels/decode_stack.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes
+from moeflow.engine.data_parallel import ReplicaSender, run_replicas
 from moeflow.engine.flatten import flatten_batch
 from moeflow.engine.profile import StepProfile, timed
 from moeflow.engine.scheduler import ScheduledBatch
@@ -30,10 +32,8 @@ class TokenCarry:
     row_of: dict[str, int]
 
 
-class StepSender(Protocol):
+class StepSender(ReplicaSender, Protocol):
     """The other ranks of a parallel group (engine/executor.py Executor)."""
-
-    def send_step(self, fb: ForwardBatch) -> None: ...
 
     def check_alive(self) -> None:
         """Raise EngineDeadError when a rank is gone."""
@@ -76,6 +76,9 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Logits [S, V] (float32) of the S sequences of `batch` that sample this step, in order.
         Rows whose input token is pending take it from `carry` on the device."""
+        if self.executor is not None and self.executor.dp_size > 1:
+            with timed(profile, "forward_s"):
+                return run_replicas(self.model, batch, self.executor, self.block_size, self.device)
         with timed(profile, "prepare_s"):
             graphs = self._graphs_for(batch)
             fb = None

@@ -39,6 +39,7 @@ class Request:
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    dp_replica: int | None = None  # the replica holding its KV (engine/data_parallel.py)
     # Set by the engine after each sampled token.
     output_ids: list[int] = field(default_factory=list)  # tokens that reached the host
     # Tokens sampled on the device whose ids the host has not read yet: with the overlap

@@ -18,7 +18,7 @@ from moeflow.distributed.comm import all_gather, all_reduce
 from moeflow.distributed.parallel_state import tp_rank_size
 from moeflow.kernels.gemm import linear
 from moeflow.kernels.quant_gemm import qembedding, qlinear
-from moeflow.layers.linear import QuantizableWeight, quantized_not_split
+from moeflow.layers.linear import QuantizableWeight
 from moeflow.weights.ggml_quants import QuantizedTensor
 
 
@@ -38,8 +38,11 @@ class VocabParallel(QuantizableWeight):
     ) -> torch.Tensor | QuantizedTensor:
         if self.tp_size == 1:
             return tensor
-        if isinstance(tensor, QuantizedTensor):
-            raise quantized_not_split()
+        if isinstance(tensor, QuantizedTensor):  # rows of blocks; padding rows of zero bytes
+            data = tensor.data[self.vocab_start : self.vocab_end]  # [<= Vr, row_bytes]
+            pad = self.out_features - data.shape[0]
+            data = F.pad(data, (0, 0, 0, pad)) if pad else data  # zero scales: zero rows
+            return QuantizedTensor(data, tensor.qtype, (self.out_features, self.in_features))
         rows = tensor[self.vocab_start : self.vocab_end]  # [<= Vr, H]
         pad = self.out_features - rows.shape[0]
         return F.pad(rows, (0, 0, 0, pad)) if pad else rows
@@ -56,12 +59,15 @@ class VocabEmbedding(VocabParallel):
         if self.tp_size > 1:
             outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)  # [T]
             local = (input_ids - self.vocab_start).masked_fill(outside, 0)
-            rows = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            rows = self._rows(local).masked_fill(outside.unsqueeze(-1), 0.0)
             return all_reduce(rows)  # [T, H]
+        return self._rows(input_ids)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of this rank's table, [T, H] in the compute dtype."""
         if self.qtype is not None:
-            rows = qembedding(input_ids, self.weight, self.qtype, self.in_features)
-            return rows.to(self.out_dtype)
-        return F.embedding(input_ids, self.weight)
+            return qembedding(ids, self.weight, self.qtype, self.in_features).to(self.out_dtype)
+        return F.embedding(ids, self.weight)
 
 
 class LMHead(VocabParallel):
@@ -81,8 +87,9 @@ class LMHead(VocabParallel):
         table: QuantizableWeight = self._tied[0] if self._tied else self
         rows = hidden.index_select(0, indices)
         if table.qtype is not None:
-            return qlinear(rows, table.weight, table.qtype)  # [S, V]
-        logits = linear(rows, table.weight)  # [S, Vr]
+            logits = qlinear(rows, table.weight, table.qtype)  # [S, Vr]
+        else:
+            logits = linear(rows, table.weight)  # [S, Vr]
         if self.tp_size > 1:
             logits = all_gather(logits, dim=-1)[:, : self.vocab_size]  # [S, V]
         return logits

@@ -7,8 +7,10 @@ A weight can also be kept quantised (GGUF blocks, or quantised on load): `weight
 Tensor parallelism (distributed/parallel_state.py): a column-parallel linear holds its rank's
 slice of the output rows (a merged one: of each shard), a row-parallel one its slice of the
 input columns and sums the ranks' partial outputs. Each narrows the checkpoint tensor it is
-given to its slice (a view of the memory-mapped file: the other ranks' rows are not read). With
-one process they are the plain layers."""
+given to its slice (a view of the memory-mapped file: the other ranks' rows are not read). A
+quantised tensor (GGUF blocks) is narrowed the same way on its bytes: by whole rows of blocks,
+or by input columns on block boundaries (`narrow_quantized`). With one process they are the
+plain layers."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from moeflow.distributed.parallel_state import tp_rank_size
 from moeflow.errors import ModelFormatError
 from moeflow.kernels.gemm import linear
 from moeflow.kernels.quant_gemm import qlinear, row_bytes
-from moeflow.weights.ggml_quants import QuantizedTensor
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, QuantizedTensor
 
 
 class QuantizableWeight(nn.Module):
@@ -200,15 +202,13 @@ class MergedColumnParallelLinear(MergedLinear):
         """A whole merged tensor: each shard's slice, concatenated."""
         if self.tp_size == 1:
             return tensor
-        if isinstance(tensor, QuantizedTensor):
-            raise quantized_not_split()
+        r, n = self.tp_rank, self.tp_size
+        if isinstance(tensor, QuantizedTensor):  # rows of blocks: each shard's slice of rows
+            rows = tensor.data.split(list(self.full_sizes.values()), dim=0)
+            data = torch.cat([p.narrow(0, r * p.shape[0] // n, p.shape[0] // n) for p in rows])
+            return QuantizedTensor(data, tensor.qtype, (data.shape[0], *tensor.shape[1:]))
         parts = tensor.split(list(self.full_sizes.values()), dim=0)
-        return torch.cat(
-            [
-                p.narrow(0, self.tp_rank * p.shape[0] // self.tp_size, p.shape[0] // self.tp_size)
-                for p in parts
-            ]
-        )
+        return torch.cat([p.narrow(0, r * p.shape[0] // n, p.shape[0] // n) for p in parts])
 
 
 class RowParallelLinear(Linear):
@@ -233,7 +233,10 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward(x)
-        y = linear(x, self.weight)  # [..., out_features], this rank's part of the sum
+        if self.qtype is not None:
+            y = qlinear(x, self.weight, self.qtype, None)  # [..., out_features], this rank's part
+        else:
+            y = linear(x, self.weight)  # [..., out_features], this rank's part of the sum
         if self.reduce_results:
             y = all_reduce(y)
         if self.bias is not None and (self.reduce_results or self.tp_rank == 0):
@@ -258,16 +261,33 @@ def narrow_shard(
     if parts == 1:
         return tensor
     if isinstance(tensor, QuantizedTensor):
-        raise quantized_not_split()
+        return narrow_quantized(tensor, dim, rank, parts)
     n = split_size(tensor.shape[dim], parts, f"rows of dim {dim}")
     return tensor.narrow(dim, rank * n, n)
 
 
-def quantized_not_split() -> ModelFormatError:
-    return ModelFormatError(
-        "quantised weights (GGUF files, --quantize) are not split across tensor-parallel ranks "
-        "yet: run an HF folder (safetensors) with tensor_parallel_size > 1"
-    )
+def narrow_quantized(q: QuantizedTensor, dim: int, rank: int, parts: int) -> QuantizedTensor:
+    """Rank `rank`'s equal slice of a quantised tensor along logical `dim`, a view of its bytes
+    (data [..., rows, row_bytes]): whole rows (or experts) for a leading dim; for the last (the
+    input columns) whole blocks of each row, so the slice must hold whole blocks (32 weights,
+    256 for the K-quants): a ModelFormatError names the split otherwise."""
+    dim = dim % len(q.shape)
+    shape = list(q.shape)
+    n = split_size(shape[dim], parts, f"rows of dim {dim}")
+    shape[dim] = n
+    if dim < len(shape) - 1:
+        return QuantizedTensor(q.data.narrow(dim, rank * n, n), q.qtype, tuple(shape))
+    qtype = GGMLType(q.qtype)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if n % block:
+        raise ModelFormatError(
+            f"a {qtype.name} tensor of shape {tuple(q.shape)} cannot be split by input columns "
+            f"over {parts} tensor-parallel ranks: {n} columns per rank are not whole "
+            f"{block}-weight blocks; choose a tensor_parallel_size that leaves whole blocks, "
+            "or a float checkpoint"
+        )
+    nbytes = n // block * type_size
+    return QuantizedTensor(q.data.narrow(-1, rank * nbytes, nbytes), q.qtype, tuple(shape))
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:

@@ -4,9 +4,10 @@ experts. Routing statistics (tokens per expert) accumulate on the device when en
 
 Parallel experts (distributed/parallel_state.py): with expert parallelism each rank holds E/ep
 experts (or the slots an EPLB placement gives it, distributed/eplb.py, hot experts copied on
-several ranks); every rank routes every token, runs the pairs whose expert copy it holds and the
-ranks' partial outputs are summed. Without it, tensor parallelism splits every expert's
-intermediate size (gate/up rows, down columns). The shared experts are split like a dense MLP.
+several ranks); every rank routes every token, runs only the pairs whose expert copy it holds
+(layers/moe_ep.py) and the ranks' partial outputs are summed. Without it, tensor parallelism
+splits every expert's intermediate size (gate/up rows, down columns). The shared experts are
+split like a dense MLP.
 
 Shape legend: T tokens, H hidden, E experts, I expert intermediate size, K experts per token."""
 
@@ -35,10 +36,10 @@ from moeflow.layers.linear import (
     Linear,
     copy_checked,
     narrow_shard,
-    quantized_not_split,
     split_size,
 )
 from moeflow.layers.mlp import GatedMLP
+from moeflow.layers.moe_ep import ReplicaTables, local_pairs, replica_tables, run_local_experts
 from moeflow.weights.ggml_quants import (
     QUANTIZE_TYPES,
     QuantizedTensor,
@@ -81,7 +82,7 @@ class FusedExperts(nn.Module):
     Parallel: `slots` names the checkpoint expert held in each of the E local slots (None: expert
     e in slot e, every expert); `tp` = (rank, size) splits every expert's intermediate size.
     Checkpoint tensors of experts not held here are skipped unread; held ones are narrowed to
-    this rank's rows."""
+    this rank's rows (ggml blocks too, and kept as blocks)."""
 
     def __init__(
         self,
@@ -153,7 +154,13 @@ class FusedExperts(nn.Module):
     ) -> None:
         if self.is_parallel:
             self._load_parallel(param_name, tensor, shard)
-            return
+        else:
+            self._load_local(param_name, tensor, shard)
+
+    def _load_local(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None
+    ) -> None:
+        """A tensor of this layer's own experts and rows (local slot numbers)."""
         kind = shard if shard in ("gate", "up") else ("down" if param_name == "w2" else None)
         if isinstance(tensor, QuantizedTensor) and kind is not None and self.w13.is_meta:
             # the stacked blocks of one projection: kept once all three have come
@@ -181,29 +188,40 @@ class FusedExperts(nn.Module):
         self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None
     ) -> None:
         """A checkpoint tensor (global expert numbering, whole intermediate size) into the local
-        slots that hold its experts, narrowed to this rank's intermediate rows."""
-        if isinstance(tensor, QuantizedTensor):
-            raise quantized_not_split()
+        slots that hold its experts, narrowed to this rank's intermediate rows (gate / up) or
+        columns (down; quantised blocks on block boundaries), then loaded as in one process:
+        stacked quantised blocks stay blocks. Only the held experts' slices are read."""
         r, n = self.tp_rank, self.tp_size
-        i_dim = {"gate": 0, "up": 0, "down": 1}  # the intermediate dim of one expert's tensor
         if shard is not None and ":" in shard:
             kind, _, expert = shard.partition(":")
             e = int(expert)
-            local = [j for j, x in enumerate(self._slot_list()) if x == e]
+            i_dim = {"gate": 0, "up": 0, "down": 1}  # the intermediate dim of one expert
             one = narrow_shard(tensor, i_dim[kind], r, n)  # not read when no slot holds it
-            for j in local:
-                self._copy(param_name, one, f"{kind}:{j}")  # type: ignore[arg-type]
+            for j, x in enumerate(self._slot_list()):
+                if x == e:
+                    if isinstance(one, QuantizedTensor):
+                        one = one.dequantize(self._dtype)
+                    self._load_local(param_name, one, f"{kind}:{j}")
             return
-        index = torch.tensor(self._slot_list(), dtype=torch.int64)
-        stacked = tensor.index_select(0, index)  # [E_local, ...]: the held experts only
         if shard in ("gate", "up"):  # a stacked half [E, I, H]
-            self._copy(param_name, narrow_shard(stacked, 1, r, n), shard)  # type: ignore[arg-type]
+            self._load_local(param_name, self._held(narrow_shard(tensor, 1, r, n)), shard)
         elif param_name == "w13":  # whole [E, 2I, H]: each half narrowed
-            gate, up = stacked.chunk(2, dim=1)
-            halves = [narrow_shard(h, 1, r, n) for h in (gate, up)]
-            self._copy(param_name, torch.cat(halves, dim=1), None)  # type: ignore[arg-type]
+            held = self._held(tensor)
+            if isinstance(held, QuantizedTensor):
+                held = held.dequantize(self._dtype)
+            halves = [narrow_shard(h, 1, r, n) for h in held.chunk(2, dim=1)]
+            self._load_local(param_name, torch.cat(halves, dim=1), None)  # type: ignore[arg-type]
         else:  # whole w2 [E, H, I]
-            self._copy(param_name, narrow_shard(stacked, 2, r, n), None)  # type: ignore[arg-type]
+            self._load_local(param_name, self._held(narrow_shard(tensor, 2, r, n)), None)
+
+    def _held(self, stacked: torch.Tensor | QuantizedTensor) -> torch.Tensor | QuantizedTensor:
+        """The slots' experts of a stacked [E, ...] tensor, in slot order: a copy of their
+        bytes only (of a memory-mapped file's view, only those pages are read)."""
+        index = torch.tensor(self._slot_list(), dtype=torch.int64)
+        if isinstance(stacked, QuantizedTensor):
+            data = stacked.data.index_select(0, index)  # [E_local, N, row_bytes]
+            return QuantizedTensor(data, stacked.qtype, (len(index), *stacked.shape[1:]))
+        return stacked.index_select(0, index)
 
     def _slot_list(self) -> list[int]:
         return self.slots if self.slots is not None else list(range(self.num_experts))
@@ -261,11 +279,6 @@ class FusedExperts(nn.Module):
         temporaries; converting loaded experts, the float experts + the blocks (+27 % of
         float32 experts for q8_0, +14 % for q4_0 / q4_k) + one expert's temporaries."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
-        if self.is_parallel:
-            raise ModelFormatError(
-                "--quantize does not split experts across ranks yet: run tensor_parallel_size 1 "
-                "or float weights"
-            )
         if self.quantized is not None:
             return False
         if not quantized_experts_supported(self.act, h, i, self._device):
@@ -456,25 +469,12 @@ class MoE(nn.Module):
         len / ep). Every expert must have a slot. Called before the weights load (the experts
         are rebuilt on the meta device); a token's pair goes to one copy of its expert, chosen
         by the token's position, so every placement gives the same sums."""
-        e = self.num_experts
-        if sorted(set(placement)) != list(range(e)) or len(placement) % self.ep_size:
-            raise ValueError(
-                f"an expert placement must give each of the {e} experts a slot, in a multiple "
-                f"of {self.ep_size} slots; got {len(placement)} slots holding "
-                f"{len(set(placement))} distinct experts"
-            )
+        e, device = self.num_experts, self.gate.weight.device
+        tables = replica_tables(placement, e, self.ep_size, device)
+        self.replica_ids, self.num_replicas = tables.replica_ids, tables.num_replicas
         per_rank = len(placement) // self.ep_size
         if first_slot is None:
             first_slot = per_rank * self.ep_rank
-        copies: list[list[int]] = [[] for _ in range(e)]
-        for p, x in enumerate(placement):
-            copies[x].append(p)
-        width = max(len(c) for c in copies)
-        device = self.gate.weight.device
-        self.replica_ids = torch.tensor(
-            [c + [c[0]] * (width - len(c)) for c in copies], dtype=torch.int64, device=device
-        )
-        self.num_replicas = torch.tensor([len(c) for c in copies], device=device)
         self.placement = list(placement)
         self.first_slot = first_slot
         slots = placement[first_slot : first_slot + per_rank]
@@ -489,18 +489,17 @@ class MoE(nn.Module):
         finally:
             torch.set_default_dtype(prev)
 
-    def _local_pairs(
-        self, weights: torch.Tensor, ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checkpoint expert ids [T, K] -> (weights, slot ids) of this rank's slots: each pair
-        goes to one copy of its expert; pairs of other ranks keep weight 0 (on slot 0)."""
-        t, k = ids.shape
-        turn = torch.arange(t, device=ids.device)[:, None] + torch.arange(k, device=ids.device)
-        copy = turn % self.num_replicas[ids]  # [T, K]
-        physical = self.replica_ids[ids, copy]  # [T, K]
-        local = physical - self.first_slot
-        mine = (local >= 0) & (local < self.experts.num_experts)
-        return weights * mine, local.masked_fill(~mine, 0)
+    def local_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Expert parallelism (layers/moe_ep.py): this rank's partial sum [T, H], from the
+        pairs routed to its slots only; weights / ids [T, K] are every token's routing."""
+        experts = self.experts
+        tables = ReplicaTables(self.replica_ids, self.num_replicas)
+        pairs = local_pairs(weights, ids, tables, self.first_slot, experts.num_experts)
+        quantized = experts.quantized
+        w13, w2 = (None, None) if quantized is not None else (experts.w13, experts.w2)
+        return run_local_experts(x, pairs, w13, w2, quantized, self.hidden_act)
 
     def shared_mlp(self) -> GatedMLP | None:
         """The shared experts as one gated MLP (None without them)."""
@@ -568,20 +567,16 @@ class MoE(nn.Module):
                 self.routed_scaling_factor,
                 self.group_mask_value,
             )  # [T, K] each
-            if self.placement is not None:
-                run_weights, run_ids = self._local_pairs(weights, ids)
-            else:
-                run_weights, run_ids = weights, ids
-            if experts.quantized is not None:
-                out = fused_moe_quantized(
-                    x, experts.quantized, run_weights, run_ids, self.hidden_act
-                )
-            elif experts.w13.is_meta:
+            if experts.quantized is None and experts.w13.is_meta:
                 raise RuntimeError(
                     f"layer {self.layer_idx}: the experts' weights were never loaded"
                 )
+            if self.placement is not None:
+                out = self.local_experts(x, weights, ids)
+            elif experts.quantized is not None:
+                out = fused_moe_quantized(x, experts.quantized, weights, ids, self.hidden_act)
             else:
-                out = fused_moe(x, experts.w13, experts.w2, run_weights, run_ids, self.hidden_act)
+                out = fused_moe(x, experts.w13, experts.w2, weights, ids, self.hidden_act)
         if self.stats_enabled:
             self.record_routing(ids)
         shared = self.shared_mlp()

@@ -15,6 +15,7 @@ import torch
 from moeflow import LLM, SamplingParams
 from moeflow.engine.request import Request
 from moeflow.engine.scheduler import ScheduledBatch
+from moeflow.layers.moe import FusedExperts
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 50, 25, 12, 6, 3, 1, 200, 31, 17, 4]]
 NEW_TOKENS = 5
@@ -26,10 +27,36 @@ def run(model: str, **kwargs: Any) -> dict[str, Any]:
         model, dtype="float32", device="cpu", max_model_len=128, kv_cache_tokens=512, **kwargs
     )
     with llm:
+        replicas = _record_replicas(llm)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens = [out.token_ids for out in llm.generate(PROMPTS, params)]
         logits = [last_logits(llm, ids).tolist() for ids in PROMPTS]
-    return {"tokens": tokens, "logits": logits}
+    net = llm.loaded.model
+    return {
+        "tokens": tokens,
+        "logits": logits,
+        "replicas": sorted(replicas),
+        # what rank 0 holds in ggml blocks: the types of its linears, and its experts' layers
+        "kept_types": sorted({int(getattr(m, "qtype", None) or 0) for m in net.modules()} - {0}),
+        "block_experts": sum(
+            isinstance(m, FusedExperts) and m.quantized is not None for m in net.modules()
+        ),
+    }
+
+
+def _record_replicas(llm: LLM) -> set[int]:
+    """The data-parallel replicas that rank 0 sends steps to (from now on); {0} in one process."""
+    seen = {0}
+    executor = llm.engine.runner.executor
+    if executor is not None:
+        send = executor.send_step
+
+        def recording(fb: Any, replica: int = 0, last: bool = True) -> None:
+            seen.add(replica)
+            send(fb, replica, last)
+
+        executor.send_step = recording  # type: ignore[method-assign]
+    return seen
 
 
 def last_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
