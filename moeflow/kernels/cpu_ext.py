@@ -34,7 +34,7 @@ logger = logging.getLogger("moeflow")
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "cpu_ops.cpp",)
-_HEADERS = (_CSRC / "cpu_common.h", _CSRC / "moe.h", _CSRC / "iq4.h")
+_HEADERS = tuple(sorted(_CSRC.glob("*.h")))  # every header there, so a new one needs no listing
 _BASE_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 # ISA -> (compiler flags, CPU flags /proc/cpuinfo must list), best first.
 ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -98,11 +98,12 @@ _chosen: list[str | None] = [None]
 
 def build_dir(isa: str = "avx2") -> Path:
     flags = (*_BASE_CFLAGS, *ISAS[isa][0])
-    # NOTE: the sources' folder is part of the key: torch rebuilds a build folder whose
-    # build.ninja names other source paths, so two checkouts sharing one folder rebuild in turn.
+    # NOTE: the key holds everything torch writes into the folder's build.ninja, since torch
+    # rebuilds a folder whose build.ninja changed: the sources are copied into the folder (so
+    # checkouts of the same sources share one build), and torch's headers are named by path.
     key = hashlib.sha256(
-        b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
-        + str(_CSRC).encode()
+        b"".join(f.name.encode() + f.read_bytes() for f in (*_SOURCES, *_HEADERS))
+        + str(_torch_include()).encode()
         + " ".join(flags).encode()
         + torch.__version__.encode()
     ).hexdigest()[:16]
@@ -165,9 +166,15 @@ def _build(isa: str) -> ModuleType:
     with open(directory.parent / f"{directory.name}.flock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
+        src = directory / "src"
+        src.mkdir(exist_ok=True)
+        for f in (*_SOURCES, *_HEADERS):
+            if not (src / f.name).is_file():  # rewriting would renew the mtime ninja compares
+                (src / f"{f.name}.part").write_bytes(f.read_bytes())
+                (src / f"{f.name}.part").replace(src / f.name)
         module = cpp_extension.load(
             name=f"moeflow_cpu_ops_{isa}",
-            sources=[str(s) for s in _SOURCES],
+            sources=[str(src / s.name) for s in _SOURCES],
             extra_cflags=[*_BASE_CFLAGS, *ISAS[isa][0]],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
@@ -175,6 +182,12 @@ def _build(isa: str) -> ModuleType:
         )
     assert isinstance(module, ModuleType)
     return module
+
+
+def _torch_include() -> Path:
+    """Where torch's C++ headers are, as torch's builder names them (by the path torch was
+    imported from)."""
+    return Path(torch.__file__).parent / "include"
 
 
 def _runs_in_child(isa: str) -> bool:
