@@ -17,9 +17,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # The CPU kernels (cached per source hash) build now, not inside the first command that needs
 # them, and on one core while pip installs the rest on another: the build needs only torch,
-# ninja and setuptools (pyproject.toml's versions), and imports moeflow from this folder. A
+# ninja, setuptools and numpy (pyproject.toml's versions) and imports moeflow from this folder. A
 # machine that cannot build them still runs, on the plain-torch path.
-"${PIP[@]}" "ninja>=1.11" "setuptools>=68"
+"${PIP[@]}" "ninja>=1.11" "setuptools>=68" "numpy>=1.26"
 env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -m moeflow.kernels.cpu_ext &
 kernels=$!
 if [ "${1:-}" = "test" ]; then
