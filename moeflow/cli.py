@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 
 # vLLM's --reasoning-parser names of the models whose reasoning is <think>...</think>.
 REASONING_PARSERS = ("deepseek_r1", "qwen3", "glm45")
+# `moeflow serve`: how many times (~18 ns each here) an engine OpenMP worker polls at a barrier
+# before it sleeps: ~50 us, longer than a decode step's barriers mostly wait on a quiet machine.
+# libgomp's default (300,000: ~5 ms) stalls a served model on an oversubscribed machine; its
+# throttled count (100: ~2 us, when it manages more threads than CPUs) sleeps at almost every
+# barrier. GOMP_SPINCOUNT in the environment wins.
+SERVE_GOMP_SPINCOUNT = 3000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -600,6 +606,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
+    # Set before torch loads libgomp, which reads it once (cpu_ext.release_openmp_pool says why).
+    os.environ.setdefault("GOMP_SPINCOUNT", str(SERVE_GOMP_SPINCOUNT))
     from moeflow.engine.factory import build_engine
     from moeflow.server.run import serve
     from moeflow.server.serving import ServerConfig

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from moeflow.server.protocol import BadRequestBody, error_body, parse_json_body, require_object
+from moeflow.server.wire import BadRequestBody, error_body, parse_json_body, require_object
 
 logger = logging.getLogger("moeflow")
 

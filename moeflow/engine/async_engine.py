@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.output_processor import OutputProcessor, RequestState, RequestUpdate
 from moeflow.errors import EngineDeadError, MoeflowError
+from moeflow.kernels import cpu_ext
 from moeflow.sampling_params import SamplingParams
 from moeflow.tokenizer import Tokenizer
 
@@ -123,6 +124,10 @@ class AsyncEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the engine thread. Call it from the thread that built the engine: on a CPU,
+        that thread's OpenMP workers are freed first (cpu_ext.release_openmp_pool)."""
+        if self.engine.device.type == "cpu" and cpu_ext.release_openmp_pool():
+            logger.debug("freed the starting thread's OpenMP pool; the engine's is the only one")
         self._thread.start()
 
     @property

@@ -11,10 +11,12 @@ cached beside the build. MOEFLOW_CPU_ISA forces one.
 
 `ops()` returns the module, or None where the kernels cannot run (not x86-64 with AVX2/FMA/F16C,
 no C++ compiler, MOEFLOW_CPU_KERNELS=0): callers then take their plain-torch path. A failed
-build is logged once with the compiler's message, never raised."""
+build is logged once with the compiler's message, never raised. `release_openmp_pool()` keeps
+an engine thread's OpenMP team spinning at barriers (its docstring says why)."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -34,7 +36,7 @@ logger = logging.getLogger("moeflow")
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "cpu_ops.cpp",)
-_HEADERS = (_CSRC / "cpu_common.h", _CSRC / "moe.h", _CSRC / "mla.h", _CSRC / "iq4.h")
+_HEADERS = tuple(sorted(_CSRC.glob("*.h")))  # every header there, so a new one needs no listing
 _BASE_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 # ISA -> (compiler flags, CPU flags /proc/cpuinfo must list), best first.
 ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -98,11 +100,12 @@ _chosen: list[str | None] = [None]
 
 def build_dir(isa: str = "avx2") -> Path:
     flags = (*_BASE_CFLAGS, *ISAS[isa][0])
-    # NOTE: the sources' folder is part of the key: torch rebuilds a build folder whose
-    # build.ninja names other source paths, so two checkouts sharing one folder rebuild in turn.
+    # NOTE: the key holds everything torch writes into the folder's build.ninja, since torch
+    # rebuilds a folder whose build.ninja changed: the sources are copied into the folder (so
+    # checkouts of the same sources share one build), and torch's headers are named by path.
     key = hashlib.sha256(
-        b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
-        + str(_CSRC).encode()
+        b"".join(f.name.encode() + f.read_bytes() for f in (*_SOURCES, *_HEADERS))
+        + str(_torch_include()).encode()
         + " ".join(flags).encode()
         + torch.__version__.encode()
     ).hexdigest()[:16]
@@ -165,9 +168,15 @@ def _build(isa: str) -> ModuleType:
     with open(directory.parent / f"{directory.name}.flock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
+        src = directory / "src"
+        src.mkdir(exist_ok=True)
+        for f in (*_SOURCES, *_HEADERS):
+            if not (src / f.name).is_file():  # rewriting would renew the mtime ninja compares
+                (src / f"{f.name}.part").write_bytes(f.read_bytes())
+                (src / f"{f.name}.part").replace(src / f.name)
         module = cpp_extension.load(
             name=f"moeflow_cpu_ops_{isa}",
-            sources=[str(s) for s in _SOURCES],
+            sources=[str(src / s.name) for s in _SOURCES],
             extra_cflags=[*_BASE_CFLAGS, *ISAS[isa][0]],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
@@ -175,6 +184,56 @@ def _build(isa: str) -> ModuleType:
         )
     assert isinstance(module, ModuleType)
     return module
+
+
+def _torch_include() -> Path:
+    """Where torch's C++ headers are, as torch's builder names them (by the path torch was
+    imported from)."""
+    return Path(torch.__file__).parent / "include"
+
+
+def release_openmp_pool() -> bool:
+    """Free the calling thread's OpenMP worker threads (OpenMP 5's omp_pause_resource_all, soft)
+    in the OpenMP runtime torch loaded; True when it did, False where that runtime is not
+    libgomp or lacks the call.
+
+    NOTE: libgomp spin-waits at a barrier only while it manages no more threads than there are
+    CPUs; past that it spins ~100 times, then sleeps in futex. A thread that ran torch ops (the
+    main thread, loading the model) keeps its team's workers, so an engine thread stepping with
+    every core puts libgomp past that count, and each barrier of the fused decode step (a few
+    per layer) costs a sleep and a wake-up: measured ~150 voluntary context switches per token
+    and thread on the default model, where the same step on the main thread has none. Called
+    by the thread that loaded, before the engine thread's first step, this makes the engine's
+    team the only one, as it is offline. The pool comes back if the caller runs torch ops again.
+    NOTE: spinning wins only on cores the engine has to itself: on an oversubscribed machine
+    (load ~10 on 2 cores) a spinning thread burns its share while its partner is descheduled
+    (libgomp's default 300,000 polls, ~5 ms here: 64 served tokens took 220 s instead of 8 s),
+    so `moeflow serve` bounds the spin (cli.SERVE_GOMP_SPINCOUNT)."""
+    path = _loaded_openmp_runtime()
+    if path is None:
+        return False
+    try:
+        pause = ctypes.CDLL(path).omp_pause_resource_all  # the loaded copy: same soname
+    except (OSError, AttributeError):
+        return False
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause(_OMP_PAUSE_SOFT) == 0
+
+
+_OMP_PAUSE_SOFT = 1  # omp_pause_resource_t
+
+
+def _loaded_openmp_runtime() -> str | None:
+    """The path of the libgomp this process has loaded (torch's), from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith("libgomp"):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def _runs_in_child(isa: str) -> bool:

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app: middleware (CORS when asked, header cap, API key), error
-handlers and routes of a few lines each; the endpoints' work is in serving.py. Everything a
+handlers and routes of a few lines each; the endpoints' work is in serving*.py. Everything a
 request carries is validated by protocol.py before the engine sees it. Never imports torch."""
 
 from __future__ import annotations
@@ -20,16 +20,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moeflow.engine.async_engine import AsyncEngine
 from moeflow.engine.request import Request as EngineRequest
-from moeflow.server import protocol
+from moeflow.server import protocol, wire
 from moeflow.server.metrics import CONTENT_TYPE, EngineTotals, FinishedRequest, ServerMetrics
 from moeflow.server.serving import ApiError, OpenAIServing, ServerConfig
+from moeflow.server.serving_chat import OpenAIServingChat
+from moeflow.server.serving_completion import OpenAIServingCompletion
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """The app over `engine` (started by the caller); shutting the app down drains the engine."""
     metrics = ServerMetrics(config.served_model_name, config.price_per_hour)
     _bind_metric_sources(metrics, engine)
-    serving = OpenAIServing(engine, config, metrics)
+    serving = OpenAIServing(engine, config, metrics)  # /v1/models, /tokenize, /detokenize
+    chat = OpenAIServingChat(engine, config, metrics)
+    completion = OpenAIServingCompletion(engine, config, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -99,13 +103,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await _read_json(request, config.max_body_bytes)
         req = _validate(protocol.ChatCompletionRequest, body)
-        return await serving.create_chat_completion(request, req)
+        return await chat.create_chat_completion(request, req)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await _read_json(request, config.max_body_bytes)
         req = _validate(protocol.CompletionRequest, body)
-        return await serving.create_completion(request, req)
+        return await completion.create_completion(request, req)
 
     return app
 
@@ -144,7 +148,7 @@ class _Guard:
 # ---- helpers -------------------------------------------------------------------------------------
 async def _read_json(request: Request, max_body_bytes: int) -> dict[str, Any]:
     """The body as a JSON object: application/json, at most `max_body_bytes` (counted as it
-    arrives, whatever Content-Length says), strict JSON (protocol.parse_json_body)."""
+    arrives, whatever Content-Length says), strict JSON (wire.parse_json_body)."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
@@ -159,8 +163,8 @@ async def _read_json(request: Request, max_body_bytes: int) -> dict[str, Any]:
             raise ApiError(413, f"request body over {max_body_bytes} bytes")
         chunks.append(chunk)
     try:
-        return protocol.require_object(protocol.parse_json_body(b"".join(chunks)))
-    except protocol.BadRequestBody as e:
+        return wire.require_object(wire.parse_json_body(b"".join(chunks)))
+    except wire.BadRequestBody as e:
         raise ApiError(400, str(e)) from None
 
 

@@ -1,13 +1,11 @@
-"""The OpenAI API's requests (pydantic, every field bounded: docs/RELIABILITY.md) and responses
-(plain dicts in OpenAI's shapes), the error envelope, and a strict JSON body parser.
+"""The OpenAI API's requests: pydantic models, every field bounded (docs/RELIABILITY.md), and
+the one-line message naming the field a validation error is about. The body they validate comes
+from wire.py's strict JSON parser; the answers are built by responses.py.
 Never imports torch or fastapi."""
 
 from __future__ import annotations
 
 import json
-import math
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -46,7 +44,6 @@ MAX_TEXT_CHARS = 1_000_000
 MAX_NAME_CHARS = 256
 MAX_STOP_CHARS = 1024
 MAX_TOP_K = 1_000_000
-MAX_JSON_DEPTH = 64
 # Tags of our discriminated unions; validation_error_to_param leaves them out of the path.
 _UNION_TAGS = frozenset({"<str>", "<list>", "<ids>", "<batch>"})
 _DICT_FIELDS = frozenset(
@@ -60,10 +57,6 @@ _CONSTRAINT_FIELDS = (
     "guided_choice",
     "guided_grammar",
 )
-
-
-class BadRequestBody(ValueError):
-    """The body is not acceptable JSON, or not a JSON object (400)."""
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -510,261 +503,3 @@ def validation_error_to_param(exc: ValidationError) -> tuple[str, str]:
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     message = " ".join(message.split())
     return f"{path}: {message}", path
-
-
-def error_body(
-    message: str,
-    type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field name
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-# ---- strict JSON ---------------------------------------------------------------------------------
-def parse_json_body(raw: bytes) -> Any:
-    """Parse a request body: UTF-8 only, no NaN/Infinity (literal or overflowing, like 1e999), no
-    lone surrogates, nesting at most MAX_JSON_DEPTH. Duplicate keys: the last one wins.
-    Raises BadRequestBody."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequestBody("the body is not valid UTF-8") from None
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as e:
-        raise BadRequestBody(f"the body is not valid JSON: {e.msg} at {e.pos}") from None
-    except RecursionError:
-        raise BadRequestBody(f"the body is nested deeper than {MAX_JSON_DEPTH}") from None
-    except ValueError as e:  # an integer of more than 4300 digits, or our own rejections
-        if isinstance(e, BadRequestBody):
-            raise
-        raise BadRequestBody(f"the body is not valid JSON: {e}") from None
-    _check_value(value, 0)
-    return value
-
-
-def require_object(value: Any) -> dict[str, Any]:
-    """The parsed body, which must be a JSON object. Raises BadRequestBody."""
-    if not isinstance(value, dict):
-        raise BadRequestBody("the body must be a JSON object")
-    return value
-
-
-# ---- responses -----------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    """A response id: "chatcmpl-..." for chat, "cmpl-..." for completions."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    """The `created` field: Unix seconds."""
-    return int(time.time())
-
-
-def usage(
-    prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0
-) -> dict[str, Any]:
-    """prompt_tokens counts each prompt once (whatever n); cached_tokens, those of them read from
-    the prefix cache; completion_tokens counts reasoning tokens too (as OpenAI's does)."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
-    }
-
-
-def logprobs_content_entry(
-    token_text: str, logprob: float, top: list[tuple[str, float]]
-) -> dict[str, Any]:
-    """One entry of a chat choice's `logprobs.content` list; top: (token text, logprob)."""
-    return {
-        "token": token_text,
-        "logprob": logprob,
-        "bytes": _utf8(token_text),
-        "top_logprobs": [{"token": t, "logprob": v, "bytes": _utf8(t)} for t, v in top],
-    }
-
-
-def tokenize_response(
-    tokens: list[int], max_model_len: int, token_strs: list[str] | None = None
-) -> dict[str, Any]:
-    """vLLM's /tokenize answer: the ids, their count and the context they must fit."""
-    return {
-        "count": len(tokens),
-        "max_model_len": max_model_len,
-        "tokens": tokens,
-        "token_strs": token_strs,
-    }
-
-
-def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """A chat choice's `logprobs` from logprobs_content_entry results."""
-    return {"content": entries}
-
-
-def legacy_logprobs(
-    tokens: list[str],
-    token_logprobs: list[float],
-    top_logprobs: list[dict[str, float]],
-    text_offset: list[int],
-) -> dict[str, Any]:
-    """A completions choice's `logprobs`: parallel lists, one entry per generated token;
-    top_logprobs maps token text -> logprob; text_offset is each token's start in the text."""
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": text_offset,
-    }
-
-
-def chat_completion_response(
-    rid: str,
-    created: int,
-    model: str,
-    choices: list[
-        tuple[int, str, str | None, dict[str, Any] | None, str | None, list[dict[str, Any]]]
-    ],
-    usage_: dict[str, Any],
-) -> dict[str, Any]:
-    """choices: (index, content, reasoning_content or None, logprobs, finish_reason, tool
-    calls); content is null when the model only called tools."""
-    out = []
-    for index, content, reasoning, logprobs, finish, tool_calls in choices:
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": None if tool_calls and not content else content,
-        }
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-        if tool_calls:
-            message["tool_calls"] = tool_calls
-        out.append(
-            {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        )
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": out,
-        "usage": usage_,
-    }
-
-
-def chat_completion_chunk(
-    rid: str,
-    created: int,
-    model: str,
-    index: int,
-    delta: dict[str, Any],
-    finish_reason: str | None = None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One SSE chunk of one choice. delta: {"role": "assistant"} first, then {"content": ...}
-    and/or {"reasoning_content": ...}; the last one carries finish_reason."""
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        ],
-    }
-
-
-def completion_response(
-    rid: str,
-    created: int,
-    model: str,
-    choices: list[tuple[int, str, dict[str, Any] | None, str | None]],
-    usage_: dict[str, Any],
-) -> dict[str, Any]:
-    """choices: (index, text, logprobs, finish_reason)."""
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
-            for i, text, lp, finish in choices
-        ],
-        "usage": usage_,
-    }
-
-
-def completion_chunk(
-    rid: str,
-    created: int,
-    model: str,
-    index: int,
-    text: str,
-    finish_reason: str | None = None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One SSE chunk of one completions choice."""
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        ],
-    }
-
-
-def usage_chunk(
-    rid: str, created: int, model: str, usage_: dict[str, Any], chat: bool = True
-) -> dict[str, Any]:
-    """The last chunk before [DONE] when stream_options.include_usage: no choices, only usage."""
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage_,
-    }
-
-
-def _utf8(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
-def _reject_constant(name: str) -> Any:
-    raise BadRequestBody(f"the JSON literal {name} is not allowed")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise BadRequestBody(f"the number {text[:32]} is out of range")
-    return value
-
-
-def _check_value(value: Any, depth: int) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise BadRequestBody(f"the body is nested deeper than {MAX_JSON_DEPTH}")
-    if isinstance(value, str):
-        _check_str(value)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_str(k)
-            _check_value(v, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            _check_value(v, depth + 1)
-
-
-def _check_str(s: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequestBody("the body holds a lone surrogate (invalid Unicode)") from None

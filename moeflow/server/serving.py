@@ -1,6 +1,8 @@
-"""OpenAIServing: the work behind the chat and completion routes (vLLM's OpenAIServingChat
-shape). It renders and encodes prompts, submits n x prompts to the AsyncEngine, then streams SSE
-chunks or collects one response, with logprobs, usage and the <think> split. Never imports torch."""
+"""OpenAIServing: what the chat and completion endpoints share (vLLM's OpenAIServing shape):
+submitting n x prompts to the AsyncEngine, collecting their updates into choices, the SSE stream,
+usage with the cost of the query and one log line per request; and the small endpoints
+(/v1/models, /tokenize, /detokenize). serving_chat.py and serving_completion.py subclass it with
+their endpoint's prompt, chunks and response. Never imports torch."""
 
 from __future__ import annotations
 
@@ -15,26 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from moeflow.engine.async_engine import AsyncEngine, QueueFullError
 from moeflow.engine.cost import CostSnapshot, usage_cost
 from moeflow.engine.output_processor import RequestUpdate
 from moeflow.errors import EngineDeadError, RequestError
-from moeflow.sampling_params import SamplingParams, StructuredOutputsParams
-from moeflow.server import protocol
+from moeflow.sampling_params import SamplingParams
+from moeflow.server import protocol, responses, wire
 from moeflow.server.metrics import ServerMetrics
-from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
-from moeflow.tokenizer.tool_parser import (
-    KNOWN_TOOL_PARSERS,
-    TOOL_MARKERS,
-    TOOL_PARSERS,
-    ToolCall,
-    ToolCallDelta,
-    ToolParser,
-    pick_tool_parser,
-    tool_call_grammar,
-)
+from moeflow.tokenizer import ReasoningSplitter
+from moeflow.tokenizer.tool_parser import ToolParser
 
 logger = logging.getLogger("moeflow")
 
@@ -83,12 +76,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        body = protocol.error_body(self.message, self.type, self.param, self.code)
+        body = wire.error_body(self.message, self.type, self.param, self.code)
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 @dataclass(slots=True)
-class _Choice:
+class Choice:
     """One of the n generations of a request, as the server turns it into text."""
 
     index: int
@@ -107,13 +100,13 @@ class _Choice:
 
 
 @dataclass(slots=True)
-class _Job:
+class Job:
     """One HTTP request's engine requests (n per prompt), from submission to the last chunk."""
 
     rid: str
     created: int
     arrival: float  # time.monotonic() at submission, for the latency histograms
-    choices: list[_Choice]
+    choices: list[Choice]
     updates: AsyncGenerator[tuple[int, RequestUpdate], None]  # (choice index, update)
     prompt_tokens: int
     chat: bool
@@ -124,13 +117,13 @@ class _Job:
 
 # Builds the SSE chunk of one update of one choice (None: nothing to send); the delta is the
 # choice's new text.
-_ChunkBuilder = Callable[[_Job, _Choice, RequestUpdate, str, int], dict[str, Any] | None]
+ChunkBuilder = Callable[[Job, Choice, RequestUpdate, str, int], dict[str, Any] | None]
 
 
 class OpenAIServing:
-    """The chat and completion endpoints over one AsyncEngine. Each request's updates arrive
-    through the engine's per-request queues; nothing here blocks the event loop but the logprob
-    token texts (single-token decodes)."""
+    """The endpoints' shared work over one AsyncEngine. Each request's updates arrive through
+    the engine's per-request queues; nothing here blocks the event loop but the logprob token
+    texts (single-token decodes)."""
 
     def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
@@ -138,19 +131,6 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self._think_end_id = self.tokenizer.token_to_id(THINK_END)
-        self.use_reasoning = config.reasoning == "on" or (
-            config.reasoning == "auto"
-            and self.tokenizer.token_to_id(THINK_START) is not None
-            and self._think_end_id is not None
-        )
-        self.tool_parser = pick_tool_parser(config.tool_call_parser, self.tokenizer.chat_template)
-        # Tool markers this tokenizer holds as special tokens would vanish from decoded text:
-        # tool requests then keep special tokens (as vLLM does for these parsers).
-        self._keep_special_for_tools = any(
-            (tid := self.tokenizer.token_to_id(m)) is not None
-            and self.tokenizer.decode([tid], skip_special_tokens=True) == ""
-            for m in TOOL_MARKERS
-        )
 
     # ---- endpoints -----------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -189,7 +169,7 @@ class OpenAIServing:
             ids, strs = await asyncio.to_thread(encode)
         except RequestError as e:
             raise ApiError(400, str(e), param=e.param or "messages") from None
-        return protocol.tokenize_response(ids, self.engine.max_model_len, strs)
+        return responses.tokenize_response(ids, self.engine.max_model_len, strs)
 
     async def detokenize(self, req: protocol.DetokenizeRequest) -> dict[str, Any]:
         """vLLM's /detokenize: token ids back to text (special tokens kept)."""
@@ -199,112 +179,6 @@ class OpenAIServing:
             raise ApiError(400, f"tokens must be in [0, {vocab_size})", param="tokens")
         text = await asyncio.to_thread(self.tokenizer.decode, req.tokens, False)
         return {"prompt": text}
-
-    async def create_chat_completion(
-        self, request: Request, req: protocol.ChatCompletionRequest
-    ) -> Response:
-        self._check_model(req.model)
-        kwargs = dict(req.chat_template_kwargs or {})
-        sampling = req.sampling_kwargs()
-        tools = req.template_tools()
-        strip_stop_token = False
-        if tools is not None:
-            kwargs["tools"] = tools
-            self._constrain_tool_call(req, tools, sampling)
-            if self._keep_special_for_tools and sampling.get("skip_special_tokens", True):
-                sampling["skip_special_tokens"] = False
-                strip_stop_token = True
-        messages = req.template_messages()
-        tokenizer = self.tokenizer
-
-        def render() -> tuple[str, list[int]]:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-            return text, tokenizer.encode(text, add_special_tokens=False)
-
-        try:
-            prompt_text, prompt_ids = await asyncio.to_thread(render)
-        except RequestError as e:
-            raise ApiError(400, str(e), param=e.param or "messages") from None
-        in_reasoning = self.use_reasoning and prompt_opens_reasoning(
-            prompt_text, THINK_START, THINK_END
-        )
-        job = await self._submit(
-            [prompt_ids],
-            _sampling_params(sampling, self.config.default_sampling),
-            req.n,
-            chat=True,
-            want_logprobs=req.logprobs,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            reasoning=self.use_reasoning,
-            in_reasoning=in_reasoning,
-            tool_parser=self.tool_parser if tools is not None else None,
-            tools=tools,
-            strip_stop_token=strip_stop_token,
-        )
-        if req.stream:
-            return _event_stream(self._sse(job, self._role_chunks(job), self._chat_chunk))
-        if not await self._collect_or_leave(request, job):
-            return Response(status_code=499)  # the client is gone; nothing reads this
-        return JSONResponse(self._chat_response(job))
-
-    async def create_completion(
-        self, request: Request, req: protocol.CompletionRequest
-    ) -> Response:
-        self._check_model(req.model)
-        vocab_size = self.engine.vocab_size
-        ids: list[list[int]] = []
-        for i, p in enumerate(req.prompt_list()):
-            if isinstance(p, str):
-                ids.append(await asyncio.to_thread(self.tokenizer.encode, p, True))
-            else:
-                if any(t >= vocab_size for t in p):
-                    raise ApiError(400, f"token ids must be < {vocab_size}", param=f"prompt[{i}]")
-                ids.append(list(p))
-        job = await self._submit(
-            ids,
-            _sampling_params(req.sampling_kwargs(), self.config.default_sampling),
-            req.n,
-            chat=False,
-            want_logprobs=req.logprobs is not None,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            reasoning=False,
-            in_reasoning=False,
-        )
-        if req.stream:
-            return _event_stream(self._sse(job, [], self._completion_chunk))
-        if not await self._collect_or_leave(request, job):
-            return Response(status_code=499)
-        return JSONResponse(self._completion_response(job))
-
-    def _constrain_tool_call(
-        self, req: protocol.ChatCompletionRequest, tools: list[dict[str, Any]], sampling: dict
-    ) -> None:
-        """Check that this model's call format is parsed; for tool_choice "required" or a named
-        function, constrain the output to such calls (arguments valid against the tools'
-        schemas), so that even a small model calls."""
-        if self.tool_parser is None:
-            raise ApiError(
-                400,
-                "this model's chat template writes tool calls in a format not known here "
-                '(tool_choice "none" works; `moeflow serve --tool-call-parser` picks one of: '
-                f"{', '.join(KNOWN_TOOL_PARSERS)})",
-                param="tools",
-            )
-        choice = req.effective_tool_choice
-        if choice == "auto":
-            return
-        if "structured_outputs" in sampling:
-            raise ApiError(
-                400,
-                'tool_choice "required" or a named function cannot be combined with '
-                "response_format or another output constraint",
-                param="tool_choice",
-            )
-        name = None if isinstance(choice, str) else choice.function.name
-        grammar = tool_call_grammar(
-            self.tool_parser, tools, name, req.parallel_tool_calls, self.tokenizer.token_to_id
-        )
-        sampling["structured_outputs"] = StructuredOutputsParams(grammar=grammar, param="tools")
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.served_model_name:
@@ -317,35 +191,31 @@ class OpenAIServing:
                 "model_not_found",
             )
 
-    # ---- one request: submit n x prompts, then collect or stream ------------------------------
     async def _submit(
         self,
         prompts: list[list[int]],
         params: SamplingParams,
         n: int,
+        new_choice: Callable[[int, int], Choice],
         *,
         chat: bool,
         want_logprobs: bool,
         include_usage: bool,
-        reasoning: bool,
-        in_reasoning: bool,
-        tool_parser: str | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        strip_stop_token: bool = False,
-    ) -> _Job:
+    ) -> Job:
         """One engine request per prompt and choice (choice i of a seeded request gets seed +
-        i); if one is refused, those already submitted are aborted."""
+        i); if one is refused, those already submitted are aborted. new_choice(index, prompt
+        index) makes each choice's state."""
         if params.kv_transfer is not None and n * len(prompts) != 1:
             raise ApiError(
                 400,
                 "kv_transfer_params take one prompt and n = 1 (one KV transfer per request)",
                 param="kv_transfer_params",
             )
-        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-        created = protocol.now()
+        rid = responses.new_id("chatcmpl" if chat else "cmpl")
+        created = responses.now()
         arrival = time.monotonic()
         iterators: list[AsyncIterator[RequestUpdate]] = []
-        choices: list[_Choice] = []
+        choices: list[Choice] = []
         try:
             for p_idx, ids in enumerate(prompts):
                 for i in range(n):
@@ -354,19 +224,14 @@ class OpenAIServing:
                     if n > 1 and params.seed is not None:
                         p = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                     iterators.append(await self.engine.generate(ids, p, f"{rid}-{idx}"))
-                    parser = TOOL_PARSERS[tool_parser](tools) if tool_parser is not None else None
-                    call_tags = parser.call_tags if parser is not None else ()
-                    splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning, call_tags)
-                    choice = _Choice(idx, p_idx, splitter if reasoning else None, parser)
-                    choice.strip_stop_token = strip_stop_token
-                    choices.append(choice)
+                    choices.append(new_choice(idx, p_idx))
         except BaseException as e:
             for it in iterators:
                 await _close(it)
             raise _engine_error(e, self.config.retry_after_s) from None
         prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n
         self.metrics.prompt_tokens.inc(prompt_tokens)
-        return _Job(
+        return Job(
             rid,
             created,
             arrival,
@@ -378,7 +243,7 @@ class OpenAIServing:
             include_usage,
         )
 
-    def _absorb(self, choice: _Choice, update: RequestUpdate) -> str:
+    def _absorb(self, choice: Choice, update: RequestUpdate) -> str:
         """Record one update into its choice; returns its text delta (the engine thread
         detokenised it: the final text is the deltas joined)."""
         choice.token_ids.extend(update.new_token_ids)
@@ -401,7 +266,7 @@ class OpenAIServing:
         return text_delta
 
     # ---- a full response -----------------------------------------------------------------------
-    async def _collect_or_leave(self, request: Request, job: _Job) -> bool:
+    async def _collect_or_leave(self, request: Request, job: Job) -> bool:
         """Collect every update; False when the client left first (its requests are aborted).
         An engine failure raises ApiError 500."""
         collect = asyncio.ensure_future(self._collect(job))
@@ -424,7 +289,7 @@ class OpenAIServing:
             raise ApiError(500, error, "server_error")
         return True
 
-    async def _collect(self, job: _Job) -> str | None:
+    async def _collect(self, job: Job) -> str | None:
         """Absorb every update; returns the engine's error, if one came."""
         first = True
         async for idx, update in job.updates:
@@ -438,38 +303,8 @@ class OpenAIServing:
         self.metrics.e2e.observe(time.monotonic() - job.arrival)
         return None
 
-    def _chat_response(self, job: _Job) -> dict[str, Any]:
-        choices = []
-        for c in job.choices:
-            reasoning, content = (
-                c.splitter.split(c.final_text) if c.splitter else (None, c.final_text)
-            )
-            calls: list[ToolCall] = []
-            if c.tool_parser is not None:
-                content, calls = c.tool_parser.parse(content)
-            logprobs = None
-            if job.want_logprobs:
-                logprobs = protocol.chat_logprobs(self._logprob_entries(c, 0, len(c.logprobs)))
-            finish = _finish_reason(c.finish_reason, bool(calls))
-            choices.append(
-                (c.index, content, reasoning, logprobs, finish, [t.to_openai() for t in calls])
-            )
-        model = self.config.served_model_name
-        return protocol.chat_completion_response(
-            job.rid, job.created, model, choices, self._usage(job)
-        )
-
-    def _completion_response(self, job: _Job) -> dict[str, Any]:
-        choices = []
-        for c in job.choices:
-            logprobs = self._legacy_logprobs(c) if job.want_logprobs else None
-            choices.append((c.index, c.final_text, logprobs, c.finish_reason))
-        model = self.config.served_model_name
-        return protocol.completion_response(job.rid, job.created, model, choices, self._usage(job))
-
-    # ---- streaming -----------------------------------------------------------------------------
     async def _sse(
-        self, job: _Job, head: list[dict[str, Any]], chunk_of: _ChunkBuilder
+        self, job: Job, head: list[dict[str, Any]], chunk_of: ChunkBuilder
     ) -> AsyncIterator[str]:
         """The event stream: `head`, then `chunk_of` each update, the usage chunk when asked,
         and [DONE]; an engine failure ends it with an error event. Closing it (the client is
@@ -491,7 +326,7 @@ class OpenAIServing:
                 last = now
                 if update.error is not None:
                     outcome = update.error
-                    yield _event(protocol.error_body(update.error, "server_error"))
+                    yield _event(wire.error_body(update.error, "server_error"))
                     break
                 c = job.choices[idx]
                 start = len(c.logprobs)  # the update's logprobs are c.logprobs[start:]
@@ -502,7 +337,7 @@ class OpenAIServing:
                 self.metrics.e2e.observe(time.monotonic() - job.arrival)
                 if job.include_usage:
                     model = self.config.served_model_name
-                    usage = protocol.usage_chunk(
+                    usage = responses.usage_chunk(
                         job.rid, job.created, model, self._usage(job), chat=job.chat
                     )
                     yield _event(usage)
@@ -512,61 +347,7 @@ class OpenAIServing:
             self._log_done(job, outcome)
             await job.updates.aclose()  # aborts whatever is still running (client gone)
 
-    def _role_chunks(self, job: _Job) -> list[dict[str, Any]]:
-        """Chat streams open with each choice's role, as OpenAI's do."""
-        model = self.config.served_model_name
-        delta = {"role": "assistant", "content": ""}
-        return [
-            protocol.chat_completion_chunk(job.rid, job.created, model, c.index, delta)
-            for c in job.choices
-        ]
-
-    def _chat_chunk(
-        self, job: _Job, c: _Choice, update: RequestUpdate, delta: str, start: int
-    ) -> dict[str, Any] | None:
-        entries = self._logprob_entries(c, start, len(c.logprobs)) if job.want_logprobs else None
-        finish = update.finish_reason
-        reasoning_delta, content_delta = c.splitter.feed(delta) if c.splitter else ("", delta)
-        if finish is not None and c.splitter is not None:
-            reasoning_tail, content_tail = c.splitter.finish()
-            reasoning_delta += reasoning_tail
-            content_delta += content_tail
-        call_deltas: list[ToolCallDelta] = []  # OpenAI's: id and name first, then arguments
-        if c.tool_parser is not None:
-            content_delta, call_deltas = c.tool_parser.feed(content_delta)
-            if finish is not None:
-                content_tail, tail_deltas = c.tool_parser.finish()
-                content_delta += content_tail
-                call_deltas += tail_deltas
-            finish = _finish_reason(finish, bool(c.tool_parser.calls))
-        payload: dict[str, Any] = {}
-        if content_delta:
-            payload["content"] = content_delta
-        if reasoning_delta:
-            payload["reasoning_content"] = reasoning_delta
-        if call_deltas:
-            payload["tool_calls"] = [d.to_openai() for d in call_deltas]
-        if not (payload or finish is not None or entries):
-            return None
-        logprobs = protocol.chat_logprobs(entries) if entries else None
-        model = self.config.served_model_name
-        return protocol.chat_completion_chunk(
-            job.rid, job.created, model, c.index, payload, finish, logprobs
-        )
-
-    def _completion_chunk(
-        self, job: _Job, c: _Choice, update: RequestUpdate, delta: str, start: int
-    ) -> dict[str, Any] | None:
-        finish = update.finish_reason
-        if not (delta or finish is not None or (job.want_logprobs and update.new_logprobs)):
-            return None
-        logprobs = self._legacy_logprobs(c, start) if job.want_logprobs else None
-        model = self.config.served_model_name
-        return protocol.completion_chunk(
-            job.rid, job.created, model, c.index, delta, finish, logprobs
-        )
-
-    def _log_done(self, job: _Job, failure: str | None) -> None:
+    def _log_done(self, job: Job, failure: str | None) -> None:
         """One INFO line per request when it ends: id, tokens, TTFT, finish reasons (or why it
         ended without them)."""
         if not logger.isEnabledFor(logging.INFO):
@@ -584,32 +365,7 @@ class OpenAIServing:
             "" if failure is None else f" ({failure})",
         )
 
-    # ---- logprobs and usage --------------------------------------------------------------------
-    def _logprob_entries(self, choice: _Choice, start: int, end: int) -> list[dict[str, Any]]:
-        """Chat logprobs entries of choice.logprobs[start:end]."""
-        decode = self.tokenizer.decode
-        out = []
-        for lp in choice.logprobs[start:end]:
-            text = decode([lp.token_id], skip_special_tokens=False)
-            top = [(decode([t], skip_special_tokens=False), v) for t, v in lp.top.items()]
-            out.append(protocol.logprobs_content_entry(text, lp.logprob, top))
-        return out
-
-    def _legacy_logprobs(self, choice: _Choice, start: int = 0) -> dict[str, Any]:
-        """The completions-API logprobs of choice.logprobs[start:]; each call continues the text
-        offsets where the previous one stopped, so a stream decodes every token once."""
-        decode = self.tokenizer.decode
-        tokens, token_lps, tops, offsets = [], [], [], []
-        for lp in choice.logprobs[start:]:
-            text = decode([lp.token_id], skip_special_tokens=False)
-            tokens.append(text)
-            token_lps.append(lp.logprob)
-            tops.append({decode([t], skip_special_tokens=False): v for t, v in lp.top.items()})
-            offsets.append(choice.next_text_offset)
-            choice.next_text_offset += len(text)
-        return protocol.legacy_logprobs(tokens, token_lps, tops, offsets)
-
-    def _usage(self, job: _Job) -> dict[str, Any]:
+    def _usage(self, job: Job) -> dict[str, Any]:
         completion_tokens = sum(len(c.token_ids) for c in job.choices)
         reasoning = [self._reasoning_tokens(c) for c in job.choices]
         # A prompt's cached tokens: those every one of its n generations found in the cache.
@@ -618,7 +374,7 @@ class OpenAIServing:
             cached[c.prompt_idx] = min(
                 cached.get(c.prompt_idx, c.num_cached_tokens), c.num_cached_tokens
             )
-        usage = protocol.usage(
+        usage = responses.usage(
             job.prompt_tokens, completion_tokens, sum(reasoning), sum(cached.values())
         )
         parts = [(c.cost, r) for c, r in zip(job.choices, reasoning, strict=True) if c.cost]
@@ -626,7 +382,7 @@ class OpenAIServing:
             usage["cost"] = usage_cost(parts, self.config.price_per_hour)
         return usage
 
-    def _reasoning_tokens(self, choice: _Choice) -> int:
+    def _reasoning_tokens(self, choice: Choice) -> int:
         """Tokens up to and including </think>; all of them when the prompt opened the block
         and it never closed."""
         if choice.splitter is None:
@@ -638,12 +394,7 @@ class OpenAIServing:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _finish_reason(finish: str | None, has_calls: bool) -> str | None:
-    """OpenAI's "tool_calls" when the model stopped after calling tools."""
-    return "tool_calls" if finish == "stop" and has_calls else finish
-
-
-def _sampling_params(kwargs: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
+def request_sampling_params(kwargs: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
     """The request's fields over the server's defaults (a field the request left None takes
     the default)."""
     merged = {**defaults, **{k: v for k, v in kwargs.items() if v is not None or k not in defaults}}
@@ -716,7 +467,7 @@ async def _watch_disconnect(request: Request) -> None:
         await asyncio.sleep(0.05)
 
 
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
         events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from moeflow.sampling_params import SamplingParams
 from moeflow.server import protocol as P
+from moeflow.server import responses, wire
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -54,22 +55,22 @@ def _top(param: str) -> str:
     ],
 )
 def test_bad_bodies(raw: bytes) -> None:
-    with pytest.raises(P.BadRequestBody):
-        P.parse_json_body(raw)
+    with pytest.raises(wire.BadRequestBody):
+        wire.parse_json_body(raw)
 
 
 def test_body_parsing() -> None:
-    assert P.parse_json_body(b'{"a": 1, "a": 2}') == {"a": 2}  # last duplicate wins
-    assert P.parse_json_body('{"t": "\\ud83d\\ude00 é"}'.encode()) == {"t": "\U0001f600 é"}
-    assert P.parse_json_body(b"[" * 64 + b"]" * 64) is not None  # 64 deep is fine
+    assert wire.parse_json_body(b'{"a": 1, "a": 2}') == {"a": 2}  # last duplicate wins
+    assert wire.parse_json_body('{"t": "\\ud83d\\ude00 é"}'.encode()) == {"t": "\U0001f600 é"}
+    assert wire.parse_json_body(b"[" * 64 + b"]" * 64) is not None  # 64 deep is fine
     for not_object in (b"[]", b'"s"', b"1", b"null"):
-        with pytest.raises(P.BadRequestBody):
-            P.require_object(P.parse_json_body(not_object))
-    assert P.require_object(P.parse_json_body(b"{}")) == {}
+        with pytest.raises(wire.BadRequestBody):
+            wire.require_object(wire.parse_json_body(not_object))
+    assert wire.require_object(wire.parse_json_body(b"{}")) == {}
 
 
 def test_error_body() -> None:
-    assert P.error_body("bad", param="n") == {
+    assert wire.error_body("bad", param="n") == {
         "error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
     }
 
@@ -470,7 +471,7 @@ def test_completion_sampling_kwargs() -> None:
 
 # ---- responses -----------------------------------------------------------------------------------
 def test_response_shapes() -> None:
-    u = P.usage(10, 5, reasoning_tokens=3, cached_tokens=8)
+    u = responses.usage(10, 5, reasoning_tokens=3, cached_tokens=8)
     assert u == {
         "prompt_tokens": 10,
         "completion_tokens": 5,
@@ -478,9 +479,9 @@ def test_response_shapes() -> None:
         "prompt_tokens_details": {"cached_tokens": 8},
         "completion_tokens_details": {"reasoning_tokens": 3},
     }
-    rid = P.new_id("chatcmpl")
+    rid = responses.new_id("chatcmpl")
     assert rid.startswith("chatcmpl-")
-    entry = P.logprobs_content_entry("é", -0.5, [("é", -0.5), ("a", -1.0)])
+    entry = responses.logprobs_content_entry("é", -0.5, [("é", -0.5), ("a", -1.0)])
     assert entry == {
         "token": "é",
         "logprob": -0.5,
@@ -490,30 +491,34 @@ def test_response_shapes() -> None:
             {"token": "a", "logprob": -1.0, "bytes": [0x61]},
         ],
     }
-    resp = P.chat_completion_response(
-        rid, 1, "m", [(0, "hi", "think", P.chat_logprobs([entry]), "stop", [])], u
+    resp = responses.chat_completion_response(
+        rid, 1, "m", [(0, "hi", "think", responses.chat_logprobs([entry]), "stop", [])], u
     )
     assert resp["object"] == "chat.completion"
     choice = resp["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "hi", "reasoning_content": "think"}
     assert choice["logprobs"] == {"content": [entry]} and choice["finish_reason"] == "stop"
-    no_reasoning = P.chat_completion_response(rid, 1, "m", [(0, "hi", None, None, "length", [])], u)
+    no_reasoning = responses.chat_completion_response(
+        rid, 1, "m", [(0, "hi", None, None, "length", [])], u
+    )
     assert "reasoning_content" not in no_reasoning["choices"][0]["message"]
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    calls = P.chat_completion_response(rid, 1, "m", [(0, "", None, None, "tool_calls", [call])], u)
+    calls = responses.chat_completion_response(
+        rid, 1, "m", [(0, "", None, None, "tool_calls", [call])], u
+    )
     assert calls["choices"][0]["message"] == {
         "role": "assistant",
         "content": None,
         "tool_calls": [call],
     }
-    chunk = P.chat_completion_chunk(rid, 1, "m", 0, {"content": "h"})
+    chunk = responses.chat_completion_chunk(rid, 1, "m", 0, {"content": "h"})
     assert chunk["object"] == "chat.completion.chunk"
     assert chunk["choices"] == [
         {"index": 0, "delta": {"content": "h"}, "logprobs": None, "finish_reason": None}
     ]
-    legacy = P.legacy_logprobs(["a", "b"], [-0.1, -0.2], [{"a": -0.1}, {"b": -0.2}], [0, 1])
+    legacy = responses.legacy_logprobs(["a", "b"], [-0.1, -0.2], [{"a": -0.1}, {"b": -0.2}], [0, 1])
     assert set(legacy) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
-    text = P.completion_response("cmpl-1", 1, "m", [(0, "ab", legacy, "stop")], u)
+    text = responses.completion_response("cmpl-1", 1, "m", [(0, "ab", legacy, "stop")], u)
     assert text["object"] == "text_completion"
     assert text["choices"][0] == {
         "index": 0,
@@ -521,11 +526,11 @@ def test_response_shapes() -> None:
         "logprobs": legacy,
         "finish_reason": "stop",
     }
-    tchunk = P.completion_chunk("cmpl-1", 1, "m", 1, "b", "length")
+    tchunk = responses.completion_chunk("cmpl-1", 1, "m", 1, "b", "length")
     assert tchunk["choices"][0]["finish_reason"] == "length"
-    last = P.usage_chunk(rid, 1, "m", u)
+    last = responses.usage_chunk(rid, 1, "m", u)
     assert last["choices"] == [] and last["usage"] == u
-    assert P.usage_chunk("cmpl-1", 1, "m", u, chat=False)["object"] == "text_completion"
+    assert responses.usage_chunk("cmpl-1", 1, "m", u, chat=False)["object"] == "text_completion"
     json.dumps([resp, chunk, text, tchunk, last], allow_nan=False)  # plain JSON all through
 
 

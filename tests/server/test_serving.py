@@ -1,6 +1,6 @@
-"""OpenAIServing without HTTP or a model: the event stream a chat or completion job makes from
-scripted engine updates (role chunks, deltas, the <think> split, usage, the error event,
-[DONE]) and the full responses it collects."""
+"""The chat and completion endpoints without HTTP or a model: the event stream a chat or
+completion job makes from scripted engine updates (role chunks, deltas, the <think> split,
+usage, the error event, [DONE]) and the full responses it collects."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any
 
 from moeflow.engine.cost import CostSnapshot
 from moeflow.engine.output_processor import RequestUpdate
-from moeflow.server import protocol
+from moeflow.server import responses, wire
 from moeflow.server.metrics import ServerMetrics
-from moeflow.server.serving import OpenAIServing, ServerConfig, _Choice, _Job
+from moeflow.server.serving import Choice, Job, ServerConfig
+from moeflow.server.serving_chat import OpenAIServingChat
+from moeflow.server.serving_completion import OpenAIServingCompletion
 from moeflow.tokenizer import ReasoningSplitter, Tokenizer
 
 
@@ -25,25 +27,29 @@ class _Engine:
     vocab_size = 256
 
 
-def _serving(reasoning: str = "off", price_per_hour: float | None = None) -> OpenAIServing:
+class _Serving(OpenAIServingChat, OpenAIServingCompletion):
+    """Both endpoints over one engine and one metrics registry."""
+
+
+def _serving(reasoning: str = "off", price_per_hour: float | None = None) -> _Serving:
     config = ServerConfig("m", reasoning=reasoning, price_per_hour=price_per_hour)
-    return OpenAIServing(_Engine(), config, ServerMetrics("tiny"))  # type: ignore[arg-type]
+    return _Serving(_Engine(), config, ServerMetrics("tiny"))  # type: ignore[arg-type]
 
 
-def _job(updates: list[RequestUpdate], *, chat: bool, splitter: bool = False) -> _Job:
+def _job(updates: list[RequestUpdate], *, chat: bool, splitter: bool = False) -> Job:
     async def merged() -> AsyncGenerator[tuple[int, RequestUpdate], None]:
         for u in updates:
             yield 0, u
 
-    choice = _Choice(0, 0, ReasoningSplitter() if splitter else None)
-    return _Job("id-1", 7, 0.0, [choice], merged(), 5, chat, False, True)
+    choice = Choice(0, 0, ReasoningSplitter() if splitter else None)
+    return Job("id-1", 7, 0.0, [choice], merged(), 5, chat, False, True)
 
 
 def _ids(text: str) -> list[int]:
     return _Engine.tokenizer.encode(text)
 
 
-def _events(serving: OpenAIServing, job: _Job) -> list[Any]:
+def _events(serving: _Serving, job: Job) -> list[Any]:
     async def run() -> list[str]:
         if job.chat:
             events = serving._sse(job, serving._role_chunks(job), serving._chat_chunk)
@@ -73,7 +79,7 @@ def test_chat_stream_splits_reasoning_and_ends_with_usage() -> None:
     assert "".join(d.get("content", "") for d in deltas) == "XY"
     assert events[-3]["choices"][0]["finish_reason"] == "stop"
     num_tokens = sum(len(u.new_token_ids) for u in updates)
-    assert events[-2] == protocol.usage_chunk("id-1", 7, "m", protocol.usage(5, num_tokens, 0))
+    assert events[-2] == responses.usage_chunk("id-1", 7, "m", responses.usage(5, num_tokens, 0))
     assert events[-1] == "[DONE]"
 
 
@@ -85,7 +91,7 @@ def test_completion_stream_error_event_ends_it_without_usage() -> None:
     ]
     events = _events(_serving(), _job(updates, chat=False))
     assert events[0]["object"] == "text_completion" and events[0]["choices"][0]["text"] == "ab"
-    assert events[1] == protocol.error_body("engine failure: boom", "server_error")
+    assert events[1] == wire.error_body("engine failure: boom", "server_error")
     assert events[2:] == ["[DONE]"]
 
 
@@ -99,7 +105,7 @@ def test_full_responses_join_the_deltas() -> None:
     assert asyncio.run(serving._collect(job)) is None
     resp = serving._completion_response(job)
     assert resp["choices"][0]["text"] == "Hey" and resp["choices"][0]["finish_reason"] == "length"
-    assert resp["usage"] == protocol.usage(5, 3, 0)
+    assert resp["usage"] == responses.usage(5, 3, 0)
     job = _job(updates, chat=True)
     asyncio.run(serving._collect(job))
     message = serving._chat_response(job)["choices"][0]["message"]

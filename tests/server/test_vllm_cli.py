@@ -6,6 +6,7 @@ loopback; /tokenize, /detokenize, /version, CORS, generation_config.json's sampl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import openai
 import pytest
 
 from moeflow import env
-from moeflow.cli import build_parser, main
+from moeflow.cli import SERVE_GOMP_SPINCOUNT, build_parser, main
 from moeflow.tokenizer import Tokenizer
 from tests.helpers.server import Server, start_server, stop_server
 
@@ -193,6 +194,17 @@ def test_bad_serve_flags_fail_before_loading(
     assert main(["serve", "preset:qwen3-30b-a3b", *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("moeflow: error: ") and needle in err, err
+
+
+def test_serve_bounds_openmp_spinning_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`moeflow serve` sets GOMP_SPINCOUNT before anything loads torch (libgomp reads it once);
+    a value in the environment wins."""
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert main(["serve", "preset:qwen3-30b-a3b", "--kv-cache-dtype", "fp8"]) == 1
+    assert os.environ["GOMP_SPINCOUNT"] == str(SERVE_GOMP_SPINCOUNT)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    assert main(["serve", "preset:qwen3-30b-a3b", "--kv-cache-dtype", "fp8"]) == 1
+    assert os.environ["GOMP_SPINCOUNT"] == "7"
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,13 @@
 // super-blocks of 8 chunks; IQ4_NL (32) and IQ4_XS (256) are in iq4.h.
 #pragma once
 
-#include <torch/extension.h>
+// Not <torch/extension.h>: parsing all of ATen's operators and torch's Python API was two thirds
+// of the build. An ATen function a kernel calls needs its <ATen/ops/NAME.h> here.
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 
 #include <algorithm>

@@ -10,6 +10,8 @@
 // (at::parallel_for, or one `omp parallel` region in DecodeStack: the same libgomp as torch's),
 // so these kernels share torch's workers.
 
+#include <torch/csrc/utils/pybind.h>  // pybind11 with at::Tensor
+
 #include "cpu_common.h"
 #include "moe.h"
 
