@@ -25,7 +25,7 @@ from moeflow.sampling_params import SamplingParams, StructuredOutputsParams
 from moeflow.server import protocol
 from moeflow.server.metrics import ServerMetrics
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
-from moeflow.tokenizer.tool_parser import (
+from moeflow.tokenizer.tool_parsers import (
     KNOWN_TOOL_PARSERS,
     TOOL_MARKERS,
     TOOL_PARSERS,

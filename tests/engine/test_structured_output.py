@@ -18,7 +18,7 @@ from moeflow.api import StructuredOutputsParams
 from moeflow.engine.structured_output import apply_bitmask
 from moeflow.errors import RequestError
 from moeflow.tokenizer import ReasoningSplitter
-from moeflow.tokenizer.tool_parser import HermesToolParser, tool_call_grammar
+from moeflow.tokenizer.tool_parsers import HermesToolParser, tool_call_grammar
 
 SCHEMA = {
     "type": "object",

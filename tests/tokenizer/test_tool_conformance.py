@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
-from moeflow.tokenizer.tool_parser import TOOL_PARSERS, ToolCallDelta
+from moeflow.tokenizer.tool_parsers import TOOL_PARSERS, ToolCallDelta
 
 # canitoolcall family -> its reference models' variant -> our parser (a family's default first)
 FAMILIES: dict[str, dict[str, str]] = {

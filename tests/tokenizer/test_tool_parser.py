@@ -11,7 +11,7 @@ import json
 import llguidance
 import pytest
 
-from moeflow.tokenizer.tool_parser import (
+from moeflow.tokenizer.tool_parsers import (
     TOOL_MARKERS,
     TOOL_PARSERS,
     HermesToolParser,
