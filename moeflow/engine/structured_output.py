@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import llguidance
 
     from moeflow.tokenizer import Tokenizer
+
+logger = logging.getLogger("moeflow")
 
 # Shapes: N rows in the batch, V the logits' vocabulary, W = ceil(V / 32) mask words.
 
@@ -116,24 +119,31 @@ class StructuredOutputs:
                 row[start // 32] |= _bit(start % 32)
         return bitmask
 
-    def advance(self, state: GrammarState, token: int) -> str | None:
-        """Feed one sampled token; returns an error message when the matcher rejects it."""
+    def advance(self, state: GrammarState, token: int) -> bool:
+        """Feed one sampled token; False when the matcher rejects it. The mask only admits
+        tokens the matcher takes, save where llguidance cannot keep that promise (a matcher in
+        error, whose mask admits eos alone, which it then rejects); the engine then ends the
+        request without the token (vLLM logs such a failure and goes on; never an error to
+        the client)."""
         if state.phase == "reasoning":
             if self.think_ids is not None and token == self.think_ids[1]:
                 state.phase = "constrained"
-            return None
+            return True
         if state.phase == "maybe_think":
             if self.think_ids is not None and token == self.think_ids[0]:
                 state.phase = "reasoning"
-                return None
+                return True
             state.phase = "constrained"
         if state.matcher.is_stopped():
-            return None  # only eos was allowed: the engine's stop check ends the request
-        if not state.matcher.consume_token(token):
-            return f"structured output: the grammar rejected token {token}: " + str(
-                state.matcher.get_error()
-            )
-        return None
+            return True  # only eos was allowed: the engine's stop check ends the request
+        if state.matcher.consume_token(token):
+            return True
+        logger.warning(
+            "structured output: the grammar rejected token %d (%s); the request ends before it",
+            token,
+            _first_line([state.matcher.get_error() or "no error"]),
+        )
+        return False
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

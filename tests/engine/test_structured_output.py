@@ -149,3 +149,31 @@ def test_reasoning_then_forced_tool_call(scripted_checkpoint: Path) -> None:
     whole = chain([out.text])
     assert whole == ("abc", "", [("ping", "{}")])
     assert chain(list(llm.stream(prompt, params))) == whole
+
+
+def test_rejected_token_ends_the_request_cleanly(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mask that admits a token the matcher then rejects (llguidance's promise broken, as a
+    matcher in error breaks it) ends the request before that token, "stop" and no error,
+    whole and streamed: here the real mask on a request's first step, then one admitting
+    every token, so the free model soon writes a token that is no digit."""
+    structured = llm.engine.structured
+    real = structured.fill_bitmask
+    seen: set[int] = set()
+
+    def leaky(states: list) -> torch.Tensor | None:
+        mask = real(states)
+        for i, state in enumerate(states):
+            if state is not None and mask is not None and id(state) in seen:
+                mask[i] = -1  # every token admitted
+            seen.add(id(state))
+        return mask
+
+    monkeypatch.setattr(structured, "fill_bitmask", leaky)
+    prompt = _chat_ids(llm, "Write a short story.")
+    spec = StructuredOutputsParams(regex=r"[0-9]{40}")
+    params = SamplingParams(max_tokens=40, temperature=0, structured_outputs=spec)
+    (out,) = llm.generate([prompt], params)
+    assert out.finish_reason == "stop"
+    assert re.fullmatch(r"[0-9]{1,39}", out.text), out.text  # the rejected token is not there
+    assert llm.engine.tokenizer.decode(out.token_ids) == out.text
+    assert "".join(llm.stream(prompt, params)) == out.text
