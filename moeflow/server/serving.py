@@ -95,7 +95,6 @@ class _Choice:
     prompt_idx: int  # which of the request's prompts this generates from
     splitter: ReasoningSplitter | None
     tool_parser: ToolParser | None = None  # when the request offers tools
-    strip_stop_token: bool = False  # special tokens are kept: drop the text of the one that stops
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     text_pieces: list[str] = field(default_factory=list)  # the text deltas so far
@@ -207,13 +206,11 @@ class OpenAIServing:
         kwargs = dict(req.chat_template_kwargs or {})
         sampling = req.sampling_kwargs()
         tools = req.template_tools()
-        strip_stop_token = False
         if tools is not None:
             kwargs["tools"] = tools
             self._constrain_tool_call(req, tools, sampling)
             if self._keep_special_for_tools and sampling.get("skip_special_tokens", True):
                 sampling["skip_special_tokens"] = False
-                strip_stop_token = True
         messages = req.template_messages()
         tokenizer = self.tokenizer
 
@@ -239,7 +236,6 @@ class OpenAIServing:
             in_reasoning=in_reasoning,
             tool_parser=self.tool_parser if tools is not None else None,
             tools=tools,
-            strip_stop_token=strip_stop_token,
         )
         if req.stream:
             return _event_stream(self._sse(job, self._role_chunks(job), self._chat_chunk))
@@ -331,7 +327,6 @@ class OpenAIServing:
         in_reasoning: bool,
         tool_parser: str | None = None,
         tools: list[dict[str, Any]] | None = None,
-        strip_stop_token: bool = False,
     ) -> _Job:
         """One engine request per prompt and choice (choice i of a seeded request gets seed +
         i); if one is refused, those already submitted are aborted."""
@@ -357,9 +352,7 @@ class OpenAIServing:
                     parser = TOOL_PARSERS[tool_parser](tools) if tool_parser is not None else None
                     call_tags = parser.call_tags if parser is not None else ()
                     splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning, call_tags)
-                    choice = _Choice(idx, p_idx, splitter if reasoning else None, parser)
-                    choice.strip_stop_token = strip_stop_token
-                    choices.append(choice)
+                    choices.append(_Choice(idx, p_idx, splitter if reasoning else None, parser))
         except BaseException as e:
             for it in iterators:
                 await _close(it)
@@ -385,11 +378,7 @@ class OpenAIServing:
         choice.logprobs.extend(update.new_logprobs)
         choice.num_cached_tokens = max(choice.num_cached_tokens, update.num_cached_tokens)
         self.metrics.generation_tokens.inc(len(update.new_token_ids))
-        text_delta = update.text_delta
-        if choice.strip_stop_token and update.finish_reason == "stop" and update.new_token_ids:
-            last = update.new_token_ids[-1]  # an eos or stop token is markup, never content
-            if self.tokenizer.decode([last], skip_special_tokens=True) == "":
-                text_delta = text_delta.removesuffix(self.tokenizer.decode([last], False))
+        text_delta = update.text_delta  # an eos or stop token's text is never in it
         choice.text_pieces.append(text_delta)
         if update.finish_reason is not None:
             choice.finish_reason = update.finish_reason
