@@ -297,9 +297,12 @@ class OpenAIServing:
                 param="tool_choice",
             )
         name = None if isinstance(choice, str) else choice.function.name
-        grammar = tool_call_grammar(
-            self.tool_parser, tools, name, req.parallel_tool_calls, self.tokenizer.token_to_id
-        )
+        try:
+            grammar = tool_call_grammar(
+                self.tool_parser, tools, name, req.parallel_tool_calls, self.tokenizer.token_to_id
+            )
+        except ValueError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
         sampling["structured_outputs"] = StructuredOutputsParams(grammar=grammar, param="tools")
 
     def _check_model(self, name: str | None) -> None:

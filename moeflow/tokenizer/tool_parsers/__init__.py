@@ -4,7 +4,9 @@ the grammar that forces a call in a format's markup (grammar.py). Text only: the
 reasoning off first and shapes OpenAI's messages and deltas from what these return."""
 
 from moeflow.tokenizer.tool_parsers.base import BaseToolParser, ToolCall, ToolCallDelta, new_call_id
+from moeflow.tokenizer.tool_parsers.formats_dsml import DeepSeekDsmlToolParser
 from moeflow.tokenizer.tool_parsers.formats_json import HermesToolParser, Llama3JsonToolParser
+from moeflow.tokenizer.tool_parsers.formats_pythonic import PythonicToolParser
 from moeflow.tokenizer.tool_parsers.formats_section import (
     DeepSeekV3ToolParser,
     DeepSeekV31ToolParser,
@@ -28,12 +30,14 @@ __all__ = [
     "TOOL_MARKERS",
     "TOOL_PARSERS",
     "BaseToolParser",
+    "DeepSeekDsmlToolParser",
     "DeepSeekV3ToolParser",
     "DeepSeekV31ToolParser",
     "Glm45ToolParser",
     "HermesToolParser",
     "KimiK2ToolParser",
     "Llama3JsonToolParser",
+    "PythonicToolParser",
     "Qwen3CoderToolParser",
     "ToolCall",
     "ToolCallDelta",

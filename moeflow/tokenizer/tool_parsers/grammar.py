@@ -19,9 +19,11 @@ TOOL_MARKERS = frozenset(
         "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
         "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<|tool_calls_section_begin|>",
         "<|tool_calls_section_end|>", "<|tool_call_begin|>", "<|tool_call_end|>",
-        "<|tool_call_argument_begin|>",
+        "<|tool_call_argument_begin|>", "｜DSML｜",
     ]
 )  # fmt: skip
+# Formats parsed but not forced: a call as Python needs a grammar of Python's literals.
+_NOT_FORCED = frozenset(["pythonic", "llama4_pythonic"])
 
 _MARKER_SPLIT = re.compile(
     "(" + "|".join(re.escape(m) for m in sorted(TOOL_MARKERS, key=len, reverse=True)) + ")"
@@ -40,8 +42,11 @@ def tool_call_grammar(
     against the tool's JSON schema (key/value formats: each property in schema order, the
     required ones always, strings as plain text). `token_id` (the tokenizer's): a marker that is
     one token is that token (`<[id]>`: llguidance never matches a special token to text)."""
-    if parser not in TOOL_PARSERS:
-        raise ValueError(f"forced tool calls are not implemented for {parser!r}")
+    if parser not in TOOL_PARSERS or parser in _NOT_FORCED:
+        raise ValueError(
+            f'tool_choice "required" or a named function is not implemented for the {parser} '
+            'call format yet ("auto" and "none" work)'
+        )
 
     def lit(text: str) -> str:
         return _literal(text, token_id)
@@ -53,10 +58,13 @@ def tool_call_grammar(
     for i, function in enumerate(functions):
         parameters = function_parameters(function)
         fname = function["name"]
-        if parser in ("glm45", "qwen3_coder"):
+        if parser in ("glm45", "qwen3_coder", "deepseek_v32"):
             body, rules = _xml_params_grammar(parser, f"f{i}", parameters, lit)
             lines += rules
-            if parser == "glm45":
+            if parser == "deepseek_v32":
+                head = f'<｜DSML｜invoke name="{fname}">\n'
+                call = f"{lit(head)} {body} {lit('</｜DSML｜invoke>' + chr(10))}"
+            elif parser == "glm45":
                 call = f"{lit('<tool_call>' + fname + chr(10))} {body} {lit('</tool_call>')}"
             else:
                 head = f"<tool_call>\n<function={fname}>\n"
@@ -85,6 +93,7 @@ def tool_call_grammar(
         "deepseek_v3": ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"),
         "deepseek_v31": ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"),
         "kimi_k2": ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"),
+        "deepseek_v32": ("<｜DSML｜function_calls>\n", "</｜DSML｜function_calls>"),
     }.get(parser)
     start = f"call{more}"
     if wrap is not None:
@@ -131,6 +140,10 @@ def _xml_params_grammar(
         rules.append(f"{value}: {_value_grammar(schema if isinstance(schema, dict) else {})}")
         if parser == "glm45":
             open_, close = f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"
+        elif parser == "deepseek_v32":
+            text = "true" if _is_text(schema if isinstance(schema, dict) else {}) else "false"
+            open_ = f'<｜DSML｜parameter name="{key}" string="{text}">'
+            close = "</｜DSML｜parameter>\n"
         else:
             open_, close = f"<parameter={key}>\n", "\n</parameter>\n"
         part = f"{lit(open_)} {value} {lit(close)}"
@@ -138,12 +151,19 @@ def _xml_params_grammar(
     return (" ".join(parts) or '""'), rules
 
 
+def _is_text(schema: dict[str, Any]) -> bool:
+    """Whether `_value_grammar` writes the value as plain text (else as JSON)."""
+    if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
+        return True
+    return schema_types(schema) == {"string"} and "const" not in schema
+
+
 def _value_grammar(schema: dict[str, Any]) -> str:
     """One property's value as text: strings plain (an enum's members, or text without "<" and
     newlines within the length bounds), anything else its JSON."""
     if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
         return " | ".join(_lit(v) for v in schema["enum"]) or '""'
-    if schema_types(schema) == {"string"} and "const" not in schema:
+    if _is_text(schema):
         low = int(schema.get("minLength", 0))
         high = schema.get("maxLength")
         return f"/[^<\\n]{{{low},{'' if high is None else int(high)}}}/"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 
 from moeflow.tokenizer.tool_parsers.base import BaseToolParser
+from moeflow.tokenizer.tool_parsers.formats_dsml import DeepSeekDsmlToolParser
 from moeflow.tokenizer.tool_parsers.formats_json import HermesToolParser, Llama3JsonToolParser
+from moeflow.tokenizer.tool_parsers.formats_pythonic import PythonicToolParser
 from moeflow.tokenizer.tool_parsers.formats_section import (
     DeepSeekV3ToolParser,
     DeepSeekV31ToolParser,
@@ -23,11 +25,15 @@ KNOWN_TOOL_PARSERS = (
     "glm45",
     "qwen3_coder",
     "llama3_json",
+    "deepseek_v32",
+    "pythonic",
+    "llama4_pythonic",
 )
 
 # What each format looks like in a chat template, most specific first (auto detection). V3.1
 # writes the function's name right after <｜tool▁call▁begin｜>, V3/R1 its type ("function").
 _TEMPLATE_MARKERS = (
+    ("deepseek_v32", re.compile(re.escape("｜DSML｜"))),
     ("deepseek_v31", re.compile(r"<｜tool▁call▁begin｜>[^<]{0,80}name[^<]{0,40}<｜tool▁sep｜>")),
     ("deepseek_v3", re.compile(re.escape("<｜tool▁calls▁begin｜>"))),
     ("kimi_k2", re.compile(re.escape("<|tool_calls_section_begin|>"))),
@@ -35,6 +41,7 @@ _TEMPLATE_MARKERS = (
     ("qwen3_coder", re.compile(re.escape("<function="))),
     ("hermes", re.compile(re.escape("<tool_call>"))),
     ("llama3_json", re.compile(re.escape("<|python_tag|>"))),
+    ("pythonic", re.compile(re.escape("[func_name1("))),  # Llama 3.2's and vLLM's templates
 )
 
 ToolParser = BaseToolParser
@@ -46,6 +53,9 @@ TOOL_PARSERS: dict[str, type[BaseToolParser]] = {
     "glm45": Glm45ToolParser,
     "qwen3_coder": Qwen3CoderToolParser,
     "llama3_json": Llama3JsonToolParser,
+    "deepseek_v32": DeepSeekDsmlToolParser,
+    "pythonic": PythonicToolParser,
+    "llama4_pythonic": PythonicToolParser,
 }
 
 
