@@ -49,6 +49,7 @@ class StructuredOutputs:
         self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's)
         self._eos_ids = eos_ids
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._executor: llguidance.LLExecutor | None = None  # computes a batch's masks
         self._cache: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
         self._lock = threading.Lock()
         start, end = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
@@ -109,15 +110,31 @@ class StructuredOutputs:
             return None
         words = (self.vocab_size + 31) // 32
         bitmask = torch.full((len(states), words), -1, dtype=torch.int32)  # [N, W]
+        rows = [
+            (state.matcher, i)
+            for i, state in enumerate(states)
+            if state is not None and state.phase != "reasoning"
+        ]
+        if len(rows) == 1:
+            matcher, i = rows[0]
+            matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
+        else:  # the rows in parallel, on llguidance's own threads (the GIL dropped)
+            self._llg_executor().unsafe_compute_mask_ptr(
+                rows, bitmask.data_ptr(), words * 4, len(states)
+            )
         for i, state in enumerate(states):
-            if state is None or state.phase == "reasoning":
-                continue
-            row = bitmask[i]
-            state.matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
-            if state.phase == "maybe_think" and self.think_ids is not None:
+            if state is not None and state.phase == "maybe_think" and self.think_ids is not None:
                 start = self.think_ids[0]
-                row[start // 32] |= _bit(start % 32)
+                bitmask[i, start // 32] |= _bit(start % 32)
         return bitmask
+
+    def _llg_executor(self) -> llguidance.LLExecutor:
+        with self._lock:
+            if self._executor is None:
+                import llguidance
+
+                self._executor = llguidance.LLExecutor()
+            return self._executor
 
     def advance(self, state: GrammarState, token: int) -> bool:
         """Feed one sampled token; False when the matcher rejects it. The mask only admits

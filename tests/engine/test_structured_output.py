@@ -177,3 +177,29 @@ def test_rejected_token_ends_the_request_cleanly(llm: LLM, monkeypatch: pytest.M
     assert re.fullmatch(r"[0-9]{1,39}", out.text), out.text  # the rejected token is not there
     assert llm.engine.tokenizer.decode(out.token_ids) == out.text
     assert "".join(llm.stream(prompt, params)) == out.text
+
+
+def test_batch_mask_is_each_rows_own(llm: LLM) -> None:
+    """The batch's masks (computed in parallel by llguidance's executor) are, row for row, what
+    each matcher computes alone; unconstrained rows admit every token."""
+    structured = llm.engine.structured
+    tok = llm.engine.tokenizer
+    json_spec = StructuredOutputsParams(json=SCHEMA)
+    regex_spec = StructuredOutputsParams(regex=r"[0-9]{3}-x")
+    rows = [(json_spec, '{"name":"Al'), (json_spec, '{"name":"Bo","age":4'), (json_spec, "")]
+    rows.append((regex_spec, "12"))
+    states = []
+    for spec, prefix in rows:
+        state = structured.new_state(spec, [1])
+        for t in tok.encode(prefix, add_special_tokens=False):
+            assert structured.advance(state, t)
+        states.append(state)
+    batch = structured.fill_bitmask([states[0], None, *states[1:]])
+    assert batch is not None
+    words = batch.shape[1]
+    for row, state in zip([0, 2, 3, 4], states, strict=True):
+        alone = torch.full((words,), -1, dtype=torch.int32)
+        state.matcher.unsafe_compute_mask_ptr(alone.data_ptr(), words * 4)
+        assert torch.equal(batch[row], alone)
+    assert bool((batch[1] == -1).all())
+    assert not torch.equal(batch[0], batch[3])  # the rows differ: each is its own
