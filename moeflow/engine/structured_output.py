@@ -138,10 +138,11 @@ class StructuredOutputs:
 
     def advance(self, state: GrammarState, token: int) -> bool:
         """Feed one sampled token; False when the matcher rejects it. The mask only admits
-        tokens the matcher takes, save where llguidance cannot keep that promise (a matcher in
-        error, whose mask admits eos alone, which it then rejects); the engine then ends the
-        request without the token (vLLM logs such a failure and goes on; never an error to
-        the client)."""
+        tokens the matcher takes, save where llguidance breaks that promise: an added token
+        that looks special ("<ok>", not marked special) is admitted where its text fits and
+        then rejected as a special token (tests/server/test_tool_formats.py), and a matcher in
+        error admits eos alone, which it then rejects. The engine then ends the request before
+        the token (vLLM logs such a failure and goes on; never an error to the client)."""
         if state.phase == "reasoning":
             if self.think_ids is not None and token == self.think_ids[1]:
                 state.phase = "constrained"

@@ -72,8 +72,10 @@ FAMILIES: dict[str, tuple[str, str, list[str], str | None, dict[str, Any]]] = {
     "deepseek_v32": (
         "deepseek_v32",
         '<｜DSML｜function_calls>\n<｜DSML｜invoke name="' + NAME + '">',
-        ["<｜DSML｜function_calls>", "\n", '<｜DSML｜invoke name="get_weather">\n',
-         '<｜DSML｜parameter name="city" string="true">', "Paris", "</｜DSML｜parameter>\n",
+        # no piece is "<...>" whole: llguidance reads such an added token as a special one,
+        # which its mask may admit and its matcher then rejects (the request stops cleanly)
+        ["<｜DSML｜function_calls>\n", '<｜DSML｜invoke name="get_weather">\n',
+         '<｜DSML｜parameter name="city" string="true', '">Paris', "</｜DSML｜parameter>\n",
          '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n',
          "</｜DSML｜invoke>\n", "</｜DSML｜function_calls>"],
         None,
@@ -186,3 +188,35 @@ def test_forced_call_in_the_family_markup(family: tuple[str, Server]) -> None:
     choice = json.loads(raw)["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.fixture(scope="module")
+def special_looking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A scripted model that writes "<ok>", an added token llguidance reads as a special one."""
+    folder = tmp_path_factory.mktemp("special") / "m"
+    make_scripted_checkpoint(folder, ["<ok>", "done"])
+    server = start_server(
+        str(folder), tmp_path_factory.mktemp("special-srv"),
+        "--dtype", "float32", "--max-model-len", "256", "--served-model-name", "scripted",
+    )  # fmt: skip
+    yield server
+    assert stop_server(server) == 0, server.log.read_text()
+
+
+def test_mask_admits_what_the_matcher_rejects(special_looking: Server) -> None:
+    """llguidance's mask for the choice "<ok>" admits the token "<ok>", which its matcher then
+    rejects: the request stops before it ("stop", no content), never an HTTP 500; streamed the
+    same."""
+    client = openai.OpenAI(base_url=special_looking.base_url, api_key="x", max_retries=0)
+    kwargs: dict[str, Any] = {
+        "model": "scripted", "messages": ASK, "max_tokens": 10, "temperature": 0,
+        "extra_body": {"guided_choice": ["<ok>"]},
+    }  # fmt: skip
+    resp = client.chat.completions.create(**kwargs)
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].message.content in ("", "<ok>")  # "<ok>" once llguidance agrees
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        resp.choices[0].message.content
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
