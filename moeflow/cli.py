@@ -17,7 +17,7 @@ from moeflow import env
 from moeflow.errors import MoeflowError
 from moeflow.loading.presets import PRESETS
 from moeflow.sampling_params import GENERATION_CONFIG_KEYS, sampling_defaults
-from moeflow.tokenizer.tool_parser import KNOWN_TOOL_PARSERS
+from moeflow.tokenizer.tool_parsers import KNOWN_TOOL_PARSERS
 
 if TYPE_CHECKING:
     from moeflow.api import LLM

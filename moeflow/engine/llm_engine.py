@@ -383,7 +383,12 @@ class LLMEngine:
     def accept_token(self, req: Request, token: int, lp: TokenLogprobs | None = None) -> None:
         """Append one sampled token to a running request, check its grammar and stop
         conditions, and finish it when they end it. Also how a KV connector hands over the
-        first token a prefill instance sampled."""
+        first token a prefill instance sampled. A token the request's grammar rejects (which
+        its mask should not have admitted) is not taken: the request stops before it."""
+        if req.grammar is not None and not self.structured.advance(req.grammar, token):
+            req.finish_reason = FinishReason.STOP
+            self._finish(req)
+            return
         req.output_ids.append(token)
         req.last_token_time = time.monotonic()
         if req.first_token_time is None:
@@ -391,12 +396,6 @@ class LLMEngine:
         if lp is not None:
             req.output_logprobs.append(lp)
         self.stats.num_generated_tokens += 1
-        if req.grammar is not None:
-            req.error = self.structured.advance(req.grammar, token)
-            if req.error is not None:
-                req.finish_reason = FinishReason.ABORT
-                self._finish(req)
-                return
         self._check_stop(req, token)
         if req.finish_reason is not None:
             self._finish(req)

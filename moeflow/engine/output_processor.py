@@ -110,7 +110,8 @@ class OutputProcessor:
             state = self._states.get(req.request_id)
             if state is None:
                 continue
-            stop = state.text.update(req.output_ids[state.text.num_ids :])
+            stop_token = req.finish_reason is FinishReason.STOP and isinstance(req.stop_reason, int)
+            stop = state.text.update(req.output_ids[state.text.num_ids :], stop_token)
             if stop is not None:
                 # As when the engine checked stop strings itself: the string wins over an eos or
                 # max_tokens on the same token. The engine has not finished the request, or has

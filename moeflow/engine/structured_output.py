@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import llguidance
 
     from moeflow.tokenizer import Tokenizer
+
+logger = logging.getLogger("moeflow")
 
 # Shapes: N rows in the batch, V the logits' vocabulary, W = ceil(V / 32) mask words.
 
@@ -46,6 +49,7 @@ class StructuredOutputs:
         self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's)
         self._eos_ids = eos_ids
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._executor: llguidance.LLExecutor | None = None  # computes a batch's masks
         self._cache: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
         self._lock = threading.Lock()
         start, end = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
@@ -106,34 +110,58 @@ class StructuredOutputs:
             return None
         words = (self.vocab_size + 31) // 32
         bitmask = torch.full((len(states), words), -1, dtype=torch.int32)  # [N, W]
+        rows = [
+            (state.matcher, i)
+            for i, state in enumerate(states)
+            if state is not None and state.phase != "reasoning"
+        ]
+        if len(rows) == 1:
+            matcher, i = rows[0]
+            matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
+        else:  # the rows in parallel, on llguidance's own threads (the GIL dropped)
+            self._llg_executor().unsafe_compute_mask_ptr(
+                rows, bitmask.data_ptr(), words * 4, len(states)
+            )
         for i, state in enumerate(states):
-            if state is None or state.phase == "reasoning":
-                continue
-            row = bitmask[i]
-            state.matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
-            if state.phase == "maybe_think" and self.think_ids is not None:
+            if state is not None and state.phase == "maybe_think" and self.think_ids is not None:
                 start = self.think_ids[0]
-                row[start // 32] |= _bit(start % 32)
+                bitmask[i, start // 32] |= _bit(start % 32)
         return bitmask
 
-    def advance(self, state: GrammarState, token: int) -> str | None:
-        """Feed one sampled token; returns an error message when the matcher rejects it."""
+    def _llg_executor(self) -> llguidance.LLExecutor:
+        with self._lock:
+            if self._executor is None:
+                import llguidance
+
+                self._executor = llguidance.LLExecutor()
+            return self._executor
+
+    def advance(self, state: GrammarState, token: int) -> bool:
+        """Feed one sampled token; False when the matcher rejects it. The mask only admits
+        tokens the matcher takes, save where llguidance breaks that promise: an added token
+        that looks special ("<ok>", not marked special) is admitted where its text fits and
+        then rejected as a special token (tests/server/test_tool_formats.py), and a matcher in
+        error admits eos alone, which it then rejects. The engine then ends the request before
+        the token (vLLM logs such a failure and goes on; never an error to the client)."""
         if state.phase == "reasoning":
             if self.think_ids is not None and token == self.think_ids[1]:
                 state.phase = "constrained"
-            return None
+            return True
         if state.phase == "maybe_think":
             if self.think_ids is not None and token == self.think_ids[0]:
                 state.phase = "reasoning"
-                return None
+                return True
             state.phase = "constrained"
         if state.matcher.is_stopped():
-            return None  # only eos was allowed: the engine's stop check ends the request
-        if not state.matcher.consume_token(token):
-            return f"structured output: the grammar rejected token {token}: " + str(
-                state.matcher.get_error()
-            )
-        return None
+            return True  # only eos was allowed: the engine's stop check ends the request
+        if state.matcher.consume_token(token):
+            return True
+        logger.warning(
+            "structured output: the grammar rejected token %d (%s); the request ends before it",
+            token,
+            _first_line([state.matcher.get_error() or "no error"]),
+        )
+        return False
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

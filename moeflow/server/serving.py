@@ -27,7 +27,7 @@ from moeflow.sampling_params import SamplingParams
 from moeflow.server import protocol, responses, wire
 from moeflow.server.metrics import ServerMetrics
 from moeflow.tokenizer import ReasoningSplitter
-from moeflow.tokenizer.tool_parser import ToolParser
+from moeflow.tokenizer.tool_parsers import ToolParser
 
 logger = logging.getLogger("moeflow")
 
@@ -88,7 +88,6 @@ class Choice:
     prompt_idx: int  # which of the request's prompts this generates from
     splitter: ReasoningSplitter | None
     tool_parser: ToolParser | None = None  # when the request offers tools
-    strip_stop_token: bool = False  # special tokens are kept: drop the text of the one that stops
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     text_pieces: list[str] = field(default_factory=list)  # the text deltas so far
@@ -250,12 +249,7 @@ class OpenAIServing:
         choice.logprobs.extend(update.new_logprobs)
         choice.num_cached_tokens = max(choice.num_cached_tokens, update.num_cached_tokens)
         self.metrics.generation_tokens.inc(len(update.new_token_ids))
-        text_delta = update.text_delta
-        if choice.strip_stop_token and update.finish_reason == "stop" and update.new_token_ids:
-            last = update.new_token_ids[-1]  # an eos or stop token is markup, never content
-            if self.tokenizer.decode([last], skip_special_tokens=True) == "":
-                text_delta = text_delta.removesuffix(self.tokenizer.decode([last], False))
-        choice.text_pieces.append(text_delta)
+        choice.text_pieces.append(update.text_delta)
         if update.finish_reason is not None:
             choice.finish_reason = update.finish_reason
             choice.cost = update.cost
@@ -263,7 +257,7 @@ class OpenAIServing:
                 reasoning_ns = update.cost.decode_ns_of_first(self._reasoning_tokens(choice))
                 self.metrics.reasoning_seconds.inc(reasoning_ns / 1e9)
             choice.final_text = "".join(choice.text_pieces)
-        return text_delta
+        return update.text_delta
 
     # ---- a full response -----------------------------------------------------------------------
     async def _collect_or_leave(self, request: Request, job: Job) -> bool:

@@ -29,7 +29,7 @@ from moeflow.server.serving import (
     request_sampling_params,
 )
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
-from moeflow.tokenizer.tool_parser import (
+from moeflow.tokenizer.tool_parsers import (
     KNOWN_TOOL_PARSERS,
     TOOL_MARKERS,
     TOOL_PARSERS,
@@ -66,13 +66,11 @@ class OpenAIServingChat(OpenAIServing):
         kwargs = dict(req.chat_template_kwargs or {})
         sampling = req.sampling_kwargs()
         tools = req.template_tools()
-        strip_stop_token = False
         if tools is not None:
             kwargs["tools"] = tools
             self._constrain_tool_call(req, tools, sampling)
             if self._keep_special_for_tools and sampling.get("skip_special_tokens", True):
                 sampling["skip_special_tokens"] = False
-                strip_stop_token = True
         messages = req.template_messages()
         tokenizer = self.tokenizer
 
@@ -93,9 +91,7 @@ class OpenAIServingChat(OpenAIServing):
             parser = TOOL_PARSERS[parser_name](tools) if parser_name is not None else None
             call_tags = parser.call_tags if parser is not None else ()
             splitter = ReasoningSplitter(THINK_START, THINK_END, in_reasoning, call_tags)
-            choice = Choice(index, prompt_idx, splitter if self.use_reasoning else None, parser)
-            choice.strip_stop_token = strip_stop_token
-            return choice
+            return Choice(index, prompt_idx, splitter if self.use_reasoning else None, parser)
 
         job = await self._submit(
             [prompt_ids],
@@ -137,9 +133,12 @@ class OpenAIServingChat(OpenAIServing):
                 param="tool_choice",
             )
         name = None if isinstance(choice, str) else choice.function.name
-        grammar = tool_call_grammar(
-            self.tool_parser, tools, name, req.parallel_tool_calls, self.tokenizer.token_to_id
-        )
+        try:
+            grammar = tool_call_grammar(
+                self.tool_parser, tools, name, req.parallel_tool_calls, self.tokenizer.token_to_id
+            )
+        except ValueError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
         sampling["structured_outputs"] = StructuredOutputsParams(grammar=grammar, param="tools")
 
     def _chat_response(self, job: Job) -> dict[str, Any]:

@@ -91,13 +91,17 @@ class OutputText:
         """The text so far (the held-back tail included); once finished, the final text."""
         return "".join(self._sent) + "".join(self._unsent)
 
-    def update(self, new_ids: Sequence[int]) -> str | None:
+    def update(self, new_ids: Sequence[int], stop_token: bool = False) -> str | None:
         """Take the ids sampled since the last call, one token at a time; returns the stop string
-        that one of them completed (and takes no id after it), or None."""
-        for token in new_ids:
+        that one of them completed (and takes no id after it), or None. `stop_token`: the last
+        id is the eos or stop token id that ended the request; its id is taken, its text never
+        (vLLM's detokenizer: even with skip_special_tokens=False, "<|im_end|>" is no output)."""
+        for i, token in enumerate(new_ids):
             if self.finished:
                 break
             self.num_ids += 1
+            if stop_token and i == len(new_ids) - 1:
+                break
             delta = self._detok.add([token])
             if delta:
                 self._take(delta)

@@ -120,3 +120,21 @@ def test_stop_string_in_a_penalty_batch_under_overlap(tiny_checkpoints: dict[str
     while llm.engine.has_unfinished():
         outputs.process(llm.engine.step())
     assert_idle(llm)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_stop_token_text_is_never_output(llm: LLM, skip_special_tokens: bool) -> None:
+    """The eos or stop token id that ends a request is in token_ids, its text never in the
+    output, special tokens kept or not (vLLM's detokenizer); streamed the same."""
+    prompt = _prompts(1, seed=23)[0]
+    full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    stop_id = full[0].token_ids[5]
+    params = SamplingParams(
+        temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_id],
+        skip_special_tokens=skip_special_tokens,
+    )  # fmt: skip
+    (out,) = llm.generate([prompt], params)
+    cut = full[0].token_ids.index(stop_id) + 1
+    assert out.token_ids == full[0].token_ids[:cut] and out.stop_reason == stop_id
+    assert out.text == llm.tokenizer.decode(out.token_ids[:-1], skip_special_tokens)
+    assert "".join(llm.stream(prompt, params)) == out.text

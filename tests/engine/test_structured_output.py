@@ -18,7 +18,7 @@ from moeflow.api import StructuredOutputsParams
 from moeflow.engine.structured_output import apply_bitmask
 from moeflow.errors import RequestError
 from moeflow.tokenizer import ReasoningSplitter
-from moeflow.tokenizer.tool_parser import HermesToolParser, tool_call_grammar
+from moeflow.tokenizer.tool_parsers import HermesToolParser, tool_call_grammar
 
 SCHEMA = {
     "type": "object",
@@ -149,3 +149,57 @@ def test_reasoning_then_forced_tool_call(scripted_checkpoint: Path) -> None:
     whole = chain([out.text])
     assert whole == ("abc", "", [("ping", "{}")])
     assert chain(list(llm.stream(prompt, params))) == whole
+
+
+def test_rejected_token_ends_the_request_cleanly(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mask that admits a token the matcher then rejects (llguidance's promise broken, as a
+    matcher in error breaks it) ends the request before that token, "stop" and no error,
+    whole and streamed: here the real mask on a request's first step, then one admitting
+    every token, so the free model soon writes a token that is no digit."""
+    structured = llm.engine.structured
+    real = structured.fill_bitmask
+    seen: set[int] = set()
+
+    def leaky(states: list) -> torch.Tensor | None:
+        mask = real(states)
+        for i, state in enumerate(states):
+            if state is not None and mask is not None and id(state) in seen:
+                mask[i] = -1  # every token admitted
+            seen.add(id(state))
+        return mask
+
+    monkeypatch.setattr(structured, "fill_bitmask", leaky)
+    prompt = _chat_ids(llm, "Write a short story.")
+    spec = StructuredOutputsParams(regex=r"[0-9]{40}")
+    params = SamplingParams(max_tokens=40, temperature=0, structured_outputs=spec)
+    (out,) = llm.generate([prompt], params)
+    assert out.finish_reason == "stop"
+    assert re.fullmatch(r"[0-9]{1,39}", out.text), out.text  # the rejected token is not there
+    assert llm.engine.tokenizer.decode(out.token_ids) == out.text
+    assert "".join(llm.stream(prompt, params)) == out.text
+
+
+def test_batch_mask_is_each_rows_own(llm: LLM) -> None:
+    """The batch's masks (computed in parallel by llguidance's executor) are, row for row, what
+    each matcher computes alone; unconstrained rows admit every token."""
+    structured = llm.engine.structured
+    tok = llm.engine.tokenizer
+    json_spec = StructuredOutputsParams(json=SCHEMA)
+    regex_spec = StructuredOutputsParams(regex=r"[0-9]{3}-x")
+    rows = [(json_spec, '{"name":"Al'), (json_spec, '{"name":"Bo","age":4'), (json_spec, "")]
+    rows.append((regex_spec, "12"))
+    states = []
+    for spec, prefix in rows:
+        state = structured.new_state(spec, [1])
+        for t in tok.encode(prefix, add_special_tokens=False):
+            assert structured.advance(state, t)
+        states.append(state)
+    batch = structured.fill_bitmask([states[0], None, *states[1:]])
+    assert batch is not None
+    words = batch.shape[1]
+    for row, state in zip([0, 2, 3, 4], states, strict=True):
+        alone = torch.full((words,), -1, dtype=torch.int32)
+        state.matcher.unsafe_compute_mask_ptr(alone.data_ptr(), words * 4)
+        assert torch.equal(batch[row], alone)
+    assert bool((batch[1] == -1).all())
+    assert not torch.equal(batch[0], batch[3])  # the rows differ: each is its own

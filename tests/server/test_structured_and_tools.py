@@ -1,16 +1,22 @@
 """Structured output and tool calls through a real server with the default model (SmolLM2-135M)
 and the `openai` client: every json_schema answer validates against its schema, streamed ==
-non-streamed; bad constraints answer 400 naming the field."""
+non-streamed; bad constraints answer 400 naming the field; forced calls are valid; the second
+turn of an agent loop answers; and the same through LangChain (langchain-openai)."""
 
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterator
-from typing import Any
+from functools import reduce
+from typing import Any, Literal
 
 import jsonschema
 import openai
 import pytest
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from tests.helpers.server import Server, start_server, stop_server
 
@@ -222,3 +228,79 @@ def test_tool_errors(server: Server) -> None:
         status, _, raw = server.request("POST", "/v1/chat/completions", {**base, **extra})
         assert status == 400, raw
         assert json.loads(raw)["error"]["param"] == param, raw
+
+
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_eos_text_never_in_content(client: openai.OpenAI, with_tools: bool) -> None:
+    """skip_special_tokens false keeps special tokens the model writes, but never the text of
+    the eos that ends the answer (vLLM), with or without tools; streamed == non-streamed."""
+    extra: dict[str, Any] = {"tools": TOOLS, "tool_choice": "none"} if with_tools else {}
+    resp, streamed = _both(
+        client, messages=[{"role": "user", "content": "Say hello."}], max_tokens=60,
+        temperature=0, extra_body={"skip_special_tokens": False}, **extra,
+    )  # fmt: skip
+    choice = resp.choices[0]
+    assert choice.finish_reason == "stop"  # the model ended on its eos
+    assert choice.message.content and "<|im_end|>" not in choice.message.content
+    assert streamed == [choice.message.content]
+
+
+# ---- LangChain (langchain-openai), as an agent framework uses the server -------------------------
+class City(BaseModel):
+    city: str = Field(max_length=30)
+    population: int = Field(ge=0)
+    coastal: bool
+
+
+class GetWeather(BaseModel):
+    """The current weather of a city."""
+
+    model_config = ConfigDict(extra="forbid")  # bounded, as WEATHER_PARAMS: a small model ends
+    city: str = Field(max_length=20)
+    unit: Literal["C", "F"]
+
+
+@pytest.fixture(scope="module")
+def chat(server: Server) -> ChatOpenAI:
+    return ChatOpenAI(
+        base_url=server.base_url, api_key=SecretStr("x"), model="default", temperature=0,
+        max_completion_tokens=120, max_retries=0,
+    )  # fmt: skip
+
+
+def test_langchain_structured_output(chat: ChatOpenAI) -> None:
+    ask = "Tell me about Paris as JSON."
+    city = chat.with_structured_output(City, method="json_schema", strict=True).invoke(ask)
+    assert isinstance(city, City)
+    raw = chat.with_structured_output(SCHEMA | {"title": "city"}, method="json_schema")
+    jsonschema.validate(raw.invoke(ask), SCHEMA)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "GetWeather"])
+def test_langchain_bind_tools(chat: ChatOpenAI, tool_choice: str) -> None:
+    """A forced call: a valid one, the same streamed (chunks summed) as invoked."""
+    bound = chat.bind_tools([GetWeather], tool_choice=tool_choice, parallel_tool_calls=False)
+    msg = bound.invoke("What is the weather in Paris?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "GetWeather" and call["id"]
+    GetWeather.model_validate(call["args"])
+    chunks = list(bound.stream("What is the weather in Paris?"))
+    streamed = reduce(operator.add, chunks)
+    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(call["name"], call["args"])]
+
+
+def test_langchain_agent_loop(chat: ChatOpenAI) -> None:
+    """Call, run the tool, hand its result back (a ToolMessage): the second turn answers."""
+    history: list[BaseMessage] = [HumanMessage("What is the weather in Paris?")]
+    first = chat.bind_tools([GetWeather], tool_choice="required").invoke(history)
+    assert isinstance(first, AIMessage) and first.tool_calls
+    history.append(first)
+    for call in first.tool_calls:
+        args = GetWeather.model_validate(call["args"])
+        result = f"21 {args.unit} in {args.city}"
+        history.append(ToolMessage(result, tool_call_id=call["id"]))
+    second = chat.bind_tools([GetWeather]).invoke(history)  # tool_choice auto
+    assert second.content or second.tool_calls  # type: ignore[union-attr]
+    answer = chat.bind_tools([GetWeather], tool_choice="none").invoke(history)
+    assert isinstance(answer.content, str) and answer.content.strip()
+    assert not answer.tool_calls  # type: ignore[union-attr]

@@ -69,7 +69,28 @@ FAMILIES: dict[str, tuple[str, str, list[str], str | None, dict[str, Any]]] = {
         None,
         {"city": "Paris", "days": 3},
     ),
+    "deepseek_v32": (
+        "deepseek_v32",
+        '<｜DSML｜function_calls>\n<｜DSML｜invoke name="' + NAME + '">',
+        # no piece is "<...>" whole: llguidance reads such an added token as a special one,
+        # which its mask may admit and its matcher then rejects (the request stops cleanly)
+        ["<｜DSML｜function_calls>\n", '<｜DSML｜invoke name="get_weather">\n',
+         '<｜DSML｜parameter name="city" string="true', '">Paris', "</｜DSML｜parameter>\n",
+         '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n',
+         "</｜DSML｜invoke>\n", "</｜DSML｜function_calls>"],
+        None,
+        {"city": "Paris", "days": 3},
+    ),
+    "pythonic": (  # held whole (one delta with the arguments); Llama 3.2's template names it
+        "pythonic",
+        "{# [func_name1(params_name1=params_value1)] #}[" + NAME + "()]",
+        ["[get_weather(", "city='Paris', ", "days=3)]"],
+        None,
+        {"city": "Paris", "days": 3},
+    ),
 }  # fmt: skip
+WHOLE = {"pythonic"}  # formats that stream a call as one delta
+NOT_FORCED = {"pythonic"}  # tool_choice "required" answers 400 (tool_parsers/grammar.py)
 # Kimi's markers are special tokens (skipped when decoding by default): the server keeps them
 # for tool requests, and drops the text of the eos token that ends the output.
 SPECIAL = {
@@ -135,15 +156,16 @@ def test_tool_call_parsed_and_streamed(family: tuple[str, Server]) -> None:
             if tc.id is not None:  # the call's first delta: id and name
                 assert tc.function and tc.function.name and not head
                 head.append((tc.index, tc.id, tc.function.name))
-            elif tc.function and tc.function.arguments:
-                assert head  # arguments only after the name
+            if tc.function and tc.function.arguments:
+                assert head  # arguments only with or after the name
                 pieces.append(tc.function.arguments)
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls"
     assert (content or None) == want_content
     assert not any(m in content for m in MARKUP)
     assert head and head[0][2] == "get_weather" and head[0][1].startswith("call_")
-    assert len(pieces) > 1  # the arguments arrived in pieces, as the model wrote them
+    if name not in WHOLE:
+        assert len(pieces) > 1  # the arguments arrived in pieces, as the model wrote them
     assert json.loads("".join(pieces)) == want_args
     assert "".join(pieces) == call.function.arguments  # streamed == whole, text for text
 
@@ -159,7 +181,42 @@ def test_forced_call_in_the_family_markup(family: tuple[str, Server]) -> None:
         "max_tokens": 40, "temperature": 0,
     }  # fmt: skip
     status, _, raw = server.request("POST", "/v1/chat/completions", body)
+    if name in NOT_FORCED:
+        assert status == 400 and json.loads(raw)["error"]["param"] == "tool_choice", raw
+        return
     assert status == 200, raw
     choice = json.loads(raw)["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.fixture(scope="module")
+def special_looking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A scripted model that writes "<ok>", an added token llguidance reads as a special one."""
+    folder = tmp_path_factory.mktemp("special") / "m"
+    make_scripted_checkpoint(folder, ["<ok>", "done"])
+    server = start_server(
+        str(folder), tmp_path_factory.mktemp("special-srv"),
+        "--dtype", "float32", "--max-model-len", "256", "--served-model-name", "scripted",
+    )  # fmt: skip
+    yield server
+    assert stop_server(server) == 0, server.log.read_text()
+
+
+def test_mask_admits_what_the_matcher_rejects(special_looking: Server) -> None:
+    """llguidance's mask for the choice "<ok>" admits the token "<ok>", which its matcher then
+    rejects: the request stops before it ("stop", no content), never an HTTP 500; streamed the
+    same."""
+    client = openai.OpenAI(base_url=special_looking.base_url, api_key="x", max_retries=0)
+    kwargs: dict[str, Any] = {
+        "model": "scripted", "messages": ASK, "max_tokens": 10, "temperature": 0,
+        "extra_body": {"guided_choice": ["<ok>"]},
+    }  # fmt: skip
+    resp = client.chat.completions.create(**kwargs)
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].message.content in ("", "<ok>")  # "<ok>" once llguidance agrees
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        resp.choices[0].message.content
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"

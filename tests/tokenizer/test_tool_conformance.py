@@ -1,12 +1,13 @@
 """Conformance: canitoolcall's recorded fixtures (PyPI, test-only, pinned in pyproject) for the
-formats we parse (qwen3-hermes, llama, deepseek V3 and V3.1, kimi K2, glm, qwen3-xml), through
+formats we parse (qwen3-hermes, llama JSON and pythonic, deepseek V3, V3.1 and DSML (V3.2, V4,
+V4.1), kimi K2, glm, qwen3-xml), through
 the server's chain (reasoning split, then the tool parser), whole and streamed: one character
 at a time and in seeded random chunks. A fixture with `expected` must give exactly its content,
 reasoning and calls; one with `expected_error` must give one of the outcomes it accepts. The
 stream must complete the same calls, and the calls a client assembles from the deltas must be
 those calls; only a call the output never finishes (cut by max_tokens) may have been started in
-a stream (see moeflow/tokenizer/tool_parser.py). Sub-formats of other parsers are skipped, each
-with its reason."""
+a stream (see moeflow/tokenizer/tool_parsers/base.py). Sub-formats of other parsers are
+skipped, each with its reason."""
 
 from __future__ import annotations
 
@@ -19,26 +20,26 @@ from typing import Any
 import pytest
 
 from moeflow.tokenizer import ReasoningSplitter, prompt_opens_reasoning
-from moeflow.tokenizer.tool_parser import TOOL_PARSERS, ToolCallDelta
+from moeflow.tokenizer.tool_parsers import TOOL_PARSERS, ToolCallDelta
 
 # canitoolcall family -> its reference models' variant -> our parser (a family's default first)
 FAMILIES: dict[str, dict[str, str]] = {
     "qwen3-hermes": {"*": "hermes"},
-    "llama": {"*": "llama3_json"},
-    "deepseek": {"deepseek-v3": "deepseek_v3", "deepseek-v31": "deepseek_v31"},
+    "llama": {"*": "llama3_json"},  # Llama 4's pythonic outputs: "pythonic" (_parser_of)
+    "deepseek": {
+        "deepseek-v3": "deepseek_v3",
+        "deepseek-v31": "deepseek_v31",
+        "deepseek-v32": "deepseek_v32",
+        "deepseek-v4": "deepseek_v32",  # the same DSML, its section named tool_calls
+        "deepseek-v41": "deepseek_v32",  # and calls, with a space after each ｜DSML｜
+    },
     "kimi": {"kimi-k2-thinking": "kimi_k2", "kimi-k2-instruct": "kimi_k2"},
     "glm": {"*": "glm45"},
     "qwen3-xml": {"*": "qwen3_coder"},
 }
 # Fixtures we fail, and why (each one a bug to fix, not a format to skip).
 KNOWN_FAILURES: dict[str, str] = {}
-OTHER_FORMAT = {
-    "deepseek-v32": "DeepSeek V3.2's DSML markup is vLLM's deepseek_v32 parser, not parsed here",
-    "deepseek-v4": "DeepSeek V4's DSML markup is not parsed here",
-    "deepseek-v41": "DeepSeek V4.1's DSML markup is not parsed here",
-    "kimi-k3-xtml": "Kimi K3's XTML markup is not parsed here",
-}
-PYTHONIC = "Llama 3.2/4's pythonic list [f(a=1)] is vLLM's pythonic parser, not llama3_json"
+OTHER_FORMAT = {"kimi-k3-xtml": "Kimi K3's XTML markup is not parsed here"}
 
 
 def _fixtures() -> list[Any]:
@@ -112,7 +113,7 @@ def test_fixture(case: tuple[str, dict[str, Any]]) -> None:
     parser_name, fx = case
     text = fx["raw_output"]
     if parser_name == "llama3_json" and text.removeprefix("<|python_start|>").startswith("["):
-        pytest.skip(PYTHONIC)
+        parser_name = "pythonic"  # Llama 3.2/4's list of calls, [f(a=1)]
     if fx["id"] in KNOWN_FAILURES:
         pytest.xfail(KNOWN_FAILURES[fx["id"]])
     reasoning, content, calls, _ = _run(parser_name, fx, [text])

@@ -11,7 +11,7 @@ import json
 import llguidance
 import pytest
 
-from moeflow.tokenizer.tool_parser import (
+from moeflow.tokenizer.tool_parsers import (
     TOOL_MARKERS,
     TOOL_PARSERS,
     HermesToolParser,
@@ -132,9 +132,13 @@ def test_pick_tool_parser() -> None:
         "kimi_k2": "<|tool_calls_section_begin|>{% for tc in tool_calls %}<|tool_call_begin|>",
         "glm45": "<tool_call>{{ tc.name }}{% for k, v in args %}<arg_key>{{ k }}</arg_key>",
         "qwen3_coder": "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}",
+        "deepseek_v32": "{{ '<｜DSML｜invoke name=\"' + tool.name + '\">' }}",
+        "pythonic": "[func_name1(params_name1=params_value1, params_name2=params_value2...)]",
     }
     for name, template in templates.items():
         assert pick_tool_parser("auto", template) == name
+    with pytest.raises(ValueError, match="not implemented for the pythonic call format"):
+        tool_call_grammar("pythonic", TOOLS, None, False)
 
 
 TOOLS = [
@@ -256,6 +260,14 @@ QWEN = (
     "<parameter=days>\n3\n</parameter>\n<parameter=exact>\nTrue\n</parameter>\n</function>\n"
     "</tool_call>"
 )
+DSML = (
+    '<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_weather">\n<｜DSML｜parameter name="city" '
+    'string="true">a </｜DSML｜invoke> b</｜DSML｜parameter>\n<｜DSML｜parameter name="days" '
+    'string="false">3</｜DSML｜parameter>\n<｜DSML｜parameter name="zip">0042</｜DSML｜parameter>'
+    '\n</｜DSML｜invoke>\n<｜DSML｜invoke name="now"/>\n</｜DSML｜function_calls>'
+)
+DSML_ARGS = {"city": "a </｜DSML｜invoke> b", "days": 3, "zip": "0042"}
+PY = "[get_weather(city='Paris', days=3, exact=None), now()]"
 KIMI_ARGS = {"city": "Paris", "days": [1, {"x": None}]}
 GLM_ARGS = {"city": "Paris", "days": 3, "zip": "0042"}
 QWEN_ARGS = {"city": "Paris </parameter> x", "days": 3, "exact": True}
@@ -278,6 +290,21 @@ FORMAT_CASES = [
     ("qwen3_coder", QWEN.replace("\n</function>\n</tool_call>", ""), "", []),
     ("qwen3_coder", "<function=now>\n</function>\n</tool_call>", "", [("now", {})]),
     ("qwen3_coder", "a < b <tool", "a < b <tool", []),
+    ("deepseek_v32", "Sure.\n\n" + DSML + "\nok", "Sure.ok",
+     [("get_weather", DSML_ARGS), ("now", {})]),
+    ("deepseek_v32", DSML.replace("｜DSML｜", "｜DSML｜ ").replace("function_calls", "calls"),
+     "", [("get_weather", DSML_ARGS | {"city": "a </｜DSML｜ invoke> b"}), ("now", {})]),
+    ("deepseek_v32", DSML[:200], "", []),  # cut inside the first call
+    ("deepseek_v32", "a <｜DSML｜func", "a <｜DSML｜func", []),
+    ("pythonic", PY, "", [("get_weather", {"city": "Paris", "days": 3, "exact": None}),
+                          ("now", {})]),
+    ("pythonic", "<|python_start|>" + PY + "<|python_end|>", "",
+     [("get_weather", {"city": "Paris", "days": 3, "exact": None}), ("now", {})]),
+    ("pythonic", "[1, 2] is a list", "[1, 2] is a list", []),
+    ("pythonic", "[f(x=__import__('os').system('true'))]",
+     "[f(x=__import__('os').system('true'))]", []),  # not a literal: never evaluated
+    ("pythonic", "[f(1)]", "[f(1)]", []),  # positional arguments have no name
+    ("pythonic", "Hi [f()]", "Hi [f()]", []),
 ]  # fmt: skip
 
 
@@ -299,7 +326,7 @@ def test_formats_streamed_and_whole(parser: str, text: str, content: str, calls:
                 assembled[d.index][2] += d.arguments
         done = [(c.id, c.name, c.arguments) for c in p.calls]
         assert [tuple(a) for a in assembled.values() if a[0] in {c[0] for c in done}] == done
-    if calls and calls[0][1]:  # arguments come in pieces
+    if calls and calls[0][1] and parser != "pythonic":  # arguments come in pieces
         p = cls(TYPED_TOOLS)
         _, deltas = _stream(p, list(text))
         assert sum(1 for d in deltas if d.id is None and d.index == 0) > 1
@@ -352,6 +379,11 @@ def _glm(args: str) -> str:
          "</parameter>\n</function>\n</tool_call>", True),
         ("qwen3_coder", None, "<tool_call>\n<function=get_weather>\n</function>\n</tool_call>",
          False),
+        ("deepseek_v32", None, '<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_weather">\n'
+         '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+         "</｜DSML｜invoke>\n</｜DSML｜function_calls>", True),
+        ("deepseek_v32", None, '<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_weather">\n'
+         "</｜DSML｜invoke>\n</｜DSML｜function_calls>", False),  # city is required
     ],
 )  # fmt: skip
 def test_forced_call_grammar_formats(parser: str, name: str | None, text: str, ok: bool) -> None:
@@ -362,7 +394,7 @@ def test_forced_call_grammar_formats(parser: str, name: str | None, text: str, o
 
 
 @pytest.mark.parametrize(
-    "parser", ["deepseek_v3", "deepseek_v31", "kimi_k2", "glm45", "qwen3_coder"]
+    "parser", ["deepseek_v3", "deepseek_v31", "kimi_k2", "glm45", "qwen3_coder", "deepseek_v32"]
 )
 def test_forced_parallel_calls(parser: str) -> None:
     """Two calls in a row are the grammar's only when parallel, and parse back to two."""
@@ -373,11 +405,13 @@ def test_forced_parallel_calls(parser: str) -> None:
         "<|tool_call_end|>",
         "glm45": "<tool_call>now\n</tool_call>",
         "qwen3_coder": "<tool_call>\n<function=now>\n</function>\n</tool_call>",
+        "deepseek_v32": '<｜DSML｜invoke name="now">\n</｜DSML｜invoke>\n',
     }[parser]
     wrap = {
         "deepseek_v3": ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"),
         "deepseek_v31": ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"),
         "kimi_k2": ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"),
+        "deepseek_v32": ("<｜DSML｜function_calls>\n", "</｜DSML｜function_calls>"),
     }.get(parser, ("", ""))
     sep = "\n" if parser in ("glm45", "qwen3_coder") else ""
     text = wrap[0] + one + sep + one + wrap[1]
