@@ -107,6 +107,13 @@ def _common_parser() -> argparse.ArgumentParser:
         help="quantise the float linear layers and MoE experts on load (CPU kernels; routers "
         "stay float; GGUF files stay as stored)",
     )
+    common.add_argument(
+        "--exact-cpu-activations",
+        action="store_true",
+        help="the CPU kernels over quantised weights multiply fp32 activations (greedy output "
+        "then equals the dequantised fp32 reference's; slower) instead of quantising them to "
+        "int8 as llama.cpp does (the default; MOEFLOW_CPU_INT8=0 does the same)",
+    )
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
     common.add_argument(
         "--enforce-eager", action="store_true", help="never capture CUDA graphs for decode"
@@ -490,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     args = parser.parse_args(argv)
+    if getattr(args, "exact_cpu_activations", False):  # here and in the processes started
+        env.MOEFLOW_CPU_INT8 = False
+        os.environ["MOEFLOW_CPU_INT8"] = "0"
     level = env.MOEFLOW_LOG_LEVEL or ("INFO" if args.command in ("serve", "router") else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(message)s")
     try:

@@ -35,9 +35,11 @@ MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moeflow"
 )
 # The CPU kernels over quantised weights (decode GEMVs, the grouped MoE kernel) quantise
-# activations to int8 (llama.cpp's scheme: faster, but greedy output no longer matches the fp32
-# reference). Default: exact fp32.
-MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", False)
+# activations to int8 per 32 values, as llama.cpp does (its numerics: faster, and the divergence
+# from the fp32 reference no larger than llama.cpp's own, docs/BENCHMARKS.md). 0 (or
+# --exact-cpu-activations) keeps them fp32: greedy output then equals the dequantised fp32
+# reference's (the parity tests' path).
+MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", True)
 # Use the Triton kernels on CUDA tensors; 0 forces the plain-torch references.
 MOEFLOW_TRITON: bool = _bool("MOEFLOW_TRITON", True)
 # Run the Triton kernels on CPU tensors too; only meaningful under TRITON_INTERPRET=1 (tests).

@@ -1,6 +1,7 @@
 """Shared fixtures and hooks: Triton's interpreter on a CPU-only box, the embedded SmolLM2 GGUF,
-the tiny random HF checkpoints (written by tests/helpers/checkpoints.py) and the `gpu` marker's
-auto-skip. Helpers the tests import live in tests/helpers/, never here."""
+the tiny random HF checkpoints (written by tests/helpers/checkpoints.py), the `gpu` marker's
+auto-skip and the CPU kernels' exact fp32-activation path for every test. Helpers the tests
+import live in tests/helpers/, never here."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def exact_cpu_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs the CPU kernels' exact path (fp32 activations), in this process and in
+    the processes it starts: the parity tests compare quantised weights against dequantised fp32
+    references. A test of the int8 path (the default outside tests) sets env.MOEFLOW_CPU_INT8
+    itself."""
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
+    monkeypatch.setenv("MOEFLOW_CPU_INT8", "0")
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from moeflow import env
+from moeflow.cli import main
 from tests.helpers.tokenizer_files import write_tiny_tokenizer
 
 
@@ -59,6 +61,16 @@ def test_generate_raw_completion() -> None:
 
 def test_missing_model_file() -> None:
     assert_one_error_line(run_cli("chat", "hi", "--model", "/nonexistent/m.gguf"), "does not exist")
+
+
+def test_exact_cpu_activations_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--exact-cpu-activations turns the int8 default off here and for the processes started
+    (set before the model loads: a missing file still fails after it)."""
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
+    monkeypatch.setenv("MOEFLOW_CPU_INT8", "1")
+    argv = ["chat", "hi", "--exact-cpu-activations", "--model", "/nonexistent/m.gguf"]
+    assert main(argv) == 1
+    assert env.MOEFLOW_CPU_INT8 is False and os.environ["MOEFLOW_CPU_INT8"] == "0"
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ def test_qgemm_matches_dequantise_then_matmul(qtype: int, n: int, k: int, m: int
 
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
 def test_int8_activation_gemv_is_close(qtype: int) -> None:
-    """The opt-in llama.cpp-style path (MOEFLOW_CPU_INT8): int8 activations, ~1% error."""
+    """The llama.cpp-style path (MOEFLOW_CPU_INT8, the default outside tests): int8
+    activations, ~1% error."""
     w = random_blocks(GGMLType(qtype), 192, 512, seed=3)
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(4))
     ref = qlinear_ref(x, w, qtype)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow import LLM, SamplingParams, env
+from moeflow import LLM, SamplingParams
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.quant_gemm import dequantize_ref
 from moeflow.layers.linear import Linear
@@ -41,11 +41,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # the default tiny width (H = 64, I = 32): q4_k falls back to q4_0 for every row
     made["qwen2_moe"] = make_tiny_checkpoint("qwen2_moe", root / "qwen2_moe")
     return made
-
-
-@pytest.fixture(autouse=True)
-def _exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)  # fp32 activations: the exact path
 
 
 def _llm(path: Path, quantize: str | None) -> LLM:

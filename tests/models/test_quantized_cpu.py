@@ -111,7 +111,6 @@ def test_moe_gguf_experts_stay_quantized(
     batch-invariant bit for bit, tests/kernels/test_moe_cpu.py; the dense GEMMs around it sum
     in another order for more rows)."""
     monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
     path = bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, ftype, num_layers=2)
     fast = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_tokens=1024)
     experts = [m for m in fast.loaded.model.modules() if isinstance(m, FusedExperts)]
@@ -190,7 +189,6 @@ def test_bench_gguf_layouts_of_other_families(
     kernels give the dequantised fp32 reference's tokens."""
     hf, fields = _ROUND_TRIP[family]
     monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
     path = bench_gguf(f"tiny-{family}", hf, ftype, num_layers=2)
     fast = LLM(model=str(path), device="cpu", max_model_len=128, kv_cache_tokens=512)
     cfg = fast.loaded.model_config.hf

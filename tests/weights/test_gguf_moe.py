@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeflow import LLM, SamplingParams, env
+from moeflow import LLM, SamplingParams
 from moeflow.kernels import cpu_ext
 from moeflow.layers.moe import FusedExperts
 from moeflow.loading.loader import load_model
@@ -465,7 +465,6 @@ def test_q8_0_gguf_kernels_match_the_reference(
     folder = make_tiny_checkpoint(family, tmp_path / family, **overrides)
     path = tmp_path / f"{family}-q8_0.gguf"
     _write_gguf(folder, path, arch, _hf_config(folder), q8_0=True)
-    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
     prompts = [[7, 100, 42, 3, 250], list(range(60, 90))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     fast = LLM(str(path), device="cpu", max_model_len=128, kv_cache_tokens=1024)

@@ -691,9 +691,13 @@ void dequant_impl(const uint8_t* w, int64_t K, const int64_t* rows, int64_t R, f
 // ---------------------------------------------------------------------------------------------
 // The same products with the activations quantised to int8 per 32-chunk (xq = round(x / dx),
 // dx = max|x| / 127, as llama.cpp's Q8 activations): sum(q * xq) in int16/int32 lanes through
-// maddubs (u8 x s8 pairs) and madd, one int->float conversion per chunk. The min term keeps the
-// exact float sum(x). I(...) gives a chunk's weights as 32 unsigned bytes (or signed, SIGNED),
-// SUB = 2 when a chunk has two 16-weight sub-scales (Q6_K).
+// maddubs (u8 x s8 pairs) and madd, one int->float conversion per chunk. The min term takes the
+// sum of the quantised activations, dx * sum(xq) (llama.cpp's Q8_1 s), so a row's result is
+// sum(w * xq * dx) over the dequantised weights w: the quantisation error meets the weights as
+// they are, centred on 0 in real blocks (m ~ -8d). The exact float sum(x) instead meets it with
+// the unsigned d * q (0..15d): measured 3.5x the KL on SmolLM2 Q4_1 (docs/BENCHMARKS.md).
+// I(...) gives a chunk's weights as 32 unsigned bytes (or signed, SIGNED), SUB = 2 when a chunk
+// has two 16-weight sub-scales (Q6_K).
 
 void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
   for (int64_t c = 0; c < K / 32; ++c) {
@@ -704,7 +708,6 @@ void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
     for (int i = 0; i < 4; ++i) {
       v[i] = _mm256_loadu_ps(p + 8 * i);
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-      sum = _mm256_add_ps(sum, v[i]);
     }
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -712,12 +715,15 @@ void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
     const float mx = _mm_cvtss_f32(m);
     const float dx = mx / 127.0f;
     d[c] = dx;
-    s[c] = hsum(sum);
     const __m256 inv = _mm256_set1_ps(dx > 0.0f ? 1.0f / dx : 0.0f);
     __m256i i32[4];
-    for (int i = 0; i < 4; ++i)
-      i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
-                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (int i = 0; i < 4; ++i) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], inv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      sum = _mm256_add_ps(sum, r);  // integers |r| <= 127: exact
+      i32[i] = _mm256_cvtps_epi32(r);
+    }
+    s[c] = dx * hsum(sum);
     // pack 32 x int32 -> 32 x int8 in element order
     __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
     __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
