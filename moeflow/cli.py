@@ -837,10 +837,6 @@ def _interactive(llm: LLM, messages: list[dict[str, str]], params: SamplingParam
         messages.append({"role": "assistant", "content": answer})
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
@@ -853,3 +849,7 @@ def _positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
