@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,14 +58,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def exact_cpu_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def exact_cpu_activations() -> Iterator[None]:
     """Every test runs the CPU kernels' exact path (fp32 activations), in this process and in
-    the processes it starts: the parity tests compare quantised weights against dequantised fp32
-    references. A test of the int8 path (the default outside tests) sets env.MOEFLOW_CPU_INT8
-    itself."""
-    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
-    monkeypatch.setenv("MOEFLOW_CPU_INT8", "0")
+    the processes it starts (session-scoped, so module-scoped server fixtures start under it
+    too): the parity tests compare quantised weights against dequantised fp32 references. A
+    test of the int8 path (the default outside tests) sets env.MOEFLOW_CPU_INT8 itself."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(env, "MOEFLOW_CPU_INT8", False)
+        mp.setenv("MOEFLOW_CPU_INT8", "0")
+        yield
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ LEAF = (
     "moeflow.weights",
     "moeflow.distributed",
     "moeflow.server.protocol",
+    "moeflow.server.wire",
     "moeflow.server.metrics",
 )
 
