@@ -13,7 +13,7 @@ configuration, so it is not what differs here.
 
 Three runs, each in its own process (a crash is reported): `reference` (every weight
 dequantised to float32, no compiled kernel: plain torch), `exact` (the CPU kernels with fp32
-activations, MOEFLOW_CPU_INT8=0) and `int8` (the default, MOEFLOW_CPU_INT8=1: activations
+activations, MOEFLOW_CPU_INT8=0, the default) and `int8` (MOEFLOW_CPU_INT8=1: activations
 quantised to int8 as llama.cpp does).
 Each writes its scored log-probabilities to a .npy file; KL(reference || x), top-1 agreement
 and the text's NLL are computed here.

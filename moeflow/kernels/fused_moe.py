@@ -211,8 +211,8 @@ def fused_moe_quantized(
 ) -> torch.Tensor:
     """The dispatch point for experts kept in ggml blocks: the grouped CPU kernel
     (csrc/moe.h: pairs grouped by expert, each touched expert's weight rows multiplied by all
-    its tokens; activations quantised to int8 as llama.cpp does, or fp32 with
-    MOEFLOW_CPU_INT8=0), else the reference."""
+    its tokens; activations in fp32, or quantised to int8 as llama.cpp does with
+    MOEFLOW_CPU_INT8=1), else the reference."""
     ops = cpu_ext.ops() if x.device.type == "cpu" else None
     if ops is None or act != "silu":
         return fused_moe_quantized_ref(x, experts, topk_weights, topk_ids, act)

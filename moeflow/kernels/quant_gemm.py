@@ -68,11 +68,11 @@ def qlinear(
 ) -> torch.Tensor:
     """The dispatch point: x [..., K] -> [..., N] in x's dtype.
 
-    By default the decode GEMV quantises the activations to int8 per 32 values (llama.cpp's
-    scheme, env.MOEFLOW_CPU_INT8): ~1.25x faster GEMVs, the model's divergence from the fp32
-    reference no larger than llama.cpp's on the same file. MOEFLOW_CPU_INT8=0 multiplies fp32
-    activations by the exact weight values instead, as the reference does up to summation
-    order, so greedy output is the reference's."""
+    By default the decode GEMV multiplies fp32 activations by the exact weight values, as the
+    reference does up to summation order, so greedy output is the reference's.
+    MOEFLOW_CPU_INT8=1 quantises the activations to int8 per 32 values instead (llama.cpp's
+    scheme): ~1.25x faster GEMVs, the model's divergence from the fp32 reference no larger than
+    llama.cpp's on the same file."""
     ops = cpu_ext.ops() if x.device.type == "cpu" else None
     if ops is None:
         return qlinear_ref(x, qweight, qtype, bias)
