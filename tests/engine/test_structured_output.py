@@ -158,14 +158,14 @@ def test_rejected_token_ends_the_request_cleanly(llm: LLM, monkeypatch: pytest.M
     every token, so the free model soon writes a token that is no digit."""
     structured = llm.engine.structured
     real = structured.fill_bitmask
-    seen: set[int] = set()
+    seen: list = []  # the states themselves: kept alive, so a later request's ids never repeat
 
     def leaky(states: list) -> torch.Tensor | None:
         mask = real(states)
         for i, state in enumerate(states):
-            if state is not None and mask is not None and id(state) in seen:
+            if state is not None and mask is not None and any(s is state for s in seen):
                 mask[i] = -1  # every token admitted
-            seen.add(id(state))
+            seen.append(state)
         return mask
 
     monkeypatch.setattr(structured, "fill_bitmask", leaky)
