@@ -267,6 +267,11 @@ class OpenAIServing:
         watch = asyncio.ensure_future(_watch_disconnect(request))
         try:
             done, _ = await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if collect not in done and (watch.cancelled() or watch.exception() is not None):
+                # the watcher failed, not the client: never answer 499 to a client still there
+                logger.warning("disconnect watch of %s ended without a disconnect", job.rid)
+                await asyncio.wait({collect})
+                done = {collect}
         finally:
             watch.cancel()
             if not collect.done():
@@ -457,7 +462,11 @@ async def _merge(
 
 
 async def _watch_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
+    """Return once the client has gone. The body has been read, so the server's next ASGI
+    message is `http.disconnect` (when the connection drops or the response is complete):
+    wait for it, as Starlette's StreamingResponse does, rather than poll `is_disconnected`
+    (its cancel-scope trick). A stray `http.request` message is skipped."""
+    while (await request.receive())["type"] != "http.disconnect":
         await asyncio.sleep(0.05)
 
 
