@@ -17,7 +17,7 @@ from torch import nn
 from moeflow.distributed.comm import all_gather, all_reduce
 from moeflow.distributed.parallel_state import tp_rank_size
 from moeflow.kernels.gemm import linear
-from moeflow.kernels.quant_gemm import qembedding, qlinear
+from moeflow.kernels.quant_gemm import qembedding, qlinear_logits
 from moeflow.layers.linear import QuantizableWeight
 from moeflow.weights.ggml_quants import QuantizedTensor
 
@@ -87,7 +87,7 @@ class LMHead(VocabParallel):
         table: QuantizableWeight = self._tied[0] if self._tied else self
         rows = hidden.index_select(0, indices)
         if table.qtype is not None:
-            logits = qlinear(rows, table.weight, table.qtype)  # [S, Vr]
+            logits = qlinear_logits(rows, table.weight, table.qtype)  # [S, Vr]
         else:
             logits = linear(rows, table.weight)  # [S, Vr]
         if self.tp_size > 1:

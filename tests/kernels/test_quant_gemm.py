@@ -8,8 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moeflow import env
 from moeflow.kernels import cpu_ext
-from moeflow.kernels.quant_gemm import KEPT_TYPES, dequantize_ref, qlinear, qlinear_ref
+from moeflow.kernels.quant_gemm import (
+    KEPT_TYPES,
+    REFINE_TOP,
+    dequantize_ref,
+    qlinear,
+    qlinear_logits,
+    qlinear_ref,
+)
 from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType
 from tests.helpers.gguf import random_blocks
 
@@ -50,6 +58,30 @@ def test_int8_activation_gemv_is_close(qtype: int) -> None:
     ref = qlinear_ref(x, w, qtype)
     out = ops.qgemm_i8(x, w, qtype)
     assert ((out - ref).abs().max() / ref.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize(
+    "qtype", [GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K], ids=lambda t: t.name
+)
+def test_int8_logits_refine_the_best_exactly(
+    qtype: GGMLType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LM head under int8 activations: every row's REFINE_TOP best logits are the exact
+    path's (fp32 activations), bit for bit; the others are the int8 GEMV's."""
+    w = random_blocks(qtype, 700, 256, seed=7)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(8))
+    exact, int8 = ops.qgemm(x, w, int(qtype)), ops.qgemm_i8(x, w, int(qtype))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
+    out = qlinear_logits(x, w, int(qtype))
+    for s in range(3):
+        top = int8[s].topk(REFINE_TOP).indices
+        rest = torch.ones(700, dtype=torch.bool)
+        rest[top] = False
+        assert torch.equal(out[s, top], exact[s, top])
+        assert torch.equal(out[s, rest], int8[s, rest])
+    assert not torch.equal(exact, int8)  # the refinement changed something
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
+    assert torch.equal(qlinear_logits(x, w, int(qtype)), exact)
 
 
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
