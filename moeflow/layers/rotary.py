@@ -61,6 +61,9 @@ def _tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, [P, R] (neox) or [P, R/2], computed in fp32 as HF does."""
     del device  # part of the cache key: tensors are made on the current default device
+    if torch.empty(0).is_meta:  # the memory plan's dry run: shapes only (a division of a meta
+        width = dim if layout == "neox" else dim // 2  # tensor imports torch._dynamo: seconds)
+        return torch.empty(max_position, width), torch.empty(max_position, width)
     scaling = json.loads(scaling_json)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     inv_freq, attention_factor = _scale_inv_freq(inv_freq, scaling, dim, base)

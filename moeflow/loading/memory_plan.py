@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,7 +319,29 @@ class _OnMeta(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if kwargs.get("device") is not None:
             kwargs["device"] = "meta"
+        if func is torch.cat and set(kwargs) <= {"dim"} and args and _all_meta(args[0]):
+            # torch's meta cat goes through torch._refs, whose first use imports torch._dynamo
+            # (seconds): the shape is plain arithmetic
+            return _meta_cat(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
         return func(*args, **kwargs)
+
+
+def _all_meta(tensors: Any) -> bool:
+    return (
+        isinstance(tensors, (list, tuple))
+        and len(tensors) > 0
+        and all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
+        and len({(t.dim(), t.dtype) for t in tensors}) == 1
+    )
+
+
+def _meta_cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat of meta tensors of one dtype and rank, by shape arithmetic."""
+    first = tensors[0]
+    dim %= first.dim()
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 class _HeaderOnlyGGUF(gguf.GGUFReader):
