@@ -227,7 +227,7 @@ def test_bad_config_files(
 
 def test_config_file_json_and_switches(tmp_path: Path) -> None:
     """true is the flag, false its --no- form; the command line wins over the file."""
-    from moeflow.cli import _with_config_file
+    from moeflow.server.args import with_config_file
 
     path = tmp_path / "c.json"
     path.write_text(
@@ -236,7 +236,7 @@ def test_config_file_json_and_switches(tmp_path: Path) -> None:
         )
     )
     parser = build_parser()
-    argv = _with_config_file(parser, ["serve", "--config", str(path), "--port", "10"])
+    argv = with_config_file(parser, ["serve", "--config", str(path), "--port", "10"])
     args = parser.parse_args(argv)
     assert (args.model, args.enable_prefix_caching, args.port, args.enforce_eager) == (
         "m",
