@@ -19,7 +19,8 @@ import torch
 from moeflow import env
 from moeflow.config import ModelConfig
 from moeflow.errors import ModelFormatError, ModelNotFoundError
-from moeflow.layers.moe import MoE, materialize_experts
+from moeflow.layers.fused_experts import materialize_experts
+from moeflow.layers.moe import MoE
 from moeflow.loading.presets import preset_config
 from moeflow.loading.quantize import (
     dequantized_types_note,

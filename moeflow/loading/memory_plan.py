@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from moeflow import env
 from moeflow.config import CPU_KV_CACHE_TOKENS, EngineArgs, EngineConfig, ModelConfig
 from moeflow.errors import InsufficientMemoryError
-from moeflow.layers.moe import FusedExperts, materialize_experts
+from moeflow.layers.fused_experts import FusedExperts, materialize_experts
 from moeflow.loading.loader import build_model, read_model_config
 from moeflow.loading.presets import preset_config
 from moeflow.loading.quantize import keep_quantized_types, quantize_experts, quantize_linears

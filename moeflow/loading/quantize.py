@@ -12,8 +12,8 @@ import torch
 
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.quant_gemm import KEPT_TYPES
+from moeflow.layers.fused_experts import FusedExperts
 from moeflow.layers.linear import Linear
-from moeflow.layers.moe import FusedExperts
 from moeflow.weights.ggml_quants import (
     GGML_QUANT_SIZES,
     QUANTIZE_TYPES,

@@ -10,7 +10,7 @@ import torch
 from moeflow.config import ModelConfig
 from moeflow.context import ForwardBatch, forward_context
 from moeflow.engine.kv_cache import allocate_kv_cache
-from moeflow.layers.moe import materialize_experts
+from moeflow.layers.fused_experts import materialize_experts
 from moeflow.models.registry import get_model_class
 
 

@@ -10,7 +10,7 @@ import torch
 from moeflow.errors import ModelFormatError
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.fused_moe import fused_moe_quantized, fused_moe_ref
-from moeflow.layers.moe import FusedExperts
+from moeflow.layers.fused_experts import FusedExperts
 from moeflow.weights.ggml_quants import GGMLType, quantize
 
 pytestmark = pytest.mark.skipif(

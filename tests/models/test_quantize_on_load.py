@@ -13,8 +13,9 @@ import torch
 from moeflow import LLM, SamplingParams
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.quant_gemm import dequantize_ref
+from moeflow.layers.fused_experts import FusedExperts
 from moeflow.layers.linear import Linear
-from moeflow.layers.moe import FusedExperts, MoE
+from moeflow.layers.moe import MoE
 from moeflow.loading.loader import load_model
 from moeflow.loading.quantize import quantize_linears
 from moeflow.loading.source import HFFolder

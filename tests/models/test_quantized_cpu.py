@@ -13,8 +13,8 @@ import torch
 from moeflow import LLM, SamplingParams, env
 from moeflow.bench.gguf_models import bench_gguf
 from moeflow.kernels import cpu_ext
+from moeflow.layers.fused_experts import FusedExperts
 from moeflow.layers.linear import Linear
-from moeflow.layers.moe import FusedExperts
 from moeflow.loading.loader import load_model
 from moeflow.loading.source import HFFolder
 from moeflow.weights.ggml_quants import GGMLType, quantize

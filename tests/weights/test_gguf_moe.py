@@ -17,7 +17,7 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.kernels import cpu_ext
-from moeflow.layers.moe import FusedExperts
+from moeflow.layers.fused_experts import FusedExperts
 from moeflow.loading.loader import load_model
 from moeflow.loading.source import parse_model_source
 from moeflow.weights.ggml_quants import GGMLType

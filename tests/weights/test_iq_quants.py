@@ -231,7 +231,7 @@ def test_model_of_iq_types_loads_and_logs(
 ) -> None:
     from moeflow import env
     from moeflow.bench import gguf_models
-    from moeflow.layers.moe import FusedExperts
+    from moeflow.layers.fused_experts import FusedExperts
     from moeflow.loading.loader import load_model
     from moeflow.loading.source import GGUFFile
     from tests.helpers.gguf import TINY_QWEN3_MOE
