@@ -93,6 +93,8 @@ class Executor:
         self.rank_nodes: list[str] = []
         self._stopping = False
         device = resolved_device(args.device)
+        if backend == "ray":
+            self._ray_strategy = ray_placement_strategy()  # a bad value fails before any start
         store: Store | None = None
         if backend == "external_launcher":
             if launched is None or launched[1] != self.world_size:
@@ -226,12 +228,7 @@ class Executor:
             raise ValueError(
                 "distributed_executor_backend='ray' needs Ray: pip install 'moeflow[distributed]'"
             ) from e
-        strategy = env.MOEFLOW_RAY_PLACEMENT.upper()
-        if strategy not in RAY_PLACEMENT_STRATEGIES:
-            raise ValueError(
-                f"MOEFLOW_RAY_PLACEMENT must be one of {', '.join(RAY_PLACEMENT_STRATEGIES)}, "
-                f"got {env.MOEFLOW_RAY_PLACEMENT!r}"
-            )
+        strategy = self._ray_strategy
         if not ray.is_initialized():
             # a local cluster (no RAY_ADDRESS) gets a CPU per rank, no more; "local": a new one
             # even where `ray start` left a cluster (ray.init(None) would join it)
@@ -297,6 +294,17 @@ class Executor:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def ray_placement_strategy() -> str:
+    """MOEFLOW_RAY_PLACEMENT, checked: the Ray placement group's strategy."""
+    strategy = env.MOEFLOW_RAY_PLACEMENT.upper()
+    if strategy not in RAY_PLACEMENT_STRATEGIES:
+        raise ValueError(
+            f"MOEFLOW_RAY_PLACEMENT must be one of {', '.join(RAY_PLACEMENT_STRATEGIES)}, "
+            f"got {env.MOEFLOW_RAY_PLACEMENT!r}"
+        )
+    return strategy
 
 
 def start_executor(args: EngineArgs) -> Executor:
