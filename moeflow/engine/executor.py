@@ -254,6 +254,13 @@ class Executor:
                 f"0's on this node) within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster holds "
                 f"{ray.cluster_resources()} on {len(ray.nodes())} nodes"
             )
+        placed = ray.util.placement_group_table(placement)["bundles_to_node_id"]
+        if placed[0] != here:  # a Ray that ignores bundle label selectors (before 2.50)
+            ray.util.remove_placement_group(placement)
+            raise ValueError(
+                f"Ray placed rank 0's bundle on node {placed[0]}, not on this process's node "
+                f"{here}: moeflow's Ray backend needs ray>=2.50"
+            )
         self._placement = placement
         actor: Any = ray.remote(num_cpus=1 if gpus == 0 else 0, num_gpus=gpus)(RayRank)
         nodes = []
