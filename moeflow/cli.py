@@ -146,9 +146,10 @@ def _common_parser() -> argparse.ArgumentParser:
         "--distributed-executor-backend",
         choices=["mp", "ray", "external_launcher"],
         default=None,
-        help="how the ranks start: mp (processes here), ray (Ray actors; RAY_ADDRESS joins a "
-        "cluster), external_launcher (torchrun started them); default: external_launcher "
-        "under torchrun, else mp",
+        help="how the ranks start: mp (processes here), ray (Ray actors, a placement-group "
+        "bundle per rank; RAY_ADDRESS joins a cluster, MOEFLOW_RAY_PLACEMENT=STRICT_SPREAD puts "
+        "each rank on its own node), external_launcher (torchrun started them); default: "
+        "external_launcher under torchrun, else mp",
     )
     common.add_argument(
         "--disable-overlap-schedule",

@@ -56,6 +56,10 @@ MOEFLOW_LLAMA_CPP_BIN: str = os.environ.get("MOEFLOW_LLAMA_CPP_BIN", "")
 
 # Ray: the cluster to join (Ray's own variable; unset: a local cluster is started).
 RAY_ADDRESS: str = os.environ.get("RAY_ADDRESS", "")
+# Ray: the placement group's strategy for the ranks' bundles (one per rank, rank 0's on this
+# process's node): PACK (default, vLLM's) | SPREAD | STRICT_PACK | STRICT_SPREAD (every rank on
+# its own node).
+MOEFLOW_RAY_PLACEMENT: str = os.environ.get("MOEFLOW_RAY_PLACEMENT", "PACK")
 
 
 def torchrun_rank() -> tuple[int, int] | None:

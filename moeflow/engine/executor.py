@@ -43,6 +43,11 @@ logger = logging.getLogger("moeflow")
 
 # How long the ranks wait for each other to join the group (loading comes after).
 JOIN_TIMEOUT_S = 300.0
+# How long Ray may take to find the resources of the ranks' placement group.
+PLACEMENT_TIMEOUT_S = 120.0
+RAY_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# Ray's label on every node that holds the node's id (bundle_label_selector pins rank 0's bundle).
+_RAY_NODE_ID_LABEL = "ray.io/node-id"
 
 _current: Executor | None = None
 
@@ -83,8 +88,13 @@ class Executor:
         self._next_replica = 0
         self._procs: list[subprocess.Popen[bytes]] = []
         self._ray_refs: list[Any] = []
+        self._placement: Any = None  # Ray's placement group of the ranks
+        # The Ray node id of each rank (rank 0: this process's), once the Ray ranks started.
+        self.rank_nodes: list[str] = []
         self._stopping = False
         device = resolved_device(args.device)
+        if backend == "ray":
+            self._ray_strategy = ray_placement_strategy()  # a bad value fails before any start
         store: Store | None = None
         if backend == "external_launcher":
             if launched is None or launched[1] != self.world_size:
@@ -177,6 +187,10 @@ class Executor:
             import ray
 
             ray.wait(self._ray_refs, num_returns=len(self._ray_refs), timeout=10.0)
+        if self._placement is not None:
+            import ray.util
+
+            ray.util.remove_placement_group(self._placement)
         destroy_parallel()
         if _current is self:
             _current = None
@@ -202,27 +216,61 @@ class Executor:
             self._procs.append(subprocess.Popen(cmd, env=child_env))
 
     def _start_ray(self, host: str, port: int) -> None:
+        """Ranks 1.. as Ray actors, each in its bundle of one placement group (vLLM's shape):
+        a bundle per rank (one CPU, or one GPU), rank 0's pinned to this process's node (it
+        reserves what this process computes with), placed by MOEFLOW_RAY_PLACEMENT (PACK by
+        default; STRICT_SPREAD puts every rank on its own node)."""
         try:
             import ray
+            import ray.util
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         except ImportError as e:
             raise ValueError(
                 "distributed_executor_backend='ray' needs Ray: pip install 'moeflow[distributed]'"
             ) from e
+        strategy = self._ray_strategy
         if not ray.is_initialized():
-            # a local cluster (no RAY_ADDRESS) gets a CPU per rank it runs, no more
+            # a local cluster (no RAY_ADDRESS) gets a CPU per rank, no more; "local": a new one
+            # even where `ray start` left a cluster (ray.init(None) would join it)
             ray.init(
-                address=env.RAY_ADDRESS or None,
-                num_cpus=None if env.RAY_ADDRESS else self.world_size - 1,
+                address=env.RAY_ADDRESS or "local",
+                num_cpus=None if env.RAY_ADDRESS else self.world_size,
                 runtime_env={"env_vars": {"PYTHONPATH": _package_root()}},
                 include_dashboard=False,
                 log_to_driver=True,
             )
         gpus = 1 if resolved_device(self.args.device).startswith("cuda") else 0
+        bundle = {"GPU": 1.0} if gpus else {"CPU": 1.0}
+        here = ray.get_runtime_context().get_node_id()
+        selectors = [{_RAY_NODE_ID_LABEL: here}] + [{}] * (self.world_size - 1)
+        placement = ray.util.placement_group(
+            [bundle] * self.world_size, strategy=strategy, bundle_label_selector=selectors
+        )
+        ready, _ = ray.wait([placement.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            ray.util.remove_placement_group(placement)
+            raise ValueError(
+                f"Ray could not place {self.world_size} ranks ({bundle} each, {strategy}, rank "
+                f"0's on this node) within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster holds "
+                f"{ray.cluster_resources()} on {len(ray.nodes())} nodes"
+            )
+        placed = ray.util.placement_group_table(placement)["bundles_to_node_id"]
+        if placed[0] != here:  # a Ray that ignores bundle label selectors (before 2.50)
+            ray.util.remove_placement_group(placement)
+            raise ValueError(
+                f"Ray placed rank 0's bundle on node {placed[0]}, not on this process's node "
+                f"{here}: moeflow's Ray backend needs ray>=2.50"
+            )
+        self._placement = placement
         actor: Any = ray.remote(num_cpus=1 if gpus == 0 else 0, num_gpus=gpus)(RayRank)
+        nodes = []
         for rank in range(1, self.world_size):
-            handle = actor.remote()
-            argv = self._worker_command(rank, host, port)
-            self._ray_refs.append(handle.run.remote(argv))
+            where = PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)
+            handle = actor.options(scheduling_strategy=where).remote()
+            nodes.append(handle.node_id.remote())  # an actor runs its calls in order: first
+            self._ray_refs.append(handle.run.remote(self._worker_command(rank, host, port)))
+        self.rank_nodes = [here, *ray.get(nodes, timeout=JOIN_TIMEOUT_S)]
+        logger.info("Ray ranks' nodes (%s): %s", strategy, self.rank_nodes)
 
     def _monitor(self) -> None:
         """Poll the ranks; the first that ends before shutdown marks the engine dead."""
@@ -255,6 +303,17 @@ class Executor:
                 proc.kill()
 
 
+def ray_placement_strategy() -> str:
+    """MOEFLOW_RAY_PLACEMENT, checked: the Ray placement group's strategy."""
+    strategy = env.MOEFLOW_RAY_PLACEMENT.upper()
+    if strategy not in RAY_PLACEMENT_STRATEGIES:
+        raise ValueError(
+            f"MOEFLOW_RAY_PLACEMENT must be one of {', '.join(RAY_PLACEMENT_STRATEGIES)}, "
+            f"got {env.MOEFLOW_RAY_PLACEMENT!r}"
+        )
+    return strategy
+
+
 def start_executor(args: EngineArgs) -> Executor:
     """Join (rank 0: form) the group of `args`; the ranks' processes start here."""
     global _current
@@ -266,6 +325,11 @@ def start_executor(args: EngineArgs) -> Executor:
 
 class RayRank:
     """A Ray actor that runs one rank (`run` returns when rank 0 stops the group)."""
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, argv: list[str]) -> int:
         return main(argv, watch_parent=False)  # Ray ends its actors with their driver

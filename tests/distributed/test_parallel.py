@@ -1,9 +1,9 @@
-"""Tensor and expert parallelism on gloo (2 ranks on this machine, "mp" or a local Ray cluster):
-greedy tokens and last-token logits (fp32, within 1e-5) equal the single-process engine's, for
-qwen3_moe (MoE split by expert rows, and by expert) and deepseek_v3 (MLA heads split, experts by
-expert); an
-EPLB placement with redundant copies changes nothing. Each parallel engine runs in its own
-process (tests/helpers/dist_run.py) under a timeout, so a hung group fails instead of hanging."""
+"""Tensor, expert and data parallelism on gloo (2 or 4 ranks on this machine: "mp", Ray on one
+node or on two, torchrun): greedy tokens and last-token logits (fp32, within 1e-5) equal the
+single-process engine's, for qwen3_moe and deepseek_v3 (MLA heads split), MoE split by expert
+rows or by expert, tp=2 x dp=2, GGUF blocks (Q8_0, Q4_K_M) split over the ranks; an EPLB
+placement with redundant copies changes nothing. Each parallel engine runs in its own process
+(tests/helpers/dist_run.py) under a timeout, so a hung group fails instead of hanging."""
 
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ def single(checkpoints: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return {name: run(str(path)) for name, path in checkpoints.items()}
 
 
-def run_bounded(cmd: list[str]) -> str:
-    """Run `cmd` in its own session; past RUN_TIMEOUT_S the whole session (every rank) is
-    killed and the test fails. Returns stdout."""
+def run_bounded(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """Run `cmd` (with `env` added to the environment) in its own session; past RUN_TIMEOUT_S
+    the whole session (every rank) is killed and the test fails. Returns stdout."""
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -69,10 +69,10 @@ def run_bounded(cmd: list[str]) -> str:
     return out
 
 
-def run_parallel(model: Path, **kwargs: Any) -> dict[str, Any]:
+def run_parallel(model: Path, env: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
     """The same run with `kwargs` (2 ranks), in a fresh process bounded in time."""
     cmd = [sys.executable, "-m", "tests.helpers.dist_run", str(model), json.dumps(kwargs)]
-    return json.loads(run_bounded(cmd).strip().splitlines()[-1])
+    return json.loads(run_bounded(cmd, env).strip().splitlines()[-1])
 
 
 def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -86,6 +86,7 @@ def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
     [
         ("qwen3_moe", False, "mp"),
         ("qwen3_moe", True, "mp"),
+        ("deepseek_v3", False, "mp"),
         ("deepseek_v3", True, "mp"),
         ("qwen3_moe", False, "ray"),  # a local Ray cluster of one CPU, rank 1 as an actor
     ],
@@ -98,7 +99,7 @@ def test_tp2_equals_tp1(
     single: dict[str, dict[str, Any]],
 ) -> None:
     if backend == "ray":
-        pytest.importorskip("ray")
+        pytest.importorskip("ray", reason="the Ray backend needs ray (moeflow[distributed])")
     got = run_parallel(
         checkpoints[model],
         tensor_parallel_size=2,
@@ -106,6 +107,41 @@ def test_tp2_equals_tp1(
         distributed_executor_backend=backend,
     )
     assert_same(got, single[model])
+    if backend == "ray":  # one local node: both ranks on it (PACK)
+        assert len(got["nodes"]) == 2 and got["nodes"][0] == got["nodes"][1]
+
+
+def test_ray_ranks_on_separate_nodes(
+    checkpoints: dict[str, Path], single: dict[str, dict[str, Any]]
+) -> None:
+    """A Ray cluster of two nodes on this machine: the head (where rank 0, the driver, joins)
+    has CPUs for both ranks, the second node one. MOEFLOW_RAY_PLACEMENT=STRICT_SPREAD puts rank
+    1's actor on the second node (PACK would keep it beside rank 0); deepseek_v3's tokens and
+    logits (MLA heads split) equal one process's."""
+    pytest.importorskip("ray", reason="the Ray backend needs ray (moeflow[distributed])")
+    from ray.cluster_utils import Cluster
+
+    store = 80 * 1024 * 1024  # object store bytes per node: Ray carries no data here
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": store, "include_dashboard": False},
+    )
+    try:
+        other = cluster.add_node(num_cpus=1, object_store_memory=store)
+        cluster.wait_for_nodes()
+        assert cluster.address is not None
+        got = run_parallel(
+            checkpoints["deepseek_v3"],
+            env={"RAY_ADDRESS": cluster.address, "MOEFLOW_RAY_PLACEMENT": "STRICT_SPREAD"},
+            tensor_parallel_size=2,
+            distributed_executor_backend="ray",
+        )
+        head = cluster.head_node
+        assert head is not None
+        assert got["nodes"] == [head.node_id, other.node_id]  # as each rank saw its node
+    finally:
+        cluster.shutdown()
+    assert_same(got, single["deepseek_v3"])
 
 
 def test_dp2_replicas_equal_dp1(
@@ -114,6 +150,23 @@ def test_dp2_replicas_equal_dp1(
     """Two data-parallel replicas ("mp", one process each): requests spread over both (each
     replica ran pieces of the steps) and every request's tokens and logits equal one process's."""
     got = run_parallel(checkpoints["qwen3_moe"], data_parallel_size=2)
+    assert got["replicas"] == [0, 1]
+    assert_same(got, single["qwen3_moe"])
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_tp2_dp2_equals_one_process(
+    expert_parallel: bool, checkpoints: dict[str, Path], single: dict[str, dict[str, Any]]
+) -> None:
+    """tp=2 x dp=2 (4 ranks on "mp"): two replicas, each split over its own pair of ranks (MoE
+    by expert rows, or by expert); requests spread over both replicas and every request's
+    tokens and logits equal one process's."""
+    got = run_parallel(
+        checkpoints["qwen3_moe"],
+        tensor_parallel_size=2,
+        data_parallel_size=2,
+        enable_expert_parallel=expert_parallel,
+    )
     assert got["replicas"] == [0, 1]
     assert_same(got, single["qwen3_moe"])
 
@@ -150,8 +203,10 @@ def test_serve_dp2_answers_as_one_process(checkpoints: dict[str, Path], tmp_path
     assert got == want
 
 
-# A Qwen3-MoE GGUF in Q8_0 whose split dims stay whole 32-weight blocks at tp=2 (o_proj and
-# the experts' down projection split by input columns: 64 -> 32 per rank).
+# Tiny GGUFs whose split dims stay whole blocks at tp=2 (o_proj and the experts' down
+# projection are split by input columns). Q8_0: 64 -> 32 per rank. Q4_K_M (llama.cpp's types
+# per tensor: Q4_K, Q5_K for qwen3_moe's o_proj, Q6_K for the output, the last layer's
+# attn_v and ffn_down): 512 -> 256 per rank, whole super-blocks.
 TINY_GGUF_QWEN3_MOE = {
     **PRESETS["qwen3-30b-a3b"],
     "hidden_size": 64,
@@ -165,20 +220,71 @@ TINY_GGUF_QWEN3_MOE = {
     "num_hidden_layers": 2,
     "vocab_size": 512,
 }
+TINY_KQUANT_GGUFS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        **TINY_GGUF_QWEN3_MOE,
+        "hidden_size": 256,
+        "moe_intermediate_size": 512,
+        "head_dim": 128,
+    },
+    # MLA: q_b by heads, o_proj by input columns (4 heads x 128 -> 256 per rank); the first
+    # layer dense, the second MoE with a shared expert; kv_b's halves load as floats.
+    "deepseek_v3": {
+        **PRESETS["deepseek-v3-4l"],
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 512,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 256,
+        "kv_lora_rank": 256,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 128,
+        "first_k_dense_replace": 1,
+        "num_hidden_layers": 2,
+        "vocab_size": 512,
+    },
+}
+K_QUANTS = {int(GGMLType.Q4_K), int(GGMLType.Q6_K)}
 
 
 @pytest.mark.skipif(not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}")
-@pytest.mark.parametrize("expert_parallel", [False, True])
-def test_gguf_tp2_equals_tp1(expert_parallel: bool, tmp_path: Path) -> None:
-    """Each rank loads its slices of a Q8_0 GGUF's blocks (kept as blocks: rows, or whole
-    blocks of input columns; experts by rows or by expert) and the tokens and logits equal one
-    process's."""
-    path = tmp_path / "tiny-q8_0.gguf"
-    write_gguf(TINY_GGUF_QWEN3_MOE, "q8_0", path)
+@pytest.mark.parametrize(
+    ("family", "ftype", "expert_parallel"),
+    [
+        ("qwen3_moe", "q8_0", False),
+        ("qwen3_moe", "q8_0", True),
+        ("qwen3_moe", "q4_k_m", False),
+        ("deepseek_v3", "q4_k_m", False),
+        ("deepseek_v3", "q4_k_m", True),
+    ],
+)
+def test_gguf_tp2_equals_tp1(
+    family: str, ftype: str, expert_parallel: bool, tmp_path: Path
+) -> None:
+    """Each rank loads its slices of a GGUF's blocks (kept as blocks: rows, or whole blocks of
+    input columns; experts by rows or by expert) and the tokens and logits equal one
+    process's. (What a rank reads of the file: test_shard_reads.py.)"""
+    path = tmp_path / f"tiny-{ftype}.gguf"
+    if ftype == "q8_0":
+        write_gguf(TINY_GGUF_QWEN3_MOE, ftype, path)
+    else:
+        write_gguf(TINY_KQUANT_GGUFS[family], ftype, path)
     want = run(str(path))
     got = run_parallel(path, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
-    assert got["kept_types"] == want["kept_types"] == [int(GGMLType.Q8_0)]
-    assert got["block_experts"] == want["block_experts"] == 2  # both MoE layers in blocks
+    assert got["kept_types"] == want["kept_types"]
+    if ftype == "q8_0":
+        assert want["kept_types"] == [int(GGMLType.Q8_0)]
+    else:  # the K-quants stay blocks, split as blocks
+        assert set(want["kept_types"]) >= K_QUANTS
+    moe_layers = 2 if family == "qwen3_moe" else 1
+    assert got["block_experts"] == want["block_experts"] == moe_layers  # experts in blocks
     assert_same(got, want)
 
 
@@ -214,25 +320,26 @@ def test_torchrun_launches_the_ranks(
     assert_same(json.loads(lines[0]), single["qwen3_moe"])
 
 
+@pytest.mark.parametrize("model", ["qwen3_moe", "deepseek_v3"])
 def test_eplb_placement_leaves_tokens_unchanged(
-    checkpoints: dict[str, Path], single: dict[str, dict[str, Any]]
+    model: str, checkpoints: dict[str, Path], single: dict[str, dict[str, Any]]
 ) -> None:
     """Placements from the routing statistics, hot experts copied: one process holding every
     slot, and 2 expert-parallel ranks, give the reference's tokens and logits."""
-    path = str(checkpoints["qwen3_moe"])
+    path = str(checkpoints[model])
     with LLM(path, dtype="float32", device="cpu", max_model_len=128) as llm:
         llm.engine.enable_routing_stats()
         llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
         stats = llm.engine.routing_stats()
     assert any(len(set(layer)) > 1 for layer in stats)  # uneven: the placement has work to do
     one_rank = rebalance_experts(stats, ep_size=1, num_redundant=3)
-    assert all(len(p) == 8 + 3 for p in one_rank)
-    assert_same(run(path, expert_placement=one_rank), single["qwen3_moe"])
+    assert [len(p) for p in one_rank] == [len(layer) + 3 for layer in stats]
+    assert_same(run(path, expert_placement=one_rank), single[model])
     two_ranks = rebalance_experts(stats, ep_size=2, num_redundant=2)
     got = run_parallel(
-        checkpoints["qwen3_moe"],
+        checkpoints[model],
         tensor_parallel_size=2,
         enable_expert_parallel=True,
         expert_placement=two_ranks,
     )
-    assert_same(got, single["qwen3_moe"])
+    assert_same(got, single[model])

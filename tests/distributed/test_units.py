@@ -1,15 +1,19 @@
 """The pieces of parallelism that need no second process: the collectives' single-process paths,
 each rank's shard of the parallel linears (built in one process, summed or concatenated by hand
-against the whole layer), the step messages' schema, and EPLB placements."""
+against the whole layer), the step messages' schema, EPLB placements, and the Ray placement
+setting."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moeflow import env
+from moeflow.config import EngineArgs
 from moeflow.distributed import comm, messages
 from moeflow.distributed.eplb import rank_loads, rebalance_experts
 from moeflow.distributed.parallel_state import ParallelState, set_state_for_tests
+from moeflow.engine.executor import current_executor, start_executor
 from moeflow.layers.linear import (
     ColumnParallelLinear,
     Linear,
@@ -94,3 +98,12 @@ def test_rebalance_copies_hot_experts_and_evens_the_ranks() -> None:
     assert max(loads) - min(loads) < max(identity) - min(identity)
     with pytest.raises(ValueError, match="evenly"):
         rebalance_experts([counts], ep_size=3, num_redundant=0)
+
+
+def test_an_unknown_ray_placement_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked before any store, process or Ray cluster starts (Ray need not be installed)."""
+    monkeypatch.setattr(env, "MOEFLOW_RAY_PLACEMENT", "spread_thin")
+    args = EngineArgs(tensor_parallel_size=2, distributed_executor_backend="ray", device="cpu")
+    with pytest.raises(ValueError, match="MOEFLOW_RAY_PLACEMENT must be one of PACK, SPREAD"):
+        start_executor(args)
+    assert current_executor() is None

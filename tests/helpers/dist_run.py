@@ -28,6 +28,8 @@ def run(model: str, **kwargs: Any) -> dict[str, Any]:
     )
     with llm:
         replicas = _record_replicas(llm)
+        executor = llm.engine.runner.executor
+        nodes = getattr(executor, "rank_nodes", [])  # Ray's node of each rank (Ray only)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens = [out.token_ids for out in llm.generate(PROMPTS, params)]
         logits = [last_logits(llm, ids).tolist() for ids in PROMPTS]
@@ -36,6 +38,7 @@ def run(model: str, **kwargs: Any) -> dict[str, Any]:
         "tokens": tokens,
         "logits": logits,
         "replicas": sorted(replicas),
+        "nodes": nodes,
         # what rank 0 holds in ggml blocks: the types of its linears, and its experts' layers
         "kept_types": sorted({int(getattr(m, "qtype", None) or 0) for m in net.modules()} - {0}),
         "block_experts": sum(
