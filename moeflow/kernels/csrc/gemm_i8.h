@@ -233,6 +233,13 @@ void kgemm_rows(const ActsView& a, const KBlock* wt, float* y, int64_t N, int64_
     for (int r = 0; r < kGemmMR; ++r)
       for (int n = 0; n < NR; ++n) y[(m + r) * N + n0 + n] = out[r][n];
   }
+  if constexpr (kGemmMR > 2) {
+    for (; m + 2 <= a.M; m += 2) {
+      kgemm_tile<T, 2, NR>(wt, nb, rows(m), out);
+      for (int r = 0; r < 2; ++r)
+        for (int n = 0; n < NR; ++n) y[(m + r) * N + n0 + n] = out[r][n];
+    }
+  }
   for (; m < a.M; ++m) {
     kgemm_tile<T, 1, NR>(wt, nb, rows(m), out);
     for (int n = 0; n < NR; ++n) y[m * N + n0 + n] = out[0][n];
