@@ -6,9 +6,12 @@ exactly as the GGUF file stores them (ggml's block layouts), so loading is a cop
 merged (q/k/v, gate/up) by concatenation.
 
 On x86-64 CPUs with AVX2 the compiled kernels (kernels/cpu_ext.py) multiply straight from the
-blocks for up to `_GEMV_MAX_ROWS` activation rows (decode: each weight byte is read once per step
-for the whole batch); larger batches (prefill) dequantise the weight to fp32 in the kernel and
-multiply with torch's GEMM. Elsewhere the reference runs."""
+blocks. On the exact fp32 path they do so for up to `_GEMV_MAX_ROWS` activation rows (decode: each
+weight byte is read once per step for the whole batch); larger batches (prefill) dequantise the
+weight to fp32 in the kernel and multiply with torch's GEMM. The int8 path (MOEFLOW_CPU_INT8)
+multiplies from the blocks at every batch size (many rows: the kernels' int8 GEMM, whose rows are
+the GEMV's bit for bit), so a row's result never depends on the batch it came in: prefill chunking
+or a prefix-cache hit cannot change it. Elsewhere the reference runs."""
 
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ KEPT_TYPES = frozenset(
     }
 )
 
-# Up to this many rows the kernel's GEMV reads the blocks directly; above, dequantise + GEMM.
+# Up to this many rows the exact path's GEMV reads the blocks directly; above, dequantise + GEMM
+# (the int8 path reads the blocks at any size).
 _GEMV_MAX_ROWS = 16
 REFINE_TOP = 16  # logits recomputed with fp32 activations per row (qlinear_logits)
 
@@ -73,18 +77,20 @@ def qlinear(
     reference does up to summation order, so greedy output is the reference's.
     MOEFLOW_CPU_INT8=1 quantises the activations to int8 per 32 values instead (llama.cpp's
     scheme): ~1.25x faster GEMVs, the model's divergence from the fp32 reference no larger than
-    llama.cpp's on the same file."""
+    llama.cpp's on the same file, and a row's result independent of the batch (any size)."""
     ops = cpu_ext.ops() if x.device.type == "cpu" else None
     if ops is None:
         return qlinear_ref(x, qweight, qtype, bias)
-    gemv = ops.qgemm_i8 if env.MOEFLOW_CPU_INT8 else ops.qgemm
-    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= _GEMV_MAX_ROWS:
+    int8 = env.MOEFLOW_CPU_INT8
+    gemv = ops.qgemm_i8 if int8 else ops.qgemm
+    max_rows = None if int8 else _GEMV_MAX_ROWS
+    if x.dim() == 2 and x.dtype == torch.float32 and (max_rows is None or x.shape[0] <= max_rows):
         # the decode hot path: no reshapes or casts
         y = gemv(x.contiguous(), qweight, qtype)
         return y if bias is None else y.add_(bias)
     lead = x.shape[:-1]
     xf = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if xf.shape[0] <= _GEMV_MAX_ROWS:
+    if max_rows is None or xf.shape[0] <= max_rows:
         y = gemv(xf, qweight, qtype)
         if bias is not None:
             y += bias

@@ -113,9 +113,11 @@ def test_moe_fused_step_matches_layer_by_layer(
         llm.engine.reset_routing_stats()
         runs.append((_run(llm, fused), llm.engine.routing_stats()))
     (layered, layered_stats), (fused_out, fused_stats) = runs
+    # int8: a rounding difference (the q/k norm) can move an activation's int8 value by a step
+    atol = 3e-4 if int8 else 1e-4
     for (ids_a, lp_a), (ids_b, lp_b) in zip(layered, fused_out, strict=True):
         assert ids_a == ids_b
-        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=atol)
     assert layered_stats == fused_stats and sum(fused_stats[0]) > 0
 
 

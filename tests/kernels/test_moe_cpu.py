@@ -64,7 +64,7 @@ def test_activation_quantisation(ops: Any, block: int) -> None:
 
 
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
-@pytest.mark.parametrize("m", [1, 3, 6])
+@pytest.mark.parametrize("m", [1, 3, 6, 17])
 def test_int8_gemv_is_exact_over_its_int8_activations(ops: Any, qtype: int, m: int) -> None:
     """The K-quants read Q8_K activations (one scale per 256), the other types int8 activations
     per 32; a min term too takes the quantised activations (llama.cpp's Q8_1 sum), so the
@@ -79,6 +79,20 @@ def test_int8_gemv_is_exact_over_its_int8_activations(ops: Any, qtype: int, m: i
     out = ops.qgemm_i8(x, w, qtype)
     scale = xa.abs() @ wd.abs().T
     assert ((out.double() - ref).abs() / scale).max() < 1e-5
+    solo = torch.cat([ops.qgemm_i8(x[i : i + 1].contiguous(), w, qtype) for i in range(m)])
+    assert torch.equal(solo, out)
+
+
+@pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
+@pytest.mark.parametrize("m", [1, 3, 17, 40, 130, 300])
+def test_int8_gemm_rows_are_the_gemv_rows(ops: Any, qtype: int, m: int) -> None:
+    """Many activation rows take the int8 GEMM (the 256-weight types: weight rows decoded once,
+    4 at a time, activation rows 256 at a time) and still give each row the one-row GEMV's
+    result bit for bit: 70 weight rows leave a group of 2, 300 activation rows two passes."""
+    n, k = 70, 512
+    w = random_blocks(GGMLType(qtype), n, k, seed=qtype + 7 * m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    out = ops.qgemm_i8(x, w, qtype)
     solo = torch.cat([ops.qgemm_i8(x[i : i + 1].contiguous(), w, qtype) for i in range(m)])
     assert torch.equal(solo, out)
 

@@ -1,6 +1,7 @@
 """The compiled CPU quantised kernels (kernels/csrc/cpu_ops.cpp, kernels/quant_gemm.py) against
 plain-torch references: GEMV/GEMM and dequantisation for every kept GGUF type on random blocks of
-real shapes (SmolLM2, Qwen3-30B-A3B projections), the int8-activation GEMV, bad input."""
+real shapes (SmolLM2, Qwen3-30B-A3B projections), the int8-activation GEMV, int8 linears whose rows
+do not depend on the batch, bad input."""
 
 from __future__ import annotations
 
@@ -102,6 +103,26 @@ def test_qlinear_prefill_path_and_bias() -> None:
         out = qlinear(x, w, qtype, bias)
         assert out.shape == (2, m, 96)
         torch.testing.assert_close(out, qlinear_ref(x, w, qtype, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0], ids=lambda t: t.name
+)
+def test_int8_qlinear_rows_do_not_depend_on_the_batch(
+    qtype: GGMLType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With int8 activations a prefill's rows are the decode GEMV's, bit for bit, at any batch
+    size (prefill chunking or a prefix-cache hit cannot change a row)."""
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
+    w = random_blocks(qtype, 96, 512, seed=8)
+    bias = torch.randn(96)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(9))
+    out = qlinear(x, w, int(qtype), bias)
+    solo = torch.cat([qlinear(x[i : i + 1], w, int(qtype), bias) for i in range(40)])
+    assert torch.equal(out, solo)
+    assert torch.equal(qlinear(x.view(2, 20, 512), w, int(qtype), bias), out.view(2, 20, 96))
+    ref = qlinear_ref(x, w, int(qtype), bias)
+    assert ((out - ref).abs().max() / ref.abs().max()) < 3e-2
 
 
 def test_kernels_reject_bad_input() -> None:

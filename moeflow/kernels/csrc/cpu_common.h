@@ -437,9 +437,29 @@ void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
 // accumulators of an (activation row, weight row) tile.
 constexpr int kNR = 4;
 
+// One weight row's 256-weight super-block decoded for the int8 GEMM (gemm_i8.h): the weights as
+// bytes and their int16 scales per 16 values, both in the order the Q8_K activations are stored
+// (kq8k_slot); the per-16 coefficients of the activation-sum term; the float scales.
+struct alignas(64) KBlock {
+  uint8_t q[256];
+  int16_t s[128];
+  int16_t c16[16];
+  float d, dmin;
+};
+
+// The int8 GEMM's register tile: activation rows x weight rows per microkernel step (32 vector
+// registers with AVX-512VL, 16 with AVX2), and the rows from which it replaces dot_q8k's tiles.
+#ifdef MOEFLOW_VNNI
+constexpr int kGemmMR = 4, kGemmNR = 4;
+#else
+constexpr int kGemmMR = 2, kGemmNR = 4;
+#endif
+constexpr int64_t kGemmMinRows = 6;
+
 struct GemvScratch {
   std::vector<float> mins;
   std::vector<__m256> acc;
+  std::vector<KBlock> kblocks;  // kGemmNR weight rows decoded over K
   void reserve(int64_t M, int64_t K) {
     if (static_cast<int64_t>(mins.size()) < kNR * (K / 32))
       mins.resize(static_cast<size_t>(kNR * (K / 32)));
@@ -631,6 +651,11 @@ template <int MR> void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, floa
 template <int MR> void dot_q8k(Q2_K, const uint8_t* wrow, const Q8KRows& a, float* out);
 template <int MR> void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, float* out);
 
+// y[:, n0:n1] for the 256-weight types through the int8 GEMM (gemm_i8.h): dot_q8k's results.
+template <class T>
+void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
+                   float* y, GemvScratch& scratch);
+
 // y[:, n0:n1] = x W[n0:n1]^T for the prepared activations (y is [M, N]).
 template <class T>
 void gemv_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1, float* y,
@@ -639,6 +664,10 @@ void gemv_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64
   scratch.reserve(a.M, K);
   if (a.int8) {
     if constexpr (T::QK == 256) {
+      if (a.M >= kGemmMinRows) {
+        gemm_q8k_rows<T>(a, w, N, n0, n1, y, scratch);
+        return;
+      }
       tile_range<kMRi8>(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
                  [&](const uint8_t* wrow, int64_t m, auto mr, float*, float* out) {
                    const Q8KRows r{a.kq + m * K, a.kd + m * (K / 256), a.kbs + m * (K / 16), K};
@@ -1149,6 +1178,7 @@ void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
 }  // namespace
 
 #include "iq4.h"  // IQ4_NL, IQ4_XS
+#include "gemm_i8.h"  // the int8 GEMM of the 256-weight types
 
 namespace {
 
