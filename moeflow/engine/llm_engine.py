@@ -99,6 +99,7 @@ class LLMEngine:
             tokenizer,
             model_config.vocab_size,
             list(dict.fromkeys([*tokenizer.eos_token_ids, *model_config.eos_token_ids])),
+            pin_memory=self.device.type == "cuda",
         )
         # Computes structured output's token masks while the model runs (llguidance drops the
         # GIL); made on first use.
@@ -219,8 +220,10 @@ class LLMEngine:
         and only then reads the ids sampled by the step before, so the host's work (scheduling,
         preparing, stop checks) runs while the device computes: a step returns the requests of
         the previous launch. A request that finishes has one wasted row in the launch after.
-        A batch with penalties or structured output takes the normal schedule: they need every
-        earlier token on the host.
+        A row with penalties or structured output needs every earlier token on the host when
+        it samples: when one of its tokens is still on the way, the launch before is read
+        between the forward and the sampling, while the device runs the forward (its grammar's
+        mask is computed then).
 
         The step's time and energy go to the requests it scheduled (CostLedger); a step that
         scheduled nothing but read the launch before goes to that launch's requests.
@@ -244,12 +247,7 @@ class LLMEngine:
             self.cost.book_step(None if waited else ())
             return done
         shares = self._shares(batch)
-        if self.overlap_schedule and not any(
-            has_penalties(r.params) or r.grammar is not None for r in batch.reqs
-        ):
-            done = self._overlap_step(batch)
-        else:
-            done = self._normal_step(batch)
+        done = self._overlap_step(batch) if self.overlap_schedule else self._normal_step(batch)
         self.cost.book_step(shares)
         return done
 
@@ -279,7 +277,7 @@ class LLMEngine:
             batch = _without_finished(batch)
             if not batch.reqs:
                 return done
-        launched = self._launch(batch, None)
+        launched, _ = self._launch(batch, None)
         self._cache_full_blocks(batch)
         if launched is not None:
             done += self._resolve(launched)
@@ -288,10 +286,16 @@ class LLMEngine:
     def _overlap_step(self, batch: ScheduledBatch) -> list[Request]:
         """Launch the batch (its pending input tokens come from the launch before, on the
         device), then read the launch before while the device computes; this launch's ids are
-        read by the next step."""
+        read by the next step. When a row samples from host state that a token of the launch
+        before still changes (its grammar's next mask, its penalties' counts), the launch
+        before is read once the forward is launched, before the sampling."""
         prev = self._take_in_flight()
-        launched = self._launch(batch, prev)
-        done = self._resolve(prev) if prev is not None else []
+        read_prev = any(
+            r.num_pending and (r.grammar is not None or has_penalties(r.params)) for r in batch.reqs
+        )
+        launched, done = self._launch(batch, prev, read_prev)
+        if prev is not None and not read_prev:
+            done = self._resolve(prev)
         self._cache_full_blocks(batch)
         self._in_flight = launched
         return done
@@ -323,10 +327,17 @@ class LLMEngine:
             if not req.is_finished:  # every computed token is known to the host by now
                 self.block_manager.cache_full_blocks(req)
 
-    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight | None:
+    def _launch(
+        self, batch: ScheduledBatch, prev: _InFlight | None, read_prev: bool = False
+    ) -> tuple[_InFlight | None, list[Request]]:
         """Run the model over `batch` and sample on the device; returns the sampled rows with
-        their ids still on the way to the host (None when no row samples)."""
+        their ids still on the way to the host (None when no row samples), and the requests
+        reading `prev` updated. The masks are computed on a worker thread while the forward
+        runs. With `read_prev`, `prev` is read (`_resolve`) between the forward and the
+        sampling, and the masks computed after it: the grammars must have seen its tokens (on
+        a GPU the forward runs meanwhile)."""
         profile = self.profile
+        done: list[Request] = []
         with device_timed(profile, self.device):
             carry = TokenCarry(prev.sampled.token_ids, prev.row_of) if prev is not None else None
             reqs = [
@@ -334,23 +345,29 @@ class LLMEngine:
                 for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True)
                 if req.num_computed_tokens + n == req.num_tokens
             ]
-            mask = self._start_masks(reqs)
+            mask = None if read_prev else self._start_masks(reqs)
             logits = self.runner.run(batch, carry, profile)
             self.stats.num_steps += 1
             self.stats.num_computed_tokens += batch.num_tokens
             for req, n in zip(batch.reqs, batch.num_new_tokens, strict=True):
                 req.num_computed_tokens += n
+            if read_prev and prev is not None:
+                done = self._resolve(prev)
             if not reqs:
-                return None
+                return None, done
             with timed(profile, "sample_s"):
+                if read_prev:  # a request `prev` finished samples a row nobody reads: no mask
+                    states = [None if r.is_finished else r.grammar for r in reqs]
+                    bitmask = self.structured.fill_bitmask(states)
+                else:
+                    bitmask = mask.result() if mask is not None else None
                 rows = [
                     SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs
                 ]
-                bitmask = mask.result() if mask is not None else None
                 sampled = self.sampler.sample(logits, rows, bitmask)
                 for req in reqs:
                     req.num_pending += 1
-            return _InFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
+            return _InFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)}), done
 
     def _start_masks(
         self, reqs: list[Request]

@@ -6,6 +6,7 @@ reasoning model reasons freely: the constraint starts after its </think>."""
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import threading
@@ -44,10 +45,15 @@ class StructuredOutputs:
     """The engine's compiler and mask builder. The llguidance tokenizer (about a second to build)
     is made on first use, so engines that never see a constraint never pay for it."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int], pin_memory: bool = False
+    ) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's)
         self._eos_ids = eos_ids
+        # On a GPU the masks are built in pinned memory: their copy to the device is then
+        # queued without waiting (utils/device.py).
+        self._pin_memory = pin_memory
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None  # computes a batch's masks
         self._cache: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
@@ -109,7 +115,9 @@ class StructuredOutputs:
         if all(s is None or s.phase == "reasoning" for s in states):
             return None
         words = (self.vocab_size + 31) // 32
-        bitmask = torch.full((len(states), words), -1, dtype=torch.int32)  # [N, W]
+        bitmask = torch.full(  # [N, W]
+            (len(states), words), -1, dtype=torch.int32, pin_memory=self._pin_memory
+        )
         rows = [
             (state.matcher, i)
             for i, state in enumerate(states)
@@ -165,12 +173,26 @@ class StructuredOutputs:
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [N, V] float -> copy with the tokens bitmask [N, W] (host int32) forbids at -inf."""
+    """logits [N, V] float -> copy with the tokens bitmask [N, W] (host int32) forbids at -inf.
+    Each byte of the mask picks its 8 tokens' row of a [256, 8] table of 0 / -inf, added to
+    the logits: one gather and one add (a fifth of the CPU time of unpacking 32 shifts per
+    word, masked_fill after). The logits are finite, so an allowed one stays exactly as it
+    was. The bytes of an int32 word are read low first (every supported device is
+    little-endian): byte k of word w holds tokens 32 w + 8 k ... + 7."""
     num_rows, vocab_size = logits.shape
     words = bitmask.to(logits.device, non_blocking=True)  # [N, W]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)  # [32]
-    allowed = ((words[:, :, None] >> shifts) & 1).bool().reshape(num_rows, -1)  # [N, W * 32]
-    return logits.masked_fill(~allowed[:, :vocab_size], float("-inf"))
+    mask_bytes = words.view(torch.uint8).reshape(-1).long()  # [N * 4W]
+    table = _byte_table(logits.device, logits.dtype)  # [256, 8]
+    add = table.index_select(0, mask_bytes).view(num_rows, -1)  # [N, 32W]
+    return logits + add[:, :vocab_size]
+
+
+@functools.cache
+def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: row b holds 0 where bit j of b is set (token allowed), else -inf."""
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    zeros = torch.zeros(256, 8, dtype=dtype, device=device)
+    return zeros.masked_fill(bits == 0, float("-inf"))
 
 
 def _grammar_of(spec: StructuredOutputsParams) -> str:

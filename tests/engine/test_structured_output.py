@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +16,7 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.api import StructuredOutputsParams
+from moeflow.engine.model_runner import TokenCarry
 from moeflow.engine.structured_output import apply_bitmask
 from moeflow.errors import RequestError
 from moeflow.tokenizer import ReasoningSplitter
@@ -110,10 +112,13 @@ def test_apply_bitmask_matches_a_loop() -> None:
             assert out[r, t] == (logits[r, t] if allowed else float("-inf"))
 
 
-def test_reasoning_then_constraint(scripted_checkpoint: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_reasoning_then_constraint(scripted_checkpoint: Path, overlap: bool) -> None:
     """The scripted model writes "<think>abc</think>XYZ": the think block is free, then the
-    choice constraint replaces XYZ."""
-    llm = LLM(str(scripted_checkpoint), dtype="float32", device="cpu", max_model_len=128)
+    choice constraint replaces XYZ; under the overlap schedule too (each mask computed once
+    the grammar has seen the token before it, </think> included)."""
+    llm = LLM(str(scripted_checkpoint), dtype="float32", device="cpu", max_model_len=128,
+              overlap_schedule=overlap)  # fmt: skip
     prompt = llm.encode_chat([{"role": "user", "content": "q"}])
     spec = StructuredOutputsParams(choice=["ok"])
     params = SamplingParams(max_tokens=20, temperature=0, structured_outputs=spec)
@@ -203,3 +208,66 @@ def test_batch_mask_is_each_rows_own(llm: LLM) -> None:
         assert torch.equal(batch[row], alone)
     assert bool((batch[1] == -1).all())
     assert not torch.equal(batch[0], batch[3])  # the rows differ: each is its own
+
+
+def test_masks_are_computed_while_the_forward_runs(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step's mask computation and forward meet at a barrier: it breaks (the test fails
+    with BrokenBarrierError) unless the two run at once, the mask on its worker thread."""
+    engine = llm.engine
+    barrier = threading.Barrier(2, timeout=30)
+    meetings: list[str] = []
+    fill, run = engine.structured.fill_bitmask, engine.runner.run
+
+    def fill_spy(states: list) -> torch.Tensor | None:
+        barrier.wait()
+        meetings.append("mask")
+        return fill(states)
+
+    def run_spy(batch, carry=None, profile=None):  # noqa: ANN001, ANN202
+        barrier.wait()
+        meetings.append("forward")
+        return run(batch, carry, profile)
+
+    monkeypatch.setattr(engine.structured, "fill_bitmask", fill_spy)
+    monkeypatch.setattr(engine.runner, "run", run_spy)
+    spec = StructuredOutputsParams(regex=r"[0-9]{5}")
+    params = SamplingParams(max_tokens=5, temperature=0, structured_outputs=spec)
+    (out,) = llm.generate([_chat_ids(llm, "A number.")], params)
+    assert re.fullmatch(r"[0-9]{5}", out.text), out.text
+    assert sorted(meetings) == ["forward"] * 5 + ["mask"] * 5
+
+
+def test_overlap_schedule_gives_the_same_constrained_outputs(llm: LLM, smollm2_gguf: str) -> None:
+    """Constrained requests (greedy, seeded, with penalties) beside a free one: the overlap
+    schedule, whose constrained rows take their input token from the device and whose masks
+    wait for the grammar to see it, gives the plain schedule's tokens."""
+    prompt = _chat_ids(llm, "Describe a person as JSON.")
+    json_spec = StructuredOutputsParams(json=SCHEMA)
+    params = [
+        SamplingParams(max_tokens=48, temperature=0, structured_outputs=json_spec),
+        SamplingParams(max_tokens=48, temperature=1.0, seed=5, structured_outputs=json_spec),
+        SamplingParams(max_tokens=48, temperature=0, repetition_penalty=1.3,
+                       structured_outputs=json_spec),
+        SamplingParams(max_tokens=24, temperature=0.8, seed=2,
+                       structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,9}")),
+        SamplingParams(max_tokens=24, temperature=0,
+                       structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+        SamplingParams(max_tokens=24, temperature=0),
+    ]  # fmt: skip
+    prompts = [prompt] * len(params)
+    want = [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params)]
+
+    overlap = LLM(smollm2_gguf, device="cpu", max_model_len=512, overlap_schedule=True)
+    pending: list[int] = []  # constrained rows whose input token came from the device
+    run = overlap.engine.runner.run
+
+    def spy(batch, carry: TokenCarry | None = None, profile=None):  # noqa: ANN001, ANN202
+        pending.append(sum(r.num_pending for r in batch.reqs if r.grammar is not None))
+        return run(batch, carry, profile)
+
+    overlap.engine.runner.run = spy  # type: ignore[method-assign]
+    got = [(o.token_ids, o.finish_reason) for o in overlap.generate(prompts, params)]
+    assert got == want
+    assert sum(pending) > 0
