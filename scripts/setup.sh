@@ -16,8 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
 fi
 # The CPU kernels (cached per source hash) build now, not inside the first command that needs
-# them, while pip installs the rest (two compiler processes, one per translation unit, that share
-# the cores with pip until it is done: kernels/cpu_ext.py): the build needs only torch,
+# them, and on one core while pip installs the rest on another: the build needs only torch,
 # ninja, setuptools and numpy (pyproject.toml's versions) and imports moeflow from this folder. A
 # machine that cannot build them still runs, on the plain-torch path.
 "${PIP[@]}" "ninja>=1.11" "setuptools>=68" "numpy>=1.26"
