@@ -1,7 +1,6 @@
 """The compiled CPU kernels (csrc/*.cpp): built with torch's C++ extension tooling the first
 time they are needed (scripts/setup.sh builds them at install), cached per source hash, torch
-version and compiler flags, and loaded from the cache afterwards. The sources are two translation
-units, compiled in parallel by ninja and linked into one module.
+version and compiler flags, and loaded from the cache afterwards.
 
 The sources are compiled once per instruction set (ISA): "avx2" (AVX2 + FMA + F16C) and
 "avx512" (AVX-512 F/BW/VL/DQ + VNNI: the int8 products use vpdpbusd / vpdpwssd, with results
@@ -36,9 +35,7 @@ from moeflow import env
 logger = logging.getLogger("moeflow")
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-# Two translation units that ninja compiles at once (cpu_ops.cpp says where they are cut): on two
-# cores a first build takes the longer one's time instead of both in a row.
-_SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "cpu_ops_fused.cpp")
+_SOURCES = (_CSRC / "cpu_ops.cpp",)
 _HEADERS = tuple(sorted(_CSRC.glob("*.h")))  # every header there, so a new one needs no listing
 _BASE_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 # ISA -> (compiler flags, CPU flags /proc/cpuinfo must list), best first.

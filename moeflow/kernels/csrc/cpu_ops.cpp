@@ -9,19 +9,12 @@
 // expert kernel) is in moe.h. Everything computes in fp32; threads come from ATen's OpenMP pool
 // (at::parallel_for, or one `omp parallel` region in DecodeStack: the same libgomp as torch's),
 // so these kernels share torch's workers.
-//
-// Two translation units, compiled in parallel (kernels/cpu_ext.py): this file alone holds the
-// single ops and the module's definition; cpu_ops_fused.cpp includes it with MOEFLOW_FUSED_TU
-// defined and so holds the fused layers (DecodeStack, MlaAttention, MoeLayer) and their
-// bindings, which the module adds through register_fused(). The row functions both use are in
-// both.
 
 #include <torch/csrc/utils/pybind.h>  // pybind11 with at::Tensor
 
 #include "cpu_common.h"
 #include "moe.h"
 
-#ifndef MOEFLOW_FUSED_TU
 // x [M, K] float32, w [N, row_bytes] uint8 -> [M, N] float32; int8: quantise x to int8 per
 // 32-chunk for the products (llama.cpp's scheme) instead of using it as is.
 at::Tensor qgemm_any(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bool int8) {
@@ -103,8 +96,6 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
   });
   return y;
 }
-
-#endif  // !MOEFLOW_FUSED_TU
 
 // ---------------------------------------------------------------------------------------------
 // The other ops of a decode step as row functions, shared by the single ops and the fused
@@ -384,7 +375,6 @@ void check_positions(const at::Tensor& positions, int64_t T, int64_t P) {
 
 }  // namespace
 
-#ifndef MOEFLOW_FUSED_TU
 // residual (when given) += x, in place; returns (rmsnorm(residual or x) * weight, residual or x)
 std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                  const at::Tensor& weight, double eps) {
@@ -584,7 +574,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-#else  // MOEFLOW_FUSED_TU
 // ---------------------------------------------------------------------------------------------
 // The fused decode stack: every decoder layer of a Llama-family model (RMSNorm, q/k/v projection
 // with optional bias and per-head q/k norm, NeoX rotary, paged attention, or DeepSeek's latent
@@ -979,11 +968,6 @@ class DecodeStack {
   at::Tensor ids_;  // [MoE layers, B, K]: the last forward's routing
 };
 
-#endif  // MOEFLOW_FUSED_TU
-
-#ifndef MOEFLOW_FUSED_TU
-void register_fused(py::module_& m);  // cpu_ops_fused.cpp
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "x [M, K] f32 @ quantised W [N, row_bytes]^T -> [M, N] f32");
   m.def("qgemm_i8", &qgemm_i8, "qgemm with int8-quantised activations");
@@ -1000,10 +984,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &moe_experts,
         "routed experts over quantised [E, N, row_bytes] weights, grouped by expert",
         py::call_guard<py::gil_scoped_release>());
-  register_fused(m);
-}
-#else
-void register_fused(py::module_& m) {
   py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer", py::module_local())
       .def(py::init<const at::Tensor&, const c10::optional<at::Tensor>&, int64_t,
                     const std::string&, bool, int64_t, int64_t, const std::string&, double,
@@ -1050,4 +1030,3 @@ void register_fused(py::module_& m) {
       .def("forward", &DecodeStack::forward, "one decode step of the whole stack",
            py::call_guard<py::gil_scoped_release>());
 }
-#endif  // MOEFLOW_FUSED_TU

@@ -436,7 +436,7 @@ class MoeLayer {
 // the given ggml types; topk_ids [T, K] int64, topk_weights [T, K] float32 -> [T, H] float32 =
 // sum_k topk_weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t) with e = topk_ids[t, k].
 // int8: activations quantised to int8 per 32-chunk (llama.cpp's scheme), else exact fp32.
-inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate, int64_t gate_type,
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate, int64_t gate_type,
                        const at::Tensor& up, int64_t up_type, const at::Tensor& down,
                        int64_t down_type, const at::Tensor& topk_ids,
                        const at::Tensor& topk_weights, bool int8) {
