@@ -119,28 +119,33 @@ def test_ray_ranks_on_separate_nodes(
     1's actor on the second node (PACK would keep it beside rank 0); deepseek_v3's tokens and
     logits (MLA heads split) equal one process's."""
     pytest.importorskip("ray", reason="the Ray backend needs ray (moeflow[distributed])")
-    from ray.cluster_utils import Cluster
-
-    store = 80 * 1024 * 1024  # object store bytes per node: Ray carries no data here
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": store, "include_dashboard": False},
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.ray_cluster", "2", "1"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        other = cluster.add_node(num_cpus=1, object_store_memory=store)
-        cluster.wait_for_nodes()
-        assert cluster.address is not None
+        assert holder.stdout is not None and holder.stdin is not None
+        line = holder.stdout.readline()
+        assert line, f"the Ray cluster did not start (exit {holder.poll()})"
+        cluster = json.loads(line)
         got = run_parallel(
             checkpoints["deepseek_v3"],
-            env={"RAY_ADDRESS": cluster.address, "MOEFLOW_RAY_PLACEMENT": "STRICT_SPREAD"},
+            env={"RAY_ADDRESS": cluster["address"], "MOEFLOW_RAY_PLACEMENT": "STRICT_SPREAD"},
             tensor_parallel_size=2,
             distributed_executor_backend="ray",
         )
-        head = cluster.head_node
-        assert head is not None
-        assert got["nodes"] == [head.node_id, other.node_id]  # as each rank saw its node
+        assert got["nodes"] == [cluster["head"], cluster["other"]]  # as each rank saw its node
     finally:
-        cluster.shutdown()
+        if holder.stdin is not None:
+            holder.stdin.close()
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
     assert_same(got, single["deepseek_v3"])
 
 
