@@ -90,9 +90,10 @@ def test_requests_added_elsewhere_are_skipped(llm: LLM) -> None:
 
 def test_stop_string_in_a_penalty_batch_under_overlap(tiny_checkpoints: dict[str, Path]) -> None:
     """Overlap schedule: a request whose stop-string token is on the way when a request with
-    penalties joins. That step reads the pending token first (penalties count every token), then
-    launches and reads the stop request's next token too: the output still ends on the token
-    that completed the stop string, as with the plain schedule."""
+    penalties joins. A penalised batch runs under the overlap schedule too: the step launches
+    (the stop request's row among them), then reads the pending token, which completes the stop
+    string; that launched row is never read. The output ends on the token that completed the
+    stop string, as with the plain schedule."""
     path = str(tiny_checkpoints["llama"])
     prompt = _prompts(1, seed=23)[0]
     plain = LLM(path, dtype="float32", device="cpu", max_model_len=128, overlap_schedule=False)
@@ -111,7 +112,7 @@ def test_stop_string_in_a_penalty_batch_under_overlap(tiny_checkpoints: dict[str
     outputs.add_request([7, 8, 9], penalised)
     outputs.process(llm.engine.step())
     assert state.finished
-    assert len(state.req.output_ids) == len(want.token_ids) + 1  # one token past the stop
+    assert len(state.req.output_ids) == len(want.token_ids)  # the row launched after: unread
     assert (state.token_ids, state.text.text, state.stop_reason) == (
         want.token_ids,
         want.text,
