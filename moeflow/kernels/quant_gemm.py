@@ -83,14 +83,13 @@ def qlinear(
         return qlinear_ref(x, qweight, qtype, bias)
     int8 = env.MOEFLOW_CPU_INT8
     gemv = ops.qgemm_i8 if int8 else ops.qgemm
-    max_rows = None if int8 else _GEMV_MAX_ROWS
-    if x.dim() == 2 and x.dtype == torch.float32 and (max_rows is None or x.shape[0] <= max_rows):
+    if x.dim() == 2 and x.dtype == torch.float32 and (int8 or x.shape[0] <= _GEMV_MAX_ROWS):
         # the decode hot path: no reshapes or casts
         y = gemv(x.contiguous(), qweight, qtype)
         return y if bias is None else y.add_(bias)
     lead = x.shape[:-1]
     xf = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if max_rows is None or xf.shape[0] <= max_rows:
+    if int8 or xf.shape[0] <= _GEMV_MAX_ROWS:
         y = gemv(xf, qweight, qtype)
         if bias is not None:
             y += bias
