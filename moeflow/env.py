@@ -36,10 +36,11 @@ MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
 )
 # 1: the CPU kernels over quantised weights (decode GEMVs, the grouped MoE kernel) quantise
 # activations to int8 per 32 values, as llama.cpp does (its numerics: faster, and a mean KL from
-# the fp32 reference below llama.cpp's own, docs/BENCHMARKS.md). Off by default: on the embedded
-# 135M model the first token of the README's question is a near tie (log-probs -1.88 / -1.96)
-# that int8 flips, and the greedy answer degenerates. Off (or --exact-cpu-activations) keeps
-# them fp32: greedy output then equals the dequantised fp32 reference's (the parity tests' path).
+# the fp32 reference below llama.cpp's own, docs/BENCHMARKS.md). Off by default: the 32-weight
+# block types (Q4_0, Q4_1, Q5_x, Q8_0, IQ4_NL; the embedded model is Q4_1) have no int8 GEMM, so
+# their int8 prefill runs the GEMV, about 2x slower than the fp32 path's dequantise + GEMM. Off
+# (or --exact-cpu-activations) keeps them fp32: greedy output then equals the dequantised fp32
+# reference's (the parity tests' path).
 MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", False)
 # Use the Triton kernels on CUDA tensors; 0 forces the plain-torch references.
 MOEFLOW_TRITON: bool = _bool("MOEFLOW_TRITON", True)
