@@ -37,7 +37,10 @@ logger = logging.getLogger("moeflow")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "cpu_ops.cpp",)
 _HEADERS = tuple(sorted(_CSRC.glob("*.h")))  # every header there, so a new one needs no listing
-_BASE_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+# -ffp-contract=off: GCC fuses a * b + c into one FMA in C++ even under -std=c++17 (its ISO mode
+# turns contraction off for C only), and where it fuses depends on the code around: the kernels'
+# claims that a row's result does not depend on the kernel that ran it hold only without it.
+_BASE_CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
 # ISA -> (compiler flags, CPU flags /proc/cpuinfo must list), best first.
 ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx512": (

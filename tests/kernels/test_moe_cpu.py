@@ -86,15 +86,18 @@ def test_int8_gemv_is_exact_over_its_int8_activations(ops: Any, qtype: int, m: i
 @pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda t: GGMLType(t).name)
 @pytest.mark.parametrize("m", [1, 3, 17, 40, 130, 300])
 def test_int8_gemm_rows_are_the_gemv_rows(ops: Any, qtype: int, m: int) -> None:
-    """Many activation rows take the int8 GEMM (the 256-weight types: weight rows decoded once,
-    4 at a time, activation rows 256 at a time) and still give each row the one-row GEMV's
-    result bit for bit: 70 weight rows leave a group of 2, 300 activation rows two passes."""
+    """Many activation rows take the int8 GEMM (weight rows decoded once, 4 at a time for the
+    256-weight types, 8 or 16 for the 32-weight ones; activation rows 256 at a time) and still
+    give each row the one-row GEMV's result bit for bit: 70 weight rows leave a remainder, 300
+    activation rows two passes."""
     n, k = 70, 512
     w = random_blocks(GGMLType(qtype), n, k, seed=qtype + 7 * m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
     out = ops.qgemm_i8(x, w, qtype)
     solo = torch.cat([ops.qgemm_i8(x[i : i + 1].contiguous(), w, qtype) for i in range(m)])
     assert torch.equal(solo, out)
+    # nor on its neighbours: rows 5..61 start mid-tile and leave a tail (other kernels for a row)
+    assert torch.equal(ops.qgemm_i8(x, w[5:62].contiguous(), qtype), out[:, 5:62])
 
 
 def llama_cpp_q8(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -133,7 +133,6 @@ inline void k_scale_min(int j, const uint8_t* s, int* sc, int* mn) {
 struct Q4_0 {
   static constexpr int QK = 32, BYTES = 18, NC = 1;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
   static __m256i I(const uint8_t* b, int) { return nibbles32(b + 2); }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
@@ -145,7 +144,6 @@ struct Q4_0 {
 struct Q4_1 {
   static constexpr int QK = 32, BYTES = 20, NC = 1;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
   static __m256i I(const uint8_t* b, int) { return nibbles32(b + 4); }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
@@ -157,7 +155,6 @@ struct Q4_1 {
 struct Q5_0 {
   static constexpr int QK = 32, BYTES = 22, NC = 1;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
   static __m256i I(const uint8_t* b, int) {
     return _mm256_or_si256(nibbles32(b + 6), q5_high_bits(b + 2));
   }
@@ -171,7 +168,6 @@ struct Q5_0 {
 struct Q5_1 {
   static constexpr int QK = 32, BYTES = 24, NC = 1;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
   static __m256i I(const uint8_t* b, int) {
     return _mm256_or_si256(nibbles32(b + 8), q5_high_bits(b + 4));
   }
@@ -185,7 +181,6 @@ struct Q5_1 {
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34, NC = 1;
   static constexpr bool SIGNED = true;
-  static constexpr int SUB = 1;
   static __m256i I(const uint8_t* b, int) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
   }
@@ -220,7 +215,6 @@ inline __m256i k_nibbles(const uint8_t* qs, int c) {
 struct Q4_K {
   static constexpr int QK = 256, BYTES = 144, NC = 8;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
   static __m256i I(const uint8_t* b, int c) { return k_nibbles(b + 16, c); }
   static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
   static void chunk(const uint8_t* b, int c, __m256* q) { u8x32_to_f32(k_nibbles(b + 16, c), q); }
@@ -229,7 +223,6 @@ struct Q4_K {
 struct Q5_K {
   static constexpr int QK = 256, BYTES = 176, NC = 8;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 1;
   static void scales(const uint8_t* b, float* sc, float* mn) { k4_scales(b, sc, mn); }
   static __m256i I(const uint8_t* b, int c) {
     // bit c of qh[l] is the 5th bit of element l of chunk c
@@ -265,7 +258,6 @@ struct ScalesInChunk {
 struct Q2_K : ScalesInChunk {
   static constexpr int QK = 256, BYTES = 84, NC = 8;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 2;
   static __m256i I(const uint8_t* b, int c) { return k_crumbs(b + 16, c); }
   static void chunk(const uint8_t* b, int c, __m256* q) {
     const float d = fp16(b + 80), dmin = fp16(b + 82);
@@ -295,7 +287,6 @@ inline void q3k_scales(const uint8_t* s, int8_t* out) {
 struct Q3_K : ScalesInChunk {
   static constexpr int QK = 256, BYTES = 110, NC = 8;
   static constexpr bool SIGNED = false;
-  static constexpr int SUB = 2;
   static __m256i I(const uint8_t* b, int c) {  // q in 0..7
     const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
     const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(c)),
@@ -318,10 +309,9 @@ struct Q3_K : ScalesInChunk {
 
 struct Q6_K {
   // ql[128] qh[64] scales[16] (int8) d (fp16); each chunk has two 16-weight sub-scales, folded
-  // into q by chunk() (float path) or applied per lane by the int8 path (SUB = 2).
+  // into q by chunk() (float path); the int8 path is dot_q8k.
   static constexpr int QK = 256, BYTES = 210, NC = 8;
   static constexpr bool SIGNED = true;
-  static constexpr int SUB = 2;
   static void scales(const uint8_t* b, float* sc, float* mn) {
     const float d = fp16(b + 208);
     for (int c = 0; c < 8; ++c) {
@@ -353,13 +343,6 @@ struct Q6_K {
     q[1] = _mm256_mul_ps(q[1], s0);
     q[2] = _mm256_mul_ps(q[2], s1);
     q[3] = _mm256_mul_ps(q[3], s1);
-  }
-  // the two sub-scales of chunk c times d
-  static void sub_scales(const uint8_t* b, int c, float* s2) {
-    const float d = fp16(b + 208);
-    const int8_t* s = sub(b, c);
-    s2[0] = d * static_cast<float>(s[0]);
-    s2[1] = d * static_cast<float>(s[1]);
   }
 };
 
@@ -456,10 +439,27 @@ constexpr int kGemmMR = 2, kGemmNR = 4;
 #endif
 constexpr int64_t kGemmMinRows = 6;
 
+// The int8 GEMM of the 32-weight types (gemm_b32.h): weight rows per tile (one vector of their
+// int32 sums: 16 with AVX-512, 8 with AVX2) and activation rows per microkernel step.
+#ifdef MOEFLOW_VNNI
+constexpr int kB32NR = 16, kB32MR = 4;
+#else
+constexpr int kB32NR = 8, kB32MR = 2;
+#endif
+
+// One 32-weight block of kB32NR weight rows decoded for that GEMM: group g (bytes 4g..4g+3 of
+// each row's 32 weight bytes) of all the rows side by side, then the rows' scales and mins.
+struct alignas(64) B32Block {
+  uint8_t q[8 * 4 * kB32NR];
+  float s[kB32NR];
+  float mn[kB32NR];
+};
+
 struct GemvScratch {
   std::vector<float> mins;
   std::vector<__m256> acc;
   std::vector<KBlock> kblocks;  // kGemmNR weight rows decoded over K
+  std::vector<B32Block> b32;    // kB32NR weight rows decoded over K
   void reserve(int64_t M, int64_t K) {
     if (static_cast<int64_t>(mins.size()) < kNR * (K / 32))
       mins.resize(static_cast<size_t>(kNR * (K / 32)));
@@ -537,6 +537,7 @@ struct ActsView {
   const int8_t* kq = nullptr;
   const float* kd = nullptr;
   const int16_t* kbs = nullptr;
+  const int32_t* xs = nullptr;  // int8 path: each 32-chunk's sum(xq)
   int64_t M = 0, K = 0;
   bool int8 = false;
   // rows m0..m0+n-1 of these rows
@@ -549,12 +550,14 @@ struct ActsView {
     v.kq = kq ? kq + m0 * K : nullptr;
     v.kd = kd ? kd + m0 * (K / 256) : nullptr;
     v.kbs = kbs ? kbs + m0 * (K / 16) : nullptr;
+    v.xs = xs ? xs + m0 * (K / 32) : nullptr;
     v.M = n;
     return v;
   }
 };
 
-void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s);
+void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s,
+                     int32_t* qs = nullptr);
 void quantize_row_q8k(const float* x, int64_t K, int8_t* q, float* d, int16_t* bsums);
 
 // Owned buffers of prepared activation rows (see ActsView). prepare() reads M rows of x in
@@ -566,6 +569,7 @@ struct Acts {
   int64_t M = 0, K = 0;
   bool int8 = false;
   std::vector<float> xf, sx, dx, kd;
+  std::vector<int32_t> xs;
   std::vector<int8_t> xq, kq;
   std::vector<int16_t> kbs;
 
@@ -588,6 +592,7 @@ struct Acts {
     if (!int8) return;
     xq.resize(z(M * K));
     dx.resize(z(M * (K / 32)));
+    xs.resize(z(M * (K / 32)));
     if (K % 256 == 0) {
       kq.resize(z(M * K));
       kd.resize(z(M * (K / 256)));
@@ -603,7 +608,7 @@ struct Acts {
       return;
     }
     quantize_row_q8(row, K, xq.data() + m * K, dx.data() + m * (K / 32),
-                    sx.data() + m * (K / 32));
+                    sx.data() + m * (K / 32), xs.data() + m * (K / 32));
     if (K % 256 == 0)
       quantize_row_q8k(row, K, kq.data() + m * K, kd.data() + m * (K / 256),
                        kbs.data() + m * (K / 16));
@@ -618,6 +623,7 @@ struct Acts {
                     k_blocks ? kq.data() : nullptr,
                     k_blocks ? kd.data() : nullptr,
                     k_blocks ? kbs.data() : nullptr,
+                    int8 ? xs.data() : nullptr,
                     M,
                     K,
                     int8};
@@ -634,9 +640,6 @@ struct Acts {
   }
 };
 
-template <class T, int MR>
-void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
-                 const float* sx, float* out);
 
 // The K-quants against Q8_K activations: one overload per weight type (defined below).
 struct Q8KRows {  // MR consecutive activation rows of the Q8_K format
@@ -654,6 +657,11 @@ template <int MR> void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, floa
 // y[:, n0:n1] for the 256-weight types through the int8 GEMM (gemm_i8.h): dot_q8k's results.
 template <class T>
 void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
+                   float* y, GemvScratch& scratch);
+
+// y[:, n0:n1] for the 32-weight types under int8 activations (gemm_b32.h).
+template <class T>
+void gemv_b32_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
                    float* y, GemvScratch& scratch);
 
 // y[:, n0:n1] = x W[n0:n1]^T for the prepared activations (y is [M, N]).
@@ -674,12 +682,7 @@ void gemv_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64
                    dot_q8k<decltype(mr)::value>(T{}, wrow, r, out);
                  });
     } else {
-      tile_range<kMRi8>(a.M, N, row_bytes, n0, n1, w, y, scratch.mins.data(),
-                 [&](const uint8_t* wrow, int64_t m, auto mr, float*, float* out) {
-                   dot_rows_i8<T, decltype(mr)::value>(wrow, K, a.xq + m * K,
-                                                       a.dx + m * nchunks, a.sx + m * nchunks,
-                                                       out);
-                 });
+      gemv_b32_rows<T>(a, w, N, n0, n1, y, scratch);
     }
     return;
   }
@@ -719,16 +722,16 @@ void dequant_impl(const uint8_t* w, int64_t K, const int64_t* rows, int64_t R, f
 
 // ---------------------------------------------------------------------------------------------
 // The same products with the activations quantised to int8 per 32-chunk (xq = round(x / dx),
-// dx = max|x| / 127, as llama.cpp's Q8 activations): sum(q * xq) in int16/int32 lanes through
-// maddubs (u8 x s8 pairs) and madd, one int->float conversion per chunk. The min term takes the
-// sum of the quantised activations, dx * sum(xq) (llama.cpp's Q8_1 s), so a row's result is
-// sum(w * xq * dx) over the dequantised weights w: the quantisation error meets the weights as
-// they are, centred on 0 in real blocks (m ~ -8d). The exact float sum(x) instead meets it with
-// the unsigned d * q (0..15d): measured 3.5x the KL on SmolLM2 Q4_1 (docs/BENCHMARKS.md).
-// I(...) gives a chunk's weights as 32 unsigned bytes (or signed, SIGNED), SUB = 2 when a chunk
-// has two 16-weight sub-scales (Q6_K).
+// dx = max|x| / 127, as llama.cpp's Q8 activations): the integer sums sum(q * xq) through maddubs
+// (u8 x s8 pairs) and madd, or vpdpbusd (gemm_b32.h for the 32-weight types, dot_q8k below for
+// the K-quants). The min term takes the sum of the quantised activations, dx * sum(xq)
+// (llama.cpp's Q8_1 s; qs: sum(xq) itself), so a row's result is sum(w * xq * dx) over the
+// dequantised weights w: the quantisation error meets the weights as they are, centred on 0 in
+// real blocks (m ~ -8d). The exact float sum(x) instead meets it with the unsigned d * q (0..15d):
+// measured 3.5x the KL on SmolLM2 Q4_1 (docs/BENCHMARKS.md). I(...) gives a chunk's weights as
+// 32 unsigned bytes (or signed, SIGNED).
 
-void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s, int32_t* qs) {
   for (int64_t c = 0; c < K / 32; ++c) {
     const float* p = x + c * 32;
     __m256 v[4];
@@ -752,7 +755,9 @@ void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, float* s) {
       sum = _mm256_add_ps(sum, r);  // integers |r| <= 127: exact
       i32[i] = _mm256_cvtps_epi32(r);
     }
-    s[c] = dx * hsum(sum);
+    const float qsum = hsum(sum);  // an integer, exact
+    s[c] = dx * qsum;
+    if (qs) qs[c] = static_cast<int32_t>(qsum);
     // pack 32 x int32 -> 32 x int8 in element order
     __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
     __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
@@ -784,44 +789,6 @@ inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 #endif
-}
-
-template <class T, int MR>
-void dot_rows_i8(const uint8_t* wrow, int64_t K, const int8_t* xq, const float* dx,
-                 const float* sx, float* out) {
-  const int64_t nb = K / T::QK, nchunks = K / 32;
-  __m256 acc[MR];
-  float macc[MR];
-  for (int r = 0; r < MR; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    macc[r] = 0.0f;
-  }
-  float sc[T::NC], mn[T::NC];
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wrow + b * T::BYTES;
-    T::scales(blk, sc, mn);
-    for (int c = 0; c < T::NC; ++c) {
-      const __m256i w = T::I(blk, c);
-      const int64_t ci = b * T::NC + c;
-      __m256 s;
-      if constexpr (T::SUB == 2) {
-        float s2[2];
-        T::sub_scales(blk, c, s2);
-        s = _mm256_set_m128(_mm_set1_ps(s2[1]), _mm_set1_ps(s2[0]));
-      } else {
-        s = _mm256_set1_ps(sc[c]);
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256i x = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(xq + r * K + ci * 32));
-        const __m256 v = _mm256_cvtepi32_ps(dot_i8<T::SIGNED>(w, x));
-        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(dx[r * nchunks + ci])), v,
-                                 acc[r]);
-        if constexpr (T::SUB == 1) macc[r] += mn[c] * sx[r * nchunks + ci];
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + macc[r];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1179,6 +1146,7 @@ void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
 
 #include "iq4.h"  // IQ4_NL, IQ4_XS
 #include "gemm_i8.h"  // the int8 GEMM of the 256-weight types
+#include "gemm_b32.h"  // the int8 GEMV and GEMM of the 32-weight types
 
 namespace {
 

@@ -27,7 +27,6 @@ inline __m256i iq4_values32(const uint8_t* qs) {
 struct IQ4_NL {
   static constexpr int QK = 32, BYTES = 18, NC = 1;
   static constexpr bool SIGNED = true;
-  static constexpr int SUB = 1;
   static __m256i I(const uint8_t* b, int) { return iq4_values32(b + 2); }
   static void scales(const uint8_t* b, float* sc, float* mn) {
     sc[0] = fp16(b);
@@ -39,7 +38,6 @@ struct IQ4_NL {
 struct IQ4_XS {
   static constexpr int QK = 256, BYTES = 136, NC = 8;
   static constexpr bool SIGNED = true;
-  static constexpr int SUB = 1;
   // chunk c's 6-bit scale, stored plus 32
   static int ls(const uint8_t* b, int c) {
     uint16_t high;

@@ -87,10 +87,12 @@ Experts make_experts(const at::Tensor& gate, int64_t gate_type, const at::Tensor
 }
 
 // Weight rows per task: ~64 KB of one projection's blocks (a long run for the prefetcher),
-// fewer when that leaves too few tasks to share out.
+// fewer when that leaves too few tasks to share out; a multiple of 16 (whole tiles of the int8
+// kernels: gemm_b32.h takes weight rows 8 or 16 at a time).
 int64_t rows_per_task(int64_t row_bytes, int64_t N, int64_t num_experts, int64_t threads) {
-  int64_t rows = std::max<int64_t>(16, 65536 / std::max<int64_t>(row_bytes, 1));
-  while (rows > 16 && num_experts * ((N + rows - 1) / rows) < 4 * threads) rows /= 2;
+  int64_t rows = std::max<int64_t>(16, 65536 / std::max<int64_t>(row_bytes, 1) / 16 * 16);
+  while (rows > 16 && num_experts * ((N + rows - 1) / rows) < 4 * threads)
+    rows = std::max<int64_t>(16, rows / 32 * 16);
   return std::min(rows, N);
 }
 
