@@ -113,9 +113,9 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--exact-cpu-activations",
         action="store_true",
-        help="the CPU kernels over quantised weights multiply fp32 activations (the default: "
-        "greedy output then equals the dequantised fp32 reference's) even where "
-        "MOEFLOW_CPU_INT8=1 asks them to quantise the activations to int8 as llama.cpp does",
+        help="the CPU kernels over quantised weights multiply fp32 activations (greedy output "
+        "then equals the dequantised fp32 reference's) instead of quantising them to int8 as "
+        "llama.cpp does (the default, faster; MOEFLOW_CPU_INT8=0 is the same as this flag)",
     )
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
     common.add_argument(

@@ -34,14 +34,13 @@ MOEFLOW_CPU_KERNELS: bool = _bool("MOEFLOW_CPU_KERNELS", True)
 MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moeflow"
 )
-# 1: the CPU kernels over quantised weights (decode GEMVs, the grouped MoE kernel) quantise
-# activations to int8 per 32 values, as llama.cpp does (its numerics: faster, and a mean KL from
-# the fp32 reference below llama.cpp's own, docs/BENCHMARKS.md). Off by default: the 32-weight
-# block types (Q4_0, Q4_1, Q5_x, Q8_0, IQ4_NL; the embedded model is Q4_1) have no int8 GEMM, so
-# their int8 prefill runs the GEMV, about 2x slower than the fp32 path's dequantise + GEMM. Off
-# (or --exact-cpu-activations) keeps them fp32: greedy output then equals the dequantised fp32
-# reference's (the parity tests' path).
-MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", False)
+# 1 (the default): the CPU kernels over quantised weights (GEMVs, the int8 GEMMs of prefill,
+# the grouped MoE kernel) quantise activations to int8 per 32 values (per 256 for the K-quants),
+# as llama.cpp does: its numerics, 1.6-1.7x the fp32 path's prefill and decode on the default
+# model, a mean KL from the fp32 reference below llama.cpp's own (docs/BENCHMARKS.md). 0 (or
+# --exact-cpu-activations) keeps them fp32: greedy output then equals the dequantised fp32
+# reference's (the parity tests' path; `make run` shows that answer).
+MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", True)
 # Use the Triton kernels on CUDA tensors; 0 forces the plain-torch references.
 MOEFLOW_TRITON: bool = _bool("MOEFLOW_TRITON", True)
 # Run the Triton kernels on CPU tensors too; only meaningful under TRITON_INTERPRET=1 (tests).

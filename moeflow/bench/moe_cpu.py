@@ -54,7 +54,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
     print(
         f"workload: {args.prompt_len}-token prompts, {args.decode_tokens} decode steps, streams "
         f"{','.join(map(str, streams))}, {threads} threads; moeflow's activations "
-        + ("int8 (MOEFLOW_CPU_INT8=1, llama.cpp's numerics)" if env.MOEFLOW_CPU_INT8 else "fp32")
+        + ("int8 (llama.cpp's numerics, the default)" if env.MOEFLOW_CPU_INT8 else "fp32 (exact)")
     )
     torch.set_num_threads(threads)
     bandwidth = measure_bandwidth(torch.device("cpu"))

@@ -8,12 +8,12 @@ half are scored. Each chunk is one request: its context half is prefilled, then 
 token goes through a decode step, teacher-forced (the text's token replaces the sampled one),
 all chunks decoding together. So the scored logits come from the decode kernels (the fused
 CPU decode step, the quantised GEMVs, the grouped MoE kernel): what users see after the
-prompt. Prefill of more than 16 rows multiplies with dequantised weights in every
-configuration, so it is not what differs here.
+prompt. (Prefill of more than 16 rows multiplies with dequantised weights on the exact path and
+through the int8 GEMMs on the int8 path: the scored tokens' context differs by that too.)
 
 Three runs, each in its own process (a crash is reported): `reference` (every weight
 dequantised to float32, no compiled kernel: plain torch), `exact` (the CPU kernels with fp32
-activations, MOEFLOW_CPU_INT8=0, the default) and `int8` (MOEFLOW_CPU_INT8=1: activations
+activations, MOEFLOW_CPU_INT8=0) and `int8` (MOEFLOW_CPU_INT8=1, the default: activations
 quantised to int8 as llama.cpp does).
 Each writes its scored log-probabilities to a .npy file; KL(reference || x), top-1 agreement
 and the text's NLL are computed here.

@@ -8,10 +8,10 @@ merged (q/k/v, gate/up) by concatenation.
 On x86-64 CPUs with AVX2 the compiled kernels (kernels/cpu_ext.py) multiply straight from the
 blocks. On the exact fp32 path they do so for up to `_GEMV_MAX_ROWS` activation rows (decode: each
 weight byte is read once per step for the whole batch); larger batches (prefill) dequantise the
-weight to fp32 in the kernel and multiply with torch's GEMM. The int8 path (MOEFLOW_CPU_INT8)
-multiplies from the blocks at every batch size (many rows: the kernels' int8 GEMM, whose rows are
-the GEMV's bit for bit), so a row's result never depends on the batch it came in: prefill chunking
-or a prefix-cache hit cannot change it. Elsewhere the reference runs."""
+weight to fp32 in the kernel and multiply with torch's GEMM. The int8 path (MOEFLOW_CPU_INT8, the
+default) multiplies from the blocks at every batch size (many rows: the kernels' int8 GEMMs, whose
+rows are the GEMV's bit for bit), so a row's result never depends on the batch it came in: prefill
+chunking or a prefix-cache hit cannot change it. Elsewhere the reference runs."""
 
 from __future__ import annotations
 
@@ -73,11 +73,12 @@ def qlinear(
 ) -> torch.Tensor:
     """The dispatch point: x [..., K] -> [..., N] in x's dtype.
 
-    By default the decode GEMV multiplies fp32 activations by the exact weight values, as the
-    reference does up to summation order, so greedy output is the reference's.
-    MOEFLOW_CPU_INT8=1 quantises the activations to int8 per 32 values instead (llama.cpp's
-    scheme): ~1.25x faster GEMVs, the model's divergence from the fp32 reference no larger than
-    llama.cpp's on the same file, and a row's result independent of the batch (any size)."""
+    By default (MOEFLOW_CPU_INT8) the activations are quantised to int8 per 32 values (per 256
+    for the K-quants; llama.cpp's scheme): faster GEMVs and GEMMs, the model's divergence from
+    the fp32 reference no larger than llama.cpp's on the same file, and a row's result
+    independent of the batch (any size). The exact path (MOEFLOW_CPU_INT8=0) multiplies fp32
+    activations by the exact weight values, as the reference does up to summation order, so
+    greedy output is the reference's."""
     ops = cpu_ext.ops() if x.device.type == "cpu" else None
     if ops is None:
         return qlinear_ref(x, qweight, qtype, bias)
