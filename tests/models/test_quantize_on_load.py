@@ -102,11 +102,13 @@ def test_experts_quantized_on_load(
     assert linears and all(m.qtype == qtype for m in linears)
 
     # The same logits as the float path over the blocks dequantised (prefill: many pairs per
-    # expert; a short prompt: the decode-sized GEMVs).
+    # expert; a short prompt: the decode-sized GEMVs), up to fp32 rounding in another order
+    # (mixtral q4_0 measured 1.4e-4 at one logit of 960 once the kernels' build stopped fusing
+    # a * b + c into FMAs: -ffp-contract=off).
     ref = _dequantized_reference(path, llm)
     for ids in prompts_of_lengths(11, [40, 3]):
         torch.testing.assert_close(
-            prefill_logits(llm, ids), prefill_logits(ref, ids), rtol=1e-4, atol=1e-4
+            prefill_logits(llm, ids), prefill_logits(ref, ids), rtol=1e-4, atol=2e-4
         )
 
 
