@@ -96,6 +96,7 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
     __m256i lanes[MR][8];
     for (int i = 0; i < 8; ++i) {
       const uint8_t* blk = rows + i * row_bytes + b * T::BYTES;
+      prefetch_ahead(blk, T::BYTES);
       T::scales(blk, s + i, mn + i);
       const __m256i wv = T::I(blk, 0);
       for (int r = 0; r < MR; ++r) lanes[r][i] = dot_i8<T::SIGNED>(wv, x[r]);
@@ -122,6 +123,7 @@ void b32_gemv1(const ActsView& a, int64_t m, const uint8_t* wrow, float* y, int6
   __m128 acc = _mm_setzero_ps(), macc = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * T::BYTES;
+    prefetch_ahead(blk, T::BYTES);
     float s, mn;
     T::scales(blk, &s, &mn);
     const __m256i x =

@@ -66,6 +66,7 @@ void dot_q8k(IQ4_XS, const uint8_t* wrow, const Q8KRows& a, float* out) {
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * IQ4_XS::BYTES;
+    prefetch_ahead(blk, IQ4_XS::BYTES);
     __m256i sumi[MR];
     for (int r = 0; r < MR; ++r) sumi[r] = _mm256_setzero_si256();
     for (int c = 0; c < IQ4_XS::NC; ++c) {
