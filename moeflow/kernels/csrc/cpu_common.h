@@ -60,6 +60,15 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// The weight bytes kPrefetchBlocks blocks of `bytes` ahead of blk (the rows a GEMV reads lie one
+// after another, so this runs on into the next row) fetched into L1 now: the hardware
+// prefetcher alone left the one-row GEMVs waiting on memory at each block's first load.
+constexpr int64_t kPrefetchBlocks = 8;
+inline void prefetch_ahead(const uint8_t* blk, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(blk + kPrefetchBlocks * bytes);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
 // 16 bytes of uint8 -> two __m256 (elements 0..7, 8..15) as float
 inline void u8x16_to_f32(__m128i v, __m256* out) {
   out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
@@ -371,6 +380,7 @@ inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float
   __m256 q[4];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * T::BYTES;
+    prefetch_ahead(blk, T::BYTES);
     T::scales(blk, sc, mins + b * T::NC);
     for (int c = 0; c < T::NC; ++c) {
       T::chunk(blk, c, q);
@@ -841,15 +851,6 @@ void quantize_row_q8k(const float* x, int64_t K, int8_t* q, float* d, int16_t* b
       bsums[b * 16 + j] = static_cast<int16_t>(s);
     }
   }
-}
-
-// The weight bytes kPrefetchBlocks blocks of `bytes` ahead of blk (the rows a GEMV reads lie one
-// after another, so this runs on into the next row) fetched into L1 now: the hardware
-// prefetcher alone left the one-row GEMVs waiting on memory at each block's first load.
-constexpr int64_t kPrefetchBlocks = 8;
-inline void prefetch_ahead(const uint8_t* blk, int64_t bytes) {
-  const char* p = reinterpret_cast<const char*>(blk + kPrefetchBlocks * bytes);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
 // The 8 6-bit scales and 8 6-bit mins of a Q4_K/Q5_K super-block's 12-byte field, as bytes:

@@ -145,6 +145,7 @@ void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out) 
     alignas(32) uint32_t rows[kB32NR][8];
     for (int i = 0; i < kB32NR; ++i) {
       const uint8_t* blk = w + i * row_bytes + b * T::BYTES;
+      prefetch_ahead(blk, T::BYTES);
       T::scales(blk, o.s + i, o.mn + i);
       __m256i q = T::I(blk, 0);
 #ifdef MOEFLOW_VNNI

@@ -263,8 +263,11 @@ void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
     for (int64_t n = n0; n < n1; n += kGemmNR) {
       const int64_t nr = std::min<int64_t>(kGemmNR, n1 - n);
       for (int64_t i = 0; i < nr; ++i)
-        for (int64_t b = 0; b < nb; ++b)
-          KDecode<T>::decode(w + (n + i) * row_bytes + b * T::BYTES, wt[i * nb + b]);
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* blk = w + (n + i) * row_bytes + b * T::BYTES;
+          prefetch_ahead(blk, T::BYTES);
+          KDecode<T>::decode(blk, wt[i * nb + b]);
+        }
       if (nr == kGemmNR) {
         kgemm_rows<T, kGemmNR>(am, wt, ym, N, n);
       } else {
