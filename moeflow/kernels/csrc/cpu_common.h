@@ -400,7 +400,7 @@ inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float
 }
 
 // Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for weight rows n0..n1-1 and
-// every tile of R activation rows m..m+R-1 (R = MR, then 4 where MR is 8, then 1; scratch: K / 32
+// every tile of R activation rows m..m+R-1 (R = MR, then 4 where MR is 8, 2, 1; scratch: K / 32
 // floats), and stores out[r] into y[m + r, n]. A row's result does not depend on its tile.
 template <int MR = 4, class Dot>
 void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
@@ -417,6 +417,12 @@ void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
       for (; m + 4 <= M; m += 4) {
         dot(wrow, m, std::integral_constant<int, 4>{}, scratch, out);
         for (int r = 0; r < 4; ++r) y[(m + r) * N + n] = out[r];
+      }
+    }
+    if constexpr (MR >= 4) {  // 2 rows (an expert's tokens at 4-16 streams) decode the row once
+      for (; m + 2 <= M; m += 2) {
+        dot(wrow, m, std::integral_constant<int, 2>{}, scratch, out);
+        for (int r = 0; r < 2; ++r) y[(m + r) * N + n] = out[r];
       }
     }
     for (; m < M; ++m) {
