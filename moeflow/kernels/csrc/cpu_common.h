@@ -666,7 +666,6 @@ struct Acts {
   }
 };
 
-
 // The K-quants against Q8_K activations: one overload per weight type (defined below).
 struct Q8KRows {  // MR consecutive activation rows of the Q8_K format
   const int8_t* q;

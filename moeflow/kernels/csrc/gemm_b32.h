@@ -24,35 +24,28 @@
 // (Q8_0, IQ4_NL): with VNNI stored as w + 128 (unsigned), the sum corrected by
 // -128 * sum(xq) of the block (xs); with AVX2 (maddubs would saturate on w + 128) the weights'
 // sign moves onto the activations as in dot_i8.
-// Included by cpu_common.h after the block types; gemv_rows calls gemv_b32_rows.
+// Included by cpu_common.h after the block types and gemm_i8.h, whose integer vector (KVec,
+// kload, ...) it uses; gemv_rows calls gemv_b32_rows.
 #pragma once
 
 namespace {
 
 #ifdef MOEFLOW_VNNI
-using BVec = __m512i;
 using BFVec = __m512;
-inline BVec bload(const void* p) { return _mm512_load_si512(p); }
-inline BVec bset1(int32_t v) { return _mm512_set1_epi32(v); }
-inline BVec bzero() { return _mm512_setzero_si512(); }
 inline BFVec bfload(const float* p) { return _mm512_load_ps(p); }
 inline BFVec bfset1(float v) { return _mm512_set1_ps(v); }
 inline BFVec bfzero() { return _mm512_setzero_ps(); }
-inline BFVec bfcvt(BVec v) { return _mm512_cvtepi32_ps(v); }
+inline BFVec bfcvt(KVec v) { return _mm512_cvtepi32_ps(v); }
 inline BFVec bfmul(BFVec a, BFVec b) { return _mm512_mul_ps(a, b); }
 inline BFVec bfadd(BFVec a, BFVec b) { return _mm512_add_ps(a, b); }
 inline BFVec bfmadd(BFVec a, BFVec b, BFVec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void bfstoreu(float* p, BFVec v) { _mm512_storeu_ps(p, v); }
 #else
-using BVec = __m256i;
 using BFVec = __m256;
-inline BVec bload(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
-inline BVec bset1(int32_t v) { return _mm256_set1_epi32(v); }
-inline BVec bzero() { return _mm256_setzero_si256(); }
 inline BFVec bfload(const float* p) { return _mm256_load_ps(p); }
 inline BFVec bfset1(float v) { return _mm256_set1_ps(v); }
 inline BFVec bfzero() { return _mm256_setzero_ps(); }
-inline BFVec bfcvt(BVec v) { return _mm256_cvtepi32_ps(v); }
+inline BFVec bfcvt(KVec v) { return _mm256_cvtepi32_ps(v); }
 inline BFVec bfmul(BFVec a, BFVec b) { return _mm256_mul_ps(a, b); }
 inline BFVec bfadd(BFVec a, BFVec b) { return _mm256_add_ps(a, b); }
 inline BFVec bfmadd(BFVec a, BFVec b, BFVec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -176,22 +169,21 @@ void b32_tile(const ActsView& a, int64_t m, const B32Block* t, float* y, int64_t
   const int8_t* xr[MR];
   for (int r = 0; r < MR; ++r) xr[r] = a.xq + (m + r) * K;
   for (int64_t b = 0; b < nb; ++b) {
-    BVec sum[MR];
-    for (int r = 0; r < MR; ++r) sum[r] = bzero();
+    KVec sum[MR];
+    for (int r = 0; r < MR; ++r) sum[r] = kzero();
     for (int g = 0; g < 8; ++g) {
-      const BVec wv = bload(t[b].q + g * 4 * kB32NR);
+      const KVec wv = kload(t[b].q + g * 4 * kB32NR);
 #ifndef MOEFLOW_VNNI
-      [[maybe_unused]] const BVec wu = _mm256_sign_epi8(wv, wv);
+      [[maybe_unused]] const KVec wu = kabs(wv);
 #endif
       for (int r = 0; r < MR; ++r) {
         int32_t x4;
         std::memcpy(&x4, xr[r] + b * 32 + g * 4, 4);
-        const BVec xb = bset1(x4);
+        const KVec xb = kset1(x4);
 #ifdef MOEFLOW_VNNI
         sum[r] = _mm512_dpbusd_epi32(sum[r], wv, xb);
 #else
-        const __m256i p = T::SIGNED ? _mm256_maddubs_epi16(wu, _mm256_sign_epi8(xb, wv))
-                                    : _mm256_maddubs_epi16(wv, xb);
+        const KVec p = T::SIGNED ? kmaddubs(wu, ksign(xb, wv)) : kmaddubs(wv, xb);
         sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 #endif
       }
@@ -199,7 +191,7 @@ void b32_tile(const ActsView& a, int64_t m, const B32Block* t, float* y, int64_t
 #ifdef MOEFLOW_VNNI
     if constexpr (T::SIGNED)
       for (int r = 0; r < MR; ++r)
-        sum[r] = _mm512_sub_epi32(sum[r], bset1(128 * a.xs[(m + r) * nb + b]));
+        sum[r] = _mm512_sub_epi32(sum[r], kset1(128 * a.xs[(m + r) * nb + b]));
 #endif
     const BFVec sv = bfload(t[b].s);
     for (int r = 0; r < MR; ++r) {

@@ -108,13 +108,15 @@ template <> struct KDecode<IQ4_XS> {
   }
 };
 
-// The microkernel's vector: 64 bytes (two chunks, in kq8k_slot order) with AVX-512, else 32.
+// The int8 microkernels' integer vector (here and in gemm_b32.h): 64 bytes (here two chunks, in
+// kq8k_slot order) with AVX-512, else 32.
 #ifdef MOEFLOW_VNNI
 using KVec = __m512i;
 constexpr int kKStep = 64;
 inline KVec kload(const void* p) { return _mm512_load_si512(p); }
 inline KVec kloadu(const void* p) { return _mm512_loadu_si512(p); }
 inline KVec kzero() { return _mm512_setzero_si512(); }
+inline KVec kset1(int32_t v) { return _mm512_set1_epi32(v); }
 inline KVec kmaddubs(KVec u, KVec s) { return _mm512_maddubs_epi16(u, s); }
 inline KVec kdot(KVec acc, KVec a, KVec b) { return _mm512_dpwssd_epi32(acc, a, b); }
 inline KVec kabs(KVec w) { return _mm512_abs_epi8(w); }
@@ -132,6 +134,7 @@ constexpr int kKStep = 32;
 inline KVec kload(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
 inline KVec kloadu(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline KVec kzero() { return _mm256_setzero_si256(); }
+inline KVec kset1(int32_t v) { return _mm256_set1_epi32(v); }
 inline KVec kmaddubs(KVec u, KVec s) { return _mm256_maddubs_epi16(u, s); }
 inline KVec kdot(KVec acc, KVec a, KVec b) { return madd_acc(acc, a, b); }
 inline KVec kabs(KVec w) { return _mm256_sign_epi8(w, w); }
