@@ -484,7 +484,9 @@ struct alignas(64) B32Block {
 struct GemvScratch {
   std::vector<float> mins;
   std::vector<__m256> acc;
-  std::vector<KBlock> kblocks;  // kGemmNR weight rows decoded over K
+  std::vector<KBlock> kblocks;  // kGemmNB weight rows decoded over K
+  std::vector<int32_t> kmin_c;  // their min coefficients, transposed (gemm_i8.h's KMinTiles)
+  std::vector<float> kmin_d;
   std::vector<B32Block> b32;    // kB32NR weight rows decoded over K
   void reserve(int64_t M, int64_t K) {
     if (static_cast<int64_t>(mins.size()) < kNR * (K / 32))

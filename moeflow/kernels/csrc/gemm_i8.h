@@ -4,7 +4,9 @@
 // here kGemmNR weight rows are decoded once, over all of K, into KBlocks (the weights as bytes
 // beside their int16 scales per 16 values), and a register-blocked microkernel runs kGemmMR
 // activation rows x kGemmNR weight rows per step over them (AVX-512: 64 bytes a step, maddubs +
-// vpdpwssd; AVX2: 32 bytes, maddubs + madd).
+// vpdpwssd; AVX2: 32 bytes, maddubs + madd). With AVX-512 two weight rows share the vectors of
+// the per-super-block float work (kgemm_tile_pairs). The min term of Q2_K Q4_K Q5_K is taken
+// apart, for kGemmNB weight rows at once (kmin_rows).
 //
 // Bit for bit dot_q8k: a super-block's integer sums land in the same 8 int32 lanes (lane i sums
 // bytes 4i..4i+3 of every chunk; integer sums do not depend on their order, and no int16 step
@@ -26,11 +28,24 @@ enum class BsumTerm { kNone, kMin, kOffset };
 // stored as signed bytes (IQ4_XS), else unsigned.
 template <class T> struct KDecode;
 
-inline void store_chunk(KBlock& o, int c, __m256i q, int16_t s_lo, int16_t s_hi) {
+// c's 16 int16 scales: lanes 0-7 v's int16 lane lo, 8-15 its lane hi (v: 16 int16)
+inline __m256i scale_pair(__m256i v, int lo, int hi) {
+#ifdef MOEFLOW_VNNI
+  return _mm256_permutexvar_epi16(
+      _mm256_inserti128_si256(_mm256_set1_epi16(static_cast<int16_t>(lo)),
+                              _mm_set1_epi16(static_cast<int16_t>(hi)), 1),
+      v);
+#else
+  alignas(32) int16_t t[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  return _mm256_set_m128i(_mm_set1_epi16(t[hi]), _mm_set1_epi16(t[lo]));
+#endif
+}
+
+inline void store_chunk(KBlock& o, int c, __m256i q, __m256i s) {
   const int slot = kq8k_slot(c);
   _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 32 * slot), q);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.s + 16 * slot),
-                     _mm256_set_m128i(_mm_set1_epi16(s_hi), _mm_set1_epi16(s_lo)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.s + 16 * slot), s);
 }
 
 template <class T>
@@ -39,8 +54,13 @@ inline void decode_k45(const uint8_t* blk, KBlock& o) {
   k4_scale_bytes(blk + 4, sm);
   o.d = fp16(blk);
   o.dmin = fp16(blk + 2);
-  for (int c = 0; c < 8; ++c) store_chunk(o, c, T::I(blk, c), sm[c], sm[c]);
-  for (int j = 0; j < 16; ++j) o.c16[j] = sm[8 + j / 2];
+  // scales then mins as int16: sc[c] = lane c, mn[c] = lane 8 + c
+  const __m256i sc = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sm)));
+  for (int c = 0; c < 8; ++c) store_chunk(o, c, T::I(blk, c), scale_pair(sc, c, c));
+  // c16[j] = mn[j / 2]: each min twice
+  const __m128i mn = _mm256_extracti128_si256(sc, 1);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.c16),
+                     _mm256_set_m128i(_mm_unpackhi_epi16(mn, mn), _mm_unpacklo_epi16(mn, mn)));
 }
 
 template <> struct KDecode<Q4_K> {
@@ -59,13 +79,15 @@ template <> struct KDecode<Q6_K> {
   static constexpr bool kSigned = false;
   static constexpr BsumTerm kTerm = BsumTerm::kOffset;
   static void decode(const uint8_t* blk, KBlock& o) {
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const __m256i sc =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
     o.d = fp16(blk + 208);
     o.dmin = 0.0f;
     for (int c = 0; c < 8; ++c)  // I() gives q - 32: back to 0..63
-      store_chunk(o, c, _mm256_add_epi8(Q6_K::I(blk, c), _mm256_set1_epi8(32)), sc[2 * c],
-                  sc[2 * c + 1]);
-    for (int j = 0; j < 16; ++j) o.c16[j] = static_cast<int16_t>(-32 * sc[j]);
+      store_chunk(o, c, _mm256_add_epi8(Q6_K::I(blk, c), _mm256_set1_epi8(32)),
+                  scale_pair(sc, 2 * c, 2 * c + 1));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.c16),
+                       _mm256_mullo_epi16(sc, _mm256_set1_epi16(-32)));
   }
 };
 
@@ -76,7 +98,8 @@ template <> struct KDecode<Q2_K> {
     o.d = fp16(blk + 80);
     o.dmin = fp16(blk + 82);
     for (int c = 0; c < 8; ++c)
-      store_chunk(o, c, Q2_K::I(blk, c), blk[2 * c] & 0xF, blk[2 * c + 1] & 0xF);
+      store_chunk(o, c, Q2_K::I(blk, c),
+                  _mm256_set_m128i(_mm_set1_epi16(blk[2 * c + 1] & 0xF), _mm_set1_epi16(blk[2 * c] & 0xF)));
     for (int j = 0; j < 16; ++j) o.c16[j] = blk[j] >> 4;
   }
 };
@@ -89,7 +112,9 @@ template <> struct KDecode<Q3_K> {
     q3k_scales(blk + 96, sc);
     o.d = fp16(blk + 108);
     o.dmin = 0.0f;
-    for (int c = 0; c < 8; ++c) store_chunk(o, c, Q3_K::I(blk, c), sc[2 * c], sc[2 * c + 1]);
+    for (int c = 0; c < 8; ++c)
+      store_chunk(o, c, Q3_K::I(blk, c),
+                  _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c])));
     for (int j = 0; j < 16; ++j) o.c16[j] = static_cast<int16_t>(-4 * sc[j]);
   }
 };
@@ -102,7 +127,7 @@ template <> struct KDecode<IQ4_XS> {
     o.dmin = 0.0f;
     for (int c = 0; c < 8; ++c) {
       const auto s = static_cast<int16_t>(IQ4_XS::ls(blk, c) - 32);
-      store_chunk(o, c, IQ4_XS::I(blk, c), s, s);
+      store_chunk(o, c, IQ4_XS::I(blk, c), _mm256_set1_epi16(s));
     }
     for (int j = 0; j < 16; ++j) o.c16[j] = 0;
   }
@@ -142,84 +167,117 @@ inline KVec ksign(KVec x, KVec w) { return _mm256_sign_epi8(x, w); }
 inline __m256i kfold(KVec v) { return v; }
 #endif
 
-// out[r][n] = activation row r (of a) . weight row n (its nb KBlocks at wt + n * nb), for MR x NR
+// One super-block b's integer sums of MR activation rows x NR decoded weight rows, in KVec
+// lanes (with AVX-512 two chunks' lanes side by side: kfold sums them to dot_q8k's 8 lanes).
 template <class T, int MR, int NR>
-void kgemm_tile(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR]) {
-  constexpr BsumTerm term = KDecode<T>::kTerm;
-  __m256 acc[MR][NR];
-  float macc[MR][NR];
+inline void kgemm_sums(const KBlock* wt, int64_t nb, const Q8KRows& a, int64_t b,
+                       KVec (&sum)[MR][NR]) {
   for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NR; ++n) sum[r][n] = kzero();
+  for (int j = 0; j < 256; j += kKStep) {
+    KVec x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = kloadu(a.q + r * a.K + b * 256 + j);
     for (int n = 0; n < NR; ++n) {
-      acc[r][n] = _mm256_setzero_ps();
-      macc[r][n] = 0.0f;
+      const KBlock& t = wt[n * nb + b];
+      const KVec w = kload(t.q + j), s = kload(t.s + j / 2);
+      if constexpr (KDecode<T>::kSigned) {
+        const KVec wu = kabs(w);
+        for (int r = 0; r < MR; ++r) sum[r][n] = kdot(sum[r][n], kmaddubs(wu, ksign(x[r], w)), s);
+      } else {
+        for (int r = 0; r < MR; ++r) sum[r][n] = kdot(sum[r][n], kmaddubs(w, x[r]), s);
+      }
     }
+  }
+}
+
+// The float work of dot_q8k after a super-block's integer lanes si of (r, n), for the types
+// whose bsum term enters the lanes (kOffset) or not at all: si += madd(bsums, c16) for kOffset,
+// then acc += (d * d8) * float(si), lane by lane. The min term of the kMin types (dot_q8k's
+// macc) is not taken here but by kmin_rows, once for 16 weight rows: the tile's out[r][n] is
+// hsum(acc) alone, and kmin_rows adds macc to it, dot_q8k's last step.
+template <class T, int MR, int NR>
+void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR]) {
+  __m256 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     KVec sum[MR][NR];
-    for (int r = 0; r < MR; ++r)
-      for (int n = 0; n < NR; ++n) sum[r][n] = kzero();
-    for (int j = 0; j < 256; j += kKStep) {
-      KVec x[MR];
-      for (int r = 0; r < MR; ++r) x[r] = kloadu(a.q + r * a.K + b * 256 + j);
-      for (int n = 0; n < NR; ++n) {
-        const KBlock& t = wt[n * nb + b];
-        const KVec w = kload(t.q + j), s = kload(t.s + j / 2);
-        if constexpr (KDecode<T>::kSigned) {
-          const KVec wu = kabs(w);
-          for (int r = 0; r < MR; ++r)
-            sum[r][n] = kdot(sum[r][n], kmaddubs(wu, ksign(x[r], w)), s);
-        } else {
-          for (int r = 0; r < MR; ++r) sum[r][n] = kdot(sum[r][n], kmaddubs(w, x[r]), s);
-        }
-      }
-    }
-    // The float work of dot_q8k, per (r, n): acc += (d * d8) * float(lanes), and for kMin
-    // macc -= dmin * d8 * float(sum(c16 * bsums)); with 4 weight rows, these products and the
-    // integer sums are taken for the 4 at once (the same values lane by lane).
-    alignas(16) float dn[NR], dminn[NR];
-    for (int n = 0; n < NR; ++n) {
-      dn[n] = wt[n * nb + b].d;
-      dminn[n] = wt[n * nb + b].dmin;
-    }
+    kgemm_sums<T, MR, NR>(wt, nb, a, b, sum);
     for (int r = 0; r < MR; ++r) {
       const float d8 = a.d[r * nb + b];
-      const __m256i bs =
+      [[maybe_unused]] const __m256i bs =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16));
-      alignas(16) float dd[NR];
-      [[maybe_unused]] alignas(16) int32_t ms[NR];
-      if constexpr (NR == 4) {
-        _mm_store_ps(dd, _mm_mul_ps(_mm_load_ps(dn), _mm_set1_ps(d8)));
-      } else {
-        for (int n = 0; n < NR; ++n) dd[n] = dn[n] * d8;
-      }
       for (int n = 0; n < NR; ++n) {
         const KBlock& t = wt[n * nb + b];
         __m256i si = kfold(sum[r][n]);
-        const __m256i c16 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.c16));
-        if constexpr (term == BsumTerm::kOffset) si = madd_acc(si, bs, c16);
-        acc[r][n] = _mm256_fmadd_ps(_mm256_set1_ps(dd[n]), _mm256_cvtepi32_ps(si), acc[r][n]);
-        if constexpr (term == BsumTerm::kMin && NR != 4)
-          ms[n] = hsum_i32(_mm256_madd_epi16(bs, c16));
-      }
-      if constexpr (term == BsumTerm::kMin && NR == 4) {
-        __m256i p[4];
-        for (int n = 0; n < 4; ++n)
-          p[n] = _mm256_madd_epi16(
-              bs, _mm256_load_si256(reinterpret_cast<const __m256i*>(wt[n * nb + b].c16)));
-        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]),
-                                            _mm256_hadd_epi32(p[2], p[3]));
-        const __m128 msf = _mm_cvtepi32_ps(
-            _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-        const __m128 prod = _mm_mul_ps(_mm_mul_ps(_mm_load_ps(dminn), _mm_set1_ps(d8)), msf);
-        _mm_storeu_ps(macc[r], _mm_sub_ps(_mm_loadu_ps(macc[r]), prod));
-      } else if constexpr (term == BsumTerm::kMin) {
-        for (int n = 0; n < NR; ++n)
-          macc[r][n] -= dminn[n] * d8 * static_cast<float>(ms[n]);
+        if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset)
+          si = madd_acc(si, bs, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.c16)));
+        acc[r][n] = _mm256_fmadd_ps(_mm256_set1_ps(t.d * d8), _mm256_cvtepi32_ps(si), acc[r][n]);
       }
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int n = 0; n < NR; ++n)
-      out[r][n] = term == BsumTerm::kMin ? hsum(acc[r][n]) + macc[r][n] : hsum(acc[r][n]);
+    for (int n = 0; n < NR; ++n) out[r][n] = hsum(acc[r][n]);
+}
+
+#ifdef MOEFLOW_VNNI
+// kgemm_tile_lanes for an even NR with AVX-512: the lanes of two weight rows share a vector
+// (n = 2p in lanes 0-7, 2p + 1 in 8-15), so the fold to 8 lanes, the conversion and the fma
+// are one instruction per pair, not per row. The same values lane by lane.
+template <class T, int MR, int NR>
+void kgemm_tile_pairs(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR]) {
+  constexpr int NP = NR / 2;
+  __m512 acc[MR][NP];
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    KVec sum[MR][NR];
+    kgemm_sums<T, MR, NR>(wt, nb, a, b, sum);
+    __m512 dp[NP];
+    [[maybe_unused]] __m512i cp[NP];
+    for (int p = 0; p < NP; ++p) {
+      const KBlock &t0 = wt[2 * p * nb + b], &t1 = wt[(2 * p + 1) * nb + b];
+      dp[p] = _mm512_insertf32x8(_mm512_set1_ps(t0.d), _mm256_set1_ps(t1.d), 1);
+      if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset)
+        cp[p] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(t0.c16))),
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(t1.c16)), 1);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512 d8 = _mm512_set1_ps(a.d[r * nb + b]);
+      [[maybe_unused]] __m512i bs;
+      if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset)
+        bs = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16)));
+      for (int p = 0; p < NP; ++p) {
+        const __m512i u = sum[r][2 * p], v = sum[r][2 * p + 1];
+        // lanes 0-7: kfold(u), 8-15: kfold(v)
+        __m512i si = _mm512_add_epi32(_mm512_shuffle_i64x2(u, v, 0x44),
+                                      _mm512_shuffle_i64x2(u, v, 0xEE));
+        if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset) si = _mm512_dpwssd_epi32(si, bs, cp[p]);
+        acc[r][p] = _mm512_fmadd_ps(_mm512_mul_ps(dp[p], d8), _mm512_cvtepi32_ps(si), acc[r][p]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NP; ++p) {
+      out[r][2 * p] = hsum(_mm512_castps512_ps256(acc[r][p]));
+      out[r][2 * p + 1] = hsum(_mm512_extractf32x8_ps(acc[r][p], 1));
+    }
+}
+#endif
+
+// out[r][n] = activation row r (of a) . weight row n (its nb KBlocks at wt + n * nb), for MR x NR
+// (without the kMin types' min term: kmin_rows)
+template <class T, int MR, int NR>
+void kgemm_tile(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR]) {
+#ifdef MOEFLOW_VNNI
+  if constexpr (NR % 2 == 0) {
+    kgemm_tile_pairs<T, MR, NR>(wt, nb, a, out);
+    return;
+  }
+#endif
+  kgemm_tile_lanes<T, MR, NR>(wt, nb, a, out);
 }
 
 // y[m, n] for every activation row m < M and weight rows n0..n0+NR-1 (decoded at wt)
@@ -249,32 +307,102 @@ void kgemm_rows(const ActsView& a, const KBlock* wt, float* y, int64_t N, int64_
   }
 }
 
+// The kMin types' min term for up to kGemmNB decoded weight rows, dot_q8k's macc: per
+// super-block b, ms = sum(c16 * bsums) (exact int32), then macc = macc - (dmin * d8) * float(ms),
+// b by b, and the row's result is hsum(acc) + macc. Here the 16 weight rows are the lanes: c16
+// of the rows transposed to [b][pair of c16 values][row] (c: one int32 per pair of int16), dmin
+// to [b][row] (d), so a super-block's ms for all 16 rows is 8 madd against one broadcast pair of
+// bsums, and the float work above is one vector operation each.
+constexpr int kGemmNB = 16;
+
+struct KMinTiles {
+  int32_t* c;  // [nb][8][kGemmNB]
+  float* d;    // [nb][kGemmNB]
+  static void reserve(GemvScratch& s, int64_t nb) {
+    if (static_cast<int64_t>(s.kmin_c.size()) < nb * 8 * kGemmNB)
+      s.kmin_c.resize(static_cast<size_t>(nb * 8 * kGemmNB));
+    if (static_cast<int64_t>(s.kmin_d.size()) < nb * kGemmNB)
+      s.kmin_d.resize(static_cast<size_t>(nb * kGemmNB));
+  }
+  // weight row i's (< kGemmNB) super-block b, decoded in o
+  void put(int64_t b, int i, const KBlock& o) const {
+    int32_t pairs[8];
+    std::memcpy(pairs, o.c16, sizeof pairs);
+    for (int jp = 0; jp < 8; ++jp) c[(b * 8 + jp) * kGemmNB + i] = pairs[jp];
+    d[b * kGemmNB + i] = o.dmin;
+  }
+  void clear(int64_t b, int i) const {
+    for (int jp = 0; jp < 8; ++jp) c[(b * 8 + jp) * kGemmNB + i] = 0;
+    d[b * kGemmNB + i] = 0.0f;
+  }
+};
+
+// y[m, n0 + i] += macc of activation row m and weight row i < nr, for every m < M
+inline void kmin_rows(const ActsView& a, const KMinTiles& t, int64_t nr, float* y, int64_t N,
+                      int64_t n0) {
+  const int64_t K = a.K, nb = K / 256;
+  for (int64_t m = 0; m < a.M; ++m) {
+    __m256 macc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t bs[8];
+      std::memcpy(bs, a.kbs + m * (K / 16) + b * 16, sizeof bs);
+      const __m256 d8 = _mm256_set1_ps(a.kd[m * nb + b]);
+      for (int h = 0; h < 2; ++h) {
+        __m256i ms = _mm256_setzero_si256();
+        for (int jp = 0; jp < 8; ++jp)
+          ms = madd_acc(ms,
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                            t.c + (b * 8 + jp) * kGemmNB + 8 * h)),
+                        _mm256_set1_epi32(bs[jp]));
+        const __m256 dd = _mm256_mul_ps(_mm256_loadu_ps(t.d + b * kGemmNB + 8 * h), d8);
+        macc[h] = _mm256_sub_ps(macc[h], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(ms)));
+      }
+    }
+    alignas(32) float out[kGemmNB];
+    _mm256_store_ps(out, macc[0]);
+    _mm256_store_ps(out + 8, macc[1]);
+    for (int64_t i = 0; i < nr; ++i) y[m * N + n0 + i] += out[i];
+  }
+}
+
 // Activation rows per pass over the weight rows: 256 rows of K int8 values stay in L2 while
-// every group of kGemmNR weight rows is decoded and run against them.
+// every group of kGemmNB weight rows is decoded and run against them.
 constexpr int64_t kGemmMB = 256;
 
 template <class T>
 void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
                    float* y, GemvScratch& scratch) {
+  constexpr bool kMin = KDecode<T>::kTerm == BsumTerm::kMin;
   const int64_t nb = a.K / 256, row_bytes = nb * T::BYTES;
   if (static_cast<int64_t>(scratch.kblocks.size()) < kGemmNR * nb)
     scratch.kblocks.resize(static_cast<size_t>(kGemmNR * nb));
-  KBlock* wt = scratch.kblocks.data();
+  KBlock* wt = scratch.kblocks.data();  // kGemmNR rows at a time: they stay in L1
+  if constexpr (kMin) KMinTiles::reserve(scratch, nb);
+  const KMinTiles mt{scratch.kmin_c.data(), scratch.kmin_d.data()};
   for (int64_t m0 = 0; m0 < a.M; m0 += kGemmMB) {
     const ActsView am = a.rows(m0, std::min(kGemmMB, a.M - m0));
     float* ym = y + m0 * N;
-    for (int64_t n = n0; n < n1; n += kGemmNR) {
-      const int64_t nr = std::min<int64_t>(kGemmNR, n1 - n);
-      for (int64_t i = 0; i < nr; ++i)
-        for (int64_t b = 0; b < nb; ++b) {
-          const uint8_t* blk = w + (n + i) * row_bytes + b * T::BYTES;
-          prefetch_ahead(blk, T::BYTES);
-          KDecode<T>::decode(blk, wt[i * nb + b]);
+    for (int64_t n = n0; n < n1; n += kGemmNB) {
+      const int64_t nr = std::min<int64_t>(kGemmNB, n1 - n);
+      for (int64_t g = 0; g < nr; g += kGemmNR) {
+        const int64_t gr = std::min<int64_t>(kGemmNR, nr - g);
+        for (int64_t i = 0; i < gr; ++i)
+          for (int64_t b = 0; b < nb; ++b) {
+            const uint8_t* blk = w + (n + g + i) * row_bytes + b * T::BYTES;
+            prefetch_ahead(blk, T::BYTES);
+            KDecode<T>::decode(blk, wt[i * nb + b]);
+            if constexpr (kMin) mt.put(b, static_cast<int>(g + i), wt[i * nb + b]);
+          }
+        if (gr == kGemmNR) {
+          kgemm_rows<T, kGemmNR>(am, wt, ym, N, n + g);
+        } else {
+          for (int64_t i = 0; i < gr; ++i) kgemm_rows<T, 1>(am, wt + i * nb, ym, N, n + g + i);
         }
-      if (nr == kGemmNR) {
-        kgemm_rows<T, kGemmNR>(am, wt, ym, N, n);
-      } else {
-        for (int64_t i = 0; i < nr; ++i) kgemm_rows<T, 1>(am, wt + i * nb, ym, N, n + i);
+      }
+      if constexpr (kMin) {
+        for (int64_t i = nr; i < kGemmNB; ++i)
+          for (int64_t b = 0; b < nb; ++b) mt.clear(b, static_cast<int>(i));
+        kmin_rows(am, mt, nr, ym, N, n);
       }
     }
   }
