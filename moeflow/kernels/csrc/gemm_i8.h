@@ -167,6 +167,18 @@ inline KVec ksign(KVec x, KVec w) { return _mm256_sign_epi8(x, w); }
 inline __m256i kfold(KVec v) { return v; }
 #endif
 
+// The next weight rows' bytes, streamed into L2 a few lines per super-block while the
+// microkernels run (the decode that follows then finds them there; a burst of prefetches
+// before the microkernels would stall on the line-fill buffers instead).
+struct Prefetcher {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t per_step = 0;
+  void step() {
+    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
+  }
+};
+
 // One super-block b's integer sums of MR activation rows x NR decoded weight rows, in KVec
 // lanes (with AVX-512 two chunks' lanes side by side: kfold sums them to dot_q8k's 8 lanes).
 template <class T, int MR, int NR>
@@ -196,13 +208,15 @@ inline void kgemm_sums(const KBlock* wt, int64_t nb, const Q8KRows& a, int64_t b
 // macc) is not taken here but by kmin_rows, once for 16 weight rows: the tile's out[r][n] is
 // hsum(acc) alone, and kmin_rows adds macc to it, dot_q8k's last step.
 template <class T, int MR, int NR>
-void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR]) {
+void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
+                      Prefetcher& pf) {
   __m256 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     KVec sum[MR][NR];
     kgemm_sums<T, MR, NR>(wt, nb, a, b, sum);
+    pf.step();
     for (int r = 0; r < MR; ++r) {
       const float d8 = a.d[r * nb + b];
       [[maybe_unused]] const __m256i bs =
@@ -225,7 +239,8 @@ void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
 // (n = 2p in lanes 0-7, 2p + 1 in 8-15), so the fold to 8 lanes, the conversion and the fma
 // are one instruction per pair, not per row. The same values lane by lane.
 template <class T, int MR, int NR>
-void kgemm_tile_pairs(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR]) {
+void kgemm_tile_pairs(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
+                      Prefetcher& pf) {
   constexpr int NP = NR / 2;
   __m512 acc[MR][NP];
   for (int r = 0; r < MR; ++r)
@@ -233,6 +248,7 @@ void kgemm_tile_pairs(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
   for (int64_t b = 0; b < nb; ++b) {
     KVec sum[MR][NR];
     kgemm_sums<T, MR, NR>(wt, nb, a, b, sum);
+    pf.step();
     __m512 dp[NP];
     [[maybe_unused]] __m512i cp[NP];
     for (int p = 0; p < NP; ++p) {
@@ -270,19 +286,21 @@ void kgemm_tile_pairs(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
 // out[r][n] = activation row r (of a) . weight row n (its nb KBlocks at wt + n * nb), for MR x NR
 // (without the kMin types' min term: kmin_rows)
 template <class T, int MR, int NR>
-void kgemm_tile(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR]) {
+void kgemm_tile(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
+                Prefetcher& pf) {
 #ifdef MOEFLOW_VNNI
   if constexpr (NR % 2 == 0) {
-    kgemm_tile_pairs<T, MR, NR>(wt, nb, a, out);
+    kgemm_tile_pairs<T, MR, NR>(wt, nb, a, out, pf);
     return;
   }
 #endif
-  kgemm_tile_lanes<T, MR, NR>(wt, nb, a, out);
+  kgemm_tile_lanes<T, MR, NR>(wt, nb, a, out, pf);
 }
 
 // y[m, n] for every activation row m < M and weight rows n0..n0+NR-1 (decoded at wt)
 template <class T, int NR>
-void kgemm_rows(const ActsView& a, const KBlock* wt, float* y, int64_t N, int64_t n0) {
+void kgemm_rows(const ActsView& a, const KBlock* wt, float* y, int64_t N, int64_t n0,
+                Prefetcher& pf) {
   const int64_t K = a.K, nb = K / 256;
   const auto rows = [&](int64_t m) {
     return Q8KRows{a.kq + m * K, a.kd + m * nb, a.kbs + m * (K / 16), K};
@@ -290,19 +308,19 @@ void kgemm_rows(const ActsView& a, const KBlock* wt, float* y, int64_t N, int64_
   float out[kGemmMR][NR];
   int64_t m = 0;
   for (; m + kGemmMR <= a.M; m += kGemmMR) {
-    kgemm_tile<T, kGemmMR, NR>(wt, nb, rows(m), out);
+    kgemm_tile<T, kGemmMR, NR>(wt, nb, rows(m), out, pf);
     for (int r = 0; r < kGemmMR; ++r)
       for (int n = 0; n < NR; ++n) y[(m + r) * N + n0 + n] = out[r][n];
   }
   if constexpr (kGemmMR > 2) {
     for (; m + 2 <= a.M; m += 2) {
-      kgemm_tile<T, 2, NR>(wt, nb, rows(m), out);
+      kgemm_tile<T, 2, NR>(wt, nb, rows(m), out, pf);
       for (int r = 0; r < 2; ++r)
         for (int n = 0; n < NR; ++n) y[(m + r) * N + n0 + n] = out[r][n];
     }
   }
   for (; m < a.M; ++m) {
-    kgemm_tile<T, 1, NR>(wt, nb, rows(m), out);
+    kgemm_tile<T, 1, NR>(wt, nb, rows(m), out, pf);
     for (int n = 0; n < NR; ++n) y[m * N + n0 + n] = out[0][n];
   }
 }
@@ -393,10 +411,19 @@ void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
             KDecode<T>::decode(blk, wt[i * nb + b]);
             if constexpr (kMin) mt.put(b, static_cast<int>(g + i), wt[i * nb + b]);
           }
+        Prefetcher pf;
+        const int64_t next = n + g + gr;
+        if (next < n1) {
+          pf.p = reinterpret_cast<const char*>(w + next * row_bytes);
+          pf.end = pf.p + std::min<int64_t>(kGemmNR, n1 - next) * row_bytes;
+          const int64_t steps = (am.M + kGemmMR - 1) / kGemmMR * nb * (gr == kGemmNR ? 1 : gr);
+          pf.per_step = ((pf.end - pf.p) / 64 + steps) / steps;
+        }
         if (gr == kGemmNR) {
-          kgemm_rows<T, kGemmNR>(am, wt, ym, N, n + g);
+          kgemm_rows<T, kGemmNR>(am, wt, ym, N, n + g, pf);
         } else {
-          for (int64_t i = 0; i < gr; ++i) kgemm_rows<T, 1>(am, wt + i * nb, ym, N, n + g + i);
+          for (int64_t i = 0; i < gr; ++i)
+            kgemm_rows<T, 1>(am, wt + i * nb, ym, N, n + g + i, pf);
         }
       }
       if constexpr (kMin) {
