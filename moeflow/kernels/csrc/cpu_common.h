@@ -454,13 +454,16 @@ constexpr int kGemmMR = 4, kGemmNR = 4;
 constexpr int kGemmMR = 2, kGemmNR = 4;
 #endif
 constexpr int64_t kGemmMinRows = 6;
-// Q6_K's GEMV, whose super-block decode is the costliest, stays ahead of the GEMM up to 8 rows
-// with AVX-512 (dot_q8k's tiles of 8; Qwen3's LM head [151936, 2048], 8 rows, 2 threads: 21.2
-// against 28.5 ms; 6 rows 20.3 against 23.8); AVX2 keeps 6 (not measured there).
+// With AVX-512 the GEMM is ahead from 3 rows but for Q2_K, whose GEMV is the cheapest to decode
+// (2 threads, [768, 2048], [2048, 768] and [4096, 2048], GEMV against GEMM: Q4_K 3 rows
+// 0.110/0.102/0.480 against 0.087/0.103/0.360 ms, 5 rows 0.151/0.133/0.655 against
+// 0.122/0.089/0.462; Q6_K, Q5_K, Q3_K, IQ4_XS alike; Q6_K at 4 rows and Q5_K at 4 even; Q2_K 3
+// rows 0.084/0.083/0.407 against 0.106/0.104/0.526). AVX2 (the AVX2 build on that machine):
+// the GEMV is ahead or even up to 5 rows.
 template <class T>
 constexpr int64_t gemm_min_rows() {
 #ifdef MOEFLOW_VNNI
-  if constexpr (std::is_same_v<T, Q6_K>) return 9;
+  if constexpr (!std::is_same_v<T, Q2_K>) return 3;
 #endif
   return kGemmMinRows;
 }
