@@ -115,6 +115,7 @@ def load_model(
     reader: gguf.GGUFReader | None = None
     if isinstance(source, GGUFFile):
         reader = gguf.GGUFReader(path)
+        _prefetch_mapped(reader, device)
         config = ModelConfig.from_hf(gguf_hf.gguf_to_hf_config(reader))
         tokenizer = paired or Tokenizer.from_gguf_metadata(reader.metadata)
         note = dequantized_types_note((t.ggml_type for t in reader.tensors.values()), device, dtype)
@@ -148,6 +149,21 @@ def load_model(
     elapsed = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, elapsed)
     return LoadedModel(net, config, tokenizer, path, device, dtype, elapsed)
+
+
+def _prefetch_mapped(reader: gguf.GGUFReader, device: str) -> None:
+    """On a CPU, where GGUF blocks are used in place from the mapping, start reading the file
+    into the page cache now (GGUFReader.prefetch) when it fits in the memory available; a file
+    that does not fit is left to fault in as it is used (its pages would evict each other)."""
+    if not device.startswith("cpu"):
+        return
+    from moeflow.loading.memory_plan import available_memory  # it imports this module
+
+    size = sum(os.path.getsize(p) for p in reader.shard_paths)
+    avail = available_memory(device).bytes
+    if avail is not None and size > avail:
+        return
+    reader.prefetch()
 
 
 def build_model(config: ModelConfig, device: str, dtype: torch.dtype) -> CausalLM:

@@ -128,6 +128,20 @@ class GGUFReader:
             out = out.clone()  # never hand out a view of the read-only mapping
         return out
 
+    def prefetch(self) -> int:
+        """Ask the kernel to read every shard into the page cache ahead of use (madvise
+        WILLNEED, as llama.cpp does on load): the reads run in the background, so the first
+        prefill does not fault each expert in from disk. Returns the bytes advised (0 where the
+        platform has no madvise)."""
+        advised = 0
+        for mm in self._require_open():
+            try:
+                mm.madvise(mmap.MADV_WILLNEED)
+            except (AttributeError, OSError, ValueError):
+                continue
+            advised += len(mm)
+        return advised
+
     def close(self) -> None:
         """Drop the reader's hold on the mapping: the file is unmapped once no view from `raw()`
         is alive (each view holds a reference to the mmap object).

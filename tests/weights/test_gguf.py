@@ -5,6 +5,7 @@ work budget."""
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import sys
 import tracemalloc
@@ -300,6 +301,19 @@ def test_smollm2_config_and_tensors(smollm2_path: str) -> None:
             assert r.tensors[name].ggml_type == int(t.tensor_type)
             assert r.tensors[name].shape == tuple(int(n) for n in reversed(t.shape))
             torch.testing.assert_close(r.load(name, torch.float32), expected, rtol=1e-6, atol=0)
+
+
+def test_prefetch_advises_the_whole_file(smollm2_path: str) -> None:
+    """GGUFReader.prefetch (madvise WILLNEED, as llama.cpp on load) covers every byte of the
+    file on Linux and leaves the tensors readable as before."""
+    with GGUFReader(smollm2_path) as r:
+        before = r.load("blk.0.attn_q.weight", torch.float32)
+        assert r.prefetch() == os.path.getsize(smollm2_path)
+        assert torch.equal(r.load("blk.0.attn_q.weight", torch.float32), before)
+    closed = GGUFReader(smollm2_path)
+    closed.close()
+    with pytest.raises(ValueError, match="closed"):
+        closed.prefetch()
 
 
 @pytest.mark.slow
