@@ -18,6 +18,7 @@ import torch
 
 from moeflow import env
 from moeflow.config import ModelConfig
+from moeflow.distributed.parallel_state import get_state
 from moeflow.errors import ModelFormatError, ModelNotFoundError
 from moeflow.layers.fused_experts import materialize_experts
 from moeflow.layers.moe import MoE
@@ -154,8 +155,10 @@ def load_model(
 def _prefetch_mapped(reader: gguf.GGUFReader, device: str) -> None:
     """On a CPU, where GGUF blocks are used in place from the mapping, start reading the file
     into the page cache now (GGUFReader.prefetch) when it fits in the memory available; a file
-    that does not fit is left to fault in as it is used (its pages would evict each other)."""
-    if not device.startswith("cpu"):
+    that does not fit is left to fault in as it is used (its pages would evict each other).
+    One rank of several reads only its shard's bytes (docs/DISTRIBUTED.md): no prefetch there."""
+    state = get_state()
+    if not device.startswith("cpu") or (state is not None and state.world_size > 1):
         return
     from moeflow.loading.memory_plan import available_memory  # it imports this module
 
