@@ -940,23 +940,26 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
       const __m512i qh = HIGH ? _mm512_broadcast_i64x4(_mm256_loadu_si256(
                                     reinterpret_cast<const __m256i*>(blk + 16)))
                               : _mm512_setzero_si512();
+      // the 8 scales as int16 lanes 0-7: each chunk's scale vector is one permute
+      const __m512i scz = _mm512_castsi256_si512(
+          _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sm))));
       for (int k = 0; k < 2; ++k) {
         const __m512i bits = _mm512_loadu_si512(qs + 64 * k);
         __m512i lo = _mm512_and_si512(bits, m4z);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), m4z);
+        // chunks (4k, 4k + 2) in lo, (4k + 1, 4k + 3) in hi, per 256-bit half
+        const __m512i c_lo =
+            _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(4 * k)),
+                               _mm256_set1_epi16(static_cast<int16_t>(4 * k + 2)), 1);
+        const __m512i c_hi = _mm512_add_epi16(c_lo, _mm512_set1_epi16(1));
         if constexpr (HIGH) {  // the 5th bit of chunk c is bit c of qh's bytes
-          const __m512i c_lo =
-              _mm512_inserti64x4(_mm512_set1_epi16(4 * k), _mm256_set1_epi16(4 * k + 2), 1);
-          const __m512i c_hi = _mm512_add_epi16(c_lo, _mm512_set1_epi16(1));
           lo = _mm512_or_si512(lo, _mm512_slli_epi16(
                                        _mm512_and_si512(_mm512_srlv_epi16(qh, c_lo), one), 4));
           hi = _mm512_or_si512(hi, _mm512_slli_epi16(
                                        _mm512_and_si512(_mm512_srlv_epi16(qh, c_hi), one), 4));
         }
-        const __m512i s_lo = _mm512_inserti64x4(_mm512_set1_epi16(sm[4 * k]),
-                                                _mm256_set1_epi16(sm[4 * k + 2]), 1);
-        const __m512i s_hi = _mm512_inserti64x4(_mm512_set1_epi16(sm[4 * k + 1]),
-                                                _mm256_set1_epi16(sm[4 * k + 3]), 1);
+        const __m512i s_lo = _mm512_permutexvar_epi16(c_lo, scz);
+        const __m512i s_hi = _mm512_permutexvar_epi16(c_hi, scz);
         for (int r = 0; r < MR; ++r) {
           const int8_t* q = a.q + r * a.K + b * 256 + 128 * k;
           const __m512i x_lo = _mm512_loadu_si512(q), x_hi = _mm512_loadu_si512(q + 64);
