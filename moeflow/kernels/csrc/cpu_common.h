@@ -908,6 +908,34 @@ inline int32_t k4_min_sum(const uint8_t* mins8, const int16_t* bsums) {
   return _mm_cvtsi128_si32(p);
 }
 
+#ifdef MOEFLOW_VNNI
+// Values 128k..128k+127 (k = 0, 1) of a Q4_K (HIGH = Q5_K: qh is its 32 high-bit bytes,
+// broadcast to both halves) super-block as dot_q8k reads them, 64 bytes of nibbles at once:
+// lo holds chunks (4k, 4k + 2) in its 256-bit halves (the low nibbles), hi (4k + 1, 4k + 3) (the
+// high ones), beside activations stored in that order (kq8k_slot); s_lo, s_hi their scale
+// vectors (one int16 per pair of products) from scz, the 8 scales as int16 lanes 0-7.
+template <bool HIGH>
+inline void k45_half(const uint8_t* qs, __m512i qh, __m512i scz, int k, __m512i& lo,
+                     __m512i& hi, __m512i& s_lo, __m512i& s_hi) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i bits = _mm512_loadu_si512(qs + 64 * k);
+  lo = _mm512_and_si512(bits, m4);
+  hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), m4);
+  const __m512i c_lo = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(4 * k)),
+                                          _mm256_set1_epi16(static_cast<int16_t>(4 * k + 2)), 1);
+  const __m512i c_hi = _mm512_add_epi16(c_lo, _mm512_set1_epi16(1));
+  if constexpr (HIGH) {  // the 5th bit of chunk c is bit c of qh's bytes
+    const __m512i one = _mm512_set1_epi8(1);
+    lo = _mm512_or_si512(
+        lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c_lo), one), 4));
+    hi = _mm512_or_si512(
+        hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c_hi), one), 4));
+  }
+  s_lo = _mm512_permutexvar_epi16(c_lo, scz);
+  s_hi = _mm512_permutexvar_epi16(c_hi, scz);
+}
+#endif
+
 // Q4_K and Q5_K share everything but the weights' 5th bit: HIGH = Q5_K.
 template <bool HIGH, int MR>
 inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, float* out) {
@@ -930,36 +958,19 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
                       : _mm256_setzero_si256();
     __m256i sumi[MR];
 #ifdef MOEFLOW_VNNI
-    // 64 weight bytes at a time: chunks (4k, 4k + 2) in the low nibbles, (4k + 1, 4k + 3) in the
-    // high ones, beside activations stored in that order (kq8k_slot); each 512-bit sum folds to
-    // the AVX2 lanes' (lane i: bytes 4i..4i+3 of every chunk), so the result is AVX2's.
+    // 64 weight bytes at a time (k45_half); each 512-bit sum folds to the AVX2 lanes' (lane i:
+    // bytes 4i..4i+3 of every chunk), so the result is AVX2's.
     {
-      const __m512i m4z = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
       __m512i sumz[MR];
       for (int r = 0; r < MR; ++r) sumz[r] = _mm512_setzero_si512();
       const __m512i qh = HIGH ? _mm512_broadcast_i64x4(_mm256_loadu_si256(
                                     reinterpret_cast<const __m256i*>(blk + 16)))
                               : _mm512_setzero_si512();
-      // the 8 scales as int16 lanes 0-7: each chunk's scale vector is one permute
       const __m512i scz = _mm512_castsi256_si512(
           _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sm))));
       for (int k = 0; k < 2; ++k) {
-        const __m512i bits = _mm512_loadu_si512(qs + 64 * k);
-        __m512i lo = _mm512_and_si512(bits, m4z);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), m4z);
-        // chunks (4k, 4k + 2) in lo, (4k + 1, 4k + 3) in hi, per 256-bit half
-        const __m512i c_lo =
-            _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(4 * k)),
-                               _mm256_set1_epi16(static_cast<int16_t>(4 * k + 2)), 1);
-        const __m512i c_hi = _mm512_add_epi16(c_lo, _mm512_set1_epi16(1));
-        if constexpr (HIGH) {  // the 5th bit of chunk c is bit c of qh's bytes
-          lo = _mm512_or_si512(lo, _mm512_slli_epi16(
-                                       _mm512_and_si512(_mm512_srlv_epi16(qh, c_lo), one), 4));
-          hi = _mm512_or_si512(hi, _mm512_slli_epi16(
-                                       _mm512_and_si512(_mm512_srlv_epi16(qh, c_hi), one), 4));
-        }
-        const __m512i s_lo = _mm512_permutexvar_epi16(c_lo, scz);
-        const __m512i s_hi = _mm512_permutexvar_epi16(c_hi, scz);
+        __m512i lo, hi, s_lo, s_hi;
+        k45_half<HIGH>(qs, qh, scz, k, lo, hi, s_lo, s_hi);
         for (int r = 0; r < MR; ++r) {
           const int8_t* q = a.q + r * a.K + b * 256 + 128 * k;
           const __m512i x_lo = _mm512_loadu_si512(q), x_hi = _mm512_loadu_si512(q + 64);
@@ -1015,6 +1026,35 @@ void dot_q8k(Q5_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
   dot_q8k_k45<true, MR>(wrow, a, Q5_K::BYTES, out);
 }
 
+#ifdef MOEFLOW_VNNI
+// 64 values of a Q6_K super-block as dot_q8k reads them: for half (0, 1) and u (0, 1), q holds
+// groups u | u + 2 of that half (the low | high nibbles of ql's 32 bytes u, with their 2 high
+// bits), as 0..63, beside activations stored in that order (kq8k_slot); s2 their scale vector
+// (one int16 per pair of products) from sc16z, the 16 scales as int16 lanes 0-15.
+inline void q6k_quarter(const uint8_t* blk, __m512i sc16z, int half, int u, __m512i& q,
+                        __m512i& s2) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3);
+  // shifts of 0 (low 256-bit half) and 4 (high half)
+  const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i qh = _mm512_broadcast_i64x4(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half)));
+  const __m512i l = _mm512_broadcast_i64x4(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * half + 32 * u)));
+  const __m512i lo = _mm512_and_si512(_mm512_srlv_epi16(l, sh), m4);
+  // high bits of group g: (qh >> 2g) & 3, g = u (low half) or u + 2 (high half)
+  const __m512i hsh = _mm512_add_epi16(sh, _mm512_set1_epi16(static_cast<int16_t>(2 * u)));
+  const __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(qh, hsh), m2);
+  q = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));  // 0..63
+  // sub-scales: 16 values each; g's pair is 8 * half + 2g, + 1
+  const auto s0 = static_cast<int16_t>(8 * half + 2 * u), s1 = static_cast<int16_t>(s0 + 4);
+  const __m512i idx = _mm512_inserti64x4(
+      _mm512_castsi256_si512(
+          _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(s0 + 1)), _mm_set1_epi16(s0))),
+      _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(s1 + 1)), _mm_set1_epi16(s1)), 1);
+  s2 = _mm512_permutexvar_epi16(idx, sc16z);
+}
+#endif
+
 // Q6_K: values q in 0..63 (stored minus 32) with an int8 scale per 16 values:
 // sum = d * d8 * (sum_s sc_s * sum(q x) - 32 * sum_s sc_s * bsum_s).
 template <int MR>
@@ -1041,31 +1081,13 @@ void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
     // Per half: register A holds values g0 | g2 (l0's low | high nibbles), B g1 | g3, beside
     // activations stored in that order (kq8k_slot); folded to the AVX2 lanes as for Q4_K.
     {
-      const __m512i m4z = _mm512_set1_epi8(0x0F), m2z = _mm512_set1_epi8(3);
-      // shifts of 0 (low half) and 4 (high half)
-      const __m512i sh_a = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-      const __m512i& sh_hb = sh_a;
       const __m512i sc16z = _mm512_castsi256_si512(sc16);
       __m512i sumz[MR];
       for (int r = 0; r < MR; ++r) sumz[r] = _mm512_setzero_si512();
       for (int half = 0; half < 2; ++half) {
-        const uint8_t* ql = blk + 64 * half;
-        const __m512i qh = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half)));
         for (int u = 0; u < 2; ++u) {  // u = 0: g0 | g2 (l0), u = 1: g1 | g3 (l1)
-          const __m512i l = _mm512_broadcast_i64x4(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * u)));
-          const __m512i lo = _mm512_and_si512(_mm512_srlv_epi16(l, sh_a), m4z);
-          // high bits of group g: (qh >> 2g) & 3, g = u (low half) or u + 2 (high half)
-          const __m512i hsh = _mm512_add_epi16(sh_hb, _mm512_set1_epi16(2 * u));
-          const __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(qh, hsh), m2z);
-          const __m512i q = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));  // 0..63
-          // sub-scales: 16 values each; g's pair is 8 * half + 2g, + 1
-          const int s0 = 8 * half + 2 * u, s1 = s0 + 4;
-          const __m512i idx = _mm512_inserti64x4(
-              _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(s0 + 1), _mm_set1_epi16(s0))),
-              _mm256_set_m128i(_mm_set1_epi16(s1 + 1), _mm_set1_epi16(s1)), 1);
-          const __m512i s2 = _mm512_permutexvar_epi16(idx, sc16z);
+          __m512i q, s2;
+          q6k_quarter(blk, sc16z, half, u, q, s2);
           for (int r = 0; r < MR; ++r) {
             const __m512i x = _mm512_loadu_si512(a.q + r * a.K + b * 256 + 128 * half + 64 * u);
             sumz[r] = _mm512_dpwssd_epi32(sumz[r], _mm512_maddubs_epi16(q, x), s2);

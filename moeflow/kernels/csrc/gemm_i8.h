@@ -57,31 +57,21 @@ inline void decode_k45(const uint8_t* blk, KBlock& o) {
   // scales then mins as int16: sc[c] = lane c, mn[c] = lane 8 + c
   const __m256i sc = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sm)));
 #ifdef MOEFLOW_VNNI
-  // 64 bytes of nibbles at a time, as dot_q8k reads them: the low nibbles are chunks (4k, 4k + 2),
-  // slots 4k and 4k + 1; the high ones (4k + 1, 4k + 3), slots 4k + 2 and 4k + 3
+  // 64 bytes of nibbles at a time, as dot_q8k reads them (k45_half): lo is slots 4k and
+  // 4k + 1, hi 4k + 2 and 4k + 3
   constexpr bool kHigh = std::is_same_v<T, Q5_K>;
   const uint8_t* qs = blk + (kHigh ? 48 : 16);
-  const __m512i m4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
   const __m512i scz = _mm512_castsi256_si512(sc);
-  [[maybe_unused]] const __m512i qh =
+  const __m512i qh =
       kHigh ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)))
             : _mm512_setzero_si512();
   for (int k = 0; k < 2; ++k) {
-    const __m512i bits = _mm512_loadu_si512(qs + 64 * k);
-    __m512i lo = _mm512_and_si512(bits, m4);
-    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), m4);
-    const __m512i c_lo =
-        _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(4 * k)),
-                           _mm256_set1_epi16(static_cast<int16_t>(4 * k + 2)), 1);
-    const __m512i c_hi = _mm512_add_epi16(c_lo, _mm512_set1_epi16(1));
-    if constexpr (kHigh) {  // the 5th bit of chunk c is bit c of qh's bytes
-      lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c_lo), one), 4));
-      hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c_hi), one), 4));
-    }
+    __m512i lo, hi, s_lo, s_hi;
+    k45_half<kHigh>(qs, qh, scz, k, lo, hi, s_lo, s_hi);
     _mm512_store_si512(o.q + 128 * k, lo);
     _mm512_store_si512(o.q + 128 * k + 64, hi);
-    _mm512_store_si512(o.s + 64 * k, _mm512_permutexvar_epi16(c_lo, scz));
-    _mm512_store_si512(o.s + 64 * k + 32, _mm512_permutexvar_epi16(c_hi, scz));
+    _mm512_store_si512(o.s + 64 * k, s_lo);
+    _mm512_store_si512(o.s + 64 * k + 32, s_hi);
   }
 #else
   for (int c = 0; c < 8; ++c) store_chunk(o, c, T::I(blk, c), scale_pair(sc, c, c));
@@ -113,34 +103,16 @@ template <> struct KDecode<Q6_K> {
     o.d = fp16(blk + 208);
     o.dmin = 0.0f;
 #ifdef MOEFLOW_VNNI
-    // as dot_q8k reads them: per half and u, the low nibbles of ql's 32 bytes u are chunk
-    // 4 half + u (slot 4 half + 2u), their high nibbles chunk 4 half + u + 2 (slot 4 half + 2u + 1)
-    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3);
-    const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    // as dot_q8k reads them (q6k_quarter): per half and u, chunks 4 half + u and 4 half + u + 2,
+    // slots 4 half + 2u and 4 half + 2u + 1
     const __m512i scz = _mm512_castsi256_si512(sc);
-    for (int half = 0; half < 2; ++half) {
-      const uint8_t* ql = blk + 64 * half;
-      const __m512i qh = _mm512_broadcast_i64x4(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half)));
+    for (int half = 0; half < 2; ++half)
       for (int u = 0; u < 2; ++u) {
-        const __m512i l = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * u)));
-        const __m512i lo = _mm512_and_si512(_mm512_srlv_epi16(l, sh), m4);
-        const __m512i hb = _mm512_and_si512(
-            _mm512_srlv_epi16(qh, _mm512_add_epi16(sh, _mm512_set1_epi16(static_cast<int16_t>(2 * u)))),
-            m2);
-        const int s0 = 8 * half + 2 * u, s1 = s0 + 4;
-        const __m512i idx = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(s0 + 1)),
-                                                    _mm_set1_epi16(static_cast<int16_t>(s0)))),
-            _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(s1 + 1)),
-                             _mm_set1_epi16(static_cast<int16_t>(s1))),
-            1);
-        _mm512_store_si512(o.q + 128 * half + 64 * u,
-                           _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4)));  // 0..63
-        _mm512_store_si512(o.s + 64 * half + 32 * u, _mm512_permutexvar_epi16(idx, scz));
+        __m512i q, s2;
+        q6k_quarter(blk, scz, half, u, q, s2);
+        _mm512_store_si512(o.q + 128 * half + 64 * u, q);
+        _mm512_store_si512(o.s + 64 * half + 32 * u, s2);
       }
-    }
 #else
     for (int c = 0; c < 8; ++c)  // I() gives q - 32: back to 0..63
       store_chunk(o, c, _mm256_add_epi8(Q6_K::I(blk, c), _mm256_set1_epi8(32)),
