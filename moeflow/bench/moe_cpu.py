@@ -101,9 +101,9 @@ def _warm_page_cache(path: Path) -> bool:
     from moeflow.loading.memory_plan import available_memory
 
     size = os.path.getsize(path)
-    avail = available_memory("cpu").bytes
-    if avail is not None and size > avail:
-        print(f"page cache: not warmed (file {size / 1e9:.2f} GB > {avail / 1e9:.2f} GB available)")
+    available = available_memory("cpu")
+    if not available.holds(size):
+        print(f"page cache: not warmed (file {size / 1e9:.2f} GB > available: {available.source})")
         return False
     buf = bytearray(64 << 20)
     with open(path, "rb", buffering=0) as f:

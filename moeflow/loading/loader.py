@@ -162,11 +162,8 @@ def _prefetch_mapped(reader: gguf.GGUFReader, device: str) -> None:
         return
     from moeflow.loading.memory_plan import available_memory  # it imports this module
 
-    size = sum(os.path.getsize(p) for p in reader.shard_paths)
-    avail = available_memory(device).bytes
-    if avail is not None and size > avail:
-        return
-    reader.prefetch()
+    if available_memory(device).holds(sum(os.path.getsize(p) for p in reader.shard_paths)):
+        reader.prefetch()
 
 
 def build_model(config: ModelConfig, device: str, dtype: torch.dtype) -> CausalLM:

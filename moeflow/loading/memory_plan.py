@@ -52,6 +52,10 @@ class Available:
     bytes: int | None
     source: str
 
+    def holds(self, nbytes: int) -> bool:
+        """Whether `nbytes` fit in what is available (always, when that is unknown)."""
+        return self.bytes is None or nbytes <= self.bytes
+
 
 @dataclass(frozen=True, eq=False)
 class MemoryPlan:
@@ -77,13 +81,12 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.available.bytes is None or self.allocated <= self.available.bytes
+        return self.available.holds(self.allocated)
 
     @property
     def mapped_fits(self) -> bool:
         """Whether the mapped blocks also stay resident beside the rest."""
-        avail = self.available.bytes
-        return avail is None or self.allocated + self.weights_mapped <= avail
+        return self.available.holds(self.allocated + self.weights_mapped)
 
     def describe(self) -> list[str]:
         """The plan as report lines (`moeflow info`)."""
