@@ -28,20 +28,6 @@ enum class BsumTerm { kNone, kMin, kOffset };
 // stored as signed bytes (IQ4_XS), else unsigned.
 template <class T> struct KDecode;
 
-// c's 16 int16 scales: lanes 0-7 v's int16 lane lo, 8-15 its lane hi (v: 16 int16)
-inline __m256i scale_pair(__m256i v, int lo, int hi) {
-#ifdef MOEFLOW_VNNI
-  return _mm256_permutexvar_epi16(
-      _mm256_inserti128_si256(_mm256_set1_epi16(static_cast<int16_t>(lo)),
-                              _mm_set1_epi16(static_cast<int16_t>(hi)), 1),
-      v);
-#else
-  alignas(32) int16_t t[16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
-  return _mm256_set_m128i(_mm_set1_epi16(t[hi]), _mm_set1_epi16(t[lo]));
-#endif
-}
-
 inline void store_chunk(KBlock& o, int c, __m256i q, __m256i s) {
   const int slot = kq8k_slot(c);
   _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 32 * slot), q);
@@ -74,7 +60,7 @@ inline void decode_k45(const uint8_t* blk, KBlock& o) {
     _mm512_store_si512(o.s + 64 * k + 32, s_hi);
   }
 #else
-  for (int c = 0; c < 8; ++c) store_chunk(o, c, T::I(blk, c), scale_pair(sc, c, c));
+  for (int c = 0; c < 8; ++c) store_chunk(o, c, T::I(blk, c), _mm256_set1_epi16(sm[c]));
 #endif
   // c16[j] = mn[j / 2]: each min twice
   const __m128i mn = _mm256_extracti128_si256(sc, 1);
@@ -114,9 +100,10 @@ template <> struct KDecode<Q6_K> {
         _mm512_store_si512(o.s + 64 * half + 32 * u, s2);
       }
 #else
+    const int8_t* sb = reinterpret_cast<const int8_t*>(blk + 192);
     for (int c = 0; c < 8; ++c)  // I() gives q - 32: back to 0..63
       store_chunk(o, c, _mm256_add_epi8(Q6_K::I(blk, c), _mm256_set1_epi8(32)),
-                  scale_pair(sc, 2 * c, 2 * c + 1));
+                  _mm256_set_m128i(_mm_set1_epi16(sb[2 * c + 1]), _mm_set1_epi16(sb[2 * c])));
 #endif
     _mm256_store_si256(reinterpret_cast<__m256i*>(o.c16),
                        _mm256_mullo_epi16(sc, _mm256_set1_epi16(-32)));
