@@ -289,6 +289,12 @@ def test_isa_builds_agree_bit_for_bit() -> None:
         out = [
             module.qgemm_i8(x, random_blocks(GGMLType(t), 64, 512, seed=t), t) for t in KEPT_TYPES
         ]
+        # the GEMVs (1-3 activation rows) over 61 weight rows: whole tiles of 16, then 8, then 5
+        out += [
+            module.qgemm_i8(x[:m].contiguous(), random_blocks(GGMLType(t), 61, 512, seed=t), t)
+            for t in KEPT_TYPES
+            for m in (1, 2, 3)
+        ]
         out += [module.qgemm(x, random_blocks(GGMLType(t), 64, 512, seed=t), t) for t in KEPT_TYPES]
         gate = _experts(GGMLType.Q4_K, 4, 256, 512, 0)
         down = _experts(GGMLType.Q6_K, 4, 512, 256, 9)

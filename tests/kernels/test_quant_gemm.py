@@ -106,21 +106,27 @@ def test_qlinear_prefill_path_and_bias() -> None:
 
 
 @pytest.mark.parametrize(
-    "qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0], ids=lambda t: t.name
+    "qtype",
+    [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1]
+    + [GGMLType.Q8_0, GGMLType.IQ4_NL],
+    ids=lambda t: t.name,
 )
 def test_int8_qlinear_rows_do_not_depend_on_the_batch(
     qtype: GGMLType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With int8 activations a prefill's rows are the decode GEMV's, bit for bit, at any batch
-    size (prefill chunking or a prefix-cache hit cannot change a row)."""
+    size (prefill chunking or a prefix-cache hit cannot change a row). 104 weight rows: whole
+    tiles of 16 and 8 left over; 1-3 rows take the GEMVs, 40 the GEMMs."""
     monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
-    w = random_blocks(qtype, 96, 512, seed=8)
-    bias = torch.randn(96)
+    w = random_blocks(qtype, 104, 512, seed=8)
+    bias = torch.randn(104)
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(9))
     out = qlinear(x, w, int(qtype), bias)
     solo = torch.cat([qlinear(x[i : i + 1], w, int(qtype), bias) for i in range(40)])
     assert torch.equal(out, solo)
-    assert torch.equal(qlinear(x.view(2, 20, 512), w, int(qtype), bias), out.view(2, 20, 96))
+    for m in (2, 3):
+        assert torch.equal(qlinear(x[:m], w, int(qtype), bias), out[:m])
+    assert torch.equal(qlinear(x.view(2, 20, 512), w, int(qtype), bias), out.view(2, 20, 104))
     ref = qlinear_ref(x, w, int(qtype), bias)
     assert ((out - ref).abs().max() / ref.abs().max()) < 3e-2
 

@@ -101,6 +101,9 @@ inline void i8x32_to_f32(__m256i v, __m256* q) {
 inline __m256i q5_high_bits(const uint8_t* qh) {
   uint32_t bits;
   std::memcpy(&bits, qh, 4);
+#ifdef MOEFLOW_VNNI
+  return _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(16));  // byte i: 16 where bit i is set
+#else
   // Byte i of the result takes byte i/8 of `bits`, then tests bit i%8 of it.
   const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
                                          0x0101010101010101LL, 0x0000000000000000LL);
@@ -108,6 +111,7 @@ inline __m256i q5_high_bits(const uint8_t* qh) {
   const __m256i sel = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
   v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
   return _mm256_and_si256(v, _mm256_set1_epi8(16));
+#endif
 }
 
 // Nibbles of a 32-weight block (16 bytes): low nibbles are elements 0..15, high 16..31.

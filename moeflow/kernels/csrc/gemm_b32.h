@@ -15,7 +15,9 @@
 //
 // GEMV (few activation rows): 8 weight rows at a time; each row's block product is 8 int32
 // lanes (dot_i8), the 8 rows' lanes are summed into one vector of 8 block sums (hadd), and the
-// float work above is done for the 8 rows at once.
+// float work above is done for the 8 rows at once. With AVX-512, 16 rows at a time
+// (b32_gemv16): two rows' blocks are decoded into one vector (b32_pair), and the next 16 rows
+// are streamed into L2 while these run.
 // GEMM (kB32MinRows rows and more): kB32NR weight rows (16 with AVX-512, 8 with AVX2) are
 // decoded once over all of K into a tile where bytes 4g..4g+3 of the rows lie side by side
 // (B32Block.q: group g of the rows' 32 bytes is one vector), so one vpdpbusd (AVX2: maddubs +
@@ -112,6 +114,145 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
   for (int r = 0; r < MR; ++r)
     _mm256_storeu_ps(y + (m + r) * N + n, kB32Min<T> ? _mm256_add_ps(acc[r], macc[r]) : acc[r]);
 }
+
+#ifdef MOEFLOW_VNNI
+// The GEMV with AVX-512, 16 weight rows at a time: rows 2p and 2p + 1 share a vector (lanes 0-7
+// and 8-15) for one vpdpbusd against the activation block in both halves; the 8 vectors' lanes
+// are summed to one vector of the 16 rows' block sums (b32_sum16, lanes in kB32Lane order: the
+// scales are gathered in that order and the results put back in row order once at the end);
+// then b32_gemv8's float work, lane by lane. Signed weights (Q8_0, IQ4_NL) are taken as w + 128
+// and the sum corrected by -128 * sum(xq) (as b32_tile). The same values as b32_gemv8.
+constexpr int kB32Lane[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+
+// lane l = the sum of row kB32Lane[l]'s 8 lanes (row 2p: v[p]'s lanes 0-7, 2p + 1: 8-15)
+inline __m512i b32_sum16(const __m512i* v) {
+  __m512i u[4];
+  for (int k = 0; k < 4; ++k)  // per 128 bits: v[2k] and v[2k+1]'s partial sums, interleaved
+    u[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]),
+                            _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
+  // per 128 bits c: the sums of that 128-bit part of v[0..3] (w0) and v[4..7] (w1)
+  const __m512i w0 = _mm512_add_epi32(_mm512_unpacklo_epi64(u[0], u[1]),
+                                      _mm512_unpackhi_epi64(u[0], u[1]));
+  const __m512i w1 = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2], u[3]),
+                                      _mm512_unpackhi_epi64(u[2], u[3]));
+  // parts 0 + 1 are the even rows', 2 + 3 the odd rows'
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The 16 rows' block scales s (and mins mn) from the gathered first 4 bytes of each block, as
+// T::scales gives them.
+template <class T>
+inline void b32_scales16(__m512i raw, __m512& s, __m512& mn) {
+  s = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
+  if constexpr (std::is_same_v<T, Q4_0>) {
+    mn = _mm512_mul_ps(_mm512_set1_ps(-8.0f), s);
+  } else if constexpr (std::is_same_v<T, Q5_0>) {
+    mn = _mm512_mul_ps(_mm512_set1_ps(-16.0f), s);
+  } else if constexpr (std::is_same_v<T, Q4_1> || std::is_same_v<T, Q5_1>) {
+    mn = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(raw, 16)));
+  } else {
+    static_assert(!kB32Min<T>, "a min type without its b32_scales16 case");
+    mn = _mm512_setzero_ps();
+  }
+}
+
+// 16 bytes of nibbles of two blocks -> their 2 x 32 values as bytes (as nibbles32, side by side)
+inline __m512i nibbles32x2(const uint8_t* qa, const uint8_t* qb) {
+  __m512i z = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa)));
+  z = _mm512_mask_broadcast_i32x4(z, 0xFF00, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)));
+  z = _mm512_mask_srli_epi16(z, 0xFF00FF00, z, 4);  // parts 1 and 3: the high nibbles
+  return _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+}
+
+// Two blocks' values as unsigned bytes (T::I(b0), then T::I(b1); signed types plus 128)
+template <class T>
+inline __m512i b32_pair(const uint8_t* b0, const uint8_t* b1) {
+  const auto high = [](const uint8_t* ha, const uint8_t* hb) {  // q5_high_bits of both
+    uint32_t a, b;
+    std::memcpy(&a, ha, 4);
+    std::memcpy(&b, hb, 4);
+    return _mm512_maskz_mov_epi8(static_cast<uint64_t>(a) | (static_cast<uint64_t>(b) << 32),
+                                 _mm512_set1_epi8(16));
+  };
+  if constexpr (std::is_same_v<T, Q4_0>) {
+    return nibbles32x2(b0 + 2, b1 + 2);
+  } else if constexpr (std::is_same_v<T, Q4_1>) {
+    return nibbles32x2(b0 + 4, b1 + 4);
+  } else if constexpr (std::is_same_v<T, Q5_0>) {
+    return _mm512_or_si512(nibbles32x2(b0 + 6, b1 + 6), high(b0 + 2, b1 + 2));
+  } else if constexpr (std::is_same_v<T, Q5_1>) {
+    return _mm512_or_si512(nibbles32x2(b0 + 8, b1 + 8), high(b0 + 4, b1 + 4));
+  } else if constexpr (std::is_same_v<T, IQ4_NL>) {  // the codebook plus 128
+    const __m512i table = _mm512_broadcast_i32x4(_mm_xor_si128(
+        _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
+        _mm_set1_epi8(-128)));
+    return _mm512_shuffle_epi8(table, nibbles32x2(b0 + 2, b1 + 2));
+  } else {
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(T::I(b0, 0)), T::I(b1, 0), 1);
+    return T::SIGNED ? _mm512_xor_si512(v, _mm512_set1_epi8(-128)) : v;
+  }
+}
+
+template <class T, int MR>
+void b32_gemv16(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes, float* y,
+                int64_t N, int64_t n, int64_t n1) {
+  const int64_t K = a.K, nb = K / 32;
+  alignas(64) int32_t off[16], back[16];
+  for (int l = 0; l < 16; ++l) {
+    off[l] = static_cast<int32_t>(kB32Lane[l] * row_bytes);
+    back[kB32Lane[l]] = l;
+  }
+  const __m512i offv = _mm512_load_si512(off);
+  __m512 acc[MR], macc[MR];
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    macc[r] = _mm512_setzero_ps();
+  }
+  const uint8_t* rows = w + n * row_bytes;
+  // the next 16 rows (one contiguous run), a 1/nb share of it per block
+  const char* pf = reinterpret_cast<const char*>(rows + 16 * row_bytes);
+  const char* pf_end = reinterpret_cast<const char*>(w + std::min(n1, n + 32) * row_bytes);
+  const int64_t pf_step = 16 * T::BYTES;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* base = rows + b * T::BYTES;
+    {
+      const char* lo = pf + b * pf_step;
+      const char* hi = std::min(lo + pf_step, pf_end);
+      for (const char* q = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
+           q < hi; q += 64)
+        _mm_prefetch(q, _MM_HINT_T1);
+    }
+    __m512i wv[8];
+    for (int p = 0; p < 8; ++p) {
+      const uint8_t* b0 = base + 2 * p * row_bytes;
+      const uint8_t* b1 = b0 + row_bytes;
+      wv[p] = b32_pair<T>(b0, b1);
+    }
+    __m512 s, mn;
+    b32_scales16<T>(_mm512_i32gather_epi32(offv, base, 1), s, mn);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i x = _mm512_broadcast_i64x4(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m + r) * K + b * 32)));
+      __m512i v[8];
+      for (int p = 0; p < 8; ++p) v[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x);
+      __m512i sum = b32_sum16(v);
+      if constexpr (T::SIGNED)
+        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a.xs[(m + r) * nb + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(a.dx[(m + r) * nb + b])),
+                               _mm512_cvtepi32_ps(sum), acc[r]);
+      if constexpr (kB32Min<T>)
+        macc[r] = _mm512_add_ps(macc[r],
+                                _mm512_mul_ps(mn, _mm512_set1_ps(a.sx[(m + r) * nb + b])));
+    }
+  }
+  const __m512i backv = _mm512_load_si512(back);
+  for (int r = 0; r < MR; ++r)
+    _mm512_storeu_ps(y + (m + r) * N + n,
+                     _mm512_permutexvar_ps(backv, kB32Min<T> ? _mm512_add_ps(acc[r], macc[r])
+                                                             : acc[r]));
+}
+#endif
 
 // GEMV of one weight row n (the rows a group of 8 leaves over): the same arithmetic, one lane.
 template <class T>
@@ -225,6 +366,14 @@ void gemv_b32_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
       }
     }
   }
+#ifdef MOEFLOW_VNNI
+  for (; n + 16 <= n1; n += 16) {
+    int64_t m = 0;
+    for (; m + 3 <= a.M; m += 3) b32_gemv16<T, 3>(a, m, w, row_bytes, y, N, n, n1);
+    if (a.M - m == 2) b32_gemv16<T, 2>(a, m, w, row_bytes, y, N, n, n1);
+    if (a.M - m == 1) b32_gemv16<T, 1>(a, m, w, row_bytes, y, N, n, n1);
+  }
+#endif
   for (; n + 8 <= n1; n += 8) {
     int64_t m = 0;
     for (; m + 2 <= a.M; m += 2) b32_gemv8<T, 2>(a, m, w, row_bytes, y, N, n);
