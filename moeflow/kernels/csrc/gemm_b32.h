@@ -122,6 +122,16 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
 // scales are gathered in that order and the results put back in row order once at the end);
 // then b32_gemv8's float work, lane by lane. Signed weights (Q8_0, IQ4_NL) are taken as w + 128
 // and the sum corrected by -128 * sum(xq) (as b32_tile). The same values as b32_gemv8.
+// Share b of a run of bytes streamed into L2 while other work goes on: the cache lines of
+// [pf + b * step, pf + (b + 1) * step), not past pf_end.
+inline void stream_share(const char* pf, const char* pf_end, int64_t b, int64_t step) {
+  const char* lo = pf + b * step;
+  const char* hi = std::min(lo + step, pf_end);
+  for (auto q = reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63};
+       q < reinterpret_cast<uintptr_t>(hi); q += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
+}
+
 constexpr int kB32Lane[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
 
 // lane l = the sum of row kB32Lane[l]'s 8 lanes (row 2p: v[p]'s lanes 0-7, 2p + 1: 8-15)
@@ -213,16 +223,9 @@ void b32_gemv16(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_byte
   // the next 16 rows (one contiguous run), a 1/nb share of it per block
   const char* pf = reinterpret_cast<const char*>(rows + 16 * row_bytes);
   const char* pf_end = reinterpret_cast<const char*>(w + std::min(n1, n + 32) * row_bytes);
-  const int64_t pf_step = 16 * T::BYTES;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* base = rows + b * T::BYTES;
-    {
-      const char* lo = pf + b * pf_step;
-      const char* hi = std::min(lo + pf_step, pf_end);
-      for (const char* q = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
-           q < hi; q += 64)
-        _mm_prefetch(q, _MM_HINT_T1);
-    }
+    stream_share(pf, pf_end, b, 16 * T::BYTES);
     __m512i wv[8];
     for (int p = 0; p < 8; ++p) {
       const uint8_t* b0 = base + 2 * p * row_bytes;
@@ -276,9 +279,72 @@ void b32_gemv1(const ActsView& a, int64_t m, const uint8_t* wrow, float* y, int6
   y[m * N + n] = _mm_cvtss_f32(kB32Min<T> ? _mm_add_ss(acc, macc) : acc);
 }
 
-// Decodes weight rows n..n+kB32NR-1 (all K) into nb B32Blocks.
+#ifdef MOEFLOW_VNNI
+// The permutations (vpermt2d indices) that turn 8 vectors of two rows' 8 groups each (row 2p
+// in lanes 0-7, 2p + 1 in 8-15: b32_pair) into 8 vectors of one group of the 16 rows
+// (B32Block.q), in three steps: 4 rows x 4 groups per vector, then 8 x 2, then 16 x 1.
+struct B32Transpose {
+  __m512i idx[6];
+  B32Transpose() {
+    alignas(64) int32_t t[6][16];
+    for (int l = 0; l < 16; ++l) {
+      // step 1, lane = group * 4 + row (of 4): rows 0, 1 from a, 2, 3 from b (+16)
+      t[0][l] = (l % 4 >> 1) * 16 + (l % 2) * 8 + l / 4;
+      t[1][l] = t[0][l] + 4;  // groups 4-7
+      // step 2, lane = group * 8 + row (of 8): rows 0-3 from a, 4-7 from b
+      t[2][l] = (l % 8 < 4 ? 0 : 16) + (l / 8) * 4 + l % 4;
+      t[3][l] = t[2][l] + 8;  // the next two groups
+      // step 3, lane = row (of 16): rows 0-7 from a, 8-15 from b
+      t[4][l] = (l < 8 ? 0 : 16) + l % 8;
+      t[5][l] = t[4][l] + 8;  // the second group
+    }
+    for (int i = 0; i < 6; ++i) idx[i] = _mm512_load_si512(t[i]);
+  }
+};
+#endif
+
+// Decodes weight rows n..n+kB32NR-1 (all K) into nb B32Blocks; end: where the weight rows that
+// may be read next end (with AVX-512 the next 16 rows up to it are streamed into L2 meanwhile).
 template <class T>
-void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out) {
+void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out,
+                [[maybe_unused]] const uint8_t* end) {
+#ifdef MOEFLOW_VNNI
+  static_assert(kB32NR == 16);
+  static const B32Transpose tr;
+  alignas(64) int32_t off[16];
+  for (int i = 0; i < 16; ++i) off[i] = static_cast<int32_t>(i * row_bytes);
+  const __m512i offv = _mm512_load_si512(off);
+  const char* pf = reinterpret_cast<const char*>(w + 16 * row_bytes);
+  const char* pf_end = std::min(reinterpret_cast<const char*>(end), pf + 16 * row_bytes);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* base = w + b * T::BYTES;
+    stream_share(pf, pf_end, b, 16 * T::BYTES);
+    __m512i v[8], x[8], y[8];
+    for (int p = 0; p < 8; ++p)
+      v[p] = b32_pair<T>(base + 2 * p * row_bytes, base + (2 * p + 1) * row_bytes);
+    for (int j = 0; j < 4; ++j) {  // rows 4j..4j+3: groups 0-3 (x[j]), 4-7 (x[4 + j])
+      x[j] = _mm512_permutex2var_epi32(v[2 * j], tr.idx[0], v[2 * j + 1]);
+      x[4 + j] = _mm512_permutex2var_epi32(v[2 * j], tr.idx[1], v[2 * j + 1]);
+    }
+    for (int h = 0; h < 2; ++h)      // groups 4h..4h+3
+      for (int j = 0; j < 2; ++j) {  // rows 8j..8j+7: groups 4h, 4h + 1 (y[4h + j]); + 2, + 3
+        const __m512i a = x[4 * h + 2 * j], c = x[4 * h + 2 * j + 1];
+        y[4 * h + j] = _mm512_permutex2var_epi32(a, tr.idx[2], c);
+        y[4 * h + 2 + j] = _mm512_permutex2var_epi32(a, tr.idx[3], c);
+      }
+    B32Block& o = out[b];
+    for (int k = 0; k < 4; ++k) {  // groups 2k, 2k + 1 of the 16 rows
+      _mm512_store_si512(o.q + 128 * k,
+                         _mm512_permutex2var_epi32(y[2 * k], tr.idx[4], y[2 * k + 1]));
+      _mm512_store_si512(o.q + 128 * k + 64,
+                         _mm512_permutex2var_epi32(y[2 * k], tr.idx[5], y[2 * k + 1]));
+    }
+    __m512 sv, mv;
+    b32_scales16<T>(_mm512_i32gather_epi32(offv, base, 1), sv, mv);
+    _mm512_store_ps(o.s, sv);
+    _mm512_store_ps(o.mn, mv);
+  }
+#else
   for (int64_t b = 0; b < nb; ++b) {
     B32Block& o = out[b];
     alignas(32) uint32_t rows[kB32NR][8];
@@ -296,6 +362,7 @@ void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out) 
     for (int g = 0; g < 8; ++g)
       for (int i = 0; i < kB32NR; ++i) q32[g * kB32NR + i] = rows[i][g];
   }
+#endif
 }
 
 // GEMM microkernel: y[m + r, n + i] for MR activation rows and the kB32NR decoded rows at t.
@@ -357,7 +424,7 @@ void gemv_b32_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
     if (static_cast<int64_t>(scratch.b32.size()) < nb) scratch.b32.resize(static_cast<size_t>(nb));
     B32Block* t = scratch.b32.data();
     for (; n + kB32NR <= n1; n += kB32NR) {
-      b32_decode<T>(w + n * row_bytes, row_bytes, nb, t);
+      b32_decode<T>(w + n * row_bytes, row_bytes, nb, t, w + n1 * row_bytes);
       for (int64_t m0 = 0; m0 < a.M; m0 += kB32MB) {
         const int64_t m1 = std::min(a.M, m0 + kB32MB);
         int64_t m = m0;
