@@ -56,7 +56,10 @@ inline void bfstoreu(float* p, BFVec v) { _mm256_storeu_ps(p, v); }
 
 // The GEMM from this many activation rows on (below it the GEMV: decoding a tile costs more
 // than it saves). AVX2 (2 threads, Q4_1 and Q8_0 [1536, 576] and [576, 1536]): the GEMV is
-// 10-22% ahead at 4 rows, the two are mixed at 5-6 and the GEMM is ahead from 7.
+// 10-22% ahead at 4 rows, the two are mixed at 5-6 and the GEMM is ahead from 7. AVX-512 (2
+// threads, DeepSeek-V2-Lite's Q8_0 and Q5_0 down experts [2048, 1408] read from the mapped
+// file, after b32_gemv16 and the vpermt2d decode): the two are even at 3 rows, the GEMM is
+// 18-39% ahead at 4-6 (Q8_0 19.0 / 16.1 GB/s, Q5_0 16.3 / 13.4 at 4 rows).
 #ifdef MOEFLOW_VNNI
 constexpr int64_t kB32MinRows = 4;
 #else
