@@ -80,10 +80,20 @@ inline __m256i sum_lanes8(const __m256i* v) {
                           _mm256_permute2x128_si256(a, b, 0x31));
 }
 
+// Share b of a run of bytes streamed into L2 while other work goes on: the cache lines of
+// [pf + b * step, pf + (b + 1) * step), not past pf_end.
+inline void stream_share(const char* pf, const char* pf_end, int64_t b, int64_t step) {
+  const char* lo = pf + b * step;
+  const char* hi = std::min(lo + step, pf_end);
+  for (auto q = reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63};
+       q < reinterpret_cast<uintptr_t>(hi); q += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
+}
+
 // GEMV: y[m + r, n + i] for MR activation rows and the 8 weight rows n..n+7.
 template <class T, int MR>
 void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes, float* y,
-               int64_t N, int64_t n) {
+               int64_t N, int64_t n, int64_t n1) {
   const int64_t K = a.K, nb = K / 32;
   __m256 acc[MR], macc[MR];
   for (int r = 0; r < MR; ++r) {
@@ -91,7 +101,11 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
     macc[r] = _mm256_setzero_ps();
   }
   const uint8_t* rows = w + n * row_bytes;
+  // the next 8 rows (one contiguous run), a 1/nb share of it per block
+  const char* pf = reinterpret_cast<const char*>(rows + 8 * row_bytes);
+  const char* pf_end = reinterpret_cast<const char*>(w + std::min(n1, n + 16) * row_bytes);
   for (int64_t b = 0; b < nb; ++b) {
+    stream_share(pf, pf_end, b, 8 * T::BYTES);
     __m256i x[MR];
     for (int r = 0; r < MR; ++r)
       x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m + r) * K + b * 32));
@@ -99,7 +113,6 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
     __m256i lanes[MR][8];
     for (int i = 0; i < 8; ++i) {
       const uint8_t* blk = rows + i * row_bytes + b * T::BYTES;
-      prefetch_ahead(blk, T::BYTES);
       T::scales(blk, s + i, mn + i);
       const __m256i wv = T::I(blk, 0);
       for (int r = 0; r < MR; ++r) lanes[r][i] = dot_i8<T::SIGNED>(wv, x[r]);
@@ -125,16 +138,6 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
 // scales are gathered in that order and the results put back in row order once at the end);
 // then b32_gemv8's float work, lane by lane. Signed weights (Q8_0, IQ4_NL) are taken as w + 128
 // and the sum corrected by -128 * sum(xq) (as b32_tile). The same values as b32_gemv8.
-// Share b of a run of bytes streamed into L2 while other work goes on: the cache lines of
-// [pf + b * step, pf + (b + 1) * step), not past pf_end.
-inline void stream_share(const char* pf, const char* pf_end, int64_t b, int64_t step) {
-  const char* lo = pf + b * step;
-  const char* hi = std::min(lo + step, pf_end);
-  for (auto q = reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63};
-       q < reinterpret_cast<uintptr_t>(hi); q += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
-}
-
 constexpr int kB32Lane[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
 
 // lane l = the sum of row kB32Lane[l]'s 8 lanes (row 2p: v[p]'s lanes 0-7, 2p + 1: 8-15)
@@ -446,8 +449,8 @@ void gemv_b32_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
 #endif
   for (; n + 8 <= n1; n += 8) {
     int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) b32_gemv8<T, 2>(a, m, w, row_bytes, y, N, n);
-    for (; m < a.M; ++m) b32_gemv8<T, 1>(a, m, w, row_bytes, y, N, n);
+    for (; m + 2 <= a.M; m += 2) b32_gemv8<T, 2>(a, m, w, row_bytes, y, N, n, n1);
+    for (; m < a.M; ++m) b32_gemv8<T, 1>(a, m, w, row_bytes, y, N, n, n1);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < a.M; ++m) b32_gemv1<T>(a, m, w + n * row_bytes, y, N, n);
