@@ -898,19 +898,6 @@ inline void k4_scale_bytes(const uint8_t* s, uint8_t* out) {
   std::memcpy(out, v, 16);
 }
 
-// sum over the 8 32-value chunks of mins[c] * (sum of chunk c of the activations), from the
-// 16 int16 sums of each 16 values
-inline int32_t k4_min_sum(const uint8_t* mins8, const int16_t* bsums) {
-  const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums));
-  const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums + 8));
-  const __m128i chunk_sums = _mm_hadd_epi16(b0, b1);  // 8 int16: sums of 32 values
-  const __m128i mins =
-      _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins8)));
-  __m128i p = _mm_madd_epi16(mins, chunk_sums);  // 4 int32
-  p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0x4e));
-  p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0xb1));
-  return _mm_cvtsi128_si32(p);
-}
 
 #ifdef MOEFLOW_VNNI
 // Values 128k..128k+127 (k = 0, 1) of a Q4_K (HIGH = Q5_K: qh is its 32 high-bit bytes,
@@ -946,11 +933,9 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
   const int64_t nb = a.K / 256;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m256 acc[MR];
-  float macc[MR];
-  for (int r = 0; r < MR; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    macc[r] = 0.0f;
-  }
+  __m128 macc[(MR + 1) / 2];  // the min term: rows 2p and 2p + 1 in lanes 0 and 1 of macc[p]
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int p = 0; 2 * p < MR; ++p) macc[p] = _mm_setzero_ps();
   alignas(16) uint8_t sm[16];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * bytes;
@@ -1013,11 +998,31 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
     for (int r = 0; r < MR; ++r) {
       const float d8 = a.d[r * nb + b];
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-      macc[r] -= dmin * d8 *
-                 static_cast<float>(k4_min_sum(sm + 8, a.bsums + r * (a.K / 16) + b * 16));
+    }
+    // the min term, rows two by two (lanes 0 and 1 of maccv[r / 2]): the 8 mins, each twice,
+    // against the 16 sums of 16 activations (sum over c of mins[c] * the sum of chunk c), the two
+    // rows' 8 int32 lanes summed side by side; then macc -= (dmin * d8) * float(that), lane by lane
+    const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
+    const __m256i mins2 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+    const auto min_lanes = [&](int r) {
+      return r < MR ? _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                            a.bsums + r * (a.K / 16) + b * 16)),
+                                        mins2)
+                    : _mm256_setzero_si256();
+    };
+    for (int p = 0; 2 * p < MR; ++p) {
+      const __m256i p0 = min_lanes(2 * p), p1 = min_lanes(2 * p + 1);
+      __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+      u = _mm256_add_epi32(u, _mm256_shuffle_epi32(u, 0x4e));
+      const __m128i ms = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+      const __m128 d8 = _mm_setr_ps(a.d[2 * p * nb + b], 2 * p + 1 < MR ? a.d[(2 * p + 1) * nb + b] : 0.0f,
+                                    0.0f, 0.0f);
+      macc[p] = _mm_sub_ps(macc[p], _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(dmin), d8), _mm_cvtepi32_ps(ms)));
     }
   }
-  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + macc[r];
+  alignas(16) float mv[(MR + 1) / 2][4];
+  for (int p = 0; 2 * p < MR; ++p) _mm_store_ps(mv[p], macc[p]);
+  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + mv[r / 2][r % 2];
 }
 
 template <int MR>
