@@ -73,7 +73,7 @@ def test_moe_cpu_workload(
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "llama.cpp (llama-batched-bench)" in text and "roofline" in text
-    assert "page cache: the file is read once before each engine's run" in text
+    assert "page cache: the file is read (twice) before each engine's run" in text
     report = json.loads(out.read_text())
     mf = report["moeflow"]
     assert "error" not in mf
