@@ -898,7 +898,6 @@ inline void k4_scale_bytes(const uint8_t* s, uint8_t* out) {
   std::memcpy(out, v, 16);
 }
 
-
 #ifdef MOEFLOW_VNNI
 // Values 128k..128k+127 (k = 0, 1) of a Q4_K (HIGH = Q5_K: qh is its 32 high-bit bytes,
 // broadcast to both halves) super-block as dot_q8k reads them, 64 bytes of nibbles at once:
@@ -999,9 +998,10 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
       const float d8 = a.d[r * nb + b];
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
     }
-    // the min term, rows two by two (lanes 0 and 1 of maccv[r / 2]): the 8 mins, each twice,
+    // the min term, rows two by two (lanes 0 and 1 of macc[r / 2]): the 8 mins, each twice,
     // against the 16 sums of 16 activations (sum over c of mins[c] * the sum of chunk c), the two
-    // rows' 8 int32 lanes summed side by side; then macc -= (dmin * d8) * float(that), lane by lane
+    // rows' 8 int32 lanes summed side by side; then macc -= (dmin * d8) * float(that), lane by
+    // lane (the integer is the whole sum, so the result is that of a sum in any order)
     const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
     const __m256i mins2 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
     const auto min_lanes = [&](int r) {
@@ -1015,9 +1015,10 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
       __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
       u = _mm256_add_epi32(u, _mm256_shuffle_epi32(u, 0x4e));
       const __m128i ms = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-      const __m128 d8 = _mm_setr_ps(a.d[2 * p * nb + b], 2 * p + 1 < MR ? a.d[(2 * p + 1) * nb + b] : 0.0f,
-                                    0.0f, 0.0f);
-      macc[p] = _mm_sub_ps(macc[p], _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(dmin), d8), _mm_cvtepi32_ps(ms)));
+      const float d8_odd = 2 * p + 1 < MR ? a.d[(2 * p + 1) * nb + b] : 0.0f;
+      const __m128 d8 = _mm_setr_ps(a.d[2 * p * nb + b], d8_odd, 0.0f, 0.0f);
+      macc[p] = _mm_sub_ps(macc[p],
+                           _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(dmin), d8), _mm_cvtepi32_ps(ms)));
     }
   }
   alignas(16) float mv[(MR + 1) / 2][4];

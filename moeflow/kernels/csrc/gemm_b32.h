@@ -80,15 +80,26 @@ inline __m256i sum_lanes8(const __m256i* v) {
                           _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-// Share b of a run of bytes streamed into L2 while other work goes on: the cache lines of
-// [pf + b * step, pf + (b + 1) * step), not past pf_end.
-inline void stream_share(const char* pf, const char* pf_end, int64_t b, int64_t step) {
-  const char* lo = pf + b * step;
-  const char* hi = std::min(lo + step, pf_end);
-  for (auto q = reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63};
-       q < reinterpret_cast<uintptr_t>(hi); q += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
-}
+// The g weight rows after the g at `rows` (one contiguous run, not past `end`), streamed into L2
+// while these run: share(b) prefetches the run's b-th g * block_bytes bytes, so one pass over
+// the blocks of these rows has fetched the next ones.
+struct NextRows {
+  const char* p;
+  const char* end;
+  int64_t step;
+  NextRows(const uint8_t* rows, int64_t row_bytes, int64_t g, const uint8_t* end_,
+           int64_t block_bytes)
+      : p(reinterpret_cast<const char*>(rows + g * row_bytes)),
+        end(std::min(reinterpret_cast<const char*>(end_), p + g * row_bytes)),
+        step(g * block_bytes) {}
+  void share(int64_t b) const {
+    const char* lo = p + b * step;
+    const char* hi = std::min(lo + step, end);
+    for (auto q = reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63};
+         q < reinterpret_cast<uintptr_t>(hi); q += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
+  }
+};
 
 // GEMV: y[m + r, n + i] for MR activation rows and the 8 weight rows n..n+7.
 template <class T, int MR>
@@ -101,11 +112,9 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
     macc[r] = _mm256_setzero_ps();
   }
   const uint8_t* rows = w + n * row_bytes;
-  // the next 8 rows (one contiguous run), a 1/nb share of it per block
-  const char* pf = reinterpret_cast<const char*>(rows + 8 * row_bytes);
-  const char* pf_end = reinterpret_cast<const char*>(w + std::min(n1, n + 16) * row_bytes);
+  const NextRows next(rows, row_bytes, 8, w + n1 * row_bytes, T::BYTES);
   for (int64_t b = 0; b < nb; ++b) {
-    stream_share(pf, pf_end, b, 8 * T::BYTES);
+    next.share(b);
     __m256i x[MR];
     for (int r = 0; r < MR; ++r)
       x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m + r) * K + b * 32));
@@ -200,9 +209,8 @@ inline __m512i b32_pair(const uint8_t* b0, const uint8_t* b1) {
   } else if constexpr (std::is_same_v<T, Q5_1>) {
     return _mm512_or_si512(nibbles32x2(b0 + 8, b1 + 8), high(b0 + 4, b1 + 4));
   } else if constexpr (std::is_same_v<T, IQ4_NL>) {  // the codebook plus 128
-    const __m512i table = _mm512_broadcast_i32x4(_mm_xor_si128(
-        _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
-        _mm_set1_epi8(-128)));
+    const __m512i table =
+        _mm512_broadcast_i32x4(_mm_xor_si128(iq4_codebook(), _mm_set1_epi8(-128)));
     return _mm512_shuffle_epi8(table, nibbles32x2(b0 + 2, b1 + 2));
   } else {
     const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(T::I(b0, 0)), T::I(b1, 0), 1);
@@ -226,12 +234,10 @@ void b32_gemv16(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_byte
     macc[r] = _mm512_setzero_ps();
   }
   const uint8_t* rows = w + n * row_bytes;
-  // the next 16 rows (one contiguous run), a 1/nb share of it per block
-  const char* pf = reinterpret_cast<const char*>(rows + 16 * row_bytes);
-  const char* pf_end = reinterpret_cast<const char*>(w + std::min(n1, n + 32) * row_bytes);
+  const NextRows next(rows, row_bytes, 16, w + n1 * row_bytes, T::BYTES);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* base = rows + b * T::BYTES;
-    stream_share(pf, pf_end, b, 16 * T::BYTES);
+    next.share(b);
     __m512i wv[8];
     for (int p = 0; p < 8; ++p) {
       const uint8_t* b0 = base + 2 * p * row_bytes;
@@ -310,7 +316,8 @@ struct B32Transpose {
 #endif
 
 // Decodes weight rows n..n+kB32NR-1 (all K) into nb B32Blocks; end: where the weight rows that
-// may be read next end (with AVX-512 the next 16 rows up to it are streamed into L2 meanwhile).
+// may be read next end (with AVX-512 the next 16 rows up to it are streamed into L2 meanwhile:
+// NextRows).
 template <class T>
 void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out,
                 [[maybe_unused]] const uint8_t* end) {
@@ -320,11 +327,10 @@ void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out,
   alignas(64) int32_t off[16];
   for (int i = 0; i < 16; ++i) off[i] = static_cast<int32_t>(i * row_bytes);
   const __m512i offv = _mm512_load_si512(off);
-  const char* pf = reinterpret_cast<const char*>(w + 16 * row_bytes);
-  const char* pf_end = std::min(reinterpret_cast<const char*>(end), pf + 16 * row_bytes);
+  const NextRows next(w, row_bytes, 16, end, T::BYTES);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* base = w + b * T::BYTES;
-    stream_share(pf, pf_end, b, 16 * T::BYTES);
+    next.share(b);
     __m512i v[8], x[8], y[8];
     for (int p = 0; p < 8; ++p)
       v[p] = b32_pair<T>(base + 2 * p * row_bytes, base + (2 * p + 1) * row_bytes);

@@ -17,11 +17,14 @@
 
 namespace {
 
+// The 16 codebook values as signed bytes
+inline __m128i iq4_codebook() {
+  return _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+}
+
 // 16 bytes of nibbles -> 32 codebook values as signed bytes, in element order
 inline __m256i iq4_values32(const uint8_t* qs) {
-  const __m256i table = _mm256_broadcastsi128_si256(
-      _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113));
-  return _mm256_shuffle_epi8(table, nibbles32(qs));
+  return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(iq4_codebook()), nibbles32(qs));
 }
 
 struct IQ4_NL {
