@@ -898,6 +898,13 @@ inline void k4_scale_bytes(const uint8_t* s, uint8_t* out) {
   std::memcpy(out, v, 16);
 }
 
+// The 8 mins of k4_scale_bytes' output (out[8..15]), each twice, as 16 int16: the coefficient of
+// each of the 16 sums of 16 activations (Q8_K bsums) in the Q4_K/Q5_K min term.
+inline __m256i k4_mins_twice(const uint8_t* scale_bytes) {
+  const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale_bytes + 8));
+  return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+}
+
 #ifdef MOEFLOW_VNNI
 // Values 128k..128k+127 (k = 0, 1) of a Q4_K (HIGH = Q5_K: qh is its 32 high-bit bytes,
 // broadcast to both halves) super-block as dot_q8k reads them, 64 bytes of nibbles at once:
@@ -1002,8 +1009,7 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
     // against the 16 sums of 16 activations (sum over c of mins[c] * the sum of chunk c), the two
     // rows' 8 int32 lanes summed side by side; then macc -= (dmin * d8) * float(that), lane by
     // lane (the integer is the whole sum, so the result is that of a sum in any order)
-    const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
-    const __m256i mins2 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+    const __m256i mins2 = k4_mins_twice(sm);
     const auto min_lanes = [&](int r) {
       return r < MR ? _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
                                             a.bsums + r * (a.K / 16) + b * 16)),

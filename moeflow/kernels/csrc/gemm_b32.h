@@ -17,7 +17,7 @@
 // lanes (dot_i8), the 8 rows' lanes are summed into one vector of 8 block sums (hadd), and the
 // float work above is done for the 8 rows at once. With AVX-512, 16 rows at a time
 // (b32_gemv16): two rows' blocks are decoded into one vector (b32_pair), and the next 16 rows
-// are streamed into L2 while these run.
+// are streamed into L2 while these run (next_rows).
 // GEMM (kB32MinRows rows and more): kB32NR weight rows (16 with AVX-512, 8 with AVX2) are
 // decoded once over all of K into a tile where bytes 4g..4g+3 of the rows lie side by side
 // (B32Block.q: group g of the rows' 32 bytes is one vector), so one vpdpbusd (AVX2: maddubs +
@@ -81,25 +81,13 @@ inline __m256i sum_lanes8(const __m256i* v) {
 }
 
 // The g weight rows after the g at `rows` (one contiguous run, not past `end`), streamed into L2
-// while these run: share(b) prefetches the run's b-th g * block_bytes bytes, so one pass over
-// the blocks of these rows has fetched the next ones.
-struct NextRows {
-  const char* p;
-  const char* end;
-  int64_t step;
-  NextRows(const uint8_t* rows, int64_t row_bytes, int64_t g, const uint8_t* end_,
-           int64_t block_bytes)
-      : p(reinterpret_cast<const char*>(rows + g * row_bytes)),
-        end(std::min(reinterpret_cast<const char*>(end_), p + g * row_bytes)),
-        step(g * block_bytes) {}
-  void share(int64_t b) const {
-    const char* lo = p + b * step;
-    const char* hi = std::min(lo + step, end);
-    for (auto q = reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63};
-         q < reinterpret_cast<uintptr_t>(hi); q += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
-  }
-};
+// a share per block while these run (Prefetcher, gemm_i8.h): one pass over these rows' nb
+// blocks has fetched the next ones.
+inline Prefetcher next_rows(const uint8_t* rows, int64_t row_bytes, int64_t g,
+                            const uint8_t* end, int64_t nb) {
+  const uint8_t* begin = rows + g * row_bytes;
+  return Prefetcher::over(begin, std::min(end, begin + g * row_bytes), nb);
+}
 
 // GEMV: y[m + r, n + i] for MR activation rows and the 8 weight rows n..n+7.
 template <class T, int MR>
@@ -112,9 +100,9 @@ void b32_gemv8(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_bytes
     macc[r] = _mm256_setzero_ps();
   }
   const uint8_t* rows = w + n * row_bytes;
-  const NextRows next(rows, row_bytes, 8, w + n1 * row_bytes, T::BYTES);
+  Prefetcher next = next_rows(rows, row_bytes, 8, w + n1 * row_bytes, nb);
   for (int64_t b = 0; b < nb; ++b) {
-    next.share(b);
+    next.step();
     __m256i x[MR];
     for (int r = 0; r < MR; ++r)
       x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m + r) * K + b * 32));
@@ -234,10 +222,10 @@ void b32_gemv16(const ActsView& a, int64_t m, const uint8_t* w, int64_t row_byte
     macc[r] = _mm512_setzero_ps();
   }
   const uint8_t* rows = w + n * row_bytes;
-  const NextRows next(rows, row_bytes, 16, w + n1 * row_bytes, T::BYTES);
+  Prefetcher next = next_rows(rows, row_bytes, 16, w + n1 * row_bytes, nb);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* base = rows + b * T::BYTES;
-    next.share(b);
+    next.step();
     __m512i wv[8];
     for (int p = 0; p < 8; ++p) {
       const uint8_t* b0 = base + 2 * p * row_bytes;
@@ -317,7 +305,7 @@ struct B32Transpose {
 
 // Decodes weight rows n..n+kB32NR-1 (all K) into nb B32Blocks; end: where the weight rows that
 // may be read next end (with AVX-512 the next 16 rows up to it are streamed into L2 meanwhile:
-// NextRows).
+// next_rows).
 template <class T>
 void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out,
                 [[maybe_unused]] const uint8_t* end) {
@@ -327,10 +315,10 @@ void b32_decode(const uint8_t* w, int64_t row_bytes, int64_t nb, B32Block* out,
   alignas(64) int32_t off[16];
   for (int i = 0; i < 16; ++i) off[i] = static_cast<int32_t>(i * row_bytes);
   const __m512i offv = _mm512_load_si512(off);
-  const NextRows next(w, row_bytes, 16, end, T::BYTES);
+  Prefetcher next = next_rows(w, row_bytes, 16, end, nb);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* base = w + b * T::BYTES;
-    next.share(b);
+    next.step();
     __m512i v[8], x[8], y[8];
     for (int p = 0; p < 8; ++p)
       v[p] = b32_pair<T>(base + 2 * p * row_bytes, base + (2 * p + 1) * row_bytes);

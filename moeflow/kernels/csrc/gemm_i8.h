@@ -28,6 +28,11 @@ enum class BsumTerm { kNone, kMin, kOffset };
 // stored as signed bytes (IQ4_XS), else unsigned.
 template <class T> struct KDecode;
 
+// The scale vector of a chunk whose two 16-value halves have scales lo and hi
+inline __m256i scale_halves(int16_t lo, int16_t hi) {
+  return _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+}
+
 inline void store_chunk(KBlock& o, int c, __m256i q, __m256i s) {
   const int slot = kq8k_slot(c);
   _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 32 * slot), q);
@@ -40,14 +45,13 @@ inline void decode_k45(const uint8_t* blk, KBlock& o) {
   k4_scale_bytes(blk + 4, sm);
   o.d = fp16(blk);
   o.dmin = fp16(blk + 2);
-  // scales then mins as int16: sc[c] = lane c, mn[c] = lane 8 + c
-  const __m256i sc = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sm)));
 #ifdef MOEFLOW_VNNI
   // 64 bytes of nibbles at a time, as dot_q8k reads them (k45_half): lo is slots 4k and
   // 4k + 1, hi 4k + 2 and 4k + 3
   constexpr bool kHigh = std::is_same_v<T, Q5_K>;
   const uint8_t* qs = blk + (kHigh ? 48 : 16);
-  const __m512i scz = _mm512_castsi256_si512(sc);
+  const __m512i scz = _mm512_castsi256_si512(  // the scales as int16, lanes 0-7
+      _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sm))));
   const __m512i qh =
       kHigh ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)))
             : _mm512_setzero_si512();
@@ -62,10 +66,7 @@ inline void decode_k45(const uint8_t* blk, KBlock& o) {
 #else
   for (int c = 0; c < 8; ++c) store_chunk(o, c, T::I(blk, c), _mm256_set1_epi16(sm[c]));
 #endif
-  // c16[j] = mn[j / 2]: each min twice
-  const __m128i mn = _mm256_extracti128_si256(sc, 1);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.c16),
-                     _mm256_set_m128i(_mm_unpackhi_epi16(mn, mn), _mm_unpacklo_epi16(mn, mn)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.c16), k4_mins_twice(sm));  // c16[j] = mn[j / 2]
 }
 
 template <> struct KDecode<Q4_K> {
@@ -103,7 +104,7 @@ template <> struct KDecode<Q6_K> {
     const int8_t* sb = reinterpret_cast<const int8_t*>(blk + 192);
     for (int c = 0; c < 8; ++c)  // I() gives q - 32: back to 0..63
       store_chunk(o, c, _mm256_add_epi8(Q6_K::I(blk, c), _mm256_set1_epi8(32)),
-                  _mm256_set_m128i(_mm_set1_epi16(sb[2 * c + 1]), _mm_set1_epi16(sb[2 * c])));
+                  scale_halves(sb[2 * c], sb[2 * c + 1]));
 #endif
     _mm256_store_si256(reinterpret_cast<__m256i*>(o.c16),
                        _mm256_mullo_epi16(sc, _mm256_set1_epi16(-32)));
@@ -117,8 +118,7 @@ template <> struct KDecode<Q2_K> {
     o.d = fp16(blk + 80);
     o.dmin = fp16(blk + 82);
     for (int c = 0; c < 8; ++c)
-      store_chunk(o, c, Q2_K::I(blk, c),
-                  _mm256_set_m128i(_mm_set1_epi16(blk[2 * c + 1] & 0xF), _mm_set1_epi16(blk[2 * c] & 0xF)));
+      store_chunk(o, c, Q2_K::I(blk, c), scale_halves(blk[2 * c] & 0xF, blk[2 * c + 1] & 0xF));
     for (int j = 0; j < 16; ++j) o.c16[j] = blk[j] >> 4;
   }
 };
@@ -132,8 +132,7 @@ template <> struct KDecode<Q3_K> {
     o.d = fp16(blk + 108);
     o.dmin = 0.0f;
     for (int c = 0; c < 8; ++c)
-      store_chunk(o, c, Q3_K::I(blk, c),
-                  _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c])));
+      store_chunk(o, c, Q3_K::I(blk, c), scale_halves(sc[2 * c], sc[2 * c + 1]));
     for (int j = 0; j < 16; ++j) o.c16[j] = static_cast<int16_t>(-4 * sc[j]);
   }
 };
@@ -186,13 +185,21 @@ inline KVec ksign(KVec x, KVec w) { return _mm256_sign_epi8(x, w); }
 inline __m256i kfold(KVec v) { return v; }
 #endif
 
-// The next weight rows' bytes, streamed into L2 a few lines per super-block while the
-// microkernels run (the decode that follows then finds them there; a burst of prefetches
-// before the microkernels would stall on the line-fill buffers instead).
+// The next weight rows' bytes, streamed into L2 a few lines a step while the current rows are
+// worked on (the decode or GEMV that follows then finds them there; a burst of prefetches
+// before the work would stall on the line-fill buffers instead). Here and in gemm_b32.h.
 struct Prefetcher {
   const char* p = nullptr;
   const char* end = nullptr;
   int64_t per_step = 0;
+  // the bytes [begin, end) spread over `steps` calls of step() (none when end <= begin)
+  static Prefetcher over(const uint8_t* begin, const uint8_t* end, int64_t steps) {
+    Prefetcher f;
+    f.p = reinterpret_cast<const char*>(begin);
+    f.end = reinterpret_cast<const char*>(end);
+    if (f.end > f.p) f.per_step = ((f.end - f.p) / 64 + steps) / steps;
+    return f;
+  }
   void step() {
     for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
   }
@@ -430,14 +437,10 @@ void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
             KDecode<T>::decode(blk, wt[i * nb + b]);
             if constexpr (kMin) mt.put(b, static_cast<int>(g + i), wt[i * nb + b]);
           }
-        Prefetcher pf;
         const int64_t next = n + g + gr;
-        if (next < n1) {
-          pf.p = reinterpret_cast<const char*>(w + next * row_bytes);
-          pf.end = pf.p + std::min<int64_t>(kGemmNR, n1 - next) * row_bytes;
-          const int64_t steps = (am.M + kGemmMR - 1) / kGemmMR * nb * (gr == kGemmNR ? 1 : gr);
-          pf.per_step = ((pf.end - pf.p) / 64 + steps) / steps;
-        }
+        const int64_t steps = (am.M + kGemmMR - 1) / kGemmMR * nb * (gr == kGemmNR ? 1 : gr);
+        Prefetcher pf = Prefetcher::over(w + next * row_bytes,
+                                         w + std::min(n1, next + kGemmNR) * row_bytes, steps);
         if (gr == kGemmNR) {
           kgemm_rows<T, kGemmNR>(am, wt, ym, N, n + g, pf);
         } else {
