@@ -99,9 +99,9 @@ def _warm_page_cache(path: Path) -> bool:
     engine's run may have evicted it). Twice: pages read once sit on the kernel's inactive list,
     which goes before the pages of an earlier file read more often (the likely cause of this: a
     48-layer Qwen3 file read once after a 10 GB file had been used, moeflow's one-stream prefill
-    read 13.9 tok/s; 44.5 after dropping the caches). Skipped (False) for
-    a file larger than the memory available: its pages would evict each other, and both engines
-    then read it from disk."""
+    read 13.9 tok/s; 44.5 after dropping the caches). Skipped (False) for a file larger than
+    the memory available: its pages would evict each other, and both engines then read it from
+    disk."""
     from moeflow.loading.memory_plan import available_memory
 
     size = os.path.getsize(path)
