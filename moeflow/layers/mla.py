@@ -4,7 +4,10 @@ Prefill/extend decompresses through kv_b_proj; decode attends in latent space wi
 projections (q_nope through W_UK before, W_UV after). On the CPU, with q (or q_a / q_b) and kv_a
 kept quantised, a decode step of up to 16 tokens runs as one compiled op (csrc/mla.h
 MlaAttention: the projections, norms, rope, cache write, absorbed attention), which the fused
-decode step (kernels/decode_stack.py) also runs, so the two give the same numbers.
+decode step (kernels/decode_stack.py) also runs, so the two give the same numbers. kv_b_proj is
+held in floats (prefill decompresses through it); a GGUF file's quantised halves of it (k_b, v_b)
+are also kept as they are, and the compiled decode reads those (a sixth of the float bytes for a
+Q4_K_M file) instead of the floats.
 
 Tensor parallelism splits the heads: q / q_b / kv_b projections by column (each rank its heads'
 rows), o_proj by row; the latent (kv_a) is computed whole on every rank, so each rank's cache
@@ -25,9 +28,17 @@ from moeflow.context import get_forward_batch
 from moeflow.distributed.parallel_state import tp_rank_size
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.mla import mla_decode, mla_prefill, store_latent
-from moeflow.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, split_size
+from moeflow.errors import ModelFormatError
+from moeflow.layers.linear import (
+    ColumnParallelLinear,
+    Linear,
+    RowParallelLinear,
+    narrow_shard,
+    split_size,
+)
 from moeflow.layers.norm import RMSNorm
 from moeflow.layers.rotary import RotaryEmbedding, yarn_mscale
+from moeflow.weights.ggml_quants import QuantizedTensor
 
 
 class MLAAttention(nn.Module):
@@ -62,10 +73,7 @@ class MLAAttention(nn.Module):
             self.q_b_proj = ColumnParallelLinear(q_lora_rank, num_heads * qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, rms_norm_eps)
-        self.kv_b_proj = ColumnParallelLinear(
-            kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim)
-        )
-        self.kv_b_proj.keep_quantized = False  # decode absorbs its float weight (W_UK, W_UV)
+        self.kv_b_proj = KVBProj(kv_lora_rank, num_heads, qk_nope_head_dim, v_head_dim)
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias)
         self.rotary_emb = RotaryEmbedding(
             qk_rope_head_dim, max_position, rope_theta, rope_scaling, layout=rope_layout
@@ -95,7 +103,8 @@ class MLAAttention(nn.Module):
     def cpu_layer(self, ops: Any) -> Any | None:
         """The compiled latent attention (`ops.MlaAttention`) of this layer, built once per
         kernel module, or None where it does not run it: q (or q_a / q_b) or kv_a not kept
-        quantised, norms, biases or kv_b not float32 on the CPU, shapes it does not take."""
+        quantised, norms, biases or kv_b not float32 on the CPU, shapes it does not take. It
+        reads kv_b's quantised halves where the file gave them, else kv_b's float32 weight."""
         if self._cpu is not None and self._cpu[0] is ops:
             return self._cpu[1]
         q = self.q_proj if self.q_proj is not None else self.q_a_proj
@@ -106,11 +115,11 @@ class MLAAttention(nn.Module):
         norms += [self.q_a_layernorm] if self.q_a_layernorm is not None else []
         floats = [n.weight for n in norms] + [kv_b.weight]
         floats += [p.bias for p in (q, kv_a) if p.bias is not None]
+        halves = kv_b.quantized_halves()
         if (
             ops is None
             or any(not _parts(p) for p in projections)
-            or kv_b.qtype is not None
-            or kv_b.parts is not None
+            or (halves is None and (kv_b.qtype is not None or kv_b.parts is not None))
             or kv_b.bias is not None
             or any(n.eps != norms[0].eps for n in norms)
             or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats)
@@ -142,7 +151,11 @@ class MLAAttention(nn.Module):
             [p.weight for p in q_b_parts],
             [p.qtype for p in q_b_parts],
             self.kv_a_layernorm.weight.detach(),
-            kv_b.weight.detach(),
+            kv_b.weight.detach() if halves is None else None,
+            halves[0].data.flatten(0, 1) if halves is not None else None,  # [H L, row bytes]
+            halves[0].qtype if halves is not None else 0,
+            halves[1].data.flatten(0, 1) if halves is not None else None,  # [H Dv, row bytes]
+            halves[1].qtype if halves is not None else 0,
             self.kv_a_layernorm.eps,
             self.rotary_emb.layout,
         )
@@ -225,6 +238,63 @@ class MLAAttention(nn.Module):
         ):
             return None
         return self.cpu_layer(cpu_ext.ops())
+
+
+class KVBProj(ColumnParallelLinear):
+    """kv_b_proj [H (Dn + Dv), L] in floats (never blocks: prefill decompresses through it and
+    the torch decode absorbs it), filled whole (HF folders, older GGUF files) or from llama.cpp's
+    per-head halves, the shards "k_b" [H, L, Dn] (W_UK transposed per head) and "v_b" [H, Dv, L]
+    (W_UV), which newer GGUF files hold instead (convert_hf_to_gguf.py, DeepseekV2Model). Halves
+    that come quantised are also kept as they are (views of the mapped file, this rank's heads):
+    the compiled CPU decode reads them in place of the floats."""
+
+    keep_quantized = False  # the float weight is read as such
+
+    def __init__(self, kv_lora_rank: int, num_heads: int, nope: int, v_dim: int) -> None:
+        super().__init__(kv_lora_rank, num_heads * (nope + v_dim))
+        self.nope, self.v_dim = nope, v_dim
+        self.num_heads = self.out_features // (nope + v_dim)  # this rank's
+        self.halves: dict[str, QuantizedTensor] = {}
+
+    def expected_shards(self, param_name: str) -> list[str]:
+        return ["k_b", "v_b"] if param_name == "weight" else []
+
+    def load(
+        self, param_name: str, tensor: torch.Tensor | QuantizedTensor, shard: str | None = None
+    ) -> None:
+        if shard is None:  # kv_b whole
+            self.halves.clear()
+            super().load(param_name, tensor, shard)
+            return
+        h, n, v, rank = self.num_heads, self.nope, self.v_dim, self.in_features
+        expected = {"k_b": (h * self.tp_size, rank, n), "v_b": (h * self.tp_size, v, rank)}
+        if param_name != "weight" or shard not in expected:
+            raise ModelFormatError(f"kv_b_proj has no shard {param_name}[{shard}]")
+        if tuple(tensor.shape) != expected[shard]:
+            raise ModelFormatError(
+                f"attn_{shard} has shape {tuple(tensor.shape)}, expected {expected[shard]} "
+                "(heads, then kv_lora_rank x nope for k_b, v x kv_lora_rank for v_b)"
+            )
+        tensor = narrow_shard(tensor, 0, self.tp_rank, self.tp_size)  # this rank's heads
+        floats = tensor
+        if isinstance(tensor, QuantizedTensor):
+            self.halves[shard] = tensor
+            floats = tensor.dequantize(self.weight.dtype)
+        else:
+            self.halves.pop(shard, None)
+        w = self.weight.data.view(h, n + v, rank)
+        with torch.no_grad():
+            if shard == "k_b":
+                w[:, :n].copy_(floats.transpose(1, 2))
+            else:
+                w[:, n:].copy_(floats)
+
+    def quantized_halves(self) -> tuple[QuantizedTensor, QuantizedTensor] | None:
+        """(k_b, v_b) as kept quantised, where both came so and the CPU reads them."""
+        k_b, v_b = self.halves.get("k_b"), self.halves.get("v_b")
+        if k_b is None or v_b is None or k_b.data.device.type != "cpu":
+            return None
+        return k_b, v_b
 
 
 def _parts(linear: Linear) -> list[Linear]:

@@ -66,10 +66,13 @@ class DeepseekConfig:
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
     is_v3 = False
-    # q_proj is DeepSeek's own projection here (no q/k/v merge); only gate/up are fused.
+    # q_proj is DeepSeek's own projection here (no q/k/v merge); gate/up are fused, and a GGUF
+    # file's halves of kv_b_proj (gguf_hf.py) fill it as shards (layers/mla.py KVBProj).
     packed_modules_mapping = {
         "gate_proj": ("gate_up_proj", "gate"),
         "up_proj": ("gate_up_proj", "up"),
+        "k_b_proj": ("kv_b_proj", "k_b"),
+        "v_b_proj": ("kv_b_proj", "v_b"),
     }
 
     @classmethod

@@ -77,8 +77,9 @@ _EXPERT_COUNT_KEYS = {
     "llama": "num_local_experts",  # Mixtral
 }
 _SHARED_PREFIX = {"qwen2moe": "shared_expert", "deepseek2": "shared_experts"}
-# Newer llama.cpp files split DeepSeek's kv_b_proj into per-head K and V halves.
-_KV_B_HALVES = ("attn_k_b.weight", "attn_v_b.weight")
+# Newer llama.cpp files split DeepSeek's kv_b_proj into per-head K and V halves: they load as
+# its shards (layers/mla.py KVBProj) through the family's packed_modules_mapping.
+_KV_B_HALVES = {"attn_k_b.weight": "k_b_proj.weight", "attn_v_b.weight": "v_b_proj.weight"}
 _BLOCK_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.(.+)")
 
 
@@ -166,7 +167,9 @@ def iter_hf_weights(
     memory-mapped file (zero-copy; they keep the mapping alive), except Q/K rows the permutation
     below moves. The loader dequantises those a layer cannot use as they are. Routed experts come
     stacked, one tensor per projection (`...mlp.experts.gate_proj` [E, I, H], `up_proj`,
-    `down_proj` [E, H, I]), as the file stores them.
+    `down_proj` [E, H, I]), as the file stores them. DeepSeek's kv_b_proj halves in newer files
+    come as they are too, `...self_attn.k_b_proj.weight` [H, L, Dn] and `v_b_proj.weight` [H,
+    Dv, L] (quantised or not), for the model to assemble (layers/mla.py KVBProj).
 
     For arch "llama" the Q/K rows permuted by llama.cpp's converter are put back in HF order.
     GGUF tensors with no HF counterpart are skipped and their names appended to `unused` when
@@ -177,7 +180,7 @@ def iter_hf_weights(
     arch = config["model_type"]
     num_layers = config["num_hidden_layers"]
     shared = _SHARED_PREFIX.get(arch, "shared_experts")
-    kv_b_halves: dict[int, dict[str, torch.Tensor]] = {}
+    kv_b_halves: dict[int, set[str]] = {}  # layers with one half seen so far
     for gguf_name in reader.tensors:
         hf_name = _GLOBAL_NAMES.get(gguf_name)
         num_perm_heads = 0
@@ -195,12 +198,22 @@ def iter_hf_weights(
                     yield name, reader.load(gguf_name, dtype)
                 continue
             if suffix in _KV_B_HALVES and arch == "deepseek2":
-                halves = kv_b_halves.setdefault(layer_idx, {})
-                halves[suffix] = reader.load(gguf_name, dtype)
+                halves = kv_b_halves.setdefault(layer_idx, set())
+                halves.add(suffix)
                 if len(halves) == 2:
                     del kv_b_halves[layer_idx]
-                    kv_b = _merge_kv_b(halves[_KV_B_HALVES[0]], halves[_KV_B_HALVES[1]])
-                    yield f"{prefix}.self_attn.kv_b_proj.weight", kv_b
+                name = f"{prefix}.self_attn.{_KV_B_HALVES[suffix]}"
+                info = reader.tensors[gguf_name]
+                if len(info.shape) != 3:
+                    raise ModelFormatError(
+                        f"{reader.path}: {gguf_name} has shape {tuple(info.shape)}, expected "
+                        "[heads, rows, cols]"
+                    )
+                if info.ggml_type in keep_quantized:
+                    data = reader.raw(gguf_name).reshape(*info.shape[:2], -1)  # the file's bytes
+                    yield name, QuantizedTensor(data, info.ggml_type, tuple(info.shape))
+                else:
+                    yield name, reader.load(gguf_name, dtype)
                 continue
             if suffix in _LAYER_NAMES:
                 hf_name = f"{prefix}.{_LAYER_NAMES[suffix].format(shared=shared)}"
@@ -472,17 +485,6 @@ def _expert_counts(reader: GGUFReader, arch: str) -> dict[str, int]:
             f"{reader.path}: expert_used_count {top_k} > expert_count {num_experts}"
         )
     return {_EXPERT_COUNT_KEYS.get(arch, "num_experts"): num_experts, "num_experts_per_tok": top_k}
-
-
-def _merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
-    """HF kv_b_proj [heads * (nope + v), kv_lora] from llama.cpp's halves: k_b [heads, kv_lora,
-    nope] (transposed per head) and v_b [heads, v, kv_lora] (convert_hf_to_gguf.py, MIT)."""
-    if k_b.dim() != 3 or v_b.dim() != 3 or k_b.shape[0] != v_b.shape[0]:
-        raise ModelFormatError(
-            f"attn_k_b {tuple(k_b.shape)} and attn_v_b {tuple(v_b.shape)} do not pair up"
-        )
-    kv_b = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # [heads, nope + v, kv_lora]
-    return kv_b.reshape(-1, kv_b.shape[-1])
 
 
 def _unpermute_qk(tensor: torch.Tensor, num_heads: int, path: str, name: str) -> torch.Tensor:

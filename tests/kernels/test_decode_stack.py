@@ -208,8 +208,9 @@ def test_mla_gguf_fused_step_matches_layer_by_layer(
     family: str, int8: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """DeepSeek-V2/V3 GGUF files as llama.cpp's converter lays them out (Q4_K_M: q / q_a / q_b,
-    kv_a and o in their blocks, kv_b from the split k_b / v_b halves, experts in Q4_K / Q6_K):
-    the fused step gives the layer-by-layer path's tokens and log-probabilities, bit for bit."""
+    kv_a and o in their blocks, kv_b from the split k_b / v_b halves, which the latent
+    attention reads in their blocks, experts in Q4_K / Q6_K): the fused step gives the
+    layer-by-layer path's tokens and log-probabilities, bit for bit."""
     monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", int8)
     hf = TINY_DEEPSEEK_V2 if family == "deepseek-v2" else TINY_DEEPSEEK_V3
@@ -221,6 +222,8 @@ def test_mla_gguf_fused_step_matches_layer_by_layer(
         kv_cache_tokens=1024,
         enable_prefix_caching=False,
     )
+    kv_b = [layer.self_attn.kv_b_proj for layer in llm.loaded.model.model.layers]
+    assert all(p.quantized_halves() is not None for p in kv_b)
     assert _run(llm, True) == _run(llm, False)
 
 
@@ -331,10 +334,15 @@ def test_mla_attention_rejects_bad_shapes() -> None:
     assert ops is not None
     q8 = 8  # ggml Q8_0: 34 bytes per 32 weights
     hidden, heads, lora, nope, rope, v_dim = 32, 2, 32, 8, 8, 16
-    qa = torch.zeros(heads * (nope + rope) + lora + rope, 34, dtype=torch.uint8)  # q | kv_a rows
     norm = torch.ones(lora)
 
-    def make(kv_b: torch.Tensor, rope_layout: str = "interleaved") -> object:
+    def make(
+        kv_b: torch.Tensor | None,
+        rope_layout: str = "interleaved",
+        halves: tuple[torch.Tensor | None, int, torch.Tensor | None, int] = (None, 0, None, 0),
+        nope: int = nope,
+    ) -> object:
+        qa = torch.zeros(heads * (nope + rope) + lora + rope, 34, dtype=torch.uint8)  # q | kv_a
         return ops.MlaAttention(
             hidden,
             heads,
@@ -351,6 +359,7 @@ def test_mla_attention_rejects_bad_shapes() -> None:
             [],
             norm,
             kv_b,
+            *halves,
             1e-6,
             rope_layout,
         )
@@ -360,6 +369,18 @@ def test_mla_attention_rejects_bad_shapes() -> None:
         make(torch.zeros(heads * nope, lora))
     with pytest.raises(RuntimeError, match="unknown rotary layout"):
         make(good, "gptj")
+    # the quantised halves: k_b [H L, blocks of nope], v_b [H Dv, blocks of L]; one or the other
+    k_b = torch.zeros(heads * lora, 34, dtype=torch.uint8)
+    v_b = torch.zeros(heads * v_dim, 34, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="give kv_b"):
+        make(good, halves=(k_b, q8, v_b, q8), nope=32)
+    with pytest.raises(RuntimeError, match="give kv_b"):
+        make(None, halves=(k_b, q8, None, 0), nope=32)
+    with pytest.raises(RuntimeError, match="block size"):
+        make(None, halves=(k_b, q8, v_b, q8))  # nope 8: not whole Q8_0 blocks
+    with pytest.raises(RuntimeError, match="v_b must hold"):
+        make(None, halves=(k_b, q8, v_b[:-1], q8), nope=32)
+    make(None, halves=(k_b, q8, v_b, q8), nope=32)
     mla = make(good)
     cos = torch.ones(16, rope // 2)
     stack = ops.DecodeStack(heads, 1, lora + rope, 1e-6, 0.3, cos, cos, torch.ones(hidden))

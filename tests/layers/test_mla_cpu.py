@@ -2,7 +2,8 @@
 are kept quantised): its output and the latent rows it writes are the torch path's (the same
 quantised GEMVs, then torch's norms, rope, einsums and softmax), for q with and without LoRA,
 every rope layout, YaRN's scale and the biases, over a scattered paged cache; each row of a batch
-decodes as it does alone."""
+decodes as it does alone. With kv_b from a GGUF file's quantised halves (k_b, v_b) the compiled
+decode reads those; the torch path reads the float weight they fill."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from moeflow.context import ForwardBatch, forward_context
 from moeflow.kernels import cpu_ext
 from moeflow.layers.mla import MLAAttention
 from moeflow.layers.norm import RMSNorm
-from moeflow.weights.ggml_quants import quantize
+from moeflow.weights.ggml_quants import QuantizedTensor, quantize
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.available(), reason=f"CPU kernels: {cpu_ext.unavailable_reason()}"
 )
 
-HIDDEN, HEADS, LORA, NOPE, ROPE, V_DIM, BLOCK = 64, 4, 32, 16, 8, 16, 4
+HIDDEN, HEADS, ROPE, BLOCK = 64, 4, 8, 4
+DIMS = (32, 16, 16)  # kv_lora_rank, nope, v_dim
+# whole blocks for the quantised halves: k_b's rows are `nope` long, v_b's kv_lora_rank (Q4_K:
+# 256)
+HALVES_DIMS = (256, 32, 16)
 YARN = {
     "rope_type": "yarn",
     "factor": 4.0,
@@ -30,11 +35,15 @@ YARN = {
 }
 
 
-def _layer(q_lora: int | None, layout: str, bias: bool, seed: int) -> MLAAttention:
+def _layer(
+    q_lora: int | None, layout: str, bias: bool, seed: int, dims: tuple[int, int, int] = DIMS
+) -> MLAAttention:
+    """dims: (kv_lora_rank, nope, v_dim)."""
     torch.manual_seed(seed)
     scaling = YARN if layout != "deinterleave" else None
+    lora, nope, v_dim = dims
     layer = MLAAttention(
-        HIDDEN, HEADS, q_lora, LORA, NOPE, ROPE, V_DIM, 1e-6, 128, 1e4, scaling, layout, bias
+        HIDDEN, HEADS, q_lora, lora, nope, ROPE, v_dim, 1e-6, 128, 1e4, scaling, layout, bias
     )
     with torch.no_grad():
         for module in layer.modules():
@@ -112,3 +121,67 @@ def test_compiled_decode_matches_torch_path(
     for r in range(3):  # batched rows == solo rows, bit for bit
         solo, _ = run(True, [r])
         assert torch.equal(solo[0], out[r])
+
+
+def _set_halves(layer: MLAAttention, k_kind: str, v_kind: str) -> None:
+    """kv_b_proj filled from quantised halves, as a GGUF file's attn_k_b / attn_v_b load."""
+    kv_b = layer.kv_b_proj
+    w = kv_b.weight.data.view(HEADS, kv_b.nope + kv_b.v_dim, -1)  # [H, Dn + Dv, L]
+    k_b = w[:, : kv_b.nope].transpose(1, 2).reshape(-1, kv_b.nope)  # [H L, Dn]
+    v_b = w[:, kv_b.nope :].reshape(-1, w.shape[-1])  # [H Dv, L]
+    for shard, rows, kind in (("k_b", k_b, k_kind), ("v_b", v_b, v_kind)):
+        q = quantize(rows.contiguous(), kind)
+        shape = (HEADS, rows.shape[0] // HEADS, rows.shape[1])
+        data = q.data.view(HEADS, shape[1], -1)
+        kv_b.load("weight", QuantizedTensor(data, q.qtype, shape), shard)
+
+
+@pytest.mark.parametrize(("k_kind", "v_kind"), [("q4_0", "q4_k"), ("q8_0", "q8_0")])
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+def test_compiled_decode_reads_the_quantised_halves(
+    k_kind: str, v_kind: str, int8: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", int8)
+    layer = _layer(None, "interleaved", False, seed=7, dims=HALVES_DIMS)
+    _set_halves(layer, k_kind, v_kind)
+    halves = layer.kv_b_proj.quantized_halves()
+    assert halves is not None and [h.qtype for h in halves] == [
+        int(quantize(torch.zeros(1, 256), k).qtype) for k in (k_kind, v_kind)
+    ]
+    g = torch.Generator().manual_seed(2)
+    layer.latent_cache.normal_(generator=g)
+    tables, context_lens = [[9], [3, 12, 0], [7, 1], [5, 6]], [2, 11, 8, 5]
+    hidden = torch.randn(4, HIDDEN, generator=g)
+    start = layer.latent_cache.clone()
+
+    def run(compiled: bool, rows: list[int]) -> torch.Tensor:
+        layer.latent_cache.copy_(start)
+        one = _decode_batch([tables[r] for r in rows], [context_lens[r] for r in rows])
+        with monkeypatch.context() as patch, forward_context(one):
+            if not compiled:
+                patch.setattr(layer, "_cpu_decode", lambda *a: None)
+            return layer(one.positions, hidden[rows])  # [B, E]
+
+    ref = run(False, [0, 1, 2, 3])  # torch: the float weight the halves filled
+    out = run(True, [0, 1, 2, 3])
+    if int8:  # the GEMVs' activations rounded to int8 (q_nope, o_lat: llama.cpp's Q8)
+        err = (out - ref).norm() / ref.norm()
+        assert err < 0.02, err
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for r in range(4):  # batched rows == solo rows, bit for bit (4 rows: the GEMM; 1: the GEMV)
+        assert torch.equal(run(True, [r])[0], out[r])
+
+
+def test_kv_b_from_float_halves_keeps_no_blocks() -> None:
+    """Float halves (or kv_b whole after quantised halves) leave the float weight to read."""
+    layer = _layer(None, "interleaved", False, seed=3, dims=HALVES_DIMS)
+    _set_halves(layer, "q8_0", "q4_k")
+    assert layer.kv_b_proj.quantized_halves() is not None
+    kv_b = layer.kv_b_proj
+    whole = kv_b.weight.data.clone()
+    kv_b.load("weight", whole.view(HEADS, -1, whole.shape[-1])[:, kv_b.nope :].clone(), "v_b")
+    assert kv_b.quantized_halves() is None
+    assert torch.equal(kv_b.weight.data, whole)
+    cpu = layer.cpu_layer(cpu_ext.ops())
+    assert cpu is not None  # on the float weight

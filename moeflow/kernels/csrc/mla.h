@@ -10,8 +10,11 @@
 //   q_lat[h] = W_UK[h]^T q_nope[h]                           (absorbed: keys stay latent)
 //   o_lat[h] = softmax(scale * [q_lat[h], q_r[h]] . rows) . rows[:, :L]   over the context
 //   o[h] = W_UV[h] o_lat[h];  out = o_proj(o)
-// W_UK [H, Dn, L] and W_UV [H, Dv, L] are the rows of kv_b_proj's float32 weight [H (Dn + Dv), L]
-// per head. Attention runs the dense path's attend_part over the latent rows with the heads as
+// W_UK and W_UV come either as the rows of kv_b_proj's float32 weight [H (Dn + Dv), L] per head
+// (W_UK [H, Dn, L], W_UV [H, Dv, L]), or as a GGUF file's quantised halves, read as they are:
+// k_b [H, L, Dn] (W_UK[h]^T, so q_lat[h] is a GEMV of k_b[h]'s L rows over q_nope[h]) and v_b
+// [H, Dv, L] (o[h] a GEMV of v_b[h]'s Dv rows over o_lat[h]), each head's rows by the quantised
+// GEMV of the other projections (their activation rows prepared per head). Attention runs the dense path's attend_part over the latent rows with the heads as
 // query heads of one KV head (the values are the same rows; their last R dims are dropped), in
 // tasks of (sequence, head group, key split). Every token's result depends on its own row only:
 // batched rows equal solo rows.
@@ -81,7 +84,9 @@ class MlaAttention {
                const std::vector<int64_t>& qa_type, const c10::optional<at::Tensor>& qa_bias,
                const c10::optional<at::Tensor>& q_a_norm, const std::vector<at::Tensor>& q_b_w,
                const std::vector<int64_t>& q_b_type, const at::Tensor& kv_a_norm,
-               const at::Tensor& kv_b, double eps, const std::string& rope_layout)
+               const c10::optional<at::Tensor>& kv_b, const c10::optional<at::Tensor>& k_b,
+               int64_t k_b_type, const c10::optional<at::Tensor>& v_b, int64_t v_b_type,
+               double eps, const std::string& rope_layout)
       : E(hidden), H(heads), L(kv_lora_rank), Dn(nope), R(rope), Dv(v_dim), Lq(q_lora_rank),
         eps(static_cast<float>(eps)) {
     TORCH_CHECK(E > 0 && H > 0 && L > 0 && Dn > 0 && Dv > 0 && Lq >= 0, "bad MLA dims");
@@ -111,10 +116,20 @@ class MlaAttention {
       q_b = make_proj(q_b_w, q_b_type, Lq, c10::nullopt);
       TORCH_CHECK(q_b.N == H * (Dn + R), "q_b rows");
     }
-    check_f32(kv_b, "kv_b");
-    TORCH_CHECK(kv_b.dim() == 2 && kv_b.size(0) == H * (Dn + Dv) && kv_b.size(1) == L,
-                "kv_b must be [heads * (nope + v), kv_lora_rank]");
-    w_kv_b = kv_b;
+    TORCH_CHECK(kv_b.has_value() != (k_b.has_value() && v_b.has_value()) &&
+                    k_b.has_value() == v_b.has_value(),
+                "give kv_b (float32) or both quantised halves k_b and v_b");
+    if (kv_b.has_value()) {
+      check_f32(*kv_b, "kv_b");
+      TORCH_CHECK(kv_b->dim() == 2 && kv_b->size(0) == H * (Dn + Dv) && kv_b->size(1) == L,
+                  "kv_b must be [heads * (nope + v), kv_lora_rank]");
+      w_kv_b = *kv_b;
+    } else {  // [H L, row bytes of Dn] and [H Dv, row bytes of L]
+      uk = make_proj({*k_b}, {k_b_type}, Dn, c10::nullopt);
+      TORCH_CHECK(uk.N == H * L, "k_b must hold heads * kv_lora_rank rows");
+      uv = make_proj({*v_b}, {v_b_type}, L, c10::nullopt);
+      TORCH_CHECK(uv.N == H * Dv, "v_b must hold heads * v_dim rows");
+    }
   }
 
   // Every thread of the parallel region calls it, with `acts` holding the normed hidden rows
@@ -134,12 +149,24 @@ class MlaAttention {
                      const at::Tensor& cos, const at::Tensor& sin, double scale, bool int8) const;
 
   int64_t q_width() const { return Lq > 0 ? Lq : H * (Dn + R); }  // the q part of qa's rows
+  bool quantized_halves() const { return !uk.parts.empty(); }
 
   int64_t E, H, L, Dn, R, Dv, Lq;
   float eps;
   int layout = kRopeNeox;
-  Proj qa, q_b;
+  Proj qa, q_b, uk, uv;  // uk / uv: the quantised halves k_b, v_b (else w_kv_b)
   at::Tensor q_norm, kv_norm, w_kv_b;
+
+ private:
+  // y [B, H n] (head h's n values of row b at (b H + h) n) = head h's n rows of p over the B
+  // prepared rows a (per head)
+  static void head_gemv(const Proj& p, int64_t h, int64_t n, const Acts& a, float* y,
+                        GemvScratch& scratch) {
+    const Proj::Part& part = p.parts[0];
+    dispatch_type(part.qtype, [&](auto t) {
+      gemv_rows<decltype(t)>(a, part.wp, p.N, h * n, (h + 1) * n, y, scratch);
+    });
+  }
 };
 
 // The attention tasks of a batch: (sequence, head group of `ng` heads, key split), the splits of
@@ -173,6 +200,8 @@ struct MlaTasks {
 // The step's buffers, shared by the region's threads (sized once per forward).
 struct MlaBuffers {
   std::vector<float> a, qa, q, qcat, parts, olat, outv;
+  std::vector<float> hx, hy;  // quantised halves: one head's rows gathered [H, B, *]; [B, H, *]
+  std::vector<Acts> head_acts;  // quantised halves: each head's activation rows
   MlaBuffers(const MlaAttention& m, int64_t B, const MlaTasks& t) {
     const auto z = [](int64_t n) { return static_cast<size_t>(n); };
     const int64_t D = m.L + m.R;
@@ -183,6 +212,12 @@ struct MlaBuffers {
     parts.resize(z(t.total * t.ng * part_size(D)));
     olat.resize(z(B * m.H * D));  // [B, H, D]: the first L of each head are o_lat
     outv.resize(z(B * m.H * m.Dv));  // [B, H Dv]
+    if (m.quantized_halves()) {
+      const int64_t w = std::max(m.L, m.Dn);
+      hx.resize(z(m.H * B * w));
+      hy.resize(z(B * m.H * w));
+      head_acts.resize(z(m.H));
+    }
   }
 };
 
@@ -209,17 +244,30 @@ inline void MlaAttention::attend(Acts& acts, int64_t B, const int64_t* pos, cons
   if (Lq > 0) gemv_team(acts, q_b, buf.q.data(), scratch);  // [B, H (Dn + R)]
   const float* q = Lq > 0 ? buf.q.data() : buf.a.data();
   const int64_t q_stride = Lq > 0 ? H * QH : NA;
-  const float* w = w_kv_b.data_ptr<float>();
+  const float* w = quantized_halves() ? nullptr : w_kv_b.data_ptr<float>();
+  const auto floats = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
 #pragma omp for schedule(static)
   for (int64_t h = 0; h < H; ++h) {  // q_r roped; q_lat = W_UK[h]^T q_nope
-    const float* w_uk = w + h * (Dn + Dv) * L;  // [Dn, L]
     for (int64_t b = 0; b < B; ++b) {
       const float* qh = q + b * q_stride + h * QH;
       float* qc = buf.qcat.data() + (b * H + h) * D;
-      std::memcpy(qc + L, qh + Dn, static_cast<size_t>(R) * sizeof(float));
+      std::memcpy(qc + L, qh + Dn, floats(R));
       rope_latent(qc + L, cp + pos[b] * table_w, sp + pos[b] * table_w, R, layout);
-      std::fill(qc, qc + L, 0.0f);
-      for (int64_t n = 0; n < Dn; ++n) axpy(qh[n], w_uk + n * L, qc, L);
+      if (w != nullptr) {
+        const float* w_uk = w + h * (Dn + Dv) * L;  // [Dn, L]
+        std::fill(qc, qc + L, 0.0f);
+        for (int64_t n = 0; n < Dn; ++n) axpy(qh[n], w_uk + n * L, qc, L);
+      } else {
+        std::memcpy(buf.hx.data() + (h * B + b) * Dn, qh, floats(Dn));
+      }
+    }
+    if (w == nullptr) {  // the B rows of q_nope[:, h] through k_b[h]'s L rows
+      Acts& a = buf.head_acts[h];
+      a.prepare(buf.hx.data() + h * B * Dn, B, Dn, int8);
+      head_gemv(uk, h, L, a, buf.hy.data(), scratch);
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(buf.qcat.data() + (b * H + h) * D, buf.hy.data() + (b * H + h) * L,
+                    floats(L));
     }
   }
   const int64_t ng = tasks.ng, PS = ng * part_size(D);
@@ -238,11 +286,20 @@ inline void MlaAttention::attend(Acts& acts, int64_t B, const int64_t* pos, cons
   }
 #pragma omp for schedule(static)
   for (int64_t h = 0; h < H; ++h) {  // o[h] = W_UV[h] o_lat[h]
-    const float* w_uv = w + (h * (Dn + Dv) + Dn) * L;  // [Dv, L]
-    for (int64_t v = 0; v < Dv; ++v)
-      for (int64_t b = 0; b < B; ++b)
-        buf.outv[(b * H + h) * Dv + v] =
-            dot_f32(w_uv + v * L, buf.olat.data() + (b * H + h) * D, L);
+    if (w != nullptr) {
+      const float* w_uv = w + (h * (Dn + Dv) + Dn) * L;  // [Dv, L]
+      for (int64_t v = 0; v < Dv; ++v)
+        for (int64_t b = 0; b < B; ++b)
+          buf.outv[(b * H + h) * Dv + v] =
+              dot_f32(w_uv + v * L, buf.olat.data() + (b * H + h) * D, L);
+      continue;
+    }
+    float* x = buf.hx.data() + h * B * L;  // the B rows of o_lat[:, h] through v_b[h]'s Dv rows
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(x + b * L, buf.olat.data() + (b * H + h) * D, floats(L));
+    Acts& a = buf.head_acts[h];
+    a.prepare(x, B, L, int8);
+    head_gemv(uv, h, Dv, a, buf.outv.data(), scratch);  // [B, H Dv]: outv's layout
   }
 #pragma omp single
   acts.prepare(buf.outv.data(), B, H * Dv, int8);
