@@ -226,8 +226,11 @@ def _one_pass(engine: Any, prompts: list[list[int]], decode_tokens: int, seed: i
 
 
 def _weight_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes held: routed experts apart from the rest (the input embedding is read a row at a
-    time, so it is apart too)."""
+    """Bytes a decode step reads of the weights held: routed experts apart from the rest (the
+    input embedding is read a row at a time, so it is apart too). DeepSeek's kv_b_proj counts
+    as its quantised halves where the decode reads those instead of its floats."""
+    from moeflow.layers.mla import KVBProj
+
     experts = embedding = other = 0
     for name, p in model.named_parameters():
         n = p.numel() * p.element_size()
@@ -237,6 +240,10 @@ def _weight_bytes(model: torch.nn.Module) -> dict[str, int]:
             embedding += n
         else:
             other += n
+    for m in model.modules():
+        if isinstance(m, KVBProj) and (halves := m.quantized_halves()) is not None:
+            floats = m.weight.numel() * m.weight.element_size()
+            other += sum(h.data.numel() for h in halves) - floats
     return {"experts": experts, "embedding": embedding, "other": other}
 
 

@@ -26,9 +26,9 @@ from torch import nn
 from moeflow import env
 from moeflow.context import get_forward_batch
 from moeflow.distributed.parallel_state import tp_rank_size
+from moeflow.errors import ModelFormatError
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.mla import mla_decode, mla_prefill, store_latent
-from moeflow.errors import ModelFormatError
 from moeflow.layers.linear import (
     ColumnParallelLinear,
     Linear,
@@ -276,12 +276,12 @@ class KVBProj(ColumnParallelLinear):
                 "(heads, then kv_lora_rank x nope for k_b, v x kv_lora_rank for v_b)"
             )
         tensor = narrow_shard(tensor, 0, self.tp_rank, self.tp_size)  # this rank's heads
-        floats = tensor
         if isinstance(tensor, QuantizedTensor):
             self.halves[shard] = tensor
             floats = tensor.dequantize(self.weight.dtype)
         else:
             self.halves.pop(shard, None)
+            floats = tensor
         w = self.weight.data.view(h, n + v, rank)
         with torch.no_grad():
             if shard == "k_b":
