@@ -12,6 +12,7 @@ import torch
 
 from moeflow import env
 from moeflow.context import ForwardBatch, forward_context
+from moeflow.errors import ModelFormatError
 from moeflow.kernels import cpu_ext
 from moeflow.layers.mla import MLAAttention
 from moeflow.layers.norm import RMSNorm
@@ -185,3 +186,12 @@ def test_kv_b_from_float_halves_keeps_no_blocks() -> None:
     assert torch.equal(kv_b.weight.data, whole)
     cpu = layer.cpu_layer(cpu_ext.ops())
     assert cpu is not None  # on the float weight
+
+
+def test_kv_b_halves_of_the_wrong_shape_are_refused() -> None:
+    layer = _layer(None, "interleaved", False, seed=3, dims=HALVES_DIMS)
+    lora, nope, _ = HALVES_DIMS
+    with pytest.raises(ModelFormatError, match=r"attn_k_b has shape \(4, 32, 256\)"):
+        layer.kv_b_proj.load("weight", torch.zeros(HEADS, nope, lora), "k_b")  # not transposed
+    with pytest.raises(ModelFormatError, match="no shard"):
+        layer.kv_b_proj.load("weight", torch.zeros(HEADS, lora, nope), "q_b")
