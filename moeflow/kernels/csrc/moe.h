@@ -100,8 +100,43 @@ struct Task {
   int64_t e, n0, n1;
 };
 
-void run_tasks(const std::vector<Task>& tasks, std::atomic<int64_t>& next,
-               const std::function<void(const Task&)>& f) {
+// Tokens per call up to which each thread takes one contiguous share of the touched experts'
+// weight rows (static_shares) instead of tasks handed out one by one: a decode step, where
+// experts get a token or two and the pass streams weights.
+constexpr int64_t kShareTokens = 16;
+
+// The tasks of thread i < nt are tasks[first[i]..first[i+1]): rows 0..N-1 of each touched
+// expert (in `experts` order) laid end to end and cut into nt runs of about equal length (on
+// multiples of 16 rows), each run cut again at expert boundaries. One long read per thread
+// and expert: the next rows stream in while a run goes on (tasks handed out dynamically start
+// cold, each of them).
+void static_shares(const std::vector<int64_t>& experts, int64_t N, int64_t nt,
+                   std::vector<Task>& tasks, std::vector<int64_t>& first) {
+  const int64_t total = static_cast<int64_t>(experts.size()) * N;
+  first.assign(static_cast<size_t>(nt + 1), 0);
+  for (int64_t i = 0; i < nt; ++i) {
+    first[i] = static_cast<int64_t>(tasks.size());
+    const int64_t lo = i == 0 ? 0 : std::min(total, (total * i / nt + 8) / 16 * 16);
+    const int64_t hi = i == nt - 1 ? total : std::min(total, (total * (i + 1) / nt + 8) / 16 * 16);
+    for (int64_t r = lo; r < hi;) {
+      const int64_t j = r / N, n0 = r % N, n1 = std::min(N, n0 + (hi - r));
+      tasks.push_back({experts[j], n0, n1});
+      r += n1 - n0;
+    }
+  }
+  first[nt] = static_cast<int64_t>(tasks.size());
+}
+
+// Every thread of the region: its share of `tasks` (first not empty: static_shares) or tasks
+// taken one by one from `next` until none is left.
+void run_tasks(const std::vector<Task>& tasks, const std::vector<int64_t>& first,
+               std::atomic<int64_t>& next, const std::function<void(const Task&)>& f) {
+  if (!first.empty()) {
+    const int64_t i = omp_get_thread_num();
+    if (i + 1 < static_cast<int64_t>(first.size()))
+      for (int64_t k = first[i]; k < first[i + 1]; ++k) f(tasks[k]);
+    return;
+  }
   const int64_t n = static_cast<int64_t>(tasks.size());
   for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(tasks[i]);
 }
@@ -142,10 +177,21 @@ class ExpertPass {
       pair_at_[s] = p;
       pos_of_[p] = s;
     }
-    int64_t touched = 0;
-    for (int64_t e = 0; e < E; ++e) touched += counts_[e] > 0;
+    std::vector<int64_t> touched_ids;
+    for (int64_t e = 0; e < E; ++e)
+      if (counts_[e] > 0) touched_ids.push_back(e);
+    const int64_t touched = static_cast<int64_t>(touched_ids.size());
     up_tasks_.clear();
     down_tasks_.clear();
+    up_first_.clear();
+    down_first_.clear();
+    next_up_ = 0;
+    next_down_ = 0;
+    if (T <= kShareTokens) {
+      static_shares(touched_ids, I, nt, up_tasks_, up_first_);
+      static_shares(touched_ids, H, nt, down_tasks_, down_first_);
+      return;
+    }
     const int64_t up_rows = rows_per_task(ex.gate.w.size(2), I, touched, nt);
     const int64_t down_rows = rows_per_task(ex.down.w.size(2), H, touched, nt);
     for (int64_t e = 0; e < E; ++e) {
@@ -155,8 +201,6 @@ class ExpertPass {
       for (int64_t n = 0; n < H; n += down_rows)
         down_tasks_.push_back({e, n, std::min(H, n + down_rows)});
     }
-    next_up_ = 0;
-    next_down_ = 0;
   }
 
   // out [T, H] = the planned tokens' routed experts over x [T, H], weighted by wts [T, K].
@@ -170,7 +214,7 @@ class ExpertPass {
     for (int64_t s = 0; s < P; ++s) x_.prepare_row(s, x + (pair_at_[s] / K) * H);
     const ActsView xv = x_;
     // 2. gate and up
-    run_tasks(up_tasks_, next_up_, [&](const Task& tk) {
+    run_tasks(up_tasks_, up_first_, next_up_, [&](const Task& tk) {
       const ActsView a = xv.rows(offsets_[tk.e], counts_[tk.e]);
       float* gy = g_.data() + offsets_[tk.e] * I;
       float* uy = u_.data() + offsets_[tk.e] * I;
@@ -191,7 +235,7 @@ class ExpertPass {
     }
     const ActsView hv = h_;
     // 4. down
-    run_tasks(down_tasks_, next_down_, [&](const Task& tk) {
+    run_tasks(down_tasks_, down_first_, next_down_, [&](const Task& tk) {
       const ActsView a = hv.rows(offsets_[tk.e], counts_[tk.e]);
       float* y = y_.data() + offsets_[tk.e] * H;
       dispatch_type(ex.down.qtype, [&](auto t) {
@@ -230,6 +274,7 @@ class ExpertPass {
   std::vector<int64_t> counts_, offsets_;  // [E], [E + 1]
   std::vector<int64_t> pair_at_, pos_of_;  // sorted position -> pair (t * K + k), and back
   std::vector<Task> up_tasks_, down_tasks_;
+  std::vector<int64_t> up_first_, down_first_;  // static_shares' runs, or empty
   std::atomic<int64_t> next_up_{0}, next_down_{0};
 };
 
