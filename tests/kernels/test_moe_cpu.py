@@ -194,7 +194,7 @@ def _routing(case: str, t: int, e: int, k: int) -> torch.Tensor:
 def test_moe_experts_matches_reference(
     ops: Any, up_type: GGMLType, down_type: GGMLType, case: str, int8: bool
 ) -> None:
-    e, h, i, k, t = 8, 512, 256, 3, 20  # more than 16 tokens: tasks handed out one by one
+    e, h, i, k, t = 8, 512, 256, 3, 20
     gate = _experts(up_type, e, i, h, 0)
     up = _experts(up_type, e, i, h, 100)
     down = _experts(down_type, e, h, i, 200)
@@ -209,8 +209,9 @@ def test_moe_experts_matches_reference(
         ref = fused_moe_ref(x, w13, w2, weights, ids).double()
     out = ops.moe_experts(x, gate, up_type, up, up_type, down, down_type, ids, weights, int8)
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
-    # batched rows == solo rows, bit for bit; up to 16 tokens each thread takes one share of the
-    # rows (moe.h static_shares), so this also pins both ways of sharing out the work
+    # batched rows == solo rows, bit for bit. Up to 16 tokens per touched expert each thread
+    # takes one share of the rows (moe.h static_shares), beyond it tasks one by one: the 20
+    # tokens of "few-experts" (3 experts) run by tasks, their parts by shares.
     for rows in (slice(0, 1), slice(t - 1, t), slice(3, 8)):
         part = ops.moe_experts(
             x[rows].contiguous(),

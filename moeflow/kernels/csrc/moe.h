@@ -100,28 +100,42 @@ struct Task {
   int64_t e, n0, n1;
 };
 
-// Tokens per call up to which each thread takes one contiguous share of the touched experts'
-// weight rows (static_shares) instead of tasks handed out one by one: a decode step, where
-// experts get a token or two and the pass streams weights.
+// Up to this many tokens per touched expert on average, each thread takes one contiguous share
+// of the touched experts' weight rows (static_shares) instead of tasks handed out one by one:
+// a decode step (a token or two per expert) or a short prompt, where the pass streams weights
+// and a task that starts cold costs most. Measured on Qwen3-30B-A3B's and OLMoE's shapes, 2
+// threads: decode steps 4-12% faster, a 128-token prefill 6-12%; 512 and more tokens even.
 constexpr int64_t kShareTokens = 16;
+// A weight row's cost in a share: its decode, about kRowCost tokens' work, + one per token.
+constexpr int64_t kRowCost = 2;
 
 // The tasks of thread i < nt are tasks[first[i]..first[i+1]): rows 0..N-1 of each touched
-// expert (in `experts` order) laid end to end and cut into nt runs of about equal length (on
-// multiples of 16 rows), each run cut again at expert boundaries. One long read per thread
-// and expert: the next rows stream in while a run goes on (tasks handed out dynamically start
-// cold, each of them).
-void static_shares(const std::vector<int64_t>& experts, int64_t N, int64_t nt,
-                   std::vector<Task>& tasks, std::vector<int64_t>& first) {
-  const int64_t total = static_cast<int64_t>(experts.size()) * N;
+// expert (in `experts` order) laid end to end, row costs cost[j] (expert j's), and cut into nt
+// runs of about equal cost (on multiples of 16 rows), each run cut again at expert boundaries.
+// One long read per thread and expert: the next rows stream in while a run goes on (tasks
+// handed out dynamically start cold, each of them).
+void static_shares(const std::vector<int64_t>& experts, const std::vector<int64_t>& cost,
+                   int64_t N, int64_t nt, std::vector<Task>& tasks, std::vector<int64_t>& first) {
+  const int64_t ne = static_cast<int64_t>(experts.size());
+  int64_t total = 0;
+  for (int64_t j = 0; j < ne; ++j) total += cost[j] * N;
   first.assign(static_cast<size_t>(nt + 1), 0);
+  int64_t j = 0, n = 0, done = 0;  // the next row: expert j's row n; cost done before it
   for (int64_t i = 0; i < nt; ++i) {
     first[i] = static_cast<int64_t>(tasks.size());
-    const int64_t lo = i == 0 ? 0 : std::min(total, (total * i / nt + 8) / 16 * 16);
-    const int64_t hi = i == nt - 1 ? total : std::min(total, (total * (i + 1) / nt + 8) / 16 * 16);
-    for (int64_t r = lo; r < hi;) {
-      const int64_t j = r / N, n0 = r % N, n1 = std::min(N, n0 + (hi - r));
-      tasks.push_back({experts[j], n0, n1});
-      r += n1 - n0;
+    const int64_t goal = total * (i + 1) / nt;
+    while (j < ne && (i == nt - 1 || done < goal)) {
+      int64_t rows = N - n;
+      if (i < nt - 1 && done + rows * cost[j] > goal)  // up to the goal, on 16 rows
+        rows = std::min(rows, ((goal - done) / cost[j] + 8) / 16 * 16);
+      if (rows == 0) break;
+      tasks.push_back({experts[j], n, n + rows});
+      done += rows * cost[j];
+      n += rows;
+      if (n == N) {
+        ++j;
+        n = 0;
+      }
     }
   }
   first[nt] = static_cast<int64_t>(tasks.size());
@@ -187,9 +201,11 @@ class ExpertPass {
     down_first_.clear();
     next_up_ = 0;
     next_down_ = 0;
-    if (T <= kShareTokens) {
-      static_shares(touched_ids, I, nt, up_tasks_, up_first_);
-      static_shares(touched_ids, H, nt, down_tasks_, down_first_);
+    if (P <= kShareTokens * touched) {
+      std::vector<int64_t> cost;  // per touched expert
+      for (int64_t e : touched_ids) cost.push_back(counts_[e] + kRowCost);
+      static_shares(touched_ids, cost, I, nt, up_tasks_, up_first_);
+      static_shares(touched_ids, cost, H, nt, down_tasks_, down_first_);
       return;
     }
     const int64_t up_rows = rows_per_task(ex.gate.w.size(2), I, touched, nt);
