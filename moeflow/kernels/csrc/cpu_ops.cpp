@@ -622,16 +622,32 @@ Proj make_proj(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& qt
   return p;
 }
 
+// The first weight row of thread i's share of p (i = nt: p.N): the rows cut where the bytes
+// before them reach i / nt of the projection's, on a multiple of 16 rows of their part (parts
+// of several types have rows of different lengths: a Q6_K v beside Q4_K q and k).
+int64_t team_row(const Proj& p, int64_t i, int64_t nt) {
+  if (i >= nt) return p.N;
+  int64_t total = 0;
+  for (const Proj::Part& part : p.parts) total += part.N * part.w.size(1);
+  int64_t goal = total * i / nt;
+  for (const Proj::Part& part : p.parts) {
+    const int64_t rb = part.w.size(1), bytes = part.N * rb;
+    if (goal < bytes) return part.off + std::min(part.N, (goal / rb + 8) / 16 * 16);
+    goal -= bytes;
+  }
+  return p.N;
+}
+
 // y [M, N] = x W^T (+ bias), the weight rows shared out among the region's threads in one
-// contiguous range each (long sequential streams for the hardware prefetcher, as
-// at::parallel_for splits them; small interleaved tasks measured ~20% slower), each part's rows
-// of the range by its own type's GEMV.
+// contiguous range each, of equal bytes (team_row; long sequential streams for the hardware
+// prefetcher, as at::parallel_for splits them; small interleaved tasks measured ~20% slower),
+// each part's rows of the range by its own type's GEMV.
 // Called by every thread of the parallel region; ends with the worksharing loop's barrier.
 void gemv_team(const Acts& a, const Proj& p, float* y, GemvScratch& scratch) {
   const int64_t N = p.N, nt = omp_get_num_threads();
 #pragma omp for schedule(static, 1)
   for (int64_t i = 0; i < nt; ++i) {
-    const int64_t n0 = N * i / nt, n1 = N * (i + 1) / nt;
+    const int64_t n0 = team_row(p, i, nt), n1 = team_row(p, i + 1, nt);
     for (const Proj::Part& part : p.parts) {
       const int64_t lo = std::max(n0, part.off), hi = std::min(n1, part.off + part.N);
       if (lo >= hi) continue;
@@ -812,8 +828,8 @@ class DecodeStack {
     }
     const int64_t max_k = std::max({E, H * D, max_i});
     ids_ = at::empty({num_moe, B, top_k}, at::TensorOptions().dtype(at::kLong));
-    std::vector<float> wts(static_cast<size_t>(B * top_k)), route_scratch(2 * num_experts),
-        shared(B * E), gate(B);
+    std::vector<float> wts(static_cast<size_t>(B * top_k)), logits(B * num_experts),
+        route_scratch(2 * num_experts), shared(B * E), gate(B);
 
     at::Tensor out = at::empty({B, E}, hidden.options());
     std::vector<float> res(hidden.data_ptr<float>(), hidden.data_ptr<float>() + B * E);
@@ -899,16 +915,27 @@ class DecodeStack {
         }
         gemv_team(acts, l.o, h.data(), scratch);
 #pragma omp single
+        for (int64_t b = 0; b < B; ++b)
+          rms_row(h.data() + b * E, res.data() + b * E, true, l.ln2.data_ptr<float>(), E, eps_,
+                  xn.data() + b * E);
+        if (l.moe) {  // the router's logits, its rows shared out (route_row's, bit for bit)
+          const Route& r = l.moe->route();
+          const int64_t chunks = 4 * nt;
+#pragma omp for schedule(static)
+          for (int64_t c = 0; c < chunks; ++c)
+            router_logits(r, xn.data(), B, r.E * c / chunks, r.E * (c + 1) / chunks,
+                          logits.data());
+        }
+#pragma omp single
         {
-          for (int64_t b = 0; b < B; ++b)
-            rms_row(h.data() + b * E, res.data() + b * E, true, l.ln2.data_ptr<float>(), E, eps_,
-                    xn.data() + b * E);
           if (l.moe) {  // route, and plan the expert pass
+            const Route& r = l.moe->route();
             const int64_t K = l.moe->top_k();
             int64_t* ids = ids_.data_ptr<int64_t>() + mi * B * K;
-            for (int64_t b = 0; b < B; ++b)
-              route_row(l.moe->route(), xn.data() + b * E, ids + b * K, wts.data() + b * K,
-                        route_scratch.data());
+            for (int64_t b = 0; b < B; ++b) {
+              std::copy_n(logits.data() + b * r.E, r.E, route_scratch.data());
+              route_logits(r, ids + b * K, wts.data() + b * K, route_scratch.data());
+            }
             pass_.plan(l.moe->experts(), ids, B, K, nt, int8);
           }
           if (l.has_mlp) acts.prepare(xn.data(), B, E, int8);

@@ -336,13 +336,21 @@ inline int64_t argmax_free(const float* v, const std::vector<char>& taken, int64
   return best;
 }
 
-// One token x [H] -> ids [K], wts [K]. scratch: 2 * E floats.
-void route_row(const Route& r, const float* x, int64_t* ids, float* wts, float* scratch) {
+// The router's logits of experts e0..e1-1 for B tokens x [B, H]: logits[b * E + e] (each
+// expert's router row read once for the B tokens).
+inline void router_logits(const Route& r, const float* x, int64_t B, int64_t e0, int64_t e1,
+                          float* logits) {
+  const float* w = r.weight.data_ptr<float>();
+  for (int64_t e = e0; e < e1; ++e)
+    for (int64_t b = 0; b < B; ++b) logits[b * r.E + e] = dot_f32(x + b * r.H, w + e * r.H, r.H);
+}
+
+// One token's experts from its router logits [E] (router_logits) -> ids [K], wts [K]. scratch:
+// 2 * E floats, the first E the logits (overwritten).
+void route_logits(const Route& r, int64_t* ids, float* wts, float* scratch) {
   const int64_t E = r.E;
   float* scores = scratch;
   float* choice = scratch + E;
-  const float* w = r.weight.data_ptr<float>();
-  for (int64_t e = 0; e < E; ++e) scores[e] = dot_f32(x, w + e * r.H, r.H);
   if (r.sigmoid) {
     for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-scores[e]));
   } else {
@@ -387,6 +395,12 @@ void route_row(const Route& r, const float* x, int64_t* ids, float* wts, float* 
   }
   if (r.scale != 1.0f)
     for (int64_t k = 0; k < r.K; ++k) wts[k] *= r.scale;
+}
+
+// One token x [H] -> ids [K], wts [K]. scratch: 2 * E floats.
+void route_row(const Route& r, const float* x, int64_t* ids, float* wts, float* scratch) {
+  router_logits(r, x, 1, 0, r.E, scratch);
+  route_logits(r, ids, wts, scratch);
 }
 
 }  // namespace
