@@ -8,13 +8,13 @@ and grouped expert pass its eager path runs, csrc/moe.h; a latent-attention laye
 MlaAttention its eager decode runs, layers/mla.py), so its output is theirs.
 
 It applies to decode steps on the CPU of up to `MAX_ROWS` sequences when every projection is kept
-quantised (GGUF blocks or `--quantize`; MoE experts as blocks too; MLA's kv_b may stay float32,
-as a safetensors folder or an older GGUF file gives it), activations and the KV cache are float32, the rotary layout is
-NeoX (MLA: any of its three) and the MLP (and the shared experts, gated by a sigmoid or not)
-gated SiLU, q/k normed per head (Qwen3) or over all heads and q/k/v clipped (OLMoE); otherwise
-the model runs layer by layer. The engine's runner asks `fits` on each eager step and then calls
-`forward` instead of the model. MoE layers' routing statistics, when enabled, are counted from the
-experts the step chose.
+quantised (GGUF blocks or `--quantize`; MoE experts as blocks too; MLA's kv_b may stay float32, as a
+safetensors folder or an older GGUF file gives it), activations and the KV cache are float32, the
+rotary layout is NeoX (MLA: any of its three) and the MLP (and the shared experts, gated by a
+sigmoid or not) gated SiLU, q/k normed per head (Qwen3) or over all heads and q/k/v clipped (OLMoE);
+otherwise the model runs layer by layer. The engine's runner asks `fits` on each eager step and then
+calls `forward` instead of the model. MoE layers' routing statistics, when enabled, are counted from
+the experts the step chose.
 
 The model is read through its models.base.DecoderParts view (kernels may not import models, so
 it is typed Any here): `embed`, `norm` and, per layer, the fields of models.base.LayerParts."""
@@ -131,7 +131,7 @@ def unfit_reason(decoder: Any, ops: Any) -> str | None:
             return f"layer {i} has norms or biases that are not float32 on the CPU"
         if latent[i]:
             if attn.cpu_layer(ops) is None:
-                return f"layer {i}'s latent attention does not run compiled (MLAAttention.cpu_layer)"
+                return f"layer {i}'s latent attention does not run compiled (see cpu_layer)"
         elif attn.head_dim % 8 or attn.num_heads // attn.num_kv_heads > 64:
             return f"layer {i}'s head shape is not supported by the fused step"
     if norm.weight.dtype != torch.float32:
