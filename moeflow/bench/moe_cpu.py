@@ -229,8 +229,6 @@ def _weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes a decode step reads of the weights held: routed experts apart from the rest (the
     input embedding is read a row at a time, so it is apart too). DeepSeek's kv_b_proj counts
     as its quantised halves where the decode reads those instead of its floats."""
-    from moeflow.layers.mla import KVBProj
-
     experts = embedding = other = 0
     for name, p in model.named_parameters():
         n = p.numel() * p.element_size()
@@ -240,10 +238,12 @@ def _weight_bytes(model: torch.nn.Module) -> dict[str, int]:
             embedding += n
         else:
             other += n
-    for m in model.modules():
-        if isinstance(m, KVBProj) and (halves := m.quantized_halves()) is not None:
-            floats = m.weight.numel() * m.weight.element_size()
-            other += sum(h.data.numel() for h in halves) - floats
+    for m in model.modules():  # layers/mla.py KVBProj (bench may not import layers)
+        halves_of: Any = getattr(m, "quantized_halves", None)
+        halves: Any = halves_of() if callable(halves_of) else None
+        if halves is not None:
+            weight = m.get_parameter("weight")
+            other += sum(h.data.numel() for h in halves) - weight.numel() * weight.element_size()
     return {"experts": experts, "embedding": embedding, "other": other}
 
 
