@@ -278,10 +278,13 @@ class KVBProj(ColumnParallelLinear):
         tensor = narrow_shard(tensor, 0, self.tp_rank, self.tp_size)  # this rank's heads
         if isinstance(tensor, QuantizedTensor):
             self.halves[shard] = tensor
-            floats = tensor.dequantize(self.weight.dtype)
         else:
             self.halves.pop(shard, None)
-            floats = tensor
+        if self.weight.is_meta:  # the memory plan's dry run: shapes only (torch's meta ops for
+            return  # the dequantisation below would import torch._dynamo, seconds)
+        floats = (
+            tensor.dequantize(self.weight.dtype) if isinstance(tensor, QuantizedTensor) else tensor
+        )
         w = self.weight.data.view(h, n + v, rank)
         with torch.no_grad():
             if shard == "k_b":
