@@ -914,11 +914,14 @@ class DecodeStack {
           }
         }
         gemv_team(acts, l.o, h.data(), scratch);
-#pragma omp single
-        for (int64_t b = 0; b < B; ++b)
-          rms_row(h.data() + b * E, res.data() + b * E, true, l.ln2.data_ptr<float>(), E, eps_,
-                  xn.data() + b * E);
+        const auto post_norm = [&] {
+          for (int64_t b = 0; b < B; ++b)
+            rms_row(h.data() + b * E, res.data() + b * E, true, l.ln2.data_ptr<float>(), E,
+                    eps_, xn.data() + b * E);
+        };
         if (l.moe) {  // the router's logits, its rows shared out (route_row's, bit for bit)
+#pragma omp single
+          post_norm();
           const Route& r = l.moe->route();
           const int64_t chunks = 4 * nt;
 #pragma omp for schedule(static)
@@ -928,6 +931,7 @@ class DecodeStack {
         }
 #pragma omp single
         {
+          if (!l.moe) post_norm();
           if (l.moe) {  // route, and plan the expert pass
             const Route& r = l.moe->route();
             const int64_t K = l.moe->top_k();

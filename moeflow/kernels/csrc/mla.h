@@ -14,8 +14,8 @@
 // (W_UK [H, Dn, L], W_UV [H, Dv, L]), or as a GGUF file's quantised halves, read as they are:
 // k_b [H, L, Dn] (W_UK[h]^T, so q_lat[h] is a GEMV of k_b[h]'s L rows over q_nope[h]) and v_b
 // [H, Dv, L] (o[h] a GEMV of v_b[h]'s Dv rows over o_lat[h]), each head's rows by the quantised
-// GEMV of the other projections (their activation rows prepared per head). Attention runs the dense path's attend_part over the latent rows with the heads as
-// query heads of one KV head (the values are the same rows; their last R dims are dropped), in
+// GEMV of the other projections (their activation rows prepared per head). Attention runs the
+// dense path's attend_part over the latent rows with the heads as query heads of one KV head (the values are the same rows; their last R dims are dropped), in
 // tasks of (sequence, head group, key split). Every token's result depends on its own row only:
 // batched rows equal solo rows.
 //

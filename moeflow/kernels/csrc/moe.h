@@ -141,13 +141,14 @@ void static_shares(const std::vector<int64_t>& experts, const std::vector<int64_
   first[nt] = static_cast<int64_t>(tasks.size());
 }
 
-// Every thread of the region: its share of `tasks` (first not empty: static_shares) or tasks
+// Every thread of the region: its share of `tasks` (first not empty: static_shares; thread i
+// of T takes shares i, i + T, ..., so every share runs whatever the region's size) or tasks
 // taken one by one from `next` until none is left.
 void run_tasks(const std::vector<Task>& tasks, const std::vector<int64_t>& first,
                std::atomic<int64_t>& next, const std::function<void(const Task&)>& f) {
   if (!first.empty()) {
-    const int64_t i = omp_get_thread_num();
-    if (i + 1 < static_cast<int64_t>(first.size()))
+    const int64_t shares = static_cast<int64_t>(first.size()) - 1;
+    for (int64_t i = omp_get_thread_num(); i < shares; i += omp_get_num_threads())
       for (int64_t k = first[i]; k < first[i + 1]; ++k) f(tasks[k]);
     return;
   }
