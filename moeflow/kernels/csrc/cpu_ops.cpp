@@ -638,6 +638,20 @@ int64_t team_row(const Proj& p, int64_t i, int64_t nt) {
   return p.N;
 }
 
+// y[:, n0:n1] (y is [M, N]) = x W[n0:n1]^T without the bias, each part's rows of the range by
+// its own type's GEMV (one thread).
+void proj_rows(const Acts& a, const Proj& p, int64_t n0, int64_t n1, float* y,
+               GemvScratch& scratch) {
+  for (const Proj::Part& part : p.parts) {
+    const int64_t lo = std::max(n0, part.off), hi = std::min(n1, part.off + part.N);
+    if (lo >= hi) continue;
+    dispatch_type(part.qtype, [&](auto t) {  // y's rows are N apart; the part's columns at off
+      gemv_rows<decltype(t)>(a, part.wp, p.N, lo - part.off, hi - part.off, y + part.off,
+                             scratch);
+    });
+  }
+}
+
 // y [M, N] = x W^T (+ bias), the weight rows shared out among the region's threads in one
 // contiguous range each, of equal bytes (team_row; long sequential streams for the hardware
 // prefetcher, as at::parallel_for splits them; small interleaved tasks measured ~20% slower),
@@ -648,14 +662,7 @@ void gemv_team(const Acts& a, const Proj& p, float* y, GemvScratch& scratch) {
 #pragma omp for schedule(static, 1)
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t n0 = team_row(p, i, nt), n1 = team_row(p, i + 1, nt);
-    for (const Proj::Part& part : p.parts) {
-      const int64_t lo = std::max(n0, part.off), hi = std::min(n1, part.off + part.N);
-      if (lo >= hi) continue;
-      dispatch_type(part.qtype, [&](auto t) {  // y's rows are N apart; the part's columns at off
-        gemv_rows<decltype(t)>(a, part.wp, N, lo - part.off, hi - part.off, y + part.off,
-                               scratch);
-      });
-    }
+    proj_rows(a, p, n0, n1, y, scratch);
     if (p.bp != nullptr)
       for (int64_t m = 0; m < a.M; ++m)
         for (int64_t n = n0; n < n1; ++n) y[m * N + n] += p.bp[n];

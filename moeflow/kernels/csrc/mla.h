@@ -1,7 +1,8 @@
 // DeepSeek's multi-head latent attention (layers/mla.py MLAAttention) in the fused decode step:
 // the attention half of one decoder layer, for B new tokens (one per sequence), run by every
 // thread of DecodeStack's parallel region. Included by cpu_ops.cpp after the row functions it
-// uses (rms_row, rope_head, the paged attention's attend_part / attend_merge, Proj, gemv_team).
+// uses (rms_row, rope_head, the paged attention's attend_part / attend_merge, Proj, gemv_team,
+// proj_rows).
 //
 // Per token (what the torch path of layers/mla.py computes, to rounding):
 //   a = [q | c, k_r] = x [q_proj | kv_a]^T    or with q LoRA: [q_a | c, k_r], q = q_b(norm(q_a))
@@ -14,8 +15,9 @@
 // (W_UK [H, Dn, L], W_UV [H, Dv, L]), or as a GGUF file's quantised halves, read as they are:
 // k_b [H, L, Dn] (W_UK[h]^T, so q_lat[h] is a GEMV of k_b[h]'s L rows over q_nope[h]) and v_b
 // [H, Dv, L] (o[h] a GEMV of v_b[h]'s Dv rows over o_lat[h]), each head's rows by the quantised
-// GEMV of the other projections (their activation rows prepared per head). Attention runs the
-// dense path's attend_part over the latent rows with the heads as query heads of one KV head (the values are the same rows; their last R dims are dropped), in
+// GEMV of the other projections (proj_rows; their activation rows prepared per head).
+// Attention runs the dense path's attend_part over the latent rows with the heads as query
+// heads of one KV head (the values are the same rows; their last R dims are dropped), in
 // tasks of (sequence, head group, key split). Every token's result depends on its own row only:
 // batched rows equal solo rows.
 //
@@ -156,17 +158,6 @@ class MlaAttention {
   int layout = kRopeNeox;
   Proj qa, q_b, uk, uv;  // uk / uv: the quantised halves k_b, v_b (else w_kv_b)
   at::Tensor q_norm, kv_norm, w_kv_b;
-
- private:
-  // y [B, H n] (head h's n values of row b at (b H + h) n) = head h's n rows of p over the B
-  // prepared rows a (per head)
-  static void head_gemv(const Proj& p, int64_t h, int64_t n, const Acts& a, float* y,
-                        GemvScratch& scratch) {
-    const Proj::Part& part = p.parts[0];
-    dispatch_type(part.qtype, [&](auto t) {
-      gemv_rows<decltype(t)>(a, part.wp, p.N, h * n, (h + 1) * n, y, scratch);
-    });
-  }
 };
 
 // The attention tasks of a batch: (sequence, head group of `ng` heads, key split), the splits of
@@ -264,7 +255,7 @@ inline void MlaAttention::attend(Acts& acts, int64_t B, const int64_t* pos, cons
     if (w == nullptr) {  // the B rows of q_nope[:, h] through k_b[h]'s L rows
       Acts& a = buf.head_acts[h];
       a.prepare(buf.hx.data() + h * B * Dn, B, Dn, int8);
-      head_gemv(uk, h, L, a, buf.hy.data(), scratch);
+      proj_rows(a, uk, h * L, (h + 1) * L, buf.hy.data(), scratch);  // [B, H L]
       for (int64_t b = 0; b < B; ++b)
         std::memcpy(buf.qcat.data() + (b * H + h) * D, buf.hy.data() + (b * H + h) * L,
                     floats(L));
@@ -299,7 +290,7 @@ inline void MlaAttention::attend(Acts& acts, int64_t B, const int64_t* pos, cons
       std::memcpy(x + b * L, buf.olat.data() + (b * H + h) * D, floats(L));
     Acts& a = buf.head_acts[h];
     a.prepare(x, B, L, int8);
-    head_gemv(uv, h, Dv, a, buf.outv.data(), scratch);  // [B, H Dv]: outv's layout
+    proj_rows(a, uv, h * Dv, (h + 1) * Dv, buf.outv.data(), scratch);  // [B, H Dv]
   }
 #pragma omp single
   acts.prepare(buf.outv.data(), B, H * Dv, int8);
