@@ -836,7 +836,7 @@ class DecodeStack {
     const int64_t max_k = std::max({E, H * D, max_i});
     ids_ = at::empty({num_moe, B, top_k}, at::TensorOptions().dtype(at::kLong));
     std::vector<float> wts(static_cast<size_t>(B * top_k)), logits(B * num_experts),
-        route_scratch(2 * num_experts), shared(B * E), gate(B);
+        choice(num_experts), shared(B * E), gate(B);
 
     at::Tensor out = at::empty({B, E}, hidden.options());
     std::vector<float> res(hidden.data_ptr<float>(), hidden.data_ptr<float>() + B * E);
@@ -943,10 +943,9 @@ class DecodeStack {
             const Route& r = l.moe->route();
             const int64_t K = l.moe->top_k();
             int64_t* ids = ids_.data_ptr<int64_t>() + mi * B * K;
-            for (int64_t b = 0; b < B; ++b) {
-              std::copy_n(logits.data() + b * r.E, r.E, route_scratch.data());
-              route_logits(r, ids + b * K, wts.data() + b * K, route_scratch.data());
-            }
+            for (int64_t b = 0; b < B; ++b)
+              route_logits(r, logits.data() + b * r.E, ids + b * K, wts.data() + b * K,
+                           choice.data());
             pass_.plan(l.moe->experts(), ids, B, K, nt, int8);
           }
           if (l.has_mlp) acts.prepare(xn.data(), B, E, int8);

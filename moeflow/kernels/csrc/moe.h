@@ -346,12 +346,10 @@ inline void router_logits(const Route& r, const float* x, int64_t B, int64_t e0,
     for (int64_t b = 0; b < B; ++b) logits[b * r.E + e] = dot_f32(x + b * r.H, w + e * r.H, r.H);
 }
 
-// One token's experts from its router logits [E] (router_logits) -> ids [K], wts [K]. scratch:
-// 2 * E floats, the first E the logits (overwritten).
-void route_logits(const Route& r, int64_t* ids, float* wts, float* scratch) {
+// One token's experts from its router logits [E] (router_logits; turned into its scores in
+// place) -> ids [K], wts [K]. choice: E floats of scratch.
+void route_logits(const Route& r, float* scores, int64_t* ids, float* wts, float* choice) {
   const int64_t E = r.E;
-  float* scores = scratch;
-  float* choice = scratch + E;
   if (r.sigmoid) {
     for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-scores[e]));
   } else {
@@ -401,7 +399,7 @@ void route_logits(const Route& r, int64_t* ids, float* wts, float* scratch) {
 // One token x [H] -> ids [K], wts [K]. scratch: 2 * E floats.
 void route_row(const Route& r, const float* x, int64_t* ids, float* wts, float* scratch) {
   router_logits(r, x, 1, 0, r.E, scratch);
-  route_logits(r, ids, wts, scratch);
+  route_logits(r, scratch, ids, wts, scratch + r.E);
 }
 
 }  // namespace
