@@ -110,15 +110,17 @@ constexpr int64_t kShareTokens = 16;
 constexpr int64_t kRowCost = 2;
 
 // The tasks of thread i < nt are tasks[first[i]..first[i+1]): rows 0..N-1 of each touched
-// expert (in `experts` order) laid end to end, row costs cost[j] (expert j's), and cut into nt
-// runs of about equal cost (on multiples of 16 rows), each run cut again at expert boundaries.
+// expert (in `experts` order) laid end to end, a row of expert e costing counts[e] + kRowCost
+// (counts: tokens per expert), and cut into nt runs of about equal cost (on multiples of 16
+// rows), each run cut again at expert boundaries.
 // One long read per thread and expert: the next rows stream in while a run goes on (tasks
 // handed out dynamically start cold, each of them).
-void static_shares(const std::vector<int64_t>& experts, const std::vector<int64_t>& cost,
+void static_shares(const std::vector<int64_t>& experts, const std::vector<int64_t>& counts,
                    int64_t N, int64_t nt, std::vector<Task>& tasks, std::vector<int64_t>& first) {
   const int64_t ne = static_cast<int64_t>(experts.size());
+  const auto cost = [&](int64_t j) { return counts[static_cast<size_t>(experts[j])] + kRowCost; };
   int64_t total = 0;
-  for (int64_t j = 0; j < ne; ++j) total += cost[j] * N;
+  for (int64_t j = 0; j < ne; ++j) total += cost(j) * N;
   first.assign(static_cast<size_t>(nt + 1), 0);
   int64_t j = 0, n = 0, done = 0;  // the next row: expert j's row n; cost done before it
   for (int64_t i = 0; i < nt; ++i) {
@@ -126,11 +128,11 @@ void static_shares(const std::vector<int64_t>& experts, const std::vector<int64_
     const int64_t goal = total * (i + 1) / nt;
     while (j < ne && (i == nt - 1 || done < goal)) {
       int64_t rows = N - n;
-      if (i < nt - 1 && done + rows * cost[j] > goal)  // up to the goal, on 16 rows
-        rows = std::min(rows, ((goal - done) / cost[j] + 8) / 16 * 16);
+      if (i < nt - 1 && done + rows * cost(j) > goal)  // up to the goal, on 16 rows
+        rows = std::min(rows, ((goal - done) / cost(j) + 8) / 16 * 16);
       if (rows == 0) break;
       tasks.push_back({experts[j], n, n + rows});
-      done += rows * cost[j];
+      done += rows * cost(j);
       n += rows;
       if (n == N) {
         ++j;
@@ -192,10 +194,10 @@ class ExpertPass {
       pair_at_[s] = p;
       pos_of_[p] = s;
     }
-    std::vector<int64_t> touched_ids;
+    touched_.clear();
     for (int64_t e = 0; e < E; ++e)
-      if (counts_[e] > 0) touched_ids.push_back(e);
-    const int64_t touched = static_cast<int64_t>(touched_ids.size());
+      if (counts_[e] > 0) touched_.push_back(e);
+    const int64_t touched = static_cast<int64_t>(touched_.size());
     up_tasks_.clear();
     down_tasks_.clear();
     up_first_.clear();
@@ -203,16 +205,13 @@ class ExpertPass {
     next_up_ = 0;
     next_down_ = 0;
     if (P <= kShareTokens * touched) {
-      std::vector<int64_t> cost;  // per touched expert
-      for (int64_t e : touched_ids) cost.push_back(counts_[e] + kRowCost);
-      static_shares(touched_ids, cost, I, nt, up_tasks_, up_first_);
-      static_shares(touched_ids, cost, H, nt, down_tasks_, down_first_);
+      static_shares(touched_, counts_, I, nt, up_tasks_, up_first_);
+      static_shares(touched_, counts_, H, nt, down_tasks_, down_first_);
       return;
     }
     const int64_t up_rows = rows_per_task(ex.gate.w.size(2), I, touched, nt);
     const int64_t down_rows = rows_per_task(ex.down.w.size(2), H, touched, nt);
-    for (int64_t e = 0; e < E; ++e) {
-      if (counts_[e] == 0) continue;
+    for (int64_t e : touched_) {
       for (int64_t n = 0; n < I; n += up_rows)
         up_tasks_.push_back({e, n, std::min(I, n + up_rows)});
       for (int64_t n = 0; n < H; n += down_rows)
@@ -289,6 +288,7 @@ class ExpertPass {
   Acts x_, h_;  // [P, H], [P, I] prepared
   std::vector<float> g_, u_, hf_, y_;  // [P, I] x 3, [P, H]
   std::vector<int64_t> counts_, offsets_;  // [E], [E + 1]
+  std::vector<int64_t> touched_;  // the experts with tokens, in order
   std::vector<int64_t> pair_at_, pos_of_;  // sorted position -> pair (t * K + k), and back
   std::vector<Task> up_tasks_, down_tasks_;
   std::vector<int64_t> up_first_, down_first_;  // static_shares' runs, or empty
