@@ -6,9 +6,11 @@ The model is a GGUF file, or a preset's real shape written as a random-weight GG
 its first --num-layers layers, in --gguf-type; cached). For each stream count S: S prompts of
 --prompt-len distinct random tokens prefilled together, then --decode-tokens steps of S tokens.
 moeflow samples (temperature 1, seeded) so each step feeds new tokens and routing spreads over
-the experts; the experts touched per step are reported. The roofline is the measured memory
-bandwidth over the bytes a step actually reads: dense weights as held, the touched experts'
-blocks, the KV cache."""
+the experts; the experts touched per step are reported. The decode roofline is the measured
+memory bandwidth over the bytes a step actually reads: dense weights as held, the touched
+experts' blocks, the KV cache. The prefill roofline is compute: the int8 multiply-add rate of
+the kernels' register tile, measured on every thread, over the multiply-adds a prompt token
+needs (from the file's tensor shapes)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ from moeflow.bench.llama_cpp_tools import (
 from moeflow.kernels import cpu_ext
 from moeflow.loading.presets import preset_config
 from moeflow.loading.source import Preset, parse_model_source
+from moeflow.weights.gguf import GGUFReader
+
+# seconds each measurement of the int8 multiply-add rate runs (the best of three counts)
+MAC_RATE_SECONDS = 0.25
 
 
 def run_moe_cpu(args: argparse.Namespace) -> int:
@@ -58,6 +64,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
     )
     torch.set_num_threads(threads)
     bandwidth = measure_bandwidth(torch.device("cpu"))
+    compute = _compute_roof(path, args.prompt_len, threads)
     spec = {
         "path": str(path),
         "prompt_len": args.prompt_len,
@@ -74,7 +81,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
     if warmed:
         _warm_page_cache(path)
     peer = _run_peer(args, str(path), streams, threads)
-    report = _report(mf, peer, streams, bandwidth, size)
+    report = _report(mf, peer, streams, bandwidth, size, compute)
     print(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -84,6 +91,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
                     "spec": spec,
                     "file_bytes": size,
                     "bandwidth_bytes_per_s": bandwidth,
+                    "prefill_compute": compute,
                     "moeflow": mf,
                     "llama_cpp": dataclasses.asdict(peer) if peer else None,
                 },
@@ -254,8 +262,72 @@ def _kv_bytes_per_token(llm: Any) -> int:
     return kv_bytes_per_token(llm.loaded.model, parse_dtype(llm.config.dtype))
 
 
+def _compute_roof(path: Path, prompt_len: int, threads: int) -> dict[str, Any] | None:
+    """The prefill roofline's parts: the int8 multiply-add rate of the kernels' register tile on
+    `threads` threads (and of vpdpbusd alone, where the build has it), the multiply-adds a
+    prompt token needs, and their quotient in tokens a second (None without the CPU kernels, or
+    on the exact path, whose products are fp32)."""
+    ops = cpu_ext.ops()
+    if ops is None or not env.MOEFLOW_CPU_INT8:
+        return None
+    vnni = cpu_ext.isa() == "avx512"
+    rates = {"tile": _mac_rate(ops, threads, False)}
+    if vnni:
+        rates["vpdpbusd"] = _mac_rate(ops, threads, True)
+    macs = prefill_macs_per_token(path, prompt_len)
+    return {
+        "isa": cpu_ext.isa(),
+        "threads": threads,
+        "macs_per_s": rates,
+        "macs_per_token": macs,
+        "roofline_tok_s": rates["tile"] / macs,
+    }
+
+
+def _mac_rate(ops: Any, threads: int, vnni: bool) -> float:
+    """The best of three runs of MAC_RATE_SECONDS each (the step count from a short first run)."""
+    steps = 20_000
+    start = time.perf_counter()
+    ops.int8_mac_rate(threads, steps, vnni)
+    steps = max(steps, int(steps * MAC_RATE_SECONDS / (time.perf_counter() - start)))
+    return max(ops.int8_mac_rate(threads, steps, vnni) for _ in range(3))
+
+
+def prefill_macs_per_token(path: Path | str, prompt_len: int) -> float:
+    """Multiply-adds a prompt token needs in prefill, from a GGUF file's tensor shapes: each
+    weight matrix of the blocks once (routed experts: used / count of their elements; DeepSeek's
+    kv_b halves as the prefill's decompression), causal attention over the prompt (the mean
+    context (L + 1) / 2, keys and values of each head), and the LM head once per prompt."""
+    reader = GGUFReader(path)
+    meta, arch = reader.metadata, reader.metadata["general.architecture"]
+    used = int(meta.get(f"{arch}.expert_used_count", 0))
+    count = int(meta.get(f"{arch}.expert_count", 0))
+    macs = 0.0
+    for name, t in reader.tensors.items():
+        numel = float(torch.Size(t.shape).numel())
+        if not name.startswith("blk.") or len(t.shape) < 2:
+            continue
+        macs += numel * used / count if "_exps." in name and count else numel
+    head = reader.tensors.get("output.weight") or reader.tensors["token_embd.weight"]
+    macs += float(torch.Size(head.shape).numel()) / prompt_len
+    heads = meta[f"{arch}.attention.head_count"]
+    heads = max(heads) if isinstance(heads, list) else int(heads)
+    width = int(meta[f"{arch}.embedding_length"]) // heads
+    keys = meta.get(f"{arch}.attention.key_length_mla", meta.get(f"{arch}.attention.key_length"))
+    values = meta.get(
+        f"{arch}.attention.value_length_mla", meta.get(f"{arch}.attention.value_length")
+    )
+    per_position = heads * (int(keys or width) + int(values or width))
+    return macs + int(meta[f"{arch}.block_count"]) * per_position * (prompt_len + 1) / 2
+
+
 def _report(
-    mf: dict[str, Any], peer: PeerRun | None, streams: list[int], bandwidth: float, size: int
+    mf: dict[str, Any],
+    peer: PeerRun | None,
+    streams: list[int],
+    bandwidth: float,
+    size: int,
+    compute: dict[str, Any] | None = None,
 ) -> str:
     lines = []
     if "error" in mf:
@@ -272,7 +344,8 @@ def _report(
         lines.append(f"llama.cpp (llama-batched-bench): {rss} {peer.note}".rstrip())
     head = (
         f"{'streams':>7} {'moeflow pp':>11} {'llama pp':>9} {'ratio':>6} {'moeflow tg':>11} "
-        f"{'llama tg':>9} {'ratio':>6} {'experts/step':>12} {'roofline tg':>11}"
+        f"{'llama tg':>9} {'ratio':>6} {'experts/step':>12} {'roofline tg':>11} "
+        f"{'roofline pp':>11}"
     )
     lines += ["", "tok/s (pp: prefill, tg: decode)", head, "-" * len(head)]
     for s in streams:
@@ -282,16 +355,35 @@ def _report(
         ltg = peer.decode_tok_s.get(s) if peer else None
         touched = run.get("experts_touched_per_step")
         roof = _roofline(mf, s, touched, bandwidth) if mf_runs else None
+        roof_pp = compute["roofline_tok_s"] if compute else None
         lines.append(
             f"{s:>7} {_f(pp):>11} {_f(lpp):>9} {_r(pp, lpp):>6} {_f(tg):>11} {_f(ltg):>9} "
-            f"{_r(tg, ltg):>6} {_f(touched):>12} {_f(roof):>11}"
+            f"{_r(tg, ltg):>6} {_f(touched):>12} {_f(roof):>11} {_f(roof_pp):>11}"
         )
     lines.append(
         f"memory bandwidth {bandwidth / 1e9:.2f} GB/s (measured copy); roofline tg = S tokens "
         "per step / (bytes a step reads / bandwidth): dense weights as held + the experts "
         "touched + KV at the mean context"
     )
+    if compute:
+        rates = compute["macs_per_s"]
+        tile = _TILE_INSTRUCTIONS.get(compute["isa"], compute["isa"])
+        dp = rates.get("vpdpbusd")
+        lines.append(
+            f"int8 multiply-adds {rates['tile'] / 1e9:.0f} G/s ({tile}, the int8 kernels' "
+            f"products, {compute['threads']} threads"
+            + (f"; vpdpbusd alone {dp / 1e9:.0f} G/s" if dp else "")
+            + f"); roofline pp = that rate / {compute['macs_per_token'] / 1e6:.1f} M "
+            "multiply-adds a prompt token needs"
+        )
     return "\n".join(lines)
+
+
+# the instructions of the int8 register tile (kernels/csrc/gemm_i8.h) per ISA
+_TILE_INSTRUCTIONS = {
+    "avx512": "vpmaddubsw + vpdpwssd",
+    "avx2": "vpmaddubsw + vpmaddwd + vpaddd",
+}
 
 
 def _roofline(mf: dict[str, Any], s: int, touched: float | None, bandwidth: float) -> float:

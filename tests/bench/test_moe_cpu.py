@@ -59,10 +59,27 @@ def test_peer_rows_and_crash_are_reported(tmp_path: Path) -> None:
     assert missing.note.startswith("failed: FileNotFoundError")
 
 
+@pytest.mark.parametrize("isa", list(cpu_ext.ISAS))
+def test_int8_mac_rate(isa: str) -> None:
+    """The prefill roofline's int8 rate: a positive rate from a short run; vpdpbusd alone only
+    in the AVX-512 build."""
+    ops = cpu_ext.ops_for(isa)
+    if ops is None:
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    assert ops.int8_mac_rate(1, 1000) > 0
+    if isa == "avx512":
+        assert ops.int8_mac_rate(2, 1000, True) > 0
+    else:
+        with pytest.raises(RuntimeError, match="AVX-512 build only"):
+            ops.int8_mac_rate(1, 1000, True)
+
+
 def test_moe_cpu_workload(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)  # the bench's default: int8 activations
+    monkeypatch.setenv("MOEFLOW_CPU_INT8", "1")
     model = bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, "q8_0", num_layers=2)
     rows = "\n".join(f"echo '{json.dumps(r)}'" for r in _ROWS)
     _fake_bench(tmp_path / "bin", rows)
@@ -87,4 +104,18 @@ def test_moe_cpu_workload(
     # The experts are held as the file's blocks: their bytes are the file's expert tensors'.
     assert mf["weights"]["experts"] == 2 * 16 * 3 * 256 * 256 * 34 // 32  # Q8_0: 34 B / 32
     assert report["llama_cpp"]["decode_tok_s"] == {"1": 10.0, "2": 16.0}
+    # The prefill roofline: the multiply-adds of a prompt token from the file's shapes (2
+    # layers; q, k, v, o; the router; 4 of 16 experts' gate, up, down; causal attention over 8
+    # positions, keys and values of 4 heads; the LM head once per 8-token prompt).
+    compute = report["prefill_compute"]
+    h = TINY_QWEN3_MOE
+    hd = h["head_dim"]
+    attn = h["hidden_size"] * hd * (2 * h["num_attention_heads"] + 2 * h["num_key_value_heads"])
+    experts = 3 * h["hidden_size"] * h["moe_intermediate_size"] * h["num_experts_per_tok"]
+    router = h["hidden_size"] * h["num_experts"]
+    scores = h["num_attention_heads"] * 2 * hd * (8 + 1) / 2
+    head = h["vocab_size"] * h["hidden_size"] / 8
+    assert compute["macs_per_token"] == 2 * (attn + experts + router + scores) + head
+    assert compute["roofline_tok_s"] == compute["macs_per_s"]["tile"] / compute["macs_per_token"]
+    assert "roofline pp = that rate" in text
     assert os.path.getsize(model) == report["file_bytes"]

@@ -12,6 +12,8 @@
 
 #include <torch/csrc/utils/pybind.h>  // pybind11 with at::Tensor
 
+#include <chrono>
+
 #include "cpu_common.h"
 #include "moe.h"
 
@@ -1005,6 +1007,76 @@ class DecodeStack {
   at::Tensor ids_;  // [MoE layers, B, K]: the last forward's routing
 };
 
+// one step of accumulator a against weights w and activations x
+template <bool kVnni>
+inline KVec mac_step(KVec a, KVec w, KVec x, KVec s) {
+#ifdef MOEFLOW_VNNI
+  if constexpr (kVnni) return _mm512_dpbusd_epi32(a, w, x);
+#endif
+  return kdot(a, kmaddubs(w, x), s);
+}
+
+// The int8 products' ceiling on this machine (the bench's prefill roofline): `threads` threads
+// each run a 4 x 4 register tile of the int8 GEMM's integer step (kmaddubs into kdot,
+// gemm_i8.h: every int8 product here goes through it, the block scales applied on the way) for
+// `steps` steps, nothing loaded or stored. vnni (AVX-512 build only): one vpdpbusd a step
+// instead, the CPU's plain int8 dot product, whose sums would need the block scales after.
+// (named registers, not arrays: GCC kept an array of 16 accumulators in memory)
+template <bool kVnni>
+int32_t mac_tile_loop(int64_t steps, int32_t seed) {
+  const KVec s = kset1(0x00010001);
+  KVec x0 = kset1(seed), x1 = kset1(seed + 1), x2 = kset1(seed + 2), x3 = kset1(seed + 3);
+  KVec w0 = kset1(seed + 4), w1 = kset1(seed + 5), w2 = kset1(seed + 6), w3 = kset1(seed + 7);
+  KVec a00 = kzero(), a01 = kzero(), a02 = kzero(), a03 = kzero(), a10 = kzero(), a11 = kzero(),
+       a12 = kzero(), a13 = kzero(), a20 = kzero(), a21 = kzero(), a22 = kzero(), a23 = kzero(),
+       a30 = kzero(), a31 = kzero(), a32 = kzero(), a33 = kzero();
+  for (int64_t i = 0; i < steps; ++i) {
+    a00 = mac_step<kVnni>(a00, w0, x0, s);
+    a01 = mac_step<kVnni>(a01, w1, x0, s);
+    a02 = mac_step<kVnni>(a02, w2, x0, s);
+    a03 = mac_step<kVnni>(a03, w3, x0, s);
+    a10 = mac_step<kVnni>(a10, w0, x1, s);
+    a11 = mac_step<kVnni>(a11, w1, x1, s);
+    a12 = mac_step<kVnni>(a12, w2, x1, s);
+    a13 = mac_step<kVnni>(a13, w3, x1, s);
+    a20 = mac_step<kVnni>(a20, w0, x2, s);
+    a21 = mac_step<kVnni>(a21, w1, x2, s);
+    a22 = mac_step<kVnni>(a22, w2, x2, s);
+    a23 = mac_step<kVnni>(a23, w3, x2, s);
+    a30 = mac_step<kVnni>(a30, w0, x3, s);
+    a31 = mac_step<kVnni>(a31, w1, x3, s);
+    a32 = mac_step<kVnni>(a32, w2, x3, s);
+    a33 = mac_step<kVnni>(a33, w3, x3, s);
+    // unknown values from here on: the products may not be hoisted out of the loop
+    asm volatile("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(w0), "+v"(w1), "+v"(w2),
+                 "+v"(w3));
+  }
+  __m256i t = kfold(a00);
+  for (KVec a : {a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33})
+    t = _mm256_add_epi32(t, kfold(a));
+  return _mm256_extract_epi32(t, 0);
+}
+
+// int8 multiply-adds a second over `threads` threads together, from one run of `steps` steps
+double int8_mac_rate(int64_t threads, int64_t steps, bool vnni) {
+#ifndef MOEFLOW_VNNI
+  TORCH_CHECK(!vnni, "vnni: the AVX-512 build only");
+#endif
+  TORCH_CHECK(threads >= 1 && steps >= 1, "threads and steps must be >= 1");
+  std::vector<int32_t> sink(static_cast<size_t>(threads));
+  const auto start = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int t = omp_get_thread_num();
+    const int32_t sum = vnni ? mac_tile_loop<true>(steps, t) : mac_tile_loop<false>(steps, t);
+    sink[static_cast<size_t>(t)] = sum;
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  volatile int32_t keep = 0;  // the sums are used: the loops stay
+  for (int32_t v : sink) keep = keep + v;
+  return static_cast<double>(threads) * static_cast<double>(steps) * 16.0 * kKStep / s;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "x [M, K] f32 @ quantised W [N, row_bytes]^T -> [M, N] f32");
   m.def("qgemm_i8", &qgemm_i8, "qgemm with int8-quantised activations");
@@ -1018,6 +1090,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rotary_neox_", &rotary_neox_, "NeoX rotary embedding in place");
   m.def("decode_attention", &decode_attention, "store K/V and attend, one token per sequence");
+  m.def("int8_mac_rate", &int8_mac_rate,
+        "int8 multiply-adds a second of the int8 products' register tile on `threads` threads",
+        py::arg("threads"), py::arg("steps"), py::arg("vnni") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("moe_experts", &moe_experts,
         "routed experts over quantised [E, N, row_bytes] weights, grouped by expert",
         py::call_guard<py::gil_scoped_release>());
