@@ -410,8 +410,9 @@ inline void dot_rows(const uint8_t* wrow, int64_t K, const float* x, const float
 }
 
 // Calls dot(wrow, m, std::integral_constant<int, R>{}, scratch, out) for weight rows n0..n1-1 and
-// every tile of R activation rows m..m+R-1 (R = MR, then 4 where MR is 8, 2, 1; scratch: K / 32
-// floats), and stores out[r] into y[m + r, n]. A row's result does not depend on its tile.
+// every tile of R activation rows m..m+R-1 (R = MR, then 4 and 3 where MR is 8, then 2, 1;
+// scratch: K / 32 floats), and stores out[r] into y[m + r, n]. A row's result does not depend on
+// its tile.
 template <int MR = 4, class Dot>
 void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
                 const uint8_t* w, float* y, float* scratch, Dot&& dot) {
@@ -427,6 +428,10 @@ void tile_range(int64_t M, int64_t N, int64_t row_bytes, int64_t n0, int64_t n1,
       for (; m + 4 <= M; m += 4) {
         dot(wrow, m, std::integral_constant<int, 4>{}, scratch, out);
         for (int r = 0; r < 4; ++r) y[(m + r) * N + n] = out[r];
+      }
+      for (; m + 3 <= M; m += 3) {
+        dot(wrow, m, std::integral_constant<int, 3>{}, scratch, out);
+        for (int r = 0; r < 3; ++r) y[(m + r) * N + n] = out[r];
       }
     }
     if constexpr (MR >= 4) {  // 2 rows (an expert's tokens at 4-16 streams) decode the row once
@@ -464,16 +469,19 @@ constexpr int kGemmMR = 4, kGemmNR = 4;
 constexpr int kGemmMR = 2, kGemmNR = 4;
 #endif
 constexpr int64_t kGemmMinRows = 6;
-// With AVX-512 the GEMM is ahead from 3 rows but for Q2_K, whose GEMV is the cheapest to decode
-// (2 threads, [768, 2048], [2048, 768] and [4096, 2048], GEMV against GEMM: Q4_K 3 rows
-// 0.110/0.102/0.480 against 0.087/0.103/0.360 ms, 5 rows 0.151/0.133/0.655 against
-// 0.122/0.089/0.462; Q6_K, Q5_K, Q3_K, IQ4_XS alike; Q6_K at 4 rows and Q5_K at 4 even; Q2_K 3
-// rows 0.084/0.083/0.407 against 0.106/0.104/0.526). AVX2 (the AVX2 build on that machine):
-// the GEMV is ahead or even up to 5 rows.
+// With AVX-512 the GEMM is ahead from 4 rows but for Q2_K, whose GEMV is the cheapest to decode
+// (2 threads, [768, 2048], [2048, 768] and [4096, 2048], GEMV against GEMM: Q4_K 5 rows
+// 0.151/0.133/0.655 against 0.122/0.089/0.462 ms; Q6_K, Q5_K, Q3_K, IQ4_XS alike; Q2_K 3 rows
+// 0.084/0.083/0.407 against 0.106/0.104/0.526). At 3 rows the GEMV runs one 3-row tile (not 2 +
+// 1): even with the GEMM where the rows are in cache (0.055-0.059 against 0.058, 0.26 against
+// 0.28 ms), and ahead where they stream from memory (Qwen3-30B-A3B's Q6_K LM head [151936, 2048]
+// 9.1-9.5 against 11.5-12.2 ms; a layer's Q4_K gate experts as one [98304, 2048] matrix 5.9
+// against 6.4-6.7). At 4 rows the GEMM stays ahead for Q4_K (7.2 against 6.3-6.7 ms streaming).
+// AVX2 (the AVX2 build on that machine): the GEMV is ahead or even up to 5 rows.
 template <class T>
 constexpr int64_t gemm_min_rows() {
 #ifdef MOEFLOW_VNNI
-  if constexpr (!std::is_same_v<T, Q2_K>) return 3;
+  if constexpr (!std::is_same_v<T, Q2_K>) return 4;
 #endif
   return kGemmMinRows;
 }
