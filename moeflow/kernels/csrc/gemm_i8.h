@@ -381,11 +381,28 @@ struct KMinTiles {
   }
 };
 
-// y[m, n0 + i] += macc of activation row m and weight row i < nr, for every m < M
+// y[m, n0 + i] += macc of activation row m and weight row i < nr, for every m < M. With
+// AVX-512 the 16 rows are one vector (the same operations lane by lane).
 inline void kmin_rows(const ActsView& a, const KMinTiles& t, int64_t nr, float* y, int64_t N,
                       int64_t n0) {
   const int64_t K = a.K, nb = K / 256;
   for (int64_t m = 0; m < a.M; ++m) {
+    alignas(64) float out[kGemmNB];
+#ifdef MOEFLOW_VNNI
+    __m512 macc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t bs[8];
+      std::memcpy(bs, a.kbs + m * (K / 16) + b * 16, sizeof bs);
+      __m512i ms = _mm512_setzero_si512();
+      for (int jp = 0; jp < 8; ++jp)
+        ms = _mm512_dpwssd_epi32(ms, _mm512_loadu_si512(t.c + (b * 8 + jp) * kGemmNB),
+                                 _mm512_set1_epi32(bs[jp]));
+      const __m512 dd =
+          _mm512_mul_ps(_mm512_loadu_ps(t.d + b * kGemmNB), _mm512_set1_ps(a.kd[m * nb + b]));
+      macc = _mm512_sub_ps(macc, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(ms)));
+    }
+    _mm512_store_ps(out, macc);
+#else
     __m256 macc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nb; ++b) {
       int32_t bs[8];
@@ -402,9 +419,9 @@ inline void kmin_rows(const ActsView& a, const KMinTiles& t, int64_t nr, float* 
         macc[h] = _mm256_sub_ps(macc[h], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(ms)));
       }
     }
-    alignas(32) float out[kGemmNB];
     _mm256_store_ps(out, macc[0]);
     _mm256_store_ps(out + 8, macc[1]);
+#endif
     for (int64_t i = 0; i < nr; ++i) y[m * N + n0 + i] += out[i];
   }
 }
