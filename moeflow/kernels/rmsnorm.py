@@ -29,6 +29,8 @@ def rms_norm(
         from moeflow.kernels.triton.elementwise import rms_norm_triton
 
         return rms_norm_triton(x, residual, weight, eps)
+    if residual is None and x.device.type == "cpu" and not x.is_contiguous():
+        x = x.contiguous()  # qk-norm's heads, a view of the fused qkv: one copy, then the kernel
     if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
         ops = cpu_ext.ops()
         if (
