@@ -315,7 +315,9 @@ def prefill_macs_per_token(path: Path | str, prompt_len: int) -> float:
         if not name.startswith("blk.") or len(t.shape) < 2:
             continue
         macs += numel * used / count if "_exps." in name and count else numel
-    head = reader.tensors.get("output.weight") or reader.tensors["token_embd.weight"]
+    head = reader.tensors.get("output.weight")
+    if head is None:  # tied to the input embedding
+        head = reader.tensors["token_embd.weight"]
     macs += float(torch.Size(head.shape).numel()) / prompt_len
     heads = meta[f"{arch}.attention.head_count"]
     heads = max(heads) if isinstance(heads, list) else int(heads)

@@ -473,8 +473,8 @@ constexpr int64_t kGemmMinRows = 6;
 // (2 threads, [768, 2048], [2048, 768] and [4096, 2048], GEMV against GEMM: Q4_K 5 rows
 // 0.151/0.133/0.655 against 0.122/0.089/0.462 ms; Q6_K, Q5_K, Q3_K, IQ4_XS alike; Q2_K 3 rows
 // 0.084/0.083/0.407 against 0.106/0.104/0.526). At 3 rows the GEMV runs one 3-row tile (not 2 +
-// 1): even with the GEMM where the rows are in cache (0.055-0.059 against 0.058, 0.26 against
-// 0.28 ms), and ahead where they stream from memory (Qwen3-30B-A3B's Q6_K LM head [151936, 2048]
+// 1): even with the GEMM where the rows are in cache (0.055-0.059 against 0.058, 0.26-0.27
+// against 0.28-0.29 ms), and ahead where they stream from memory (Qwen3-30B-A3B's Q6_K LM head [151936, 2048]
 // 9.1-9.5 against 11.5-12.2 ms; a layer's Q4_K gate experts as one [98304, 2048] matrix 5.9
 // against 6.4-6.7). At 4 rows the GEMM stays ahead for Q4_K (7.2 against 6.3-6.7 ms streaming).
 // AVX2 (the AVX2 build on that machine): the GEMV is ahead or even up to 5 rows.
