@@ -622,10 +622,16 @@ struct Acts {
   std::vector<int8_t> xq, kq;
   std::vector<int16_t> kbs;
 
+  // Rows are shared out between ATen's threads from kPrepareGrain rows on (a prefill's
+  // projections quantised on one thread while the other waited); inside a parallel region
+  // (DecodeStack's single sections) at::parallel_for runs them on the calling thread.
+  static constexpr int64_t kPrepareGrain = 8;
   void prepare(const float* x_, int64_t M_, int64_t K_, bool int8_) {
     resize(M_, K_, int8_, false);
     x = x_;
-    for (int64_t m = 0; m < M; ++m) prepare_row(m, x_ + m * K);
+    at::parallel_for(0, M, kPrepareGrain, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) prepare_row(m, x_ + m * K);
+    });
   }
 
   void resize(int64_t M_, int64_t K_, bool int8_, bool copy_floats) {
