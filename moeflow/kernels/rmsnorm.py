@@ -29,15 +29,11 @@ def rms_norm(
         from moeflow.kernels.triton.elementwise import rms_norm_triton
 
         return rms_norm_triton(x, residual, weight, eps)
-    if residual is None and x.device.type == "cpu" and not x.is_contiguous():
-        x = x.contiguous()  # qk-norm's heads, a view of the fused qkv: one copy, then the kernel
-    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+    if x.dtype == torch.float32 and x.device.type == "cpu":
         ops = cpu_ext.ops()
-        if (
-            ops is not None
-            and weight.dtype == torch.float32
-            and (residual is None or residual.is_contiguous())
-        ):
-            out, res = ops.rms_norm(x, residual, weight, eps)
+        # without a residual a view (qk-norm's heads of the fused qkv) is copied once
+        fits = residual is None or (x.is_contiguous() and residual.is_contiguous())
+        if ops is not None and weight.dtype == torch.float32 and fits:
+            out, res = ops.rms_norm(x.contiguous(), residual, weight, eps)
             return out, res
     return rms_norm_ref(x, residual, weight, eps)
