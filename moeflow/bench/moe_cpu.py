@@ -270,8 +270,9 @@ def _compute_roof(
     `threads` threads (and of vpdpbusd alone, where the build has it), the multiply-adds a
     prompt token needs, and their quotient in tokens a second (None without the CPU kernels, or
     on the exact path, whose products are fp32). The bench measures before and after the
-    engines' runs and keeps the higher rates (`before`): a background task on a core (the page
-    cache refilled after a drop) once took a third off one measurement."""
+    engines' runs and keeps the higher rates (`before`, whose multiply-adds a token it reuses):
+    a background task on a core (the page cache refilled after a drop) once took a third off
+    one measurement."""
     ops = cpu_ext.ops()
     if ops is None or not env.MOEFLOW_CPU_INT8:
         return None
@@ -281,7 +282,7 @@ def _compute_roof(
         rates["vpdpbusd"] = _mac_rate(ops, threads, True)
     if before is not None:
         rates = {k: max(v, before["macs_per_s"][k]) for k, v in rates.items()}
-    macs = prefill_macs_per_token(path, prompt_len)
+    macs = before["macs_per_token"] if before else prefill_macs_per_token(path, prompt_len)
     return {
         "isa": cpu_ext.isa(),
         "threads": threads,
