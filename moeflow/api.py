@@ -106,6 +106,7 @@ class LLM:
         data_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
         expert_placement: list[list[int]] | None = None,
+        use_mmap: bool = True,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file (any shard
         of a split set), "org/name" or "org/name-GGUF:Q4_K_M" found in the local Hugging Face
@@ -115,7 +116,9 @@ class LLM:
         `hf_overrides` changes config.json fields of a preset (e.g. fewer layers); `quantize`
         ("q8_0" | "q4_0" | "q4_k") quantises the float linear layers and MoE experts on load
         for the CPU kernels; `enforce_eager` keeps decode out of CUDA graphs (on a GPU they are
-        captured at start);
+        captured at start); `use_mmap=False` (llama.cpp's --no-mmap) reads a GGUF file's
+        blocks into the process's own memory on load instead of using them in place from the
+        memory-mapped file;
         `overlap_schedule` launches each step before reading the previous step's tokens
         (default: on for a CUDA device, where the host's work then hides behind the GPU's);
         `chat_template` (a jinja source) replaces the checkpoint's chat template;
@@ -152,6 +155,7 @@ class LLM:
             data_parallel_size=data_parallel_size,
             distributed_executor_backend=distributed_executor_backend,
             expert_placement=expert_placement,
+            use_mmap=use_mmap,
         )
         try:
             self.loaded: LoadedModel = load(args)

@@ -117,6 +117,14 @@ def _common_parser() -> argparse.ArgumentParser:
         "then equals the dequantised fp32 reference's) instead of quantising them to int8 as "
         "llama.cpp does (the default, faster; MOEFLOW_CPU_INT8=0 is the same as this flag)",
     )
+    common.add_argument(
+        "--no-mmap",
+        dest="use_mmap",
+        action="store_false",
+        help="read a GGUF file's weights into the process's own memory on load (as llama.cpp's "
+        "--no-mmap) instead of using them in place from the memory-mapped file: a slower load, "
+        "faster decoding where the page cache reads slowly (some virtual machines)",
+    )
     common.add_argument("--max-model-len", type=int, default=None, help="context length")
     common.add_argument(
         "--enforce-eager", action="store_true", help="never capture CUDA graphs for decode"
@@ -253,6 +261,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         device=args.device,
         max_model_len=args.max_model_len,
         quantize=args.quantize,
+        use_mmap=args.use_mmap,
         enforce_eager=args.enforce_eager,
         overlap_schedule=False if args.disable_overlap_schedule else None,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -130,6 +130,9 @@ class EngineArgs:
     seed: int = 0
     hf_overrides: dict[str, Any] | None = None  # config.json changes of a preset
     quantize: str | None = None  # q8_0 | q4_0 | q4_k: quantise linear layers + experts on load
+    # False (--no-mmap, llama.cpp's): GGUF blocks are read into the process's own memory on load
+    # instead of being used in place from the memory-mapped file
+    use_mmap: bool = True
     enforce_eager: bool = False
     overlap_schedule: bool | None = None  # None: on for a CUDA device
     chat_template: str | None = None  # a jinja source replacing the checkpoint's template

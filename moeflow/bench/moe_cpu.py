@@ -73,6 +73,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
         "threads": threads,
         "seed": args.seed or 0,
         "int8_activations": env.MOEFLOW_CPU_INT8,
+        "use_mmap": getattr(args, "use_mmap", True),
     }
     warmed = _warm_page_cache(path)
     if warmed:
@@ -180,6 +181,7 @@ def child_main(spec_json: str) -> None:
         kv_cache_tokens=max(streams) * (prompt_len + decode_tokens + 16) + 256,
         max_num_seqs=max(max(streams), 16),
         max_num_batched_tokens=max(2048, prompt_len),
+        use_mmap=spec.get("use_mmap", True),
     )
     load_s = time.perf_counter() - start
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -191,6 +193,7 @@ def child_main(spec_json: str) -> None:
         "load_s": load_s,
         "rss_after_load_bytes": rss_loaded,
         "mean_context": prompt_len + decode_tokens / 2,
+        "use_mmap": spec.get("use_mmap", True),
         "runs": {},
     }
     for s in streams:
@@ -345,13 +348,22 @@ def _report(
         mf_runs: dict[str, Any] = {}
     else:
         mf_runs = mf["runs"]
+        held = (
+            "weights used in place from the mapped file"
+            if mf.get("use_mmap", True)
+            else "weights read into its own memory, --no-mmap"
+        )
         lines.append(
             f"moeflow: load {mf['load_s']:.2f} s, peak RSS {mf['peak_rss_bytes'] / 1e9:.2f} GB "
-            f"(file {size / 1e9:.2f} GB)"
+            f"(file {size / 1e9:.2f} GB; {held})"
         )
     if peer is not None:
         rss = f"peak RSS {peer.peak_rss_bytes / 1e9:.2f} GB" if peer.peak_rss_bytes else ""
-        lines.append(f"llama.cpp (llama-batched-bench): {rss} {peer.note}".rstrip())
+        lines.append(
+            f"llama.cpp (llama-batched-bench): {rss} {peer.note}".rstrip()
+            + " (its defaults: the file mapped, weight repacking on: repacked tensors are copies "
+            "in its own memory)"
+        )
     head = (
         f"{'streams':>7} {'moeflow pp':>11} {'llama pp':>9} {'ratio':>6} {'moeflow tg':>11} "
         f"{'llama tg':>9} {'ratio':>6} {'experts/step':>12} {'roofline tg':>11} "

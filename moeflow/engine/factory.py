@@ -75,6 +75,7 @@ def load(args: EngineArgs) -> LoadedModel:
         args.quantize,
         args.tokenizer,
         args.expert_placement,
+        args.use_mmap,
     )
     if args.chat_template is not None:
         loaded.tokenizer = loaded.tokenizer.with_chat_template(args.chat_template)

@@ -94,12 +94,15 @@ def load_model(
     quantize: str | None = None,
     tokenizer_path: str | None = None,
     expert_placement: list[list[int]] | None = None,
+    use_mmap: bool = True,
 ) -> LoadedModel:
     """Build and fill the model. A preset builds its real shape with random weights on the
     device (no files; `hf_overrides` changes its config, e.g. fewer layers; the embedded SmolLM2
     tokenizer serves text, token ids beyond its vocabulary work as id prompts).
     `tokenizer_path`, a Hugging Face tokenizer folder, replaces the model's own tokenizer (read
-    first, so a bad folder fails before any weight is read).
+    first, so a bad folder fails before any weight is read). `use_mmap=False`: a GGUF file's
+    blocks kept as they are stored are read into memory of the process's own instead of being
+    used in place from the mapping (gguf.GGUFReader).
 
     NOTE: loading/memory_plan.py `_dry_run` repeats these steps on the meta device to plan the
     memory before loading (engine/factory.py load checks it); a step changed here changes there."""
@@ -115,8 +118,9 @@ def load_model(
     path = source.path
     reader: gguf.GGUFReader | None = None
     if isinstance(source, GGUFFile):
-        reader = gguf.GGUFReader(path)
-        _prefetch_mapped(reader, device)
+        reader = gguf.GGUFReader(path, use_mmap=use_mmap)
+        if use_mmap:
+            _prefetch_mapped(reader, device)
         config = ModelConfig.from_hf(gguf_hf.gguf_to_hf_config(reader))
         tokenizer = paired or Tokenizer.from_gguf_metadata(reader.metadata)
         note = dequantized_types_note((t.ggml_type for t in reader.tensors.values()), device, dtype)

@@ -5,7 +5,8 @@ The weight bytes are not estimated from a table: the loader's own steps run on t
 over the checkpoint's headers (GGUF tensor infos; safetensors dtypes and shapes; a preset's
 config), so every rule of a real load holds here too (which GGUF types stay in their blocks,
 merged projections, stacked experts kept as blocks, `--quantize`). A GGUF block used in place is
-"mapped" (file-backed page cache); everything else is "allocated". Nothing here reads tensor data.
+"mapped" (file-backed page cache), unless `--no-mmap` reads it into memory; everything else is
+"allocated". Nothing here reads tensor data.
 
 Rule (check_memory): allocated weights + buffers + KV cache + working memory must fit the memory
 available, else InsufficientMemoryError with the numbers, before loading. Mapped blocks need not
@@ -152,7 +153,7 @@ def plan_memory(
     allocated = mapped = 0
     for p in net.parameters():  # unique: a tied head is counted once
         nbytes = p.numel() * p.element_size()
-        if _storage_id(p) in mapped_storages:
+        if _storage_id(p) in mapped_storages and args.use_mmap:
             mapped += nbytes
         else:
             allocated += nbytes

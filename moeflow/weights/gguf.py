@@ -14,6 +14,7 @@ import re
 import struct
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -39,6 +40,8 @@ MAX_SPLITS = 65_535  # split.count is a u16
 SPLIT_NO = "split.no"  # 0-based
 SPLIT_COUNT = "split.count"
 SPLIT_TENSORS_COUNT = "split.tensors.count"  # tensors over all shards
+# `use_mmap=False` reads a tensor in spans of this many bytes, several at once
+READ_CHUNK = 32 << 20
 SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf")
 
 
@@ -81,12 +84,19 @@ class GGUFReader:
     parsed and checked against the others (split.count, split.no, split.tensors.count), and
     `metadata` is the first shard's, `tensors` the union (`path` stays the path given).
 
+    `use_mmap=False` (llama.cpp's --no-mmap): `raw()` reads each tensor's bytes from the file
+    into memory of its own instead of handing out a view of the mapping (only the header is read
+    through the mapping). Slower to load and never shared with other processes, but the kernels
+    then read weights from the process's own memory, which some virtual machines serve faster
+    than the page cache (docs/BENCHMARKS.md, "Weights in the process's own memory").
+
     Raises ModelNotFoundError when `path` does not exist and ModelFormatError (message starts
     with a path) for anything malformed or unsupported: a missing, repeated or foreign shard too.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], use_mmap: bool = True) -> None:
         self.path = os.fspath(path)
+        self.use_mmap = use_mmap
         self._mms: list[mmap.mmap] | None = None
         if sys.byteorder != "little":
             raise ModelFormatError(f"{self.path}: GGUF reading needs a little-endian host")
@@ -103,11 +113,17 @@ class GGUFReader:
             raise
 
     def raw(self, name: str) -> torch.Tensor:
-        """The tensor's bytes as a 1-D uint8 view over the mmap (zero-copy).
+        """The tensor's bytes as a 1-D uint8 view over the mmap (zero-copy), or with
+        `use_mmap=False` a tensor of its own read from the file.
 
         NOTE: the view is read-only memory; writing to it crashes the process. Use `load()`
         for an owned tensor.
         """
+        if not self.use_mmap:
+            return self._read(self._info(name))
+        return self._view(name)
+
+    def _view(self, name: str) -> torch.Tensor:
         info = self._info(name)
         mm = self._require_open()[info.shard]
         with warnings.catch_warnings():
@@ -119,13 +135,48 @@ class GGUFReader:
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor dequantised to `dtype`, torch-order shape, in freshly allocated memory."""
         info = self._info(name)
-        raw = self.raw(name)
+        raw = self._view(name)
         try:
             out = dequantize(raw, info.ggml_type, info.shape, dtype)
         except ModelFormatError as e:
             raise ModelFormatError(f"{self.shard_paths[info.shard]}: tensor {name!r}: {e}") from e
         if out.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
             out = out.clone()  # never hand out a view of the read-only mapping
+        return out
+
+    def _read(self, info: GGUFTensorInfo) -> torch.Tensor:
+        """The tensor's bytes read from its file into a new tensor (not through the mapping,
+        whose pages would count in the process's resident memory beside the copy). A large
+        tensor is read in READ_CHUNK spans by several threads: filling fresh memory is bound by
+        its page faults, which the cores take in parallel (2 cores: ~4x one thread's rate, some
+        virtual machines)."""
+        self._require_open()
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = out.numpy().data  # a memoryview of its bytes
+        path = self.shard_paths[info.shard]
+        spans = [(a, min(info.nbytes, a + READ_CHUNK)) for a in range(0, info.nbytes, READ_CHUNK)]
+        try:
+            with open(path, "rb", buffering=0) as f:
+
+                def read_span(span: tuple[int, int]) -> None:
+                    a, b = span
+                    while a < b:
+                        n = os.preadv(f.fileno(), [view[a:b]], info.data_offset + a)
+                        if n <= 0:
+                            raise ModelFormatError(
+                                f"{path}: tensor {info.name!r}: the file ended inside its bytes "
+                                "(changed since it was opened?)"
+                            )
+                        a += n
+
+                if len(spans) == 1:
+                    read_span(spans[0])
+                else:
+                    threads = min(len(spans), os.cpu_count() or 1, 8)
+                    with ThreadPoolExecutor(threads) as pool:
+                        list(pool.map(read_span, spans))
+        except OSError as e:
+            raise ModelFormatError(f"{path}: tensor {info.name!r}: cannot read: {e}") from e
         return out
 
     def prefetch(self) -> int:

@@ -26,6 +26,7 @@ from moeflow.loading import memory_plan
 from moeflow.loading.memory_plan import Available, MemoryPlan, available_memory, check_memory
 from moeflow.loading.presets import PRESETS
 from moeflow.loading.quantize import keep_quantized_types
+from moeflow.sampling_params import SamplingParams
 from moeflow.weights import gguf, safetensors
 from moeflow.weights.ggml_quants import QUANTIZE_TYPES
 from tests.helpers.checkpoints import make_deepseek_checkpoint, make_tiny_checkpoint
@@ -104,6 +105,24 @@ def test_moe_gguf_plan_matches_the_loaded_model(tiny_moe_gguf: Path) -> None:
         assert plan.weights_mapped >= 2 * e * (2 * i * h * 144 // 256 + h * i * 144 // 256)
 
 
+def test_no_mmap_plan_matches_the_loaded_model(tiny_moe_gguf: Path) -> None:
+    """--no-mmap: the blocks used in place are read into the process's memory, so the plan
+    counts them allocated (none mapped), and the model generates the mapped model's tokens."""
+    mapped = _assert_plan_matches(EngineArgs(model=str(tiny_moe_gguf), **_SMALL))
+    args = EngineArgs(model=str(tiny_moe_gguf), use_mmap=False, **_SMALL)
+    plan = _assert_plan_matches(args)
+    assert plan.weights_mapped == 0
+    assert plan.weights_allocated == mapped.weights_allocated + mapped.weights_mapped
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[7, 100, 42, 3], list(range(30, 50))]
+    outs = []
+    for use_mmap in (True, False):
+        llm = LLM(str(tiny_moe_gguf), use_mmap=use_mmap, **_SMALL)
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+        del llm
+    assert outs[0] == outs[1] and all(outs[0])
+
+
 def test_moe_gguf_plan_without_the_cpu_kernels(
     tiny_moe_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,6 +180,20 @@ def test_info_reads_headers_only(
         out = capsys.readouterr().out
         assert "memory plan" in out and "verdict        fits" in out
         assert "parameters" in out and "KV cache" in out
+
+
+def test_info_no_mmap_counts_every_block_allocated(
+    smollm2_gguf: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`moeflow info --no-mmap`: the blocks the engine would map are counted as allocated."""
+    lines = {}
+    for flags in ([], ["--no-mmap"]):
+        assert main(["info", "--model", smollm2_gguf, "--device", "cpu", *flags]) == 0
+        out = capsys.readouterr().out
+        lines[bool(flags)] = next(ln for ln in out.splitlines() if "weights        " in ln)
+    if keep_quantized_types("cpu"):
+        assert "mapped from the file" in lines[False]
+    assert "mapped" not in lines[True] and "allocated" in lines[True]
 
 
 def test_info_on_a_full_size_gguf_reads_no_tensor(

@@ -316,6 +316,32 @@ def test_prefetch_advises_the_whole_file(smollm2_path: str) -> None:
         closed.prefetch()
 
 
+def test_no_mmap_reads_each_tensor_into_its_own_memory(
+    smollm2_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """use_mmap=False (--no-mmap): raw() gives every tensor's bytes as the mapping holds them,
+    in writable memory of its own, read in several spans at once (a small READ_CHUNK here); a
+    file cut short after it was opened is a ModelFormatError naming the tensor."""
+    monkeypatch.setattr(gguf_reader, "READ_CHUNK", 64 * 1024 + 96)
+    with GGUFReader(smollm2_path) as mapped, GGUFReader(smollm2_path, use_mmap=False) as read:
+        for name in mapped.tensors:
+            copy = read.raw(name)
+            assert torch.equal(copy, mapped.raw(name)), name
+        big = max(mapped.tensors.values(), key=lambda t: t.nbytes)
+        assert big.nbytes > 8 * gguf_reader.READ_CHUNK
+        copy = read.raw(big.name)
+        copy[0] ^= 0xFF  # its own memory: the mapping is read-only
+        assert copy[0] != mapped.raw(big.name)[0]
+        assert torch.equal(read.load(big.name, torch.float32), mapped.load(big.name, torch.float32))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(Path(smollm2_path).read_bytes())
+    with GGUFReader(cut, use_mmap=False) as read:
+        last = max(read.tensors.values(), key=lambda t: t.data_offset)
+        os.truncate(cut, last.data_offset + last.nbytes // 2)
+        with pytest.raises(ModelFormatError, match=f"{last.name}.*ended inside"):
+            read.raw(last.name)
+
+
 @pytest.mark.slow
 def test_smollm2_unpermute_matches_transformers(smollm2_path: str) -> None:
     transformers = pytest.importorskip("transformers")
