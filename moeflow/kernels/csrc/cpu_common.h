@@ -477,10 +477,14 @@ constexpr int64_t kGemmMinRows = 6;
 // against 0.28-0.29 ms), and ahead where they stream from memory (Qwen3-30B-A3B's Q6_K LM head [151936, 2048]
 // 9.1-9.5 against 11.5-12.2 ms; a layer's Q4_K gate experts as one [98304, 2048] matrix 5.9
 // against 6.4-6.7). At 4 rows the GEMM stays ahead for Q4_K (7.2 against 6.3-6.7 ms streaming).
+// Q4_K's GEMM with 16 weight rows a vector (gemm_q4k_rows) is ahead from 3 rows (GEMV against
+// GEMM at 3 rows: [4096, 2048] 0.327 / 0.254 ms, [768, 2048] 0.068 / 0.051, [2048, 768] 0.064 /
+// 0.045, [98304, 2048] streaming 7.26 / 6.35), not at 2 (0.223 / 0.241, 4.98 / 5.84 streaming).
 // AVX2 (the AVX2 build on that machine): the GEMV is ahead or even up to 5 rows.
 template <class T>
 constexpr int64_t gemm_min_rows() {
 #ifdef MOEFLOW_VNNI
+  if constexpr (std::is_same_v<T, Q4_K>) return 3;
   if constexpr (!std::is_same_v<T, Q2_K>) return 4;
 #endif
   return kGemmMinRows;
@@ -502,10 +506,21 @@ struct alignas(64) B32Block {
   float mn[kB32NR];
 };
 
+// One Q4_K super-block of 16 weight rows side by side, for the AVX-512 GEMM (gemm_i8.h,
+// gemm_q4k_rows): vector (j * 2 + h) * 4 + i of q holds values 16h + 4i..16h + 4i + 3 of sub-block
+// j of every row (lane l: row l), as bytes 0..15; sc[j][l] row l's scale of sub-block j (int32,
+// so the int16 low half is the scale and the high half 0); d[l] its d.
+struct alignas(64) Q4KRows16 {
+  uint8_t q[64][64];
+  int32_t sc[8][16];
+  float d[16];
+};
+
 struct GemvScratch {
   std::vector<float> mins;
   std::vector<__m256> acc;
   std::vector<KBlock> kblocks;  // kGemmNB weight rows decoded over K
+  std::vector<Q4KRows16> q4k16;  // 16 Q4_K weight rows decoded over K (AVX-512)
   std::vector<int32_t> kmin_c;  // their min coefficients, transposed (gemm_i8.h's KMinTiles)
   std::vector<float> kmin_d;
   std::vector<B32Block> b32;    // kB32NR weight rows decoded over K
@@ -947,11 +962,16 @@ inline void k45_half(const uint8_t* qs, __m512i qh, __m512i scz, int k, __m512i&
 }
 #endif
 
-// Q4_K and Q5_K share everything but the weights' 5th bit: HIGH = Q5_K.
+// Q4_K and Q5_K share everything but the weights' 5th bit: HIGH = Q5_K. Q4_K's float work
+// (gemm_i8.h, "Q4_K"): a super-block's integer lanes are summed whole (exact) and taken into
+// one float per row, acc = fma(float(sum), d * d8, acc), so that its GEMM can sum 16 weight rows
+// side by side (gemm_q4k_rows); Q5_K keeps dot_q8k's 8 float lanes.
 template <bool HIGH, int MR>
 inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, float* out) {
   const int64_t nb = a.K / 256;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m128 whole[MR];  // Q4_K: lane 0
+  for (int r = 0; r < MR; ++r) whole[r] = _mm_setzero_ps();
   __m256 acc[MR];
   __m128 macc[(MR + 1) / 2];  // the min term: rows 2p and 2p + 1 in lanes 0 and 1 of macc[p]
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
@@ -1017,7 +1037,11 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
 #endif
     for (int r = 0; r < MR; ++r) {
       const float d8 = a.d[r * nb + b];
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+      if constexpr (HIGH)
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+      else
+        whole[r] = _mm_fmadd_ss(_mm_set_ss(static_cast<float>(hsum_i32(sumi[r]))),
+                                _mm_set_ss(d * d8), whole[r]);
     }
     // the min term, rows two by two (lanes 0 and 1 of macc[r / 2]): the 8 mins, each twice,
     // against the 16 sums of 16 activations (sum over c of mins[c] * the sum of chunk c), the two
@@ -1043,7 +1067,8 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
   }
   alignas(16) float mv[(MR + 1) / 2][4];
   for (int p = 0; 2 * p < MR; ++p) _mm_store_ps(mv[p], macc[p]);
-  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + mv[r / 2][r % 2];
+  for (int r = 0; r < MR; ++r)
+    out[r] = (HIGH ? hsum(acc[r]) : _mm_cvtss_f32(whole[r])) + mv[r / 2][r % 2];
 }
 
 template <int MR>

@@ -6,13 +6,15 @@
 // activation rows x kGemmNR weight rows per step over them (AVX-512: 64 bytes a step, maddubs +
 // vpdpwssd; AVX2: 32 bytes, maddubs + madd). With AVX-512 two weight rows share the vectors of
 // the per-super-block float work (kgemm_tile_pairs). The min term of Q2_K Q4_K Q5_K is taken
-// apart, for kGemmNB weight rows at once (kmin_rows).
+// apart, for kGemmNB weight rows at once (kmin_rows). Q4_K with AVX-512 has a GEMM of its own
+// (gemm_q4k_rows, below): 16 weight rows side by side, one vpdpbusd for 64 products.
 //
 // Bit for bit dot_q8k: a super-block's integer sums land in the same 8 int32 lanes (lane i sums
 // bytes 4i..4i+3 of every chunk; integer sums do not depend on their order, and no int16 step
 // saturates, as in dot_q8k), and the float work per super-block and at the end is dot_q8k's,
-// operation for operation (the build has no FP contraction). So a row's result never depends
-// on how many rows it was multiplied with, nor on which kernel ran it.
+// operation for operation (the build has no FP contraction). Q4_K's float work takes the
+// super-block's lanes summed whole (kWholeBlock), in dot_q8k_k45 and here alike. So a row's
+// result never depends on how many rows it was multiplied with, nor on which kernel ran it.
 // Included by cpu_common.h after the block types; gemv_rows calls gemm_q8k_rows.
 #pragma once
 
@@ -27,6 +29,11 @@ enum class BsumTerm { kNone, kMin, kOffset };
 // Per type: decode() one super-block into a KBlock; kTerm (above); kSigned: the weights are
 // stored as signed bytes (IQ4_XS), else unsigned.
 template <class T> struct KDecode;
+
+// Q4_K's float work takes a super-block's integer lanes summed whole (dot_q8k_k45): acc =
+// fma(float(sum), d * d8, acc), one float per (activation row, weight row); the other types
+// keep dot_q8k's 8 float lanes.
+template <class T> constexpr bool kWholeBlock = std::is_same_v<T, Q4_K>;
 
 // The scale vector of a chunk whose two 16-value halves have scales lo and hi
 inline __m256i scale_halves(int16_t lo, int16_t hi) {
@@ -237,8 +244,12 @@ template <class T, int MR, int NR>
 void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
                       Prefetcher& pf) {
   __m256 acc[MR][NR];
+  __m128 whole[MR][NR];  // kWholeBlock: lane 0
   for (int r = 0; r < MR; ++r)
-    for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_setzero_ps();
+    for (int n = 0; n < NR; ++n) {
+      acc[r][n] = _mm256_setzero_ps();
+      whole[r][n] = _mm_setzero_ps();
+    }
   for (int64_t b = 0; b < nb; ++b) {
     KVec sum[MR][NR];
     kgemm_sums<T, MR, NR>(wt, nb, a, b, sum);
@@ -252,12 +263,18 @@ void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
         __m256i si = kfold(sum[r][n]);
         if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset)
           si = madd_acc(si, bs, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.c16)));
-        acc[r][n] = _mm256_fmadd_ps(_mm256_set1_ps(t.d * d8), _mm256_cvtepi32_ps(si), acc[r][n]);
+        if constexpr (kWholeBlock<T>)
+          whole[r][n] = _mm_fmadd_ss(_mm_set_ss(static_cast<float>(hsum_i32(si))),
+                                     _mm_set_ss(t.d * d8), whole[r][n]);
+        else
+          acc[r][n] =
+              _mm256_fmadd_ps(_mm256_set1_ps(t.d * d8), _mm256_cvtepi32_ps(si), acc[r][n]);
       }
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int n = 0; n < NR; ++n) out[r][n] = hsum(acc[r][n]);
+    for (int n = 0; n < NR; ++n)
+      out[r][n] = kWholeBlock<T> ? _mm_cvtss_f32(whole[r][n]) : hsum(acc[r][n]);
 }
 
 #ifdef MOEFLOW_VNNI
@@ -267,6 +284,7 @@ void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
 template <class T, int MR, int NR>
 void kgemm_tile_pairs(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
                       Prefetcher& pf) {
+  static_assert(!kWholeBlock<T>, "kgemm_tile_lanes takes the whole-block types");
   constexpr int NP = NR / 2;
   __m512 acc[MR][NP];
   for (int r = 0; r < MR; ++r)
@@ -315,7 +333,7 @@ template <class T, int MR, int NR>
 void kgemm_tile(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
                 Prefetcher& pf) {
 #ifdef MOEFLOW_VNNI
-  if constexpr (NR % 2 == 0) {
+  if constexpr (NR % 2 == 0 && !kWholeBlock<T>) {
     kgemm_tile_pairs<T, MR, NR>(wt, nb, a, out, pf);
     return;
   }
@@ -430,9 +448,194 @@ inline void kmin_rows(const ActsView& a, const KMinTiles& t, int64_t nr, float* 
 // every group of kGemmNB weight rows is decoded and run against them.
 constexpr int64_t kGemmMB = 256;
 
+#ifdef MOEFLOW_VNNI
+// ---------------------------------------------------------------------------------------------
+// Q4_K with AVX-512: 16 weight rows side by side, one row a lane (as gemm_b32.h's tile), so a
+// vpdpbusd of 4 bytes of the 16 rows against 4 activation bytes (broadcast) adds to all 16
+// rows' sums at once, 64 products in one instruction where the KBlock tile takes two (maddubs
+// + vpdpwssd). Four of them sum 16 values of a sub-block per row (|sum| <= 16 * 15 * 127 <
+// 2^15), then one vpdpwssd multiplies that by the rows' sub-block scales (the int32 sums' int16
+// low halves against the scales; the high halves, 0 or -1, against 0) into the super-block's
+// integer sum per row, exact, which the float work takes whole (kWholeBlock: dot_q8k_k45's
+// acc = fma(float(sum), d * d8, acc), 16 rows in one instruction); the min term is kmin_rows'.
+// So each result is the GEMV's bit for bit.
+
+// v[i] (row i's 16 int32) -> v[k] (int32 k of the 16 rows)
+inline void transpose16x16(__m512i (&v)[16]) {
+  __m512i t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int k = 0; k < 2; ++k)
+    for (int c = 0; c < 4; ++c) {
+      t[8 * k + c] = _mm512_shuffle_i32x4(u[8 * k + c], u[8 * k + 4 + c], 0x88);
+      t[8 * k + 4 + c] = _mm512_shuffle_i32x4(u[8 * k + c], u[8 * k + 4 + c], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    v[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    v[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+  }
+}
+
+// Weight rows 0..nr-1 (nr <= 16; the rows past nr are zeros) at w, all nb super-blocks, into
+// out[b], their min terms into mt (rows past nr cleared).
+inline void q4k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_t nb,
+                         Q4KRows16* out, const KMinTiles& mt) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  const __m512i low6 = _mm512_set1_epi32(0x3f3f3f3f), low4 = _mm512_set1_epi32(0x0f0f0f0f),
+                top2 = _mm512_set1_epi32(0x03030303);
+  const __mmask16 rows = static_cast<__mmask16>((1u << nr) - 1);
+  const __m512i offv = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                            12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t b = 0; b < nb; ++b) {
+    Q4KRows16& o = out[b];
+    __m512i qa[16], qb[16];  // row i's qs bytes 0..63 and 64..127
+    for (int i = 0; i < 16; ++i) {
+      if (i >= nr) {
+        qa[i] = qb[i] = zero;
+        continue;
+      }
+      const uint8_t* blk = w + i * row_bytes + b * Q4_K::BYTES;
+      prefetch_ahead(blk, Q4_K::BYTES);
+      qa[i] = _mm512_loadu_si512(blk + 16);
+      qb[i] = _mm512_loadu_si512(blk + 80);
+    }
+    // the 16 rows' d, dmin and scale bytes side by side (rows past nr: zeros), then
+    // k4_scale_bytes lane by lane: v0 scales 0..3, v1 scales 4..7, v2 mins 0..3, v3 mins 4..7
+    const uint8_t* base = w + b * Q4_K::BYTES;
+    const __m512i dm = _mm512_mask_i32gather_epi32(zero, rows, offv, base, 1);
+    const __m512i w0 = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 4, 1);
+    const __m512i w1 = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 8, 1);
+    const __m512i w2 = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 12, 1);
+    const auto top = [&](__m512i v) {
+      return _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 6), top2), 4);
+    };
+    const __m512i v[4] = {
+        _mm512_and_si512(w0, low6),
+        _mm512_or_si512(_mm512_and_si512(w2, low4), top(w0)),
+        _mm512_and_si512(w1, low6),
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4), top(w1)),
+    };
+    for (int k = 0; k < 4; ++k) {
+      for (int h = 0; h < 2; ++h)
+        _mm512_store_si512(o.sc[4 * h + k],
+                           _mm512_and_si512(_mm512_srli_epi32(v[h], 8 * k), byte));
+      for (int h = 0; h < 2; ++h) {  // mins twice: (min, min) as int16
+        const __m512i mn = _mm512_and_si512(_mm512_srli_epi32(v[2 + h], 8 * k), byte);
+        _mm512_storeu_si512(mt.c + (b * 8 + 4 * h + k) * kGemmNB,
+                            _mm512_or_si512(mn, _mm512_slli_epi32(mn, 16)));
+      }
+    }
+    _mm512_store_ps(o.d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm)));
+    _mm512_storeu_ps(mt.d + b * kGemmNB,
+                     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))));
+    transpose16x16(qa);
+    transpose16x16(qb);
+    // qs int32 p (bytes 4p..4p+3; group g = p / 8 of 32 bytes, t = p % 8) holds values 4t..4t+3
+    // of sub-block 2g (low nibbles) and of 2g + 1 (high): half t / 4, slot t % 4
+    for (int p = 0; p < 32; ++p) {
+      const __m512i qv = p < 16 ? qa[p] : qb[p - 16];
+      const int g = p / 8, t = p % 8;  // vector (j * 2 + t / 4) * 4 + t % 4 = j * 8 + t
+      _mm512_store_si512(o.q[2 * g * 8 + t], _mm512_and_si512(qv, m4));
+      _mm512_store_si512(o.q[(2 * g + 1) * 8 + t], _mm512_and_si512(_mm512_srli_epi16(qv, 4), m4));
+    }
+  }
+}
+
+// y[m + r, n + l] = the tile's part (hsum-free: lane l is row l) for MR activation rows from m
+// and the nr <= 16 decoded rows at t; kmin_rows adds the min term after.
+template <int MR>
+void q4k_tile16(const Q4KRows16* t, const ActsView& a, int64_t m, float* y, int64_t N, int64_t n,
+                int64_t nr, Prefetcher& pf) {
+  const int64_t K = a.K, nb = K / 256;
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const Q4KRows16& tb = t[b];
+    pf.step();
+    __m512i sum[MR];
+    for (int r = 0; r < MR; ++r) sum[r] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i sc = _mm512_load_si512(tb.sc[j]);
+      const int8_t* xj = a.kq + m * K + b * 256 + 32 * kq8k_slot(j);
+      for (int h = 0; h < 2; ++h) {
+        __m512i part[MR];
+        for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_si512();
+        for (int i = 0; i < 4; ++i) {
+          const __m512i wv = _mm512_load_si512(tb.q[(j * 2 + h) * 4 + i]);
+          for (int r = 0; r < MR; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, xj + r * K + 16 * h + 4 * i, 4);
+            part[r] = _mm512_dpbusd_epi32(part[r], wv, _mm512_set1_epi32(x4));
+          }
+        }
+        for (int r = 0; r < MR; ++r) sum[r] = _mm512_dpwssd_epi32(sum[r], part[r], sc);
+      }
+    }
+    const __m512 d = _mm512_load_ps(tb.d);
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]),
+                               _mm512_mul_ps(d, _mm512_set1_ps(a.kd[(m + r) * nb + b])), acc[r]);
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n, keep, acc[r]);
+}
+
+constexpr int kQ4KMR = 8;  // activation rows per q4k_tile16
+
+void gemm_q4k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
+                   float* y, GemvScratch& scratch) {
+  const int64_t nb = a.K / 256, row_bytes = nb * Q4_K::BYTES;
+  if (static_cast<int64_t>(scratch.q4k16.size()) < nb) scratch.q4k16.resize(static_cast<size_t>(nb));
+  Q4KRows16* t = scratch.q4k16.data();
+  KMinTiles::reserve(scratch, nb);
+  const KMinTiles mt{scratch.kmin_c.data(), scratch.kmin_d.data()};
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t nr = std::min<int64_t>(16, n1 - n);
+    q4k_decode16(w + n * row_bytes, row_bytes, nr, nb, t, mt);
+    const int64_t next = n + nr;
+    Prefetcher pf = Prefetcher::over(w + next * row_bytes,
+                                     w + std::min(n1, next + 16) * row_bytes,
+                                     ((a.M + kQ4KMR - 1) / kQ4KMR) * nb);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kGemmMB) {
+      const ActsView am = a.rows(m0, std::min(kGemmMB, a.M - m0));
+      float* ym = y + m0 * N;
+      int64_t m = 0;
+      for (; m + kQ4KMR <= am.M; m += kQ4KMR) q4k_tile16<kQ4KMR>(t, am, m, ym, N, n, nr, pf);
+      if (am.M - m >= 4) {
+        q4k_tile16<4>(t, am, m, ym, N, n, nr, pf);
+        m += 4;
+      }
+      if (am.M - m >= 2) {
+        q4k_tile16<2>(t, am, m, ym, N, n, nr, pf);
+        m += 2;
+      }
+      if (am.M - m >= 1) q4k_tile16<1>(t, am, m, ym, N, n, nr, pf);
+      kmin_rows(am, mt, nr, ym, N, n);
+    }
+  }
+}
+#endif
+
+
 template <class T>
 void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
                    float* y, GemvScratch& scratch) {
+#ifdef MOEFLOW_VNNI
+  if constexpr (std::is_same_v<T, Q4_K>) {
+    gemm_q4k_rows(a, w, N, n0, n1, y, scratch);
+    return;
+  }
+#endif
   constexpr bool kMin = KDecode<T>::kTerm == BsumTerm::kMin;
   const int64_t nb = a.K / 256, row_bytes = nb * T::BYTES;
   if (static_cast<int64_t>(scratch.kblocks.size()) < kGemmNR * nb)
