@@ -41,6 +41,9 @@ MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
 # --exact-cpu-activations) keeps them fp32: greedy output then equals the dequantised fp32
 # reference's (the parity tests' path; `make run` shows that answer).
 MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", True)
+# A CPU engine tells glibc's malloc to keep freed memory for the next step instead of returning
+# it to the kernel (utils/host_memory.py); 0 leaves malloc as it is.
+MOEFLOW_KEEP_FREED_MEMORY: bool = _bool("MOEFLOW_KEEP_FREED_MEMORY", True)
 # Use the Triton kernels on CUDA tensors; 0 forces the plain-torch references.
 MOEFLOW_TRITON: bool = _bool("MOEFLOW_TRITON", True)
 # Run the Triton kernels on CPU tensors too; only meaningful under TRITON_INTERPRET=1 (tests).

@@ -19,6 +19,7 @@ from moeflow.loading.loader import LoadedModel, default_dtype, load_model
 from moeflow.loading.memory_plan import MemoryPlan, check_memory, kv_tokens_that_fit, plan_memory
 from moeflow.loading.source import ModelSource, parse_model_source
 from moeflow.utils.dtype import dtype_name, parse_dtype
+from moeflow.utils.host_memory import keep_freed_memory
 
 
 def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngine:
@@ -43,6 +44,8 @@ def build_engine(args: EngineArgs, loaded: LoadedModel | None = None) -> LLMEngi
         kv_tokens_that_fit=_kv_tokens_that_fit(loaded, args.gpu_memory_utilization),
     )
     engine = LLMEngine(config, loaded.model, loaded.model_config, loaded.tokenizer)
+    if torch.device(config.device).type == "cpu":
+        keep_freed_memory()  # each step's buffers reuse the last step's pages
     if executor is not None:
         executor.start_engine(config.num_cache_blocks, config.block_size, config.dtype)
         engine.runner.executor = executor
