@@ -97,6 +97,7 @@ class LLM:
         seed: int = 0,
         hf_overrides: dict[str, Any] | None = None,
         quantize: str | None = None,
+        use_mmap: bool = True,
         enforce_eager: bool = False,
         overlap_schedule: bool | None = None,
         chat_template: str | None = None,
@@ -106,7 +107,6 @@ class LLM:
         data_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
         expert_placement: list[list[int]] | None = None,
-        use_mmap: bool = True,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a Hugging Face folder, a .gguf file (any shard
         of a split set), "org/name" or "org/name-GGUF:Q4_K_M" found in the local Hugging Face
@@ -146,6 +146,7 @@ class LLM:
             seed=seed,
             hf_overrides=hf_overrides,
             quantize=quantize,
+            use_mmap=use_mmap,
             enforce_eager=enforce_eager,
             overlap_schedule=overlap_schedule,
             chat_template=chat_template,
@@ -155,7 +156,6 @@ class LLM:
             data_parallel_size=data_parallel_size,
             distributed_executor_backend=distributed_executor_backend,
             expert_placement=expert_placement,
-            use_mmap=use_mmap,
         )
         try:
             self.loaded: LoadedModel = load(args)
