@@ -69,17 +69,6 @@ constexpr int64_t kB32MinRows = 5;
 // Whether the type's blocks carry a min term (w = s * q + mn with mn != 0).
 template <class T> constexpr bool kB32Min = !T::SIGNED;
 
-// The 8 vectors' lane sums as one vector: lane i = sum of v[i]'s 8 lanes (exact: int32).
-inline __m256i sum_lanes8(const __m256i* v) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]),
-                                      _mm256_hadd_epi32(v[2], v[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]),
-                                      _mm256_hadd_epi32(v[6], v[7]));
-  // a: rows 0..3 of lanes 0-3 | rows 0..3 of lanes 4-7; b: the same for rows 4..7
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
-                          _mm256_permute2x128_si256(a, b, 0x31));
-}
-
 // The g weight rows after the g at `rows` (one contiguous run, not past `end`), streamed into L2
 // a share per block while these run (Prefetcher, gemm_i8.h): one pass over these rows' nb
 // blocks has fetched the next ones.

@@ -192,6 +192,17 @@ inline KVec ksign(KVec x, KVec w) { return _mm256_sign_epi8(x, w); }
 inline __m256i kfold(KVec v) { return v; }
 #endif
 
+// The 8 vectors' lane sums as one vector: lane i = sum of v[i]'s 8 lanes (exact: int32).
+inline __m256i sum_lanes8(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]),
+                                      _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]),
+                                      _mm256_hadd_epi32(v[6], v[7]));
+  // a: rows 0..3 of lanes 0-3 | rows 0..3 of lanes 4-7; b: the same for rows 4..7
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                          _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 // The next weight rows' bytes, streamed into L2 a few lines a step while the current rows are
 // worked on (the decode or GEMV that follows then finds them there; a burst of prefetches
 // before the work would stall on the line-fill buffers instead). Here and in gemm_b32.h.
@@ -240,16 +251,18 @@ inline void kgemm_sums(const KBlock* wt, int64_t nb, const Q8KRows& a, int64_t b
 // then acc += (d * d8) * float(si), lane by lane. The min term of the kMin types (dot_q8k's
 // macc) is not taken here but by kmin_rows, once for 16 weight rows: the tile's out[r][n] is
 // hsum(acc) alone, and kmin_rows adds macc to it, dot_q8k's last step.
+// The kWholeBlock types: the (r, n) pairs' super-block sums 8 at a time (sum_lanes8), their float
+// work lane by lane in one vector (pair p = r * NR + n in lane p % 8 of whole[p / 8]).
 template <class T, int MR, int NR>
 void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
                       Prefetcher& pf) {
+  static_assert(!kWholeBlock<T> || KDecode<T>::kTerm != BsumTerm::kOffset);
+  constexpr int kPairs = MR * NR, kGroups = (kPairs + 7) / 8;
   __m256 acc[MR][NR];
-  __m128 whole[MR][NR];  // kWholeBlock: lane 0
+  __m256 whole[kGroups];
   for (int r = 0; r < MR; ++r)
-    for (int n = 0; n < NR; ++n) {
-      acc[r][n] = _mm256_setzero_ps();
-      whole[r][n] = _mm_setzero_ps();
-    }
+    for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_setzero_ps();
+  for (int g = 0; g < kGroups; ++g) whole[g] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     KVec sum[MR][NR];
     kgemm_sums<T, MR, NR>(wt, nb, a, b, sum);
@@ -263,18 +276,30 @@ void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
         __m256i si = kfold(sum[r][n]);
         if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset)
           si = madd_acc(si, bs, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.c16)));
-        if constexpr (kWholeBlock<T>)
-          whole[r][n] = _mm_fmadd_ss(_mm_set_ss(static_cast<float>(hsum_i32(si))),
-                                     _mm_set_ss(t.d * d8), whole[r][n]);
-        else
+        if constexpr (!kWholeBlock<T>)
           acc[r][n] =
               _mm256_fmadd_ps(_mm256_set1_ps(t.d * d8), _mm256_cvtepi32_ps(si), acc[r][n]);
       }
     }
+    if constexpr (kWholeBlock<T>) {
+      for (int g = 0; g < kGroups; ++g) {
+        __m256i v[8];
+        alignas(32) float dd[8];
+        for (int k = 0; k < 8; ++k) {
+          const int p = 8 * g + k, r = p / NR, n = p % NR;
+          v[k] = p < kPairs ? kfold(sum[r][n]) : _mm256_setzero_si256();
+          dd[k] = p < kPairs ? wt[n * nb + b].d * a.d[r * nb + b] : 0.0f;
+        }
+        whole[g] =
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(v)), _mm256_load_ps(dd), whole[g]);
+      }
+    }
   }
+  alignas(32) float w[kGroups][8];
+  for (int g = 0; g < kGroups; ++g) _mm256_store_ps(w[g], whole[g]);
   for (int r = 0; r < MR; ++r)
     for (int n = 0; n < NR; ++n)
-      out[r][n] = kWholeBlock<T> ? _mm_cvtss_f32(whole[r][n]) : hsum(acc[r][n]);
+      out[r][n] = kWholeBlock<T> ? w[(r * NR + n) / 8][(r * NR + n) % 8] : hsum(acc[r][n]);
 }
 
 #ifdef MOEFLOW_VNNI
