@@ -962,16 +962,35 @@ inline void k45_half(const uint8_t* qs, __m512i qh, __m512i scz, int k, __m512i&
 }
 #endif
 
+// Four super-blocks' integer lanes p[0..n-1] (n <= 4) of one row, summed whole (exact), then
+// taken in order: acc = fma(float(sum_q), dd[q], acc), q = 0..n-1 (lane 0 of acc). One
+// reduction for the four (two rounds of hadd), not a horizontal sum each.
+inline __m128 whole_blocks4(const __m256i* p, const float* dd, int n, __m128 acc) {
+  const __m256i z = _mm256_setzero_si256();
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], n > 1 ? p[1] : z),
+                                      _mm256_hadd_epi32(n > 2 ? p[2] : z, n > 3 ? p[3] : z));
+  const __m128 f = _mm_cvtepi32_ps(
+      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));  // sum_q in q
+  const __m128 lanes[4] = {f, _mm_movehdup_ps(f), _mm_movehl_ps(f, f),
+                           _mm_shuffle_ps(f, f, 3)};
+  for (int q = 0; q < n; ++q) acc = _mm_fmadd_ss(lanes[q], _mm_set_ss(dd[q]), acc);
+  return acc;
+}
+
 // Q4_K and Q5_K share everything but the weights' 5th bit: HIGH = Q5_K. Q4_K's float work
 // (gemm_i8.h, "Q4_K"): a super-block's integer lanes are summed whole (exact) and taken into
 // one float per row, acc = fma(float(sum), d * d8, acc), so that its GEMM can sum 16 weight rows
-// side by side (gemm_q4k_rows); Q5_K keeps dot_q8k's 8 float lanes.
+// side by side (gemm_q4k_rows); here four super-blocks at a time (whole_blocks4). Q5_K keeps
+// dot_q8k's 8 float lanes.
 template <bool HIGH, int MR>
 inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, float* out) {
   const int64_t nb = a.K / 256;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m128 whole[MR];  // Q4_K: lane 0
   for (int r = 0; r < MR; ++r) whole[r] = _mm_setzero_ps();
+  __m256i pend[MR][4];  // Q4_K: the last super-blocks' lanes and d * d8, not yet taken
+  alignas(16) float pend_dd[MR][4];
+  int npend = 0;
   __m256 acc[MR];
   __m128 macc[(MR + 1) / 2];  // the min term: rows 2p and 2p + 1 in lanes 0 and 1 of macc[p]
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
@@ -1037,11 +1056,18 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
 #endif
     for (int r = 0; r < MR; ++r) {
       const float d8 = a.d[r * nb + b];
-      if constexpr (HIGH)
+      if constexpr (HIGH) {
         acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-      else
-        whole[r] = _mm_fmadd_ss(_mm_set_ss(static_cast<float>(hsum_i32(sumi[r]))),
-                                _mm_set_ss(d * d8), whole[r]);
+      } else {
+        pend[r][npend] = sumi[r];
+        pend_dd[r][npend] = d * d8;
+      }
+    }
+    if constexpr (!HIGH) {
+      if (++npend == 4 || b == nb - 1) {
+        for (int r = 0; r < MR; ++r) whole[r] = whole_blocks4(pend[r], pend_dd[r], npend, whole[r]);
+        npend = 0;
+      }
     }
     // the min term, rows two by two (lanes 0 and 1 of macc[r / 2]): the 8 mins, each twice,
     // against the 16 sums of 16 activations (sum over c of mins[c] * the sum of chunk c), the two
