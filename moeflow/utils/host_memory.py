@@ -5,7 +5,7 @@ mmap and unmaps them when freed, and gives the top of its heap back to the kerne
 threshold. An engine step allocates the same large buffers again and again (activations, the
 expert kernel's gathered rows), so each step took fresh pages from the kernel, faulted in and
 zeroed one by one: on the 2-core virtual machines of docs/BENCHMARKS.md, a 512-token prefill of
-Qwen3-30B-A3B's first 4 layers ran 815-837 tok/s that way and 962-966 with the memory kept.
+Qwen3-30B-A3B's first 4 layers ran 815-837 tok/s that way and 938-951 with the memory kept.
 `keep_freed_memory()` makes freed memory stay with the process for the next step (no mmap for
 malloc, no trimming): the resident memory stays at its high-water mark, as a caching allocator's
 would."""

@@ -1065,7 +1065,8 @@ inline void dot_q8k_k45(const uint8_t* wrow, const Q8KRows& a, int64_t bytes, fl
     }
     if constexpr (!HIGH) {
       if (++npend == 4 || b == nb - 1) {
-        for (int r = 0; r < MR; ++r) whole[r] = whole_blocks4(pend[r], pend_dd[r], npend, whole[r]);
+        for (int r = 0; r < MR; ++r)
+          whole[r] = whole_blocks4(pend[r], pend_dd[r], npend, whole[r]);
         npend = 0;
       }
     }

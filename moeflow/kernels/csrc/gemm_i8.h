@@ -267,21 +267,21 @@ void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
     KVec sum[MR][NR];
     kgemm_sums<T, MR, NR>(wt, nb, a, b, sum);
     pf.step();
-    for (int r = 0; r < MR; ++r) {
-      const float d8 = a.d[r * nb + b];
-      [[maybe_unused]] const __m256i bs =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16));
-      for (int n = 0; n < NR; ++n) {
-        const KBlock& t = wt[n * nb + b];
-        __m256i si = kfold(sum[r][n]);
-        if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset)
-          si = madd_acc(si, bs, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.c16)));
-        if constexpr (!kWholeBlock<T>)
+    if constexpr (!kWholeBlock<T>) {
+      for (int r = 0; r < MR; ++r) {
+        const float d8 = a.d[r * nb + b];
+        [[maybe_unused]] const __m256i bs = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16));
+        for (int n = 0; n < NR; ++n) {
+          const KBlock& t = wt[n * nb + b];
+          __m256i si = kfold(sum[r][n]);
+          if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset)
+            si = madd_acc(si, bs, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.c16)));
           acc[r][n] =
               _mm256_fmadd_ps(_mm256_set1_ps(t.d * d8), _mm256_cvtepi32_ps(si), acc[r][n]);
+        }
       }
-    }
-    if constexpr (kWholeBlock<T>) {
+    } else {
       for (int g = 0; g < kGroups; ++g) {
         __m256i v[8];
         alignas(32) float dd[8];
@@ -571,7 +571,8 @@ inline void q4k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_
       const __m512i qv = p < 16 ? qa[p] : qb[p - 16];
       const int g = p / 8, t = p % 8;  // vector (j * 2 + t / 4) * 4 + t % 4 = j * 8 + t
       _mm512_store_si512(o.q[2 * g * 8 + t], _mm512_and_si512(qv, m4));
-      _mm512_store_si512(o.q[(2 * g + 1) * 8 + t], _mm512_and_si512(_mm512_srli_epi16(qv, 4), m4));
+      _mm512_store_si512(o.q[(2 * g + 1) * 8 + t],
+                         _mm512_and_si512(_mm512_srli_epi16(qv, 4), m4));
     }
   }
 }
@@ -620,7 +621,8 @@ constexpr int kQ4KMR = 8;  // activation rows per q4k_tile16
 void gemm_q4k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
                    float* y, GemvScratch& scratch) {
   const int64_t nb = a.K / 256, row_bytes = nb * Q4_K::BYTES;
-  if (static_cast<int64_t>(scratch.q4k16.size()) < nb) scratch.q4k16.resize(static_cast<size_t>(nb));
+  if (static_cast<int64_t>(scratch.q4k16.size()) < nb)
+    scratch.q4k16.resize(static_cast<size_t>(nb));
   Q4KRows16* t = scratch.q4k16.data();
   KMinTiles::reserve(scratch, nb);
   const KMinTiles mt{scratch.kmin_c.data(), scratch.kmin_d.data()};
