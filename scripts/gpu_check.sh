@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU machine's check, in one call: the `gpu`-marked tests, then `moeflow bench --workload
+# suite` on random-weight presets of real shapes. Each stage runs under its own time limit so a
+# hang in one still leaves the others' output. Logs and JSON land in $OUT (the device tool's
+# folder; /tmp/moeflow-gpu-check elsewhere).
+#
+#   bash scripts/gpu_check.sh [tests|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
+#
+# Python packages the machine lacks travel as wheels in .whl/ (docs/BENCHMARKS.md, GPU).
+set -u
+OUT=${OUT:-/tmp/moeflow-gpu-check}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+stages=${*:-tests qwen3 deepseek}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+suite() {  # NAME SECONDS ARGS...
+    local name=$1 secs=$2
+    shift 2
+    echo "=== suite $name (limit ${secs}s)"
+    timeout "$secs" python3 -m moeflow bench --workload suite --json "$OUT/suite-$name.json" "$@" \
+        2>&1 | tee "$OUT/suite-$name.log"
+    echo "=== suite $name: exit ${PIPESTATUS[0]}"
+}
+
+for stage in $stages; do
+    case $stage in
+    tests)
+        echo "=== gpu tests (limit ${TESTS_S:-170}s)"
+        per_test=()
+        python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 100)
+        timeout "${TESTS_S:-170}" python3 -m pytest -p no:cacheprovider -o addopts="" -q -rfE \
+            "${per_test[@]}" --durations 12 -m gpu \
+            tests/kernels/test_elementwise_triton.py tests/kernels/test_attention_triton.py \
+            tests/kernels/test_fused_moe_triton.py tests/kernels/test_mla_triton.py \
+            tests/engine/test_cuda_graph.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -60
+        echo "=== gpu tests: exit ${PIPESTATUS[0]}"
+        ;;
+    qwen3)
+        suite qwen3 "${QWEN3_S:-170}" --model preset:qwen3-30b-a3b --compare none \
+            --batch-sizes 1,16,64 --prefill-shapes 1x2048,8x2048 --num-requests 200 \
+            --plot "$OUT/suite-qwen3.png"
+        ;;
+    deepseek)
+        suite deepseek "${DEEPSEEK_S:-100}" --model preset:deepseek-v2-lite --compare none \
+            --batch-sizes 1,16,64 --prefill-shapes 1x2048 --num-requests 0
+        ;;
+    olmoe)
+        suite olmoe "${OLMOE_S:-90}" --model preset:olmoe-1b-7b --compare none \
+            --batch-sizes 1,16,64 --prefill-shapes 1x2048 --num-requests 0
+        ;;
+    hf)
+        suite hf "${HF_S:-200}" --model preset:olmoe-1b-7b --compare hf \
+            --batch-sizes 1,16 --prefill-shapes 1x2048 --num-requests 0 --decode-tokens 64
+        ;;
+    tune)
+        echo "=== moe-tune (limit ${TUNE_S:-150}s)"
+        timeout "${TUNE_S:-150}" python3 -m moeflow bench --workload moe-tune \
+            --model preset:qwen3-30b-a3b 2>&1 | tee "$OUT/moe-tune.log" | tail -30
+        ;;
+    *) echo "unknown stage $stage" ;;
+    esac
+done
