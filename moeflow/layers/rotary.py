@@ -40,6 +40,9 @@ class RotaryEmbedding(nn.Module):
             json.dumps(rope_scaling, sort_keys=True, default=str),
             layout,
             str(torch.get_default_device()),
+            # the memory plan's dry run answers the real device above but makes meta tensors:
+            # its tables must never be the real load's
+            torch.empty(0).is_meta,
         )
         cos, sin = _tables(*key)  # shared by every layer of the same shape
         self.cos_cache: torch.Tensor
@@ -57,13 +60,20 @@ class RotaryEmbedding(nn.Module):
 
 @functools.lru_cache(maxsize=16)
 def _tables(
-    dim: int, max_position: int, base: float, scaling_json: str, layout: str, device: str
+    dim: int,
+    max_position: int,
+    base: float,
+    scaling_json: str,
+    layout: str,
+    device: str,
+    meta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, [P, R] (neox) or [P, R/2], computed in fp32 as HF does."""
     del device  # part of the cache key: tensors are made on the current default device
-    if torch.empty(0).is_meta:  # the memory plan's dry run: shapes only (a division of a meta
-        width = dim if layout == "neox" else dim // 2  # tensor imports torch._dynamo: seconds)
-        return torch.empty(max_position, width), torch.empty(max_position, width)
+    if meta:  # the memory plan's dry run: shapes only (a division of a meta tensor imports
+        width = dim if layout == "neox" else dim // 2  # torch._dynamo: seconds)
+        shape = (max_position, width)
+        return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32)
     scaling = json.loads(scaling_json)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     inv_freq, attention_factor = _scale_inv_freq(inv_freq, scaling, dim, base)

@@ -322,3 +322,25 @@ def test_kv_cache_size_and_how_it_was_chosen(tiny_folders: dict[str, Path]) -> N
     assert given.kv_sizing == "--kv-cache-tokens 512"
     assert given.kv_cache == (512 // 16 + 1) * 16 * per_token
     assert torch.device(given.engine_config.device).type == "cpu"
+
+
+def test_the_dry_runs_rotary_tables_are_never_the_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the dry run's `torch.get_default_device()` answers the target device (as a real
+    load's does), so the cached cos/sin tables were keyed alike: the real load took the dry
+    run's meta tables, in the default dtype (bf16), and the rotary kernel read no memory. Here
+    the CPU is made to answer as a GPU does."""
+    from moeflow.layers.rotary import RotaryEmbedding
+
+    monkeypatch.setattr(torch, "get_default_device", lambda: torch.device("cpu"))
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with memory_plan._OnMeta(), torch.device("cpu"):
+            planned = RotaryEmbedding(64, 4096, 12345.0)
+        real = RotaryEmbedding(64, 4096, 12345.0)
+    finally:
+        torch.set_default_dtype(prev)
+    assert planned.cos_cache.is_meta and planned.cos_cache.dtype == torch.float32
+    for table in (real.cos_cache, real.sin_cache):
+        assert not table.is_meta and table.dtype == torch.float32 and table.shape == (4096, 64)
+    assert torch.equal(real.cos_cache[1, :32], torch.cos(1.0 / 12345.0 ** (torch.arange(32) / 32)))
