@@ -4,7 +4,7 @@
 # hang in one still leaves the others' output. Logs and JSON land in $OUT (the device tool's
 # folder; /tmp/moeflow-gpu-check elsewhere).
 #
-#   bash scripts/gpu_check.sh [tests|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
+#   bash scripts/gpu_check.sh [tests|nvml|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
 #
 # Python packages the machine lacks travel as wheels in .whl/ (docs/BENCHMARKS.md, GPU).
 set -u
@@ -64,6 +64,20 @@ for stage in $stages; do
     hf)
         suite hf "${HF_S:-200}" --model preset:olmoe-1b-7b --compare hf \
             --batch-sizes 1,16 --prefill-shapes 1x2048 --num-requests 0 --decode-tokens 64
+        ;;
+    nvml)  # what one read of the GPU's energy counter costs (engine/cost.py SampledMeter)
+        python3 - <<'PY' 2>&1 | tee "$OUT/nvml.txt"
+import statistics, time, torch
+from moeflow.engine.cost import NvmlMeter
+meter = NvmlMeter("GPU-" + str(torch.cuda.get_device_properties(0).uuid))
+times = []
+for _ in range(50):
+    t = time.perf_counter()
+    meter.read_uj()
+    times.append(time.perf_counter() - t)
+print(f"NVML energy read: median {1e3 * statistics.median(times):.3f} ms, "
+      f"min {1e3 * min(times):.3f} ms, max {1e3 * max(times):.3f} ms over 50 reads")
+PY
         ;;
     tune)
         echo "=== moe-tune (limit ${TUNE_S:-150}s)"

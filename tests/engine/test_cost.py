@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
+import time
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from moeflow.engine.cost import (
     CostSnapshot,
     RaplMeter,
     RequestCost,
+    SampledMeter,
     Share,
     _split,
     find_meter,
@@ -179,6 +182,44 @@ def test_rapl_sums_packages_and_undoes_wraparound(tmp_path: Path) -> None:
     assert meter.read_uj() == 150 + 30
     (p0 / "energy_uj").write_text("60\n")
     assert meter.read_uj() == 180 + 10
+
+
+def test_a_sampled_meter_never_waits_for_a_slow_read() -> None:
+    """The engine thread's reading is the latest the meter's thread made: while that thread is
+    inside a read that does not return, the engine still reads at once."""
+    gate = threading.Event()
+
+    class Blocking:
+        source = "slow"
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def read_uj(self) -> int:
+            self.reads += 1
+            if self.reads > 1:  # every read after the first waits for the gate
+                gate.wait()
+            return 1000 * self.reads
+
+    inner = Blocking()
+    meter = SampledMeter(inner, period_s=0.001)
+    ledger = CostLedger(meter)
+    assert meter.source == "slow" and meter.read_uj() == 1000
+    deadline = time.monotonic() + 10
+    while inner.reads < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert inner.reads == 2  # the thread is inside its read, blocked
+    cost = RequestCost()
+    ledger.book_step([Share(cost, 1, "decode", 0)])  # returns: the engine does not wait
+    assert cost.energy_uj == 0 and meter.read_uj() == 1000
+    gate.set()
+    while meter.read_uj() < 2000 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    meter.close()
+    reading = meter.read_uj()
+    assert reading >= 2000
+    ledger.book_step([Share(cost, 1, "decode", 1)])
+    assert cost.energy_uj == reading - 1000  # the totals are the meter's readings
 
 
 def test_no_meter_means_no_joules(tmp_path: Path) -> None:
