@@ -6,7 +6,14 @@
 #
 #   bash scripts/gpu_check.sh [tests|nvml|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
 #
-# Python packages the machine lacks travel as wheels in .whl/ (docs/BENCHMARKS.md, GPU).
+# A GPU machine with torch and Triton but not moeflow's other dependencies takes them as
+# wheels in .whl/ (installed here with --no-deps into /tmp/site), downloaded beforehand on a
+# machine with network for that machine's Python, e.g. for CPython 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux_2_31_x86_64 -d .whl \
+#     fastapi starlette pydantic pydantic_core annotated-types typing-inspection \
+#     typing_extensions uvicorn llguidance openai jiter distro sniffio jsonschema \
+#     jsonschema-specifications referencing rpds-py gguf
 set -u
 OUT=${OUT:-/tmp/moeflow-gpu-check}
 mkdir -p "$OUT"

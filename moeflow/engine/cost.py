@@ -242,7 +242,7 @@ class SampledMeter:
     measured (`scripts/gpu_check.sh nvml` does). The totals stay what the meter read (each
     booking takes the delta since the reading before); a step is booked the energy of the
     readings that landed since the step before, so steps shorter than the period get lumpier
-    joules (NVML's counter itself updates about every 10 ms)."""
+    joules (NVML's counter is reported to update about every 10 ms)."""
 
     def __init__(self, meter: EnergyMeter, period_s: float = 0.02) -> None:
         self.source = meter.source
