@@ -15,11 +15,14 @@ pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels: {cpu_ext.unav
 
 # Contexts over 128 keys are split into several tasks and merged: window 200 starts mid-block
 # and mid-split.
+# Query heads per KV head: 4 (pairs of heads share each K/V row), 1 (MHA: one head alone), 3
+# (two pairs' worth, the last head alone).
 @pytest.mark.parametrize("window", [0, 20, 200])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_attention_matches_reference(window: int, head_dim: int) -> None:
+@pytest.mark.parametrize(("h", "hkv"), [(8, 2), (8, 8), (6, 2)])
+def test_decode_attention_matches_reference(window: int, head_dim: int, h: int, hkv: int) -> None:
     torch.manual_seed(0)
-    b, h, hkv, s, n = 3, 8, 2, 16, 40
+    b, s, n = 3, 16, 40
     lens = torch.tensor([1, 37, 300 // 16 * 16 + 5])
     tables = torch.full((b, 20), -1, dtype=torch.int64)
     perm = torch.randperm(n)

@@ -173,6 +173,94 @@ inline int64_t key_splits(const PagedCtx& c, int64_t b) {
 // sum(p_j) with p_j = exp(score_j - max).
 inline int64_t part_size(int64_t D) { return D + 2; }
 
+// Keys ahead of the one in use whose K and V rows are prefetched: a (sequence, KV head) task
+// reads D floats of each key, Hkv * D floats apart in the cache (a stride the hardware
+// prefetcher does not follow once it passes a page).
+constexpr int64_t kKeyPrefetch = 8;
+
+inline void prefetch_row(const float* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t o = 0; o < D * 4; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
+// scores of keys rows[0..n) for one or two query heads (kTwo), 4 keys at a time, each K row
+// loaded once for both heads, one FMA chain per (key, head) over D; `ahead`: prefetch the K
+// and V rows kKeyPrefetch keys on (the first pass over these keys).
+template <bool kTwo>
+void score_keys(const PagedCtx& c, const int64_t* rows, int64_t n, const float* qa,
+                const float* qb, float* pa, float* pb, bool ahead) {
+  const int64_t D = c.D;
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    if (ahead)
+      for (int64_t j = j0 + kKeyPrefetch; j < std::min(n, j0 + kKeyPrefetch + 4); ++j) {
+        prefetch_row(c.kc + rows[j], D);
+        prefetch_row(c.vc + rows[j], D);
+      }
+    const float* kr[4];
+    for (int64_t u = 0; u < 4; ++u) kr[u] = c.kc + rows[std::min(j0 + u, n - 1)];
+    __m256 aa[4], ab[4];
+    for (int u = 0; u < 4; ++u) aa[u] = ab[u] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qva = _mm256_loadu_ps(qa + d);
+      const __m256 qvb = kTwo ? _mm256_loadu_ps(qb + d) : qva;
+      for (int u = 0; u < 4; ++u) {
+        const __m256 kv = _mm256_loadu_ps(kr[u] + d);
+        aa[u] = _mm256_fmadd_ps(qva, kv, aa[u]);
+        if constexpr (kTwo) ab[u] = _mm256_fmadd_ps(qvb, kv, ab[u]);
+      }
+    }
+    const int64_t cnt = std::min<int64_t>(4, n - j0);  // the padding lanes are dropped
+    auto reduce = [&](const __m256* acc4, float* pg) {
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc4[0], acc4[1]),
+                                      _mm256_hadd_ps(acc4[2], acc4[3]));
+      const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t),
+                                             _mm256_extractf128_ps(t, 1)),
+                                  _mm_set1_ps(c.scale));
+      alignas(16) float rs[4];
+      _mm_store_ps(rs, r);
+      for (int64_t u = 0; u < cnt; ++u) pg[j0 + u] = rs[u];
+    };
+    reduce(aa, pa);
+    if constexpr (kTwo) reduce(ab, pb);
+  }
+}
+
+// sum_j p_j v_j for one or two query heads (kTwo): 32-wide slices of D at a time (each V row
+// loaded once for both heads), the accumulators in registers -> oa, ob.
+template <bool kTwo>
+void weigh_values(const PagedCtx& c, const int64_t* rows, int64_t n, const float* pa,
+                  const float* pb, float* oa, float* ob) {
+  const int64_t D = c.D;
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    const int64_t nch = std::min<int64_t>(4, (D - d0) / 8);
+    __m256 aa[4], ab[4];
+    for (int u = 0; u < 4; ++u) aa[u] = ab[u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vv = c.vc + rows[j] + d0;
+      const __m256 wa = _mm256_set1_ps(pa[j]);
+      const __m256 wb = kTwo ? _mm256_set1_ps(pb[j]) : wa;
+      if (nch == 4) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const __m256 v = _mm256_loadu_ps(vv + 8 * u);
+          aa[u] = _mm256_fmadd_ps(wa, v, aa[u]);
+          if constexpr (kTwo) ab[u] = _mm256_fmadd_ps(wb, v, ab[u]);
+        }
+      } else {
+        for (int u = 0; u < nch; ++u) {
+          const __m256 v = _mm256_loadu_ps(vv + 8 * u);
+          aa[u] = _mm256_fmadd_ps(wa, v, aa[u]);
+          if constexpr (kTwo) ab[u] = _mm256_fmadd_ps(wb, v, ab[u]);
+        }
+      }
+    }
+    for (int u = 0; u < nch; ++u) {
+      _mm256_storeu_ps(oa + d0 + 8 * u, aa[u]);
+      if constexpr (kTwo) _mm256_storeu_ps(ob + d0 + 8 * u, ab[u]);
+    }
+  }
+}
+
 // Query heads 0..ng-1 of KV head hk of sequence b (q: their rows, D floats apart) over the keys
 // of split `split` -> part[ng][part_size(D)]. p: scratch of ng * kKeySplit floats. Keys are
 // visited block by block (no division per key); the heads share every K/V row read.
@@ -190,41 +278,17 @@ void attend_part(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const flo
     const int64_t base = table[blk] * S - blk * S;  // slot of key j = base + j
     for (int64_t jj = j0; jj < j1; ++jj) rows[j++] = (base + jj) * tok + hk * D;
   }
-  // scores: 4 keys x 2 query heads at a time (each K row loaded once for both heads), one FMA
-  // chain per (key, head) over D
+  for (int64_t j = 0; j < std::min(n, kKeyPrefetch); ++j) {
+    prefetch_row(c.kc + rows[j], D);
+    prefetch_row(c.vc + rows[j], D);
+  }
   for (int64_t g0 = 0; g0 < ng; g0 += 2) {
-    const bool two = g0 + 1 < ng;
     const float* qa = q + g0 * D;
-    const float* qb = two ? qa + D : qa;
     float* pa = p + g0 * kKeySplit;
-    float* pb = two ? pa + kKeySplit : pa;
-    for (int64_t j0 = 0; j0 < n; j0 += 4) {
-      const float* kr[4];
-      for (int64_t u = 0; u < 4; ++u) kr[u] = c.kc + rows[std::min(j0 + u, n - 1)];
-      __m256 aa[4], ab[4];
-      for (int u = 0; u < 4; ++u) aa[u] = ab[u] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 qva = _mm256_loadu_ps(qa + d), qvb = _mm256_loadu_ps(qb + d);
-        for (int u = 0; u < 4; ++u) {
-          const __m256 kv = _mm256_loadu_ps(kr[u] + d);
-          aa[u] = _mm256_fmadd_ps(qva, kv, aa[u]);
-          ab[u] = _mm256_fmadd_ps(qvb, kv, ab[u]);
-        }
-      }
-      const int64_t cnt = std::min<int64_t>(4, n - j0);  // the padding lanes are dropped
-      auto reduce = [&](const __m256* acc4, float* pg) {
-        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc4[0], acc4[1]),
-                                        _mm256_hadd_ps(acc4[2], acc4[3]));
-        const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t),
-                                               _mm256_extractf128_ps(t, 1)),
-                                    _mm_set1_ps(c.scale));
-        alignas(16) float rs[4];
-        _mm_store_ps(rs, r);
-        for (int64_t u = 0; u < cnt; ++u) pg[j0 + u] = rs[u];
-      };
-      reduce(aa, pa);
-      if (two) reduce(ab, pb);
-    }
+    if (g0 + 1 < ng)
+      score_keys<true>(c, rows, n, qa, qa + D, pa, pa + kKeySplit, g0 == 0);
+    else
+      score_keys<false>(c, rows, n, qa, qa, pa, pa, g0 == 0);
   }
   for (int64_t g = 0; g < ng; ++g) {
     float* pg = p + g * kKeySplit;
@@ -244,39 +308,13 @@ void attend_part(const PagedCtx& c, int64_t b, int64_t hk, int64_t ng, const flo
     part[g * PS + D] = mx;
     part[g * PS + D + 1] = denom;
   }
-  // sum p_j v_j: 2 query heads x 32-wide slices of D at a time (each V row loaded once for both
-  // heads), the accumulators in registers
   for (int64_t g0 = 0; g0 < ng; g0 += 2) {
-    const bool two = g0 + 1 < ng;
     const float* pa = p + g0 * kKeySplit;
-    const float* pb = two ? pa + kKeySplit : pa;
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      const int64_t nch = std::min<int64_t>(4, (D - d0) / 8);
-      __m256 aa[4], ab[4];
-      for (int u = 0; u < 4; ++u) aa[u] = ab[u] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < n; ++j) {
-        const float* vv = c.vc + rows[j] + d0;
-        const __m256 wa = _mm256_set1_ps(pa[j]), wb = _mm256_set1_ps(pb[j]);
-        if (nch == 4) {
-#pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) {
-            const __m256 v = _mm256_loadu_ps(vv + 8 * u);
-            aa[u] = _mm256_fmadd_ps(wa, v, aa[u]);
-            ab[u] = _mm256_fmadd_ps(wb, v, ab[u]);
-          }
-        } else {
-          for (int u = 0; u < nch; ++u) {
-            const __m256 v = _mm256_loadu_ps(vv + 8 * u);
-            aa[u] = _mm256_fmadd_ps(wa, v, aa[u]);
-            ab[u] = _mm256_fmadd_ps(wb, v, ab[u]);
-          }
-        }
-      }
-      for (int u = 0; u < nch; ++u) {
-        _mm256_storeu_ps(part + g0 * PS + d0 + 8 * u, aa[u]);
-        if (two) _mm256_storeu_ps(part + (g0 + 1) * PS + d0 + 8 * u, ab[u]);
-      }
-    }
+    float* oa = part + g0 * PS;
+    if (g0 + 1 < ng)
+      weigh_values<true>(c, rows, n, pa, pa + kKeySplit, oa, oa + PS);
+    else
+      weigh_values<false>(c, rows, n, pa, pa, oa, oa);
   }
 }
 
