@@ -4,7 +4,9 @@
 # hang in one still leaves the others' output. Logs and JSON land in $OUT (the device tool's
 # folder; /tmp/moeflow-gpu-check elsewhere).
 #
-#   bash scripts/gpu_check.sh [tests|nvml|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
+#   bash scripts/gpu_check.sh [tests|nvml|profile|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
+#
+# The next run's plan (docs/BENCHMARKS.md, "moeflow on a GPU"): nvml tests profile qwen3 deepseek hf
 #
 # A GPU machine with torch and Triton but not moeflow's other dependencies takes them as
 # wheels in .whl/ (installed here with --no-deps into /tmp/site), downloaded beforehand on a
@@ -85,6 +87,12 @@ for _ in range(50):
 print(f"NVML energy read: median {1e3 * statistics.median(times):.3f} ms, "
       f"min {1e3 * min(times):.3f} ms, max {1e3 * max(times):.3f} ms over 50 reads")
 PY
+        ;;
+    profile)  # the kernels of a decode step at batch 1 and 16, eager and graphs
+        for b in 1 16; do
+            timeout "${PROFILE_S:-120}" python3 scripts/gpu_profile.py qwen3-30b-a3b 8 "$b" 2>&1 \
+                | tee "$OUT/profile-bs$b.txt" | grep "^==="
+        done
         ;;
     tune)
         echo "=== moe-tune (limit ${TUNE_S:-150}s)"
