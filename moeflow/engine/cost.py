@@ -15,6 +15,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -246,11 +247,17 @@ class SampledMeter:
 
     def __init__(self, meter: EnergyMeter, period_s: float = 0.02) -> None:
         self.source = meter.source
-        self._meter = meter
-        self._period_s = period_s
         self._value = meter.read_uj()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="moeflow-energy", daemon=True)
+        # The thread holds the meter weakly: it ends once the meter is dropped (an engine's
+        # ledger going away), or at close().
+        weakref.finalize(self, self._stop.set)
+        self._thread = threading.Thread(
+            target=_sample,
+            args=(weakref.ref(self), meter, period_s, self._stop),
+            name="moeflow-energy",
+            daemon=True,
+        )
         self._thread.start()
 
     def read_uj(self) -> int:
@@ -260,13 +267,25 @@ class SampledMeter:
         """Stop the reading thread (the last reading stays)."""
         self._stop.set()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._period_s):
-            try:
-                self._value = self._meter.read_uj()  # ctypes drops the GIL during the call
-            except OSError as e:
-                logger.warning("energy meter %s stopped: %s", self.source, e)
-                return
+
+def _sample(
+    owner: weakref.ReferenceType[SampledMeter],
+    meter: EnergyMeter,
+    period_s: float,
+    stop: threading.Event,
+) -> None:
+    """SampledMeter's thread: a reading every period_s into the owner while it lives."""
+    while not stop.wait(period_s):
+        try:
+            value = meter.read_uj()  # ctypes drops the GIL during the call
+        except OSError as e:
+            logger.warning("energy meter %s stopped: %s", meter.source, e)
+            return
+        sampled = owner()
+        if sampled is None:
+            return
+        sampled._value = value
+        del sampled
 
 
 def find_meter(device: str, rapl_root: Path = RAPL_ROOT) -> EnergyMeter | None:

@@ -222,6 +222,15 @@ def test_a_sampled_meter_never_waits_for_a_slow_read() -> None:
     assert cost.energy_uj == reading - 1000  # the totals are the meter's readings
 
 
+def test_a_sampled_meter_s_thread_ends_with_it() -> None:
+    meter = SampledMeter(FakeMeter(itertools.repeat(1)), period_s=0.001)
+    thread = meter._thread
+    assert thread.is_alive()
+    del meter
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
 def test_no_meter_means_no_joules(tmp_path: Path) -> None:
     assert find_meter("cpu", rapl_root=tmp_path) is None  # no zones
     assert find_meter("cpu", rapl_root=tmp_path / "absent") is None
