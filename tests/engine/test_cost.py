@@ -216,6 +216,8 @@ def test_a_sampled_meter_never_waits_for_a_slow_read() -> None:
     while meter.read_uj() < 2000 and time.monotonic() < deadline:
         time.sleep(0.001)
     meter.close()
+    meter._thread.join(timeout=10)  # no reading lands after this one
+    assert not meter._thread.is_alive()
     reading = meter.read_uj()
     assert reading >= 2000
     ledger.book_step([Share(cost, 1, "decode", 1)])
