@@ -239,11 +239,11 @@ class SampledMeter:
     `read_uj` returns the latest reading at once. Why: on the first GPU run (an H200) every
     decode step took 8.4-9.2 ms whatever the model (OLMoE's 2.2 GiB a step as Qwen3's 5.7),
     with the GPU idle 40-76% of it and the engine's timed phases ~0.5 ms; the two NVML reads a
-    step were the only other work in it. That the reads cost those milliseconds is not yet
-    measured (`scripts/gpu_check.sh nvml` does). The totals stay what the meter read (each
-    booking takes the delta since the reading before); a step is booked the energy of the
-    readings that landed since the step before, so steps shorter than the period get lumpier
-    joules (NVML's counter is reported to update about every 10 ms)."""
+    step were the only other work of any size found in it. That the reads cost those
+    milliseconds is not yet measured (`scripts/gpu_check.sh nvml` does). The totals stay what
+    the meter read (each booking takes the delta since the reading before); a step is booked
+    the energy of the readings that landed since the step before, so steps shorter than the
+    period get lumpier joules (NVML's counter is reported to update about every 10 ms)."""
 
     def __init__(self, meter: EnergyMeter, period_s: float = 0.02) -> None:
         self.source = meter.source
