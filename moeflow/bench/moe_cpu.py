@@ -73,7 +73,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
         "threads": threads,
         "seed": args.seed or 0,
         "int8_activations": env.MOEFLOW_CPU_INT8,
-        "use_mmap": getattr(args, "use_mmap", True),
+        "use_mmap": args.use_mmap,
     }
     warmed = _warm_page_cache(path)
     if warmed:
@@ -181,7 +181,7 @@ def child_main(spec_json: str) -> None:
         kv_cache_tokens=max(streams) * (prompt_len + decode_tokens + 16) + 256,
         max_num_seqs=max(max(streams), 16),
         max_num_batched_tokens=max(2048, prompt_len),
-        use_mmap=spec.get("use_mmap", True),
+        use_mmap=spec["use_mmap"],
     )
     load_s = time.perf_counter() - start
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -193,7 +193,7 @@ def child_main(spec_json: str) -> None:
         "load_s": load_s,
         "rss_after_load_bytes": rss_loaded,
         "mean_context": prompt_len + decode_tokens / 2,
-        "use_mmap": spec.get("use_mmap", True),
+        "use_mmap": spec["use_mmap"],
         "runs": {},
     }
     for s in streams:
@@ -350,7 +350,7 @@ def _report(
         mf_runs = mf["runs"]
         held = (
             "weights used in place from the mapped file"
-            if mf.get("use_mmap", True)
+            if mf["use_mmap"]
             else "weights read into its own memory, --no-mmap"
         )
         lines.append(
