@@ -13,7 +13,11 @@ import torch
 from torch import nn
 
 from moeflow.errors import ModelFormatError
-from moeflow.kernels.fused_moe import QuantizedExperts, quantized_experts_supported
+from moeflow.kernels.fused_moe import (
+    QuantizedExperts,
+    quantized_experts_supported,
+    repacked_for_cpu,
+)
 from moeflow.layers.linear import copy_checked, narrow_shard, split_size
 from moeflow.weights.ggml_quants import (
     QUANTIZE_TYPES,
@@ -304,8 +308,12 @@ class FusedExperts(nn.Module):
     def _keep_blocks(
         self, gate: QuantizedTensor, up: QuantizedTensor, down: QuantizedTensor
     ) -> None:
-        """Hold the experts as blocks: `quantized` for the kernel, and parameters gate_proj /
-        up_proj / down_proj (with their logical shapes) in place of the float w13 / w2."""
+        """Hold the experts as blocks (Q4_K repacked where the kernel runs that layout faster:
+        repacked_for_cpu): `quantized` for the kernel, and parameters gate_proj / up_proj /
+        down_proj (with their logical shapes) in place of the float w13 / w2."""
+        gate, up, down = (
+            QuantizedTensor(*repacked_for_cpu(q.data, q.qtype), q.shape) for q in (gate, up, down)
+        )
         self.quantized = QuantizedExperts(
             gate.data, up.data, down.data, gate.qtype, up.qtype, down.qtype
         )

@@ -105,6 +105,38 @@ GGML_QUANT_SIZES: dict[GGMLType, tuple[int, int]] = {
 # `--quantize` names -> the types quantize() writes.
 QUANTIZE_TYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_k": GGMLType.Q4_K}
 
+# moeflow's own layout of Q4_K, not a ggml type (no file holds it): every 16 rows' blocks
+# repacked side by side on load for the AVX-512 kernel (kernels/csrc/q4k_r16.h; per
+# super-block, the 16 rows' 36 four-byte words interleaved word by word). The same bytes per
+# row, so the same shapes; dequantize() reads it by undoing the repack.
+Q4_K_R16 = 1012
+
+
+def repack_q4k_r16(data: torch.Tensor) -> torch.Tensor:
+    """Q4_K blocks uint8 [..., N, row_bytes] (N a multiple of 16) -> the Q4_K_R16 layout, a new
+    tensor of the same shape (the plain-torch form of the kernels' repack_q4k_r16)."""
+    nb = _r16_blocks(data)
+    x = data.reshape(-1, 16, nb, 36, 4)  # [groups, row, super-block, word, byte]
+    return x.permute(0, 2, 3, 1, 4).contiguous().reshape(data.shape)
+
+
+def unpack_q4k_r16(data: torch.Tensor) -> torch.Tensor:
+    """repack_q4k_r16 undone: Q4_K_R16 [..., N, row_bytes] -> the file's Q4_K rows."""
+    nb = _r16_blocks(data)
+    x = data.reshape(-1, nb, 36, 16, 4)  # [groups, super-block, word, row, byte]
+    return x.permute(0, 3, 1, 2, 4).contiguous().reshape(data.shape)
+
+
+def _r16_blocks(data: torch.Tensor) -> int:
+    _, type_size = GGML_QUANT_SIZES[GGMLType.Q4_K]
+    if data.dim() < 2 or data.shape[-1] % type_size or data.shape[-2] % 16:
+        raise ValueError(
+            f"Q4_K_R16 needs [..., N, row_bytes] with N a multiple of 16 and rows of whole "
+            f"{type_size}-byte blocks, got {tuple(data.shape)}"
+        )
+    return data.shape[-1] // type_size
+
+
 # dequantize() decodes this many weights at a time.
 _DEQUANTIZE_CHUNK = 1 << 20
 # quantize() works through this many weights at a time, bounding its float temporaries
@@ -136,6 +168,11 @@ def dequantize(
     reinterpreted and cast directly (the result is a view of `raw` when the dtype already
     matches). Raises ModelFormatError for a size mismatch or an unsupported type.
     """
+    if ggml_type == Q4_K_R16 and raw.dim() == 1 and shape and shape[-1] % 256 == 0:
+        row_bytes = shape[-1] // 256 * GGML_QUANT_SIZES[GGMLType.Q4_K][1]
+        if raw.numel() % (16 * row_bytes) == 0:
+            raw = unpack_q4k_r16(raw.reshape(-1, row_bytes)).reshape(-1)
+            ggml_type = GGMLType.Q4_K
     try:
         qtype = GGMLType(ggml_type)
     except ValueError:

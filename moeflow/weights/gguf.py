@@ -14,6 +14,7 @@ import re
 import struct
 import sys
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -398,16 +399,52 @@ def split_paths(path: str, count: int, no: int) -> list[str]:
     ]
 
 
+# Every live mapping of a GGUF file: (first address, length, the mmap), for release_mapped.
+_MAPPINGS: list[tuple[int, int, weakref.ReferenceType[mmap.mmap]]] = []
+
+
 def _map(path: str) -> mmap.mmap:
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ModelFormatError(f"{path}: empty file, not a GGUF file")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+            _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
+            _MAPPINGS.append((base, len(mm), weakref.ref(mm)))
+            return mm
     except FileNotFoundError as e:
         raise ModelNotFoundError(f"{path}: no such file") from e
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path}: cannot map file: {e}") from e
+
+
+def release_mapped(view: torch.Tensor) -> int:
+    """Drop the pages of a view of a GGUF file's mapping (`GGUFReader.raw()`) from this
+    process's resident memory (madvise DONTNEED on the whole pages inside it), for blocks that
+    were copied elsewhere and are never read here again: they stay in the page cache, and a
+    later read of the view would fault them back in. Returns the bytes released; 0 for memory
+    that is not such a view (never touched) or where the platform has no madvise."""
+    if not view.is_contiguous():
+        return 0
+    start = view.data_ptr()
+    end = start + view.numel() * view.element_size()
+    for base, length, ref in _MAPPINGS:
+        mm = ref()
+        if mm is None or not base <= start < end <= base + length:
+            continue
+        first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last <= first:
+            return 0
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (AttributeError, OSError, ValueError):
+            return 0
+        return last - first
+    return 0
 
 
 def _parse_file(buf: mmap.mmap, path: str) -> _Parsed:

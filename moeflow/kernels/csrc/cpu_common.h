@@ -1294,6 +1294,7 @@ void dot_q8k(Q3_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
 #include "iq4.h"  // IQ4_NL, IQ4_XS
 #include "gemm_i8.h"  // the int8 GEMM of the 256-weight types
 #include "gemm_b32.h"  // the int8 GEMV and GEMM of the 32-weight types
+#include "q4k_r16.h"  // Q4_K repacked 16 rows at a time
 
 namespace {
 
@@ -1301,6 +1302,8 @@ namespace {
 enum : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10,
                  kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20,
                  kIQ4_XS = 23 };
+// moeflow's own layout, not a ggml type: Q4_K repacked 16 rows at a time (q4k_r16.h)
+constexpr int64_t kQ4_K_R16 = 1012;
 
 template <class F>
 void dispatch_type(int64_t qtype, F&& f) {
@@ -1319,6 +1322,30 @@ void dispatch_type(int64_t qtype, F&& f) {
     case kIQ4_XS: f(IQ4_XS{}); break;
     default: TORCH_CHECK(false, "moeflow cpu_ops: unsupported ggml type ", qtype);
   }
+}
+
+// y[:, n0:n1] = x W[n0:n1]^T for weight rows of any type kept here, the repacked Q4_K included.
+inline void gemv_any(int64_t qtype, const ActsView& a, const uint8_t* w, int64_t N, int64_t n0,
+                     int64_t n1, float* y, GemvScratch& scratch) {
+  if (qtype == kQ4_K_R16) {
+    gemv_q4k_r16(a, w, N, n0, n1, y, scratch);
+    return;
+  }
+  dispatch_type(qtype, [&](auto t) { gemv_rows<decltype(t)>(a, w, N, n0, n1, y, scratch); });
+}
+
+// Rows of K weights of `qtype` hold `row_bytes` bytes, and there are N of them: checked (what).
+inline void check_rows_of(int64_t qtype, int64_t K, int64_t N, int64_t row_bytes,
+                          const char* what) {
+  const bool r16 = qtype == kQ4_K_R16;
+  dispatch_type(r16 ? kQ4_K : qtype, [&](auto t) {
+    using T = decltype(t);
+    TORCH_CHECK(K % T::QK == 0, what, ": in_features ", K, " is not a multiple of the block size ",
+                T::QK);
+    TORCH_CHECK(row_bytes == K / T::QK * T::BYTES, what, " rows hold ", row_bytes,
+                " bytes, expected ", K / T::QK * T::BYTES);
+  });
+  TORCH_CHECK(!r16 || N % 16 == 0, what, ": repacked Q4_K needs a multiple of 16 rows, not ", N);
 }
 
 template <class T>

@@ -24,6 +24,21 @@ at::Tensor qgemm_any(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bo
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
+  if (qtype == kQ4_K_R16) {
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+                "quantised weight must be a contiguous 2-D uint8 tensor");
+    check_rows_of(qtype, K, N, w.size(1), "weight");
+    Acts a;
+    a.prepare(x.data_ptr<float>(), M, K, int8);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N / 16, std::max<int64_t>(1, row_grain(w.size(1)) / 16),
+                     [&](int64_t g0, int64_t g1) {
+                       GemvScratch scratch;
+                       gemv_q4k_r16(a, wp, N, 16 * g0, 16 * g1, yp, scratch);
+                     });
+    return y;
+  }
   dispatch_type(qtype, [&](auto t) {
     using T = decltype(t);
     check_weight<T>(w, K);
@@ -76,6 +91,35 @@ std::vector<at::Tensor> quantize_acts(const at::Tensor& x, int64_t block) {
   }
   return {q, d, bs};
 }
+
+// Q4_K blocks [..., N, row_bytes] (N a multiple of 16) -> the same bytes repacked 16 rows at a
+// time (q4k_r16.h), a new contiguous tensor; unpack: back.
+at::Tensor q4k_r16_convert(const at::Tensor& w, bool pack) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() >= 2 && w.device().is_cpu(),
+              "Q4_K blocks must be a uint8 CPU tensor [..., N, row_bytes]");
+  const int64_t N = w.size(-2), row_bytes = w.size(-1);
+  TORCH_CHECK(row_bytes % 144 == 0 && N % 16 == 0,
+              "repacking Q4_K needs rows of whole super-blocks (144 bytes) and a multiple of 16 "
+              "rows; got ", N, " rows of ", row_bytes, " bytes");
+  const at::Tensor src = w.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options());
+  const int64_t groups = src.numel() / (16 * row_bytes), nb = row_bytes / 144;
+  const uint8_t* sp = src.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t off = g * 16 * row_bytes;
+      if (pack)
+        q4k_r16_pack(sp + off, row_bytes, nb, op + off);
+      else
+        q4k_r16_unpack(sp + off, row_bytes, nb, op + off);
+    }
+  });
+  return out;
+}
+
+at::Tensor repack_q4k_r16(const at::Tensor& w) { return q4k_r16_convert(w, true); }
+at::Tensor unpack_q4k_r16(const at::Tensor& w) { return q4k_r16_convert(w, false); }
 
 // rows: optional int64 row indices (an embedding lookup); none -> every row. -> [R, K] float32
 at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
@@ -1118,6 +1162,9 @@ double int8_mac_rate(int64_t threads, int64_t steps, bool vnni) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "x [M, K] f32 @ quantised W [N, row_bytes]^T -> [M, N] f32");
   m.def("qgemm_i8", &qgemm_i8, "qgemm with int8-quantised activations");
+  m.def("repack_q4k_r16", &repack_q4k_r16,
+        "Q4_K blocks [..., N, row_bytes] -> repacked 16 rows at a time (ggml type id 1012)");
+  m.def("unpack_q4k_r16", &unpack_q4k_r16, "repacked Q4_K -> the file's Q4_K rows");
   m.def("quantize_acts", &quantize_acts, "the int8 path's activation quantisation (tests)");
   m.def("dequantize", &dequantize, "quantised rows -> float32 [R, K]", py::arg("w"),
         py::arg("qtype"), py::arg("K"), py::arg("rows") = py::none());

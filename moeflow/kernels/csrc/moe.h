@@ -45,13 +45,7 @@ ExpertProj expert_proj(const at::Tensor& w, int64_t qtype, int64_t K, const char
               " must be a 3-D uint8 CPU tensor [E, N, row_bytes]");
   TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == w.size(2), what,
               " must have contiguous rows of blocks");
-  dispatch_type(qtype, [&](auto t) {
-    using T = decltype(t);
-    TORCH_CHECK(K % T::QK == 0, what, ": in_features ", K, " is not a multiple of the block size ",
-                T::QK);
-    TORCH_CHECK(w.size(2) == K / T::QK * T::BYTES, what, " rows hold ", w.size(2),
-                " bytes, expected ", K / T::QK * T::BYTES);
-  });
+  check_rows_of(qtype, K, w.size(1), w.size(2), what);
   ExpertProj p;
   p.w = w;
   p.p = w.data_ptr<uint8_t>();
@@ -234,12 +228,8 @@ class ExpertPass {
       const ActsView a = xv.rows(offsets_[tk.e], counts_[tk.e]);
       float* gy = g_.data() + offsets_[tk.e] * I;
       float* uy = u_.data() + offsets_[tk.e] * I;
-      dispatch_type(ex.gate.qtype, [&](auto t) {
-        gemv_rows<decltype(t)>(a, ex.gate.expert(tk.e), I, tk.n0, tk.n1, gy, scratch);
-      });
-      dispatch_type(ex.up.qtype, [&](auto t) {
-        gemv_rows<decltype(t)>(a, ex.up.expert(tk.e), I, tk.n0, tk.n1, uy, scratch);
-      });
+      gemv_any(ex.gate.qtype, a, ex.gate.expert(tk.e), I, tk.n0, tk.n1, gy, scratch);
+      gemv_any(ex.up.qtype, a, ex.up.expert(tk.e), I, tk.n0, tk.n1, uy, scratch);
     });
 #pragma omp barrier
     // 3. act(gate) * up, prepared for the down projection
@@ -254,9 +244,7 @@ class ExpertPass {
     run_tasks(down_tasks_, down_first_, next_down_, [&](const Task& tk) {
       const ActsView a = hv.rows(offsets_[tk.e], counts_[tk.e]);
       float* y = y_.data() + offsets_[tk.e] * H;
-      dispatch_type(ex.down.qtype, [&](auto t) {
-        gemv_rows<decltype(t)>(a, ex.down.expert(tk.e), H, tk.n0, tk.n1, y, scratch);
-      });
+      gemv_any(ex.down.qtype, a, ex.down.expert(tk.e), H, tk.n0, tk.n1, y, scratch);
     });
 #pragma omp barrier
     // 5. each token's K results in slot order
