@@ -118,6 +118,14 @@ def _common_parser() -> argparse.ArgumentParser:
         "llama.cpp does (the default, faster; MOEFLOW_CPU_INT8=0 is the same as this flag)",
     )
     common.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="keep a GGUF file's Q4_K MoE experts as the file stores them instead of repacking "
+        "them on load 16 rows side by side for the AVX-512 kernels (as llama.cpp's --no-repack; "
+        "faster to load and used in place from the mapping, slower to run; MOEFLOW_CPU_REPACK=0 "
+        "is the same as this flag)",
+    )
+    common.add_argument(
         "--no-mmap",
         dest="use_mmap",
         action="store_false",
@@ -192,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "exact_cpu_activations", False):  # here and in the processes started
         env.MOEFLOW_CPU_INT8 = False
         os.environ["MOEFLOW_CPU_INT8"] = "0"
+    if getattr(args, "no_repack", False):
+        env.MOEFLOW_CPU_REPACK = False
+        os.environ["MOEFLOW_CPU_REPACK"] = "0"
     level = env.MOEFLOW_LOG_LEVEL or ("INFO" if args.command in ("serve", "router") else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(message)s")
     try:

@@ -40,6 +40,7 @@ from moeflow.bench.llama_cpp_tools import (
 from moeflow.kernels import cpu_ext
 from moeflow.loading.presets import preset_config
 from moeflow.loading.source import Preset, parse_model_source
+from moeflow.weights.ggml_quants import Q4_K_R16
 from moeflow.weights.gguf import GGUFReader
 
 # seconds each measurement of the int8 multiply-add rate runs (the best of three counts)
@@ -207,9 +208,23 @@ def child_main(spec_json: str) -> None:
     model = llm.loaded.model
     result["weights"] = _weight_bytes(model)
     result["expert_bytes"] = [m.expert_bytes() for m in model.moe_layers()]
+    result["repacked_bytes"] = _repacked_bytes(model)
     result["kv_bytes_per_token"] = _kv_bytes_per_token(llm)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result), flush=True)
+
+
+def _repacked_bytes(model: Any) -> int:
+    """Bytes of the experts held repacked on load (Q4_K_R16) rather than as the file's blocks."""
+    total = 0
+    for layer in model.moe_layers():
+        q = getattr(layer.experts, "quantized", None)
+        if q is None:
+            continue
+        for data, qtype in ((q.gate, q.gate_type), (q.up, q.up_type), (q.down, q.down_type)):
+            if qtype == Q4_K_R16:
+                total += data.numel()
+    return total
 
 
 def _one_pass(engine: Any, prompts: list[list[int]], decode_tokens: int, seed: int) -> dict:
@@ -353,6 +368,11 @@ def _report(
             if mf["use_mmap"]
             else "weights read into its own memory, --no-mmap"
         )
+        if mf.get("repacked_bytes"):
+            held += (
+                f", but {mf['repacked_bytes'] / 1e9:.2f} GB of Q4_K experts repacked on load into "
+                "its own memory (--no-repack: as stored)"
+            )
         lines.append(
             f"moeflow: load {mf['load_s']:.2f} s, peak RSS {mf['peak_rss_bytes'] / 1e9:.2f} GB "
             f"(file {size / 1e9:.2f} GB; {held})"

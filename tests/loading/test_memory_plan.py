@@ -123,6 +123,21 @@ def test_no_mmap_plan_matches_the_loaded_model(tiny_moe_gguf: Path) -> None:
     assert outs[0] == outs[1] and all(outs[0])
 
 
+@pytest.mark.skipif(cpu_ext.isa() != "avx512", reason="Q4_K experts repack for AVX-512 only")
+def test_repacked_experts_plan_matches_the_loaded_model(
+    tiny_moe_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 activations: the Q4_K experts are repacked copies (allocated), the rest mapped."""
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
+    mapped = _assert_plan_matches(EngineArgs(model=str(tiny_moe_gguf), **_SMALL))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_REPACK", False)
+    kept = _assert_plan_matches(EngineArgs(model=str(tiny_moe_gguf), **_SMALL))
+    e, i, h = 16, 256, 256  # gate and up in both layers, down in the first: Q4_K
+    repacked = e * (2 * 2 * i * h + h * i) * 144 // 256
+    assert mapped.weights_allocated == kept.weights_allocated + repacked
+    assert mapped.weights_mapped == kept.weights_mapped - repacked
+
+
 def test_moe_gguf_plan_without_the_cpu_kernels(
     tiny_moe_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ from moeflow.layers.fused_experts import FusedExperts
 from moeflow.layers.linear import Linear
 from moeflow.loading.loader import load_model
 from moeflow.loading.source import HFFolder
-from moeflow.weights.ggml_quants import GGMLType, quantize
+from moeflow.weights.ggml_quants import Q4_K_R16, GGMLType, quantize
 from tests.helpers.checkpoints import make_tiny_checkpoint
 from tests.helpers.gguf import TINY_DEEPSEEK_V2, TINY_DEEPSEEK_V3, TINY_OLMOE, TINY_QWEN3_MOE
 
@@ -142,6 +142,44 @@ def test_moe_gguf_experts_stay_quantized(
         for la, lb, ls in zip(a.logprobs, b.logprobs, s.logprobs, strict=True):
             assert abs(la.logprob - lb.logprob) < 1e-3
             assert abs(lb.logprob - ls.logprob) < 1e-5  # batched rows == solo rows
+
+
+@pytest.mark.skipif(cpu_ext.isa() != "avx512", reason="Q4_K experts repack for AVX-512 only")
+def test_repacked_experts_give_the_file_layouts_logprobs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With int8 activations (the default) a Q4_K_M file's Q4_K experts are repacked on load
+    (Q4_K_R16; the Q6_K down projections of its last layer stay as stored), and the model
+    gives the file layout's tokens and log-probs bit for bit (MOEFLOW_CPU_REPACK=0), in batches
+    and alone; --exact-cpu-activations never repacks."""
+    monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
+    path = bench_gguf("tiny-qwen3-moe", TINY_QWEN3_MOE, "q4_k_m", num_layers=2)
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=3, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(50, 60)), [7]]
+    outs, types = [], []
+    for repack in (True, False):
+        monkeypatch.setattr(env, "MOEFLOW_CPU_REPACK", repack)
+        llm = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_tokens=1024)
+        experts = [m.quantized for m in llm.loaded.model.modules() if isinstance(m, FusedExperts)]
+        types.append([(q.gate_type, q.up_type, q.down_type) for q in experts if q is not None])
+        outs.append(llm.generate(prompts, params))
+        if repack:
+            solo = [llm.generate([p], params)[0] for p in prompts]
+        del llm
+    q4k, q6k = int(GGMLType.Q4_K), int(GGMLType.Q6_K)
+    assert types[0] == [(Q4_K_R16, Q4_K_R16, Q4_K_R16), (Q4_K_R16, Q4_K_R16, q6k)]
+    assert types[1] == [(q4k, q4k, q4k), (q4k, q4k, q6k)]
+    for a, b, c in zip(outs[0], outs[1], solo, strict=True):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert a.logprobs is not None and b.logprobs is not None and c.logprobs is not None
+        for la, lb, lc in zip(a.logprobs, b.logprobs, c.logprobs, strict=True):
+            assert la.logprob == lb.logprob == lc.logprob
+    monkeypatch.setattr(env, "MOEFLOW_CPU_REPACK", True)
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", False)
+    exact = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_tokens=1024)
+    kept = [m.quantized for m in exact.loaded.model.modules() if isinstance(m, FusedExperts)]
+    assert all(q is not None and q.gate_type == q4k for q in kept)
 
 
 _ROUND_TRIP = {
