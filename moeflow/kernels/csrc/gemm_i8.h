@@ -577,6 +577,11 @@ inline void q4k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_
   }
 }
 
+// The 4 bytes at p in every int32 lane, broadcast from memory (vpbroadcastd zmm, m32: a load
+// alone; set1 of an int32 read first goes through a general register and a shuffle-port uop,
+// which the vpdpbusd beside it needs).
+inline __m512i bcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
+
 // y[m + r, n + l] = the tile's part (hsum-free: lane l is row l) for MR activation rows from m
 // and the nr <= 16 decoded rows at t; kmin_rows adds the min term after.
 template <int MR>
@@ -598,11 +603,8 @@ void q4k_tile16(const Q4KRows16* t, const ActsView& a, int64_t m, float* y, int6
         for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_si512();
         for (int i = 0; i < 4; ++i) {
           const __m512i wv = _mm512_load_si512(tb.q[(j * 2 + h) * 4 + i]);
-          for (int r = 0; r < MR; ++r) {
-            int32_t x4;
-            std::memcpy(&x4, xj + r * K + 16 * h + 4 * i, 4);
-            part[r] = _mm512_dpbusd_epi32(part[r], wv, _mm512_set1_epi32(x4));
-          }
+          for (int r = 0; r < MR; ++r)
+            part[r] = _mm512_dpbusd_epi32(part[r], wv, bcast4(xj + r * K + 16 * h + 4 * i));
         }
         for (int r = 0; r < MR; ++r) sum[r] = _mm512_dpwssd_epi32(sum[r], part[r], sc);
       }

@@ -88,20 +88,14 @@ void q4k_r16_tile(const uint8_t* g, const ActsView& a, int64_t m, float* y, int6
         }
         for (int r = 0; r < MR; ++r) {
           __m512i part = _mm512_setzero_si512();
-          for (int i = 0; i < 4; ++i) {
-            int32_t x4;
-            std::memcpy(&x4, x_lo + r * K + 16 * h + 4 * i, 4);
-            part = _mm512_dpbusd_epi32(part, lo[i], _mm512_set1_epi32(x4));
-          }
+          for (int i = 0; i < 4; ++i)
+            part = _mm512_dpbusd_epi32(part, lo[i], bcast4(x_lo + r * K + 16 * h + 4 * i));
           sum[r] = _mm512_dpwssd_epi32(sum[r], part, sc_lo);
         }
         for (int r = 0; r < MR; ++r) {
           __m512i part = _mm512_setzero_si512();
-          for (int i = 0; i < 4; ++i) {
-            int32_t x4;
-            std::memcpy(&x4, x_hi + r * K + 16 * h + 4 * i, 4);
-            part = _mm512_dpbusd_epi32(part, hi[i], _mm512_set1_epi32(x4));
-          }
+          for (int i = 0; i < 4; ++i)
+            part = _mm512_dpbusd_epi32(part, hi[i], bcast4(x_hi + r * K + 16 * h + 4 * i));
           sum[r] = _mm512_dpwssd_epi32(sum[r], part, sc_hi);
         }
       }
@@ -148,15 +142,17 @@ inline void gemv_q4k_r16(const ActsView& a, const uint8_t* w, int64_t N, int64_t
         int64_t m = 0;
         for (; m + kQ4KR16MR <= am.M; m += kQ4KR16MR)
           q4k_r16_tile<kQ4KR16MR>(g, am, m, ym, N, n, pf);
-        if (am.M - m >= 4) {
-          q4k_r16_tile<4>(g, am, m, ym, N, n, pf);
-          m += 4;
+        // the rest in one tile: each pass splits the nibbles and decodes the scales again
+        switch (am.M - m) {
+          case 1: q4k_r16_tile<1>(g, am, m, ym, N, n, pf); break;
+          case 2: q4k_r16_tile<2>(g, am, m, ym, N, n, pf); break;
+          case 3: q4k_r16_tile<3>(g, am, m, ym, N, n, pf); break;
+          case 4: q4k_r16_tile<4>(g, am, m, ym, N, n, pf); break;
+          case 5: q4k_r16_tile<5>(g, am, m, ym, N, n, pf); break;
+          case 6: q4k_r16_tile<6>(g, am, m, ym, N, n, pf); break;
+          case 7: q4k_r16_tile<7>(g, am, m, ym, N, n, pf); break;
+          default: break;
         }
-        if (am.M - m >= 2) {
-          q4k_r16_tile<2>(g, am, m, ym, N, n, pf);
-          m += 2;
-        }
-        if (am.M - m >= 1) q4k_r16_tile<1>(g, am, m, ym, N, n, pf);
       }
     }
     return;
