@@ -16,8 +16,6 @@ from moeflow import env
 from moeflow.kernels import cpu_ext
 from moeflow.kernels.quant_gemm import dequantize_ref
 from moeflow.kernels.triton_utils import use_triton
-from moeflow.weights.ggml_quants import Q4_K_R16, GGMLType
-from moeflow.weights.gguf import release_mapped
 
 # The experts' activations, as HF's ACT2FN names them.
 _ACTS = {
@@ -174,36 +172,6 @@ class QuantizedExperts:
 
         w13 = torch.cat([rows(self.gate, self.gate_type, h), rows(self.up, self.up_type, h)], 1)
         return w13.to(dtype), rows(self.down, self.down_type, i).to(dtype)
-
-
-def repacks_q4k() -> bool:
-    """Whether MoE experts in Q4_K are repacked on load here (repacked_for_cpu)."""
-    return env.MOEFLOW_CPU_REPACK and env.MOEFLOW_CPU_INT8 and cpu_ext.isa() == "avx512"
-
-
-def repacked_for_cpu(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, int]:
-    """(blocks, qtype) of one projection's experts [E, N, row_bytes] as the grouped CPU kernel
-    holds them here: Q4_K repacked 16 rows at a time (Q4_K_R16, kernels/csrc/q4k_r16.h) where
-    its kernels use AVX-512 VNNI, activations are int8 and MOEFLOW_CPU_REPACK is on; else as
-    they are. The repacked copy is memory of the process's own; pages of a mapped file the
-    copy read are released (they stay in the page cache). Meta tensors (the memory plan's dry
-    run) give a meta tensor of the copy."""
-    if not (
-        qtype == GGMLType.Q4_K
-        and blocks.dim() == 3
-        and blocks.shape[1] % 16 == 0
-        and blocks.device.type in ("cpu", "meta")
-        and repacks_q4k()
-    ):
-        return blocks, qtype
-    if blocks.is_meta:
-        return torch.empty(blocks.shape, dtype=torch.uint8, device="meta"), Q4_K_R16
-    ops = cpu_ext.ops()
-    if ops is None:
-        return blocks, qtype
-    packed = ops.repack_q4k_r16(blocks)
-    release_mapped(blocks)
-    return packed, Q4_K_R16
 
 
 def quantized_experts_supported(

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from moeflow import env
 from moeflow.kernels import cpu_ext
-from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, GGMLType, dequantize
+from moeflow.weights.ggml_quants import GGML_QUANT_SIZES, Q4_K_R16, GGMLType, dequantize
+from moeflow.weights.gguf import release_mapped
 
 # Types kept quantised in memory (the compiled kernels read each of them).
 KEPT_TYPES = frozenset(
@@ -44,6 +45,37 @@ KEPT_TYPES = frozenset(
 # (the int8 path reads the blocks at any size).
 _GEMV_MAX_ROWS = 16
 REFINE_TOP = 16  # logits recomputed with fp32 activations per row (qlinear_logits)
+
+
+def repacks_q4k() -> bool:
+    """Whether weights in Q4_K are repacked on load here (repacked_for_cpu)."""
+    return env.MOEFLOW_CPU_REPACK and env.MOEFLOW_CPU_INT8 and cpu_ext.isa() == "avx512"
+
+
+def repacked_for_cpu(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, int]:
+    """(blocks, qtype) of a weight's rows [..., N, row_bytes] (a linear layer's, or every
+    expert's of one projection) as the CPU kernels hold them here: Q4_K repacked 16 rows at a
+    time (Q4_K_R16, kernels/csrc/q4k_r16.h) where its kernels use AVX-512 VNNI, activations are
+    int8 and MOEFLOW_CPU_REPACK is on (repacks_q4k); else as they are. The repacked copy is
+    memory of the process's own; pages of a mapped file the copy read are released (they stay
+    in the page cache). Meta tensors (the memory plan's dry run) give a meta tensor of the
+    copy."""
+    if not (
+        qtype == GGMLType.Q4_K
+        and blocks.dim() >= 2
+        and blocks.shape[-2] % 16 == 0
+        and blocks.device.type in ("cpu", "meta")
+        and repacks_q4k()
+    ):
+        return blocks, qtype
+    if blocks.is_meta:
+        return torch.empty(blocks.shape, dtype=torch.uint8, device="meta"), Q4_K_R16
+    ops = cpu_ext.ops()
+    if ops is None:
+        return blocks, qtype
+    packed = ops.repack_q4k_r16(blocks)
+    release_mapped(blocks)
+    return packed, Q4_K_R16
 
 
 def row_bytes(qtype: int, in_features: int) -> int:

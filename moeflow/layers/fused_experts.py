@@ -13,11 +13,8 @@ import torch
 from torch import nn
 
 from moeflow.errors import ModelFormatError
-from moeflow.kernels.fused_moe import (
-    QuantizedExperts,
-    quantized_experts_supported,
-    repacked_for_cpu,
-)
+from moeflow.kernels.fused_moe import QuantizedExperts, quantized_experts_supported
+from moeflow.kernels.quant_gemm import repacked_for_cpu
 from moeflow.layers.linear import copy_checked, narrow_shard, split_size
 from moeflow.weights.ggml_quants import (
     QUANTIZE_TYPES,

@@ -28,6 +28,7 @@ from moeflow.loading.quantize import (
     keep_quantized_types,
     quantize_experts,
     quantize_linears,
+    repack_linears,
 )
 from moeflow.loading.source import GGUFFile, ModelSource, Preset, default_model_path
 from moeflow.models.base import CausalLM
@@ -114,6 +115,7 @@ def load_model(
             loaded.tokenizer = _check_vocab(paired, loaded.model_config, tokenizer_path)
         if quantize is not None:
             quantize_linears(loaded.model, quantize, device)
+            repack_linears(loaded.model)
         return loaded
     path = source.path
     reader: gguf.GGUFReader | None = None
@@ -151,6 +153,7 @@ def load_model(
         reader.close()
     if quantize is not None:
         quantize_linears(net, quantize, device)
+    repack_linears(net)
     elapsed = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, elapsed)
     return LoadedModel(net, config, tokenizer, path, device, dtype, elapsed)

@@ -30,7 +30,12 @@ from moeflow.errors import InsufficientMemoryError
 from moeflow.layers.fused_experts import FusedExperts, materialize_experts
 from moeflow.loading.loader import build_model, read_model_config
 from moeflow.loading.presets import preset_config
-from moeflow.loading.quantize import keep_quantized_types, quantize_experts, quantize_linears
+from moeflow.loading.quantize import (
+    keep_quantized_types,
+    quantize_experts,
+    quantize_linears,
+    repack_linears,
+)
 from moeflow.loading.source import GGUFFile, HFFolder, ModelSource, Preset
 from moeflow.models.base import CausalLM
 from moeflow.utils.dtype import dtype_name
@@ -303,6 +308,7 @@ def _dry_run(
             net.load_weights(weights)
         if args.quantize is not None:
             quantize_linears(net, args.quantize, device)
+        repack_linears(net)  # as load_model does
     return config, net, blocks
 
 

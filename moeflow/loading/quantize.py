@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from moeflow.kernels import cpu_ext
-from moeflow.kernels.quant_gemm import KEPT_TYPES
+from moeflow.kernels.quant_gemm import KEPT_TYPES, repacked_for_cpu
 from moeflow.layers.fused_experts import FusedExperts
 from moeflow.layers.linear import Linear
 from moeflow.weights.ggml_quants import (
@@ -85,6 +85,28 @@ def quantize_linears(net: torch.nn.Module, kind: str, device: str) -> int:
         if layer_kind is None or not layer.keep_quantized:
             continue  # not whole blocks, or read as floats (MLA kv_b)
         layer.set_quantized(quantize(layer.weight.data, layer_kind))
+        count += 1
+    return count
+
+
+def repack_linears(net: torch.nn.Module) -> int:
+    """After the weights load: every linear layer's Q4_K blocks (a merged layer's parts too;
+    rows in sixteens) repacked for the CPU kernels where they run that layout
+    (quant_gemm.repacked_for_cpu); returns how many. The LM head keeps the file's rows (its
+    best logits are recomputed row by row). MoE experts are repacked as they load
+    (layers/fused_experts.py)."""
+    count = 0
+    for layer in net.modules():
+        if not isinstance(layer, Linear) or layer.qtype is None:
+            continue
+        data, qtype = repacked_for_cpu(layer.weight.data, layer.qtype)
+        if qtype == layer.qtype:
+            continue
+        shape = getattr(layer.weight, "logical_shape", None)
+        layer.weight = torch.nn.Parameter(data, requires_grad=False)
+        if shape is not None:
+            layer.weight.logical_shape = shape  # type: ignore[attr-defined]
+        layer.qtype = qtype
         count += 1
     return count
 

@@ -16,8 +16,7 @@ import torch
 
 from moeflow import env
 from moeflow.kernels import cpu_ext
-from moeflow.kernels.fused_moe import repacked_for_cpu, repacks_q4k
-from moeflow.kernels.quant_gemm import dequantize_ref
+from moeflow.kernels.quant_gemm import dequantize_ref, repacked_for_cpu, repacks_q4k
 from moeflow.weights import gguf
 from moeflow.weights.ggml_quants import Q4_K_R16, GGMLType, repack_q4k_r16, unpack_q4k_r16
 from tests.helpers.gguf import random_blocks
@@ -68,6 +67,8 @@ def test_products_are_the_file_layouts_bit_for_bit(ops: Any, m: int) -> None:
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     assert torch.equal(ops.qgemm_i8(x, packed, Q4_K_R16), ops.qgemm_i8(x, w, Q4_K))
     assert torch.equal(ops.qgemm(x, packed, Q4_K_R16), ops.qgemm(x, w, Q4_K))
+    if m == 1:  # the exact path's dequantised weight (prefill of more than 16 rows)
+        assert torch.equal(ops.dequantize(packed, Q4_K_R16, k), ops.dequantize(w, Q4_K, k))
 
 
 def _routing(case: str, t: int, e: int, k: int) -> torch.Tensor:

@@ -148,8 +148,9 @@ def test_moe_gguf_experts_stay_quantized(
 def test_repacked_experts_give_the_file_layouts_logprobs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """With int8 activations (the default) a Q4_K_M file's Q4_K experts are repacked on load
-    (Q4_K_R16; the Q6_K down projections of its last layer stay as stored), and the model
+    """With int8 activations (the default) a Q4_K_M file's Q4_K experts and linear layers are
+    repacked on load (Q4_K_R16; the Q6_K down projections of its last layer stay as stored,
+    the fused decode step runs them), and the model
     gives the file layout's tokens and log-probs bit for bit (MOEFLOW_CPU_REPACK=0), in batches
     and alone; --exact-cpu-activations never repacks."""
     monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
@@ -163,6 +164,8 @@ def test_repacked_experts_give_the_file_layouts_logprobs(
         llm = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_tokens=1024)
         experts = [m.quantized for m in llm.loaded.model.modules() if isinstance(m, FusedExperts)]
         types.append([(q.gate_type, q.up_type, q.down_type) for q in experts if q is not None])
+        linears = {m.qtype for m in llm.loaded.model.modules() if isinstance(m, Linear)}
+        assert (Q4_K_R16 in linears) == repack  # q/k/o (and merged parts) too
         outs.append(llm.generate(prompts, params))
         if repack:
             solo = [llm.generate([p], params)[0] for p in prompts]

@@ -135,10 +135,12 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
       TORCH_CHECK(idx[i] >= 0 && idx[i] < w.size(0), "row index ", idx[i], " out of range");
   }
   at::Tensor y = at::empty({R, K}, at::TensorOptions().dtype(at::kFloat));
-  dispatch_type(qtype, [&](auto t) {
+  const bool r16 = qtype == kQ4_K_R16;  // the file's rows first (q4k_r16.h)
+  const at::Tensor rows_of = r16 ? unpack_q4k_r16(w) : w;
+  dispatch_type(r16 ? kQ4_K : qtype, [&](auto t) {
     using T = decltype(t);
-    check_weight<T>(w, K);
-    dequant_impl<T>(w.data_ptr<uint8_t>(), K, idx, R, y.data_ptr<float>());
+    check_weight<T>(rows_of, K);
+    dequant_impl<T>(rows_of.data_ptr<uint8_t>(), K, idx, R, y.data_ptr<float>());
   });
   return y;
 }
@@ -693,7 +695,9 @@ Proj make_proj(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& qt
   Proj p;
   p.K = K;
   for (size_t i = 0; i < ws.size(); ++i) {
-    dispatch_type(qtypes[i], [&](auto t) { check_weight<decltype(t)>(ws[i], K); });
+    TORCH_CHECK(ws[i].scalar_type() == at::kByte && ws[i].dim() == 2 && ws[i].is_contiguous(),
+                "quantised weight must be a contiguous 2-D uint8 tensor");
+    check_rows_of(qtypes[i], K, ws[i].size(0), ws[i].size(1), "weight");
     p.parts.push_back({ws[i], ws[i].data_ptr<uint8_t>(), qtypes[i], ws[i].size(0), p.N});
     p.N += ws[i].size(0);
   }
@@ -729,10 +733,8 @@ void proj_rows(const Acts& a, const Proj& p, int64_t n0, int64_t n1, float* y,
   for (const Proj::Part& part : p.parts) {
     const int64_t lo = std::max(n0, part.off), hi = std::min(n1, part.off + part.N);
     if (lo >= hi) continue;
-    dispatch_type(part.qtype, [&](auto t) {  // y's rows are N apart; the part's columns at off
-      gemv_rows<decltype(t)>(a, part.wp, p.N, lo - part.off, hi - part.off, y + part.off,
-                             scratch);
-    });
+    // y's rows are N apart; the part's columns at off
+    gemv_any(part.qtype, a, part.wp, p.N, lo - part.off, hi - part.off, y + part.off, scratch);
   }
 }
 
