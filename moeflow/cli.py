@@ -120,10 +120,10 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--no-repack",
         action="store_true",
-        help="keep a GGUF file's Q4_K MoE experts as the file stores them instead of repacking "
-        "them on load 16 rows side by side for the AVX-512 kernels (as llama.cpp's --no-repack; "
-        "faster to load and used in place from the mapping, slower to run; MOEFLOW_CPU_REPACK=0 "
-        "is the same as this flag)",
+        help="keep Q4_K weights (MoE experts and linear layers) as the GGUF file stores them "
+        "instead of repacking them on load 16 rows side by side for the AVX-512 kernels (as "
+        "llama.cpp's --no-repack: faster to load, used in place from the mapping, slower to "
+        "run; MOEFLOW_CPU_REPACK=0 is the same as this flag)",
     )
     common.add_argument(
         "--no-mmap",
