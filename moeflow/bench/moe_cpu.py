@@ -215,8 +215,9 @@ def child_main(spec_json: str) -> None:
 
 
 def _repacked_bytes(model: Any) -> int:
-    """Bytes of the experts held repacked on load (Q4_K_R16) rather than as the file's blocks."""
-    total = 0
+    """Bytes of the weights held repacked on load (Q4_K_R16) rather than as the file's blocks:
+    linear layers and experts."""
+    total = sum(m.weight.numel() for m in model.modules() if getattr(m, "qtype", None) == Q4_K_R16)
     for layer in model.moe_layers():
         q = getattr(layer.experts, "quantized", None)
         if q is None:
@@ -370,8 +371,8 @@ def _report(
         )
         if mf.get("repacked_bytes"):
             held += (
-                f", but {mf['repacked_bytes'] / 1e9:.2f} GB of Q4_K experts repacked on load into "
-                "its own memory (--no-repack: as stored)"
+                f"; {mf['repacked_bytes'] / 1e9:.2f} GB of Q4_K blocks repacked on load into its "
+                "own memory (--no-repack: as stored)"
             )
         lines.append(
             f"moeflow: load {mf['load_s']:.2f} s, peak RSS {mf['peak_rss_bytes'] / 1e9:.2f} GB "

@@ -185,6 +185,40 @@ def test_repacked_experts_give_the_file_layouts_logprobs(
     assert all(q is not None and q.gate_type == q4k for q in kept)
 
 
+@pytest.mark.skipif(cpu_ext.isa() != "avx512", reason="Q4_K experts repack for AVX-512 only")
+@pytest.mark.parametrize(
+    ("name", "hf"),
+    [("olmoe", TINY_OLMOE), ("deepseek-v2", TINY_DEEPSEEK_V2), ("deepseek-v3", TINY_DEEPSEEK_V3)],
+)
+def test_repacked_families_give_the_file_layouts_logprobs(
+    name: str, hf: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """OLMoE (q/k norm over whole projections) and DeepSeek's MLA (its absorbed v_b in Q4_K,
+    run head by head; shared experts; DeepSeek-V3's q_lora): repacked on load, the file
+    layout's log-probs bit for bit."""
+    monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
+    path = bench_gguf(f"tiny-{name}", hf, "q4_k_m", num_layers=2)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
+    prompts = [list(range(3, 30)), [7, 8]]
+    outs = []
+    for repack in (True, False):
+        monkeypatch.setattr(env, "MOEFLOW_CPU_REPACK", repack)
+        llm = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_tokens=1024)
+        held = {m.qtype for m in llm.loaded.model.modules() if isinstance(m, Linear)} | {
+            m.quantized.gate_type
+            for m in llm.loaded.model.modules()
+            if isinstance(m, FusedExperts) and m.quantized is not None
+        }
+        assert (Q4_K_R16 in held) == repack
+        outs.append(llm.generate(prompts, params))
+        del llm
+    for a, b in zip(*outs, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        assert [x.logprob for x in a.logprobs] == [x.logprob for x in b.logprobs]
+
+
 _ROUND_TRIP = {
     "olmoe": (TINY_OLMOE, ("num_experts", "num_experts_per_tok", "intermediate_size")),
     "deepseek-v2": (
