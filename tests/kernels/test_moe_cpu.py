@@ -28,13 +28,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=list(cpu_ext.ISAS))
-def ops(request: pytest.FixtureRequest) -> Any:
-    """The kernels built for one instruction set (skipped where this CPU lacks it)."""
-    module = cpu_ext.ops_for(request.param)
-    if module is None:
-        pytest.skip(f"this CPU cannot run the {request.param} build")
-    return module
+@pytest.fixture
+def ops(isa_ops: Any) -> Any:
+    """The kernels built for each instruction set the machine has (conftest.py isa_ops)."""
+    return isa_ops
 
 
 _K_QUANTS = sorted(t for t in KEPT_TYPES if GGML_QUANT_SIZES[GGMLType(t)][0] == 256)

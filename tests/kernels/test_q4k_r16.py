@@ -27,12 +27,10 @@ pytestmark = pytest.mark.skipif(
 Q4_K = int(GGMLType.Q4_K)
 
 
-@pytest.fixture(params=list(cpu_ext.ISAS))
-def ops(request: pytest.FixtureRequest) -> Any:
-    module = cpu_ext.ops_for(request.param)
-    if module is None:
-        pytest.skip(f"this CPU cannot run the {request.param} build")
-    return module
+@pytest.fixture
+def ops(isa_ops: Any) -> Any:
+    """The kernels built for each instruction set the machine has (conftest.py isa_ops)."""
+    return isa_ops
 
 
 def _experts(e: int, n: int, k: int, seed: int) -> torch.Tensor:

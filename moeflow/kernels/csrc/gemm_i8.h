@@ -509,13 +509,26 @@ inline void transpose16x16(__m512i (&v)[16]) {
   }
 }
 
+// k4_scale_bytes lane by lane for 16 rows: from each row's scale bytes 4..7, 8..11 and 12..15
+// (w0, w1, w2; row l in lane l), v[0] its scales 0..3, v[1] scales 4..7, v[2] mins 0..3 and v[3]
+// mins 4..7, a byte each.
+inline void k4_scales16(__m512i w0, __m512i w1, __m512i w2, __m512i (&v)[4]) {
+  const __m512i low6 = _mm512_set1_epi32(0x3f3f3f3f), low4 = _mm512_set1_epi32(0x0f0f0f0f),
+                top2 = _mm512_set1_epi32(0x03030303);
+  const auto top = [&](__m512i x) {
+    return _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(x, 6), top2), 4);
+  };
+  v[0] = _mm512_and_si512(w0, low6);
+  v[1] = _mm512_or_si512(_mm512_and_si512(w2, low4), top(w0));
+  v[2] = _mm512_and_si512(w1, low6);
+  v[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4), top(w1));
+}
+
 // Weight rows 0..nr-1 (nr <= 16; the rows past nr are zeros) at w, all nb super-blocks, into
 // out[b], their min terms into mt (rows past nr cleared).
 inline void q4k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_t nb,
                          Q4KRows16* out, const KMinTiles& mt) {
   const __m512i m4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
-  const __m512i low6 = _mm512_set1_epi32(0x3f3f3f3f), low4 = _mm512_set1_epi32(0x0f0f0f0f),
-                top2 = _mm512_set1_epi32(0x03030303);
   const __mmask16 rows = static_cast<__mmask16>((1u << nr) - 1);
   const __m512i offv = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
                                                             12, 13, 14, 15),
@@ -541,15 +554,8 @@ inline void q4k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_
     const __m512i w0 = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 4, 1);
     const __m512i w1 = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 8, 1);
     const __m512i w2 = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 12, 1);
-    const auto top = [&](__m512i v) {
-      return _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 6), top2), 4);
-    };
-    const __m512i v[4] = {
-        _mm512_and_si512(w0, low6),
-        _mm512_or_si512(_mm512_and_si512(w2, low4), top(w0)),
-        _mm512_and_si512(w1, low6),
-        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4), top(w1)),
-    };
+    __m512i v[4];
+    k4_scales16(w0, w1, w2, v);
     for (int k = 0; k < 4; ++k) {
       for (int h = 0; h < 2; ++h)
         _mm512_store_si512(o.sc[4 * h + k],

@@ -51,8 +51,6 @@ void q4k_r16_tile(const uint8_t* g, const ActsView& a, int64_t m, float* y, int6
                   Prefetcher& pf) {
   const int64_t K = a.K, nb = K / 256;
   const __m512i m4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
-  const __m512i low6 = _mm512_set1_epi32(0x3f3f3f3f), low4 = _mm512_set1_epi32(0x0f0f0f0f),
-                top2 = _mm512_set1_epi32(0x03030303);
   __m512 acc[MR], macc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -60,16 +58,8 @@ void q4k_r16_tile(const uint8_t* g, const ActsView& a, int64_t m, float* y, int6
     pf.step();
     const __m512i dm = _mm512_loadu_si512(s), w0 = _mm512_loadu_si512(s + 64),
                   w1 = _mm512_loadu_si512(s + 128), w2 = _mm512_loadu_si512(s + 192);
-    const auto top = [&](__m512i v) {
-      return _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 6), top2), 4);
-    };
-    // k4_scale_bytes lane by lane: v0 scales 0..3, v1 scales 4..7, v2 mins 0..3, v3 mins 4..7
-    const __m512i v[4] = {
-        _mm512_and_si512(w0, low6),
-        _mm512_or_si512(_mm512_and_si512(w2, low4), top(w0)),
-        _mm512_and_si512(w1, low6),
-        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4), top(w1)),
-    };
+    __m512i v[4];  // scales 0..3, 4..7, mins 0..3, 4..7
+    k4_scales16(w0, w1, w2, v);
     const auto scale = [&](int j) {  // sub-block j's scales (int16 low halves)
       return _mm512_and_si512(_mm512_srli_epi32(v[j / 4], 8 * (j % 4)), byte);
     };
