@@ -193,9 +193,9 @@ def test_repacked_experts_give_the_file_layouts_logprobs(
 def test_repacked_families_give_the_file_layouts_logprobs(
     name: str, hf: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """OLMoE (q/k norm over whole projections) and DeepSeek's MLA (its absorbed v_b in Q4_K,
-    run head by head; shared experts; DeepSeek-V3's q_lora): repacked on load, the file
-    layout's log-probs bit for bit."""
+    """OLMoE (q/k norm over whole projections) and DeepSeek (MLA's projections repacked, its
+    absorbed k_b / v_b halves left as stored; shared experts; DeepSeek-V3's q_lora): repacked
+    on load, the file layout's log-probs bit for bit."""
     monkeypatch.setattr(env, "MOEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
     path = bench_gguf(f"tiny-{name}", hf, "q4_k_m", num_layers=2)
