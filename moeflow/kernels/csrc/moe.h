@@ -152,6 +152,22 @@ void run_tasks(const std::vector<Task>& tasks, const std::vector<int64_t>& first
   for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(tasks[i]);
 }
 
+// Floats that grow without being initialised: every element is written before it is read (a
+// std::vector would zero tens of MB on a prefill's MoE layer, each layer, first).
+template <class T>
+struct RawBuffer {
+  std::unique_ptr<T[]> p;
+  size_t n = 0;
+  void resize(size_t m) {
+    if (m > n) {
+      p.reset(new T[m]);
+      n = m;
+    }
+  }
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+};
+
 // The state of one call of the grouped kernel over up to `capacity` tokens: the pairs grouped by
 // expert, the tasks, and the buffers (each pair's activation row, act(gate) * up, and down
 // output). plan() runs on one thread; run() on every thread of a parallel region.
@@ -274,7 +290,7 @@ class ExpertPass {
   int64_t T_ = 0, K_ = 0, cap_pairs_ = 0, H_ = 0, I_ = 0;
   bool int8_ = false;
   Acts x_, h_;  // [P, H], [P, I] prepared
-  std::vector<float> g_, u_, hf_, y_;  // [P, I] x 3, [P, H]
+  RawBuffer<float> g_, u_, hf_, y_;  // [P, I] x 3, [P, H]
   std::vector<int64_t> counts_, offsets_;  // [E], [E + 1]
   std::vector<int64_t> touched_;  // the experts with tokens, in order
   std::vector<int64_t> pair_at_, pos_of_;  // sorted position -> pair (t * K + k), and back
