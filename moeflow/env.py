@@ -41,11 +41,11 @@ MOEFLOW_CACHE_DIR: str = os.environ.get("MOEFLOW_CACHE_DIR") or os.path.join(
 # --exact-cpu-activations) keeps them fp32: greedy output then equals the dequantised fp32
 # reference's (the parity tests' path; `make run` shows that answer).
 MOEFLOW_CPU_INT8: bool = _bool("MOEFLOW_CPU_INT8", True)
-# 1 (the default): on a CPU whose kernels use AVX-512 VNNI, with int8 activations, MoE experts in
-# Q4_K are repacked on load, 16 rows side by side (kernels/csrc/q4k_r16.h; llama.cpp repacks its
-# weights likewise): the experts' bytes are then read from the process's own memory, not from
-# the file's mapping, and loading reads them all. 0 (or --no-repack) keeps them as the file
-# stores them.
+# 1 (the default): on a CPU whose kernels use AVX-512 VNNI, with int8 activations, Q4_K weights
+# (MoE experts and linear layers) are repacked on load, 16 rows side by side
+# (kernels/csrc/q4k_r16.h; llama.cpp repacks its weights likewise): their bytes are then read
+# from the process's own memory, not from the file's mapping, and loading reads them all. 0 (or
+# --no-repack) keeps them as the file stores them.
 MOEFLOW_CPU_REPACK: bool = _bool("MOEFLOW_CPU_REPACK", True)
 # A CPU engine tells glibc's malloc to keep freed memory for the next step instead of returning
 # it to the kernel (utils/host_memory.py); 0 leaves malloc as it is.

@@ -1348,13 +1348,11 @@ inline void check_rows_of(int64_t qtype, int64_t K, int64_t N, int64_t row_bytes
   TORCH_CHECK(!r16 || N % 16 == 0, what, ": repacked Q4_K needs a multiple of 16 rows, not ", N);
 }
 
-template <class T>
-void check_weight(const at::Tensor& w, int64_t K) {
+// A weight of `qtype` (the repacked Q4_K included): contiguous rows of K weights' blocks.
+inline void check_weight(const at::Tensor& w, int64_t qtype, int64_t K) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
               "quantised weight must be a contiguous 2-D uint8 tensor");
-  TORCH_CHECK(K % T::QK == 0, "in_features ", K, " is not a multiple of the block size ", T::QK);
-  TORCH_CHECK(w.size(1) == K / T::QK * T::BYTES, "weight rows hold ", w.size(1),
-              " bytes, expected ", K / T::QK * T::BYTES);
+  check_rows_of(qtype, K, w.size(0), w.size(1), "weight");
 }
 
 void check_f32(const at::Tensor& t, const char* what) {

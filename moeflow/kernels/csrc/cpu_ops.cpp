@@ -24,33 +24,18 @@ at::Tensor qgemm_any(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bo
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  if (qtype == kQ4_K_R16) {
-    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
-                "quantised weight must be a contiguous 2-D uint8 tensor");
-    check_rows_of(qtype, K, N, w.size(1), "weight");
-    Acts a;
-    a.prepare(x.data_ptr<float>(), M, K, int8);
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N / 16, std::max<int64_t>(1, row_grain(w.size(1)) / 16),
-                     [&](int64_t g0, int64_t g1) {
-                       GemvScratch scratch;
-                       gemv_q4k_r16(a, wp, N, 16 * g0, 16 * g1, yp, scratch);
-                     });
-    return y;
-  }
-  dispatch_type(qtype, [&](auto t) {
-    using T = decltype(t);
-    check_weight<T>(w, K);
-    Acts a;
-    a.prepare(x.data_ptr<float>(), M, K, int8);
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, row_grain(w.size(1)), [&](int64_t n0, int64_t n1) {
-      GemvScratch scratch;
-      gemv_rows<T>(a, wp, N, n0, n1, yp, scratch);
-    });
-  });
+  check_weight(w, qtype, K);
+  Acts a;
+  a.prepare(x.data_ptr<float>(), M, K, int8);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  // repacked Q4_K runs 16 rows at a time: the threads' shares are whole groups
+  const int64_t unit = qtype == kQ4_K_R16 ? 16 : 1;
+  at::parallel_for(0, N / unit, std::max<int64_t>(1, row_grain(w.size(1)) / unit),
+                   [&](int64_t u0, int64_t u1) {
+                     GemvScratch scratch;
+                     gemv_any(qtype, a, wp, N, unit * u0, unit * u1, yp, scratch);
+                   });
   return y;
 }
 
@@ -137,10 +122,10 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K,
   at::Tensor y = at::empty({R, K}, at::TensorOptions().dtype(at::kFloat));
   const bool r16 = qtype == kQ4_K_R16;  // the file's rows first (q4k_r16.h)
   const at::Tensor rows_of = r16 ? unpack_q4k_r16(w) : w;
-  dispatch_type(r16 ? kQ4_K : qtype, [&](auto t) {
-    using T = decltype(t);
-    check_weight<T>(rows_of, K);
-    dequant_impl<T>(rows_of.data_ptr<uint8_t>(), K, idx, R, y.data_ptr<float>());
+  const int64_t type = r16 ? kQ4_K : qtype;
+  check_weight(rows_of, type, K);
+  dispatch_type(type, [&](auto t) {
+    dequant_impl<decltype(t)>(rows_of.data_ptr<uint8_t>(), K, idx, R, y.data_ptr<float>());
   });
   return y;
 }
@@ -695,9 +680,7 @@ Proj make_proj(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& qt
   Proj p;
   p.K = K;
   for (size_t i = 0; i < ws.size(); ++i) {
-    TORCH_CHECK(ws[i].scalar_type() == at::kByte && ws[i].dim() == 2 && ws[i].is_contiguous(),
-                "quantised weight must be a contiguous 2-D uint8 tensor");
-    check_rows_of(qtypes[i], K, ws[i].size(0), ws[i].size(1), "weight");
+    check_weight(ws[i], qtypes[i], K);
     p.parts.push_back({ws[i], ws[i].data_ptr<uint8_t>(), qtypes[i], ws[i].size(0), p.N});
     p.N += ws[i].size(0);
   }
