@@ -6,7 +6,8 @@
 #
 #   bash scripts/gpu_check.sh [tests|nvml|profile|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
 #
-# The next run's plan (docs/BENCHMARKS.md, "moeflow on a GPU"): nvml tests profile qwen3 deepseek hf
+# The next run's plan (docs/BENCHMARKS.md, "moeflow on a GPU"): tests qwen3 deepseek profile, then
+# `moeflow bench --workload moe-tune --tune-tokens 1,16,64` alone (the full search needs > 330 s a count)
 #
 # A GPU machine with torch and Triton but not moeflow's other dependencies takes them as
 # wheels in .whl/ (installed here with --no-deps into /tmp/site), downloaded beforehand on a

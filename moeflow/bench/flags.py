@@ -64,6 +64,14 @@ def add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     )
     bench.add_argument("--streams", default="1,4,16", help="moe-cpu: stream counts (comma list)")
     bench.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="moe-cpu: runs of each stream count, by both engines; the last is reported (the "
+        "first meets that shape's buffers unallocated: moeflow's first 4 x 128-token prefill "
+        "page-faults in ~150 MB of buffers and read ~20%% slower); default 2",
+    )
+    bench.add_argument(
         "--gguf-type",
         default="q4_k_m",
         choices=["q4_k_m", "q8_0", "iq4_xs"],

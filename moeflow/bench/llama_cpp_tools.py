@@ -33,13 +33,15 @@ PERPLEXITY = "llama-perplexity"  # the KL-divergence peer of `--workload quality
 
 @dataclass(slots=True)
 class PeerRun:
-    """llama-batched-bench's figures per stream count; `note` says why some are missing."""
+    """llama-batched-bench's figures per stream count (its last pass at each); `note` says why
+    some are missing."""
 
     prefill_tok_s: dict[int, float] = field(default_factory=dict)
     decode_tok_s: dict[int, float] = field(default_factory=dict)
     peak_rss_bytes: int | None = None
     wall_s: float | None = None
     note: str = ""
+    passes: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # every pass, in order
 
 
 def _build_dir() -> Path:
@@ -131,15 +133,18 @@ def run_batched_bench(
     streams: list[int],
     threads: int,
     timeout_s: float = 3600.0,
+    passes: int = 1,
 ) -> PeerRun:
     """llama-batched-bench on `model`: for each stream count S, S prompts of `prompt_len` tokens
-    prefilled (not shared), then `decode_tokens` steps of S tokens. Its peak RSS comes from the
-    kernel's accounting of the child (wait4)."""
+    prefilled (not shared), then `decode_tokens` steps of S tokens, `passes` times in a row (the
+    last pass's figures kept). Its peak RSS comes from the kernel's accounting of the child
+    (wait4)."""
     ctx = max(streams) * (prompt_len + decode_tokens) + 64
+    npl = [s for s in streams for _ in range(max(1, passes))]
     cmd = [
         str(binary), "-m", model, "-c", str(ctx), "-b", "2048", "-ub", "512",
         "-npp", str(prompt_len), "-ntg", str(decode_tokens),
-        "-npl", ",".join(map(str, streams)), "-t", str(threads), "--output-format", "jsonl",
+        "-npl", ",".join(map(str, npl)), "-t", str(threads), "--output-format", "jsonl",
     ]  # fmt: skip
     run = PeerRun()
     try:
@@ -152,8 +157,12 @@ def run_batched_bench(
         if not line.startswith("{"):
             continue
         row = json.loads(line)
-        run.prefill_tok_s[int(row["pl"])] = float(row["speed_pp"])
-        run.decode_tok_s[int(row["pl"])] = float(row["speed_tg"])
+        pl = int(row["pl"])
+        run.prefill_tok_s[pl] = float(row["speed_pp"])  # a later pass replaces an earlier one
+        run.decode_tok_s[pl] = float(row["speed_tg"])
+        run.passes.setdefault(pl, []).append(
+            {"prefill_tok_s": float(row["speed_pp"]), "decode_tok_s": float(row["speed_tg"])}
+        )
     if status != 0:
         sig = -status if status < 0 else None
         run.note = f"crashed (signal {sig})" if sig else f"exited with status {status}"

@@ -74,17 +74,34 @@ def run_moe_tune(args: argparse.Namespace) -> int:
     for num_experts, inter, hidden, top_k in shapes:
         key = moe_triton.shape_key(num_experts, inter, hidden, dtype)
         print(f"tuning {key}, K={top_k} on {device_name}: token counts {list(tokens)}")
-        entries = tune_moe_shape(num_experts, inter, hidden, top_k, dtype, tokens, device)
-        table[key] = {str(t): cfg for t, cfg in entries.items()}
-        table.setdefault("commands", {})[key] = command
-    commands = dict.fromkeys(table["commands"].values())
-    table["command"] = " ; ".join(commands)
-    table["device"] = device_name
-    table["versions"] = {"torch": torch.__version__, "triton": _triton_version()}
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"wrote {output}")
+
+        def save(entries: dict[int, dict[str, int]], key: str = key) -> None:
+            # after every token count, so a search cut short leaves the counts it finished
+            merge_entries(table, key, entries, command, device_name, _versions())
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+            Path(output).write_text(text, encoding="utf-8")
+            print(f"    wrote {output} ({len(entries)} token counts of {key})", flush=True)
+
+        tune_moe_shape(num_experts, inter, hidden, top_k, dtype, tokens, device, on_count=save)
     return 0
+
+
+def merge_entries(
+    table: dict[str, Any],
+    key: str,
+    entries: dict[int, dict[str, int]],
+    command: str,
+    device_name: str,
+    versions: dict[str, str],
+) -> None:
+    """Put one shape's entries (token count -> config) into `table` (kernels/configs/fused_moe's
+    format), with the command that made them; the table's other shapes stay."""
+    table[key] = {str(t): cfg for t, cfg in sorted(entries.items())}
+    table.setdefault("commands", {})[key] = command
+    table["command"] = " ; ".join(dict.fromkeys(table["commands"].values()))
+    table["device"] = device_name
+    table["versions"] = versions
 
 
 def tune_moe_shape(
@@ -95,10 +112,11 @@ def tune_moe_shape(
     dtype: torch.dtype,
     tokens: Sequence[int],
     device: torch.device,
+    on_count: Callable[[dict[int, dict[str, int]]], None] | None = None,
 ) -> dict[int, dict[str, int]]:
     """token count -> the fastest config (graph-replayed time of the whole op: align, GEMMs,
-    combine). The small-batch path is used for the counts up to the largest prefix of `tokens`
-    where it beat the grouped path; every entry carries that SMALL_BATCH_MAX_PAIRS."""
+    combine), as `table_entries` chooses between the paths; `on_count` gets the entries of the
+    counts done so far after each one."""
     from moeflow.kernels.triton import fused_moe as moe_triton
 
     weights = _random_weights(num_experts, inter, hidden, dtype, device)
@@ -120,8 +138,20 @@ def tune_moe_shape(
         best[num_tokens] = (grouped_ms, grouped_cfg, small_ms, small_cfg)
         print(
             f"  T={num_tokens:5d}: grouped {grouped_ms * 1e3:8.1f} us {grouped_cfg}; "
-            f"small-batch {small_ms * 1e3:8.1f} us; {time.perf_counter() - started:.0f} s"
+            f"small-batch {small_ms * 1e3:8.1f} us; {time.perf_counter() - started:.0f} s",
+            flush=True,
         )
+        if on_count is not None:
+            on_count(table_entries(best, top_k))
+    return table_entries(best, top_k)
+
+
+def table_entries(
+    best: dict[int, tuple[float, dict[str, int], float, dict[str, int]]], top_k: int
+) -> dict[int, dict[str, int]]:
+    """token count -> config, from each count's (grouped ms, its config, small-batch ms, its
+    config): the small-batch path for the counts up to the largest prefix of the counts where it
+    beat the grouped path; every entry carries that SMALL_BATCH_MAX_PAIRS."""
     max_small = 0
     for num_tokens in sorted(best):
         grouped_ms, _, small_ms, _ = best[num_tokens]
@@ -268,7 +298,7 @@ def _read_table(path: str) -> dict[str, Any]:
     return table
 
 
-def _triton_version() -> str:
+def _versions() -> dict[str, str]:
     import triton
 
-    return triton.__version__
+    return {"torch": torch.__version__, "triton": triton.__version__}

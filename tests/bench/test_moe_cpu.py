@@ -59,6 +59,22 @@ def test_peer_rows_and_crash_are_reported(tmp_path: Path) -> None:
     assert missing.note.startswith("failed: FileNotFoundError")
 
 
+def test_peer_passes_repeat_each_stream_count_and_keep_the_last(tmp_path: Path) -> None:
+    """Two passes: the stand-in is asked for each stream count twice in a row (its -npl echoed
+    back) and the second row of each is the one reported; every row stays in `passes`."""
+    body = (
+        'while [ "$1" != "-npl" ]; do shift; done\n'
+        'echo "$2" > "$(dirname "$0")/npl"\n'
+        'p=100; for pl in $(echo "$2" | tr , " "); do p=$((p + 1)); '
+        'echo "{\\"pl\\": $pl, \\"speed_pp\\": $p, \\"speed_tg\\": 1}"; done'
+    )
+    bench = _fake_bench(tmp_path / "two", body)
+    run = run_batched_bench(bench, "m.gguf", 8, 4, [1, 4], 2, passes=2)
+    assert (tmp_path / "two" / "npl").read_text().strip() == "1,1,4,4"
+    assert run.prefill_tok_s == {1: 102.0, 4: 104.0}
+    assert [p["prefill_tok_s"] for p in run.passes[1]] == [101.0, 102.0]
+
+
 @pytest.mark.parametrize("isa", list(cpu_ext.ISAS))
 def test_int8_mac_rate(isa: str) -> None:
     """The prefill roofline's int8 rate: a positive rate from a short run; vpdpbusd alone only
@@ -98,6 +114,11 @@ def test_moe_cpu_workload(
     runs = mf["runs"]
     assert set(runs) == {"1", "2"}
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in runs.values())
+    # Two passes of each stream count (the default); the last one's figures are the run's.
+    assert report["spec"]["passes"] == 2
+    for r in runs.values():
+        assert len(r["passes"]) == 2
+        assert r["prefill_tok_s"] == r["passes"][-1]["prefill_tok_s"]
     # One stream decodes one token per step: exactly top-k (4) experts of 16 per layer.
     assert runs["1"]["experts_touched_per_step"] == 4.0
     assert 4.0 <= runs["2"]["experts_touched_per_step"] <= 8.0

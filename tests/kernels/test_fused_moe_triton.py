@@ -326,6 +326,45 @@ def test_tune_command_reads_preset_shapes() -> None:
     assert _shapes(None, "8,48,64,2") == [(8, 48, 64, 2)]
 
 
+def test_tune_entries_choose_the_small_batch_path_up_to_where_it_stops_winning() -> None:
+    from moeflow.bench.moe_tune import table_entries
+
+    grouped = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1}
+    small = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 256, "GROUP_SIZE_M": 1}
+    # (grouped ms, config, small-batch ms, config): small wins at 1 and 2 tokens, loses at 4,
+    # wins again at 8 (past the first loss: not taken), untimed (inf) at 64.
+    best = {
+        1: (0.020, grouped, 0.010, small),
+        2: (0.021, grouped, 0.012, small),
+        4: (0.022, grouped, 0.030, small),
+        8: (0.030, grouped, 0.025, small),
+        64: (0.050, grouped, float("inf"), grouped),
+    }
+    out = table_entries(best, top_k=8)
+    assert {t: e["SMALL_BATCH_MAX_PAIRS"] for t, e in out.items()} == dict.fromkeys(best, 16)
+    assert out[1]["BLOCK_SIZE_N"] == out[2]["BLOCK_SIZE_N"] == 32  # the small-batch config
+    assert all(out[t]["BLOCK_SIZE_N"] == 64 for t in (4, 8, 64))
+    # Only the counts done so far (a search cut short): the same rule over those.
+    assert table_entries({1: best[1]}, top_k=8)[1]["SMALL_BATCH_MAX_PAIRS"] == 8
+
+
+def test_tune_table_merge_keeps_other_shapes_and_loads(tmp_path: Path) -> None:
+    from moeflow.bench.moe_tune import merge_entries
+    from moeflow.kernels.triton.fused_moe import load_moe_table
+
+    entry = _entry(16, 32, 0)
+    table = {"commands": {"E=8,I=48,H=64,dtype=bfloat16": "moeflow a"}}
+    table["E=8,I=48,H=64,dtype=bfloat16"] = {"1": entry}
+    merge_entries(table, "E=4,I=32,H=64,dtype=bfloat16", {2: entry, 1: entry}, "moeflow b", "X", {})
+    assert set(table["E=4,I=32,H=64,dtype=bfloat16"]) == {"1", "2"}
+    assert "E=8,I=48,H=64,dtype=bfloat16" in table
+    assert table["command"] == "moeflow a ; moeflow b" and table["device"] == "X"
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    loaded = load_moe_table(str(path))
+    assert set(loaded) >= {"E=8,I=48,H=64,dtype=bfloat16", "E=4,I=32,H=64,dtype=bfloat16"}
+
+
 # ---- real shapes on the GPU ---------------------------------------------------------------
 
 # name: (E, I, H, K)
