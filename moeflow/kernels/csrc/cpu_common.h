@@ -601,6 +601,7 @@ struct ActsView {
   const int8_t* kq = nullptr;
   const float* kd = nullptr;
   const int16_t* kbs = nullptr;
+  const int32_t* ks2 = nullptr;  // per super-block, 4 x (sum of sub-block 2k, of 2k + 1) as int16
   const int32_t* xs = nullptr;  // int8 path: each 32-chunk's sum(xq)
   int64_t M = 0, K = 0;
   bool int8 = false;
@@ -614,6 +615,7 @@ struct ActsView {
     v.kq = kq ? kq + m0 * K : nullptr;
     v.kd = kd ? kd + m0 * (K / 256) : nullptr;
     v.kbs = kbs ? kbs + m0 * (K / 16) : nullptr;
+    v.ks2 = ks2 ? ks2 + m0 * (K / 64) : nullptr;
     v.xs = xs ? xs + m0 * (K / 32) : nullptr;
     v.M = n;
     return v;
@@ -633,7 +635,7 @@ struct Acts {
   int64_t M = 0, K = 0;
   bool int8 = false;
   std::vector<float> xf, sx, dx, kd;
-  std::vector<int32_t> xs;
+  std::vector<int32_t> xs, ks2;
   std::vector<int8_t> xq, kq;
   std::vector<int16_t> kbs;
 
@@ -667,6 +669,7 @@ struct Acts {
       kq.resize(z(M * K));
       kd.resize(z(M * (K / 256)));
       kbs.resize(z(M * (K / 16)));
+      ks2.resize(z(M * (K / 64)));
     }
   }
 
@@ -679,9 +682,22 @@ struct Acts {
     }
     quantize_row_q8(row, K, xq.data() + m * K, dx.data() + m * (K / 32),
                     sx.data() + m * (K / 32), xs.data() + m * (K / 32));
-    if (K % 256 == 0)
-      quantize_row_q8k(row, K, kq.data() + m * K, kd.data() + m * (K / 256),
-                       kbs.data() + m * (K / 16));
+    if (K % 256 == 0) {
+      int16_t* bs = kbs.data() + m * (K / 16);
+      quantize_row_q8k(row, K, kq.data() + m * K, kd.data() + m * (K / 256), bs);
+      pair_sums32(bs, K / 256, ks2.data() + m * (K / 64));
+    }
+  }
+
+  // Each super-block's 32-value sums (sub-block j: bsums 2j and 2j + 1), two to an int32:
+  // sub-block 2k in the low half, 2k + 1 in the high, for one vpdpwssd against the (min 2k,
+  // min 2k + 1) pairs of Q4_K rows (|sum| <= 32 * 127 fits int16).
+  static void pair_sums32(const int16_t* bs, int64_t nb, int32_t* out) {
+    for (int64_t i = 0; i < nb * 4; ++i) {
+      const int32_t lo = bs[4 * i] + bs[4 * i + 1], hi = bs[4 * i + 2] + bs[4 * i + 3];
+      out[i] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lo)) |
+                                    (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
+    }
   }
 
   operator ActsView() const {
@@ -693,6 +709,7 @@ struct Acts {
                     k_blocks ? kq.data() : nullptr,
                     k_blocks ? kd.data() : nullptr,
                     k_blocks ? kbs.data() : nullptr,
+                    k_blocks ? ks2.data() : nullptr,
                     int8 ? xs.data() : nullptr,
                     M,
                     K,

@@ -92,19 +92,22 @@ void q4k_r16_tile(const uint8_t* g, const ActsView& a, int64_t m, float* y, int6
     }
     const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
     const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
-    __m512i mins[8];  // sub-block j's mins twice: (min, min) as int16
-    for (int j = 0; j < 8; ++j) {
-      const __m512i mn = _mm512_and_si512(_mm512_srli_epi32(v[2 + j / 4], 8 * (j % 4)), byte);
-      mins[j] = _mm512_or_si512(mn, _mm512_slli_epi32(mn, 16));
+    // the min term's integer part, sum_j min_j * (sub-block j's activation sum), two
+    // sub-blocks a vpdpwssd: mp[k] = (min 2k, min 2k + 1) as int16 against a.ks2's pairs
+    const __m512i lo8 = _mm512_set1_epi32(0xFF), hi8 = _mm512_set1_epi32(0xFF0000);
+    __m512i mp[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m512i mv = k % 2 ? _mm512_srli_epi32(v[2 + k / 2], 16) : v[2 + k / 2];
+      mp[k] = _mm512_or_si512(_mm512_and_si512(mv, lo8),
+                              _mm512_and_si512(_mm512_slli_epi32(mv, 8), hi8));
     }
     for (int r = 0; r < MR; ++r) {
       const float d8 = a.kd[(m + r) * nb + b];
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_mul_ps(d, _mm512_set1_ps(d8)),
                                acc[r]);
-      int32_t bs[8];
-      std::memcpy(bs, a.kbs + (m + r) * (K / 16) + b * 16, sizeof bs);
+      const int32_t* s2 = a.ks2 + ((m + r) * nb + b) * 4;
       __m512i ms = _mm512_setzero_si512();
-      for (int j = 0; j < 8; ++j) ms = _mm512_dpwssd_epi32(ms, mins[j], _mm512_set1_epi32(bs[j]));
+      for (int k = 0; k < 4; ++k) ms = _mm512_dpwssd_epi32(ms, mp[k], _mm512_set1_epi32(s2[k]));
       macc[r] = _mm512_sub_ps(
           macc[r], _mm512_mul_ps(_mm512_mul_ps(dmin, _mm512_set1_ps(d8)), _mm512_cvtepi32_ps(ms)));
     }
