@@ -69,7 +69,7 @@ def add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         default=2,
         help="moe-cpu: runs of each stream count, by both engines; the last is reported (the "
         "first meets that shape's buffers unallocated: moeflow's first 4 x 128-token prefill "
-        "page-faults in ~150 MB of buffers and read ~20%% slower); default 2",
+        "page-faults ~150 MB of new buffers and reads ~20%% slower); default 2",
     )
     bench.add_argument(
         "--gguf-type",
