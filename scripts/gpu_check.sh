@@ -7,7 +7,8 @@
 #   bash scripts/gpu_check.sh [tests|nvml|profile|qwen3|deepseek|olmoe|hf|tune ...]   (default: tests qwen3 deepseek)
 #
 # The next run's plan (docs/BENCHMARKS.md, "moeflow on a GPU"): tests qwen3 deepseek profile, then
-# `moeflow bench --workload moe-tune --tune-tokens 1,16,64` alone (the full search needs > 330 s a count)
+# `TUNE_TOKENS=1,16,64 TUNE_S=500 bash scripts/gpu_check.sh tune` alone (the whole search took
+# over 330 s for its first token count; the table is written after each count)
 #
 # A GPU machine with torch and Triton but not moeflow's other dependencies takes them as
 # wheels in .whl/ (installed here with --no-deps into /tmp/site), downloaded beforehand on a
@@ -97,8 +98,11 @@ PY
         ;;
     tune)
         echo "=== moe-tune (limit ${TUNE_S:-150}s)"
+        tune_tokens=()
+        [ -n "${TUNE_TOKENS:-}" ] && tune_tokens=(--tune-tokens "$TUNE_TOKENS")
         timeout "${TUNE_S:-150}" python3 -m moeflow bench --workload moe-tune \
-            --model preset:qwen3-30b-a3b 2>&1 | tee "$OUT/moe-tune.log" | tail -30
+            --model preset:qwen3-30b-a3b ${tune_tokens[@]+"${tune_tokens[@]}"} \
+            --tune-output "$OUT/fused_moe_table.json" 2>&1 | tee "$OUT/moe-tune.log" | tail -30
         ;;
     *) echo "unknown stage $stage" ;;
     esac
