@@ -7,7 +7,9 @@ its first --num-layers layers, in --gguf-type; cached). For each stream count S:
 --prompt-len distinct random tokens prefilled together, then --decode-tokens steps of S tokens,
 --passes times in a row by each engine (default 2), the last pass reported: the first pass at a
 stream count meets that shape's buffers untouched (page faults), which a serving engine pays
-once; every pass's figures stay in the JSON. moeflow samples (temperature 1, seeded) so each
+once; every pass's figures stay in the JSON. Before any of them moeflow's process runs
+one-stream passes for WARM_UP_SECONDS (llama.cpp's load repacks its weights, seconds of CPU,
+just before it measures). moeflow samples (temperature 1, seeded) so each
 step feeds new tokens and routing spreads over the experts; the experts touched per step are
 reported. The decode roofline is the measured memory bandwidth over the bytes a step actually
 reads: dense weights as held, the touched experts' blocks, the KV cache. The prefill roofline is
@@ -202,12 +204,13 @@ def child_main(spec_json: str) -> None:
     rng = random.Random(spec["seed"])
     vocab = llm.loaded.model_config.vocab_size
     engine = llm.engine
-    _one_pass(engine, [[rng.randrange(vocab) for _ in range(prompt_len)]], 4, spec["seed"])  # warm
+    warm_s = _warm_up(engine, lambda: [[rng.randrange(vocab) for _ in range(prompt_len)]], spec)
     result: dict[str, Any] = {
         "load_s": load_s,
         "rss_after_load_bytes": rss_loaded,
         "mean_context": prompt_len + decode_tokens / 2,
         "use_mmap": spec["use_mmap"],
+        "warm_up_s": warm_s,
         "runs": {},
     }
     for s in streams:
@@ -243,6 +246,24 @@ def _repacked_bytes(model: Any) -> int:
             if qtype == Q4_K_R16:
                 total += data.numel()
     return total
+
+
+# seconds of one-stream passes run before anything is measured
+WARM_UP_SECONDS = 3.0
+
+
+def _warm_up(engine: Any, prompt: Any, spec: dict[str, Any]) -> float:
+    """One-stream passes (a prompt, 4 decode steps) until WARM_UP_SECONDS have gone, at least
+    one; returns the seconds taken. One pass was not enough on the shared 2-core machines:
+    right after a load, one 128-token prefill of Qwen3's 4-layer cut after another took 1016,
+    282, 227, 176, 163, then 151-160 ms (no page faults, no garbage collection among them), and
+    after 4 s of other work the first took 191 ms; llama.cpp's own load repacks its weights for
+    seconds of CPU just before it measures."""
+    start = time.perf_counter()
+    while True:
+        _one_pass(engine, prompt(), 4, spec["seed"])
+        if time.perf_counter() - start >= WARM_UP_SECONDS:
+            return time.perf_counter() - start
 
 
 def _one_pass(engine: Any, prompts: list[list[int]], decode_tokens: int, seed: int) -> dict:

@@ -14,6 +14,7 @@ import pytest
 from moeflow import env
 from moeflow.bench.gguf_models import bench_gguf
 from moeflow.bench.llama_cpp_tools import cmake_flags, run_batched_bench
+from moeflow.bench.moe_cpu import WARM_UP_SECONDS
 from moeflow.cli import main
 from moeflow.kernels import cpu_ext
 from tests.helpers.gguf import TINY_QWEN3_MOE
@@ -114,6 +115,8 @@ def test_moe_cpu_workload(
     runs = mf["runs"]
     assert set(runs) == {"1", "2"}
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in runs.values())
+    # One-stream passes warm the engine for WARM_UP_SECONDS before anything is measured.
+    assert mf["warm_up_s"] >= WARM_UP_SECONDS
     # Two passes of each stream count (the default); the last one's figures are the run's.
     assert report["spec"]["passes"] == 2
     for r in runs.values():
