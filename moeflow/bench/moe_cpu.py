@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,7 @@ def _repacked_bytes(model: Any) -> int:
 WARM_UP_SECONDS = 3.0
 
 
-def _warm_up(engine: Any, prompt: Any, spec: dict[str, Any]) -> float:
+def _warm_up(engine: Any, prompt: Callable[[], list[list[int]]], spec: dict[str, Any]) -> float:
     """One-stream passes (a prompt, 4 decode steps) until WARM_UP_SECONDS have gone, at least
     one; returns the seconds taken. One pass was not enough on the shared 2-core machines:
     right after a load, one 128-token prefill of Qwen3's 4-layer cut after another took 1016,
