@@ -62,6 +62,13 @@ def add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "llama.cpp's llama-server on the same GGUF (when found), with the serving overhead and "
         "the ratio to llama-server",
     )
+    _add_cpu_flags(bench)
+    _add_suite_flags(bench)
+    _add_tune_flags(bench)
+
+
+def _add_cpu_flags(bench: argparse.ArgumentParser) -> None:
+    """moe-cpu's and quality's flags."""
     bench.add_argument("--streams", default="1,4,16", help="moe-cpu: stream counts (comma list)")
     bench.add_argument(
         "--passes",
@@ -92,6 +99,10 @@ def add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         default=512,
         help="quality: tokens per chunk (llama-perplexity's -c); the second half is scored",
     )
+
+
+def _add_suite_flags(bench: argparse.ArgumentParser) -> None:
+    """suite's flags (and the KV cache size every engine-building workload reads)."""
     bench.add_argument(
         "--batch-sizes", default="1,16,64", help="suite: decode batch sizes (comma list)"
     )
@@ -114,6 +125,10 @@ def add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--max-num-seqs", type=int, default=256, help="suite: running sequences at most"
     )
     bench.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+
+
+def _add_tune_flags(bench: argparse.ArgumentParser) -> None:
+    """moe-tune's flags."""
     bench.add_argument(
         "--moe-shape",
         default=None,
