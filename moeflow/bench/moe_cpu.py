@@ -60,12 +60,13 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
         raise ValueError("--streams: stream counts >= 1, e.g. 1,4,16")
     if args.gguf_type not in FTYPES:
         raise ValueError(f"--gguf-type: one of {', '.join(FTYPES)}")
+    passes = _passes(args)
     path = _model_file(args)
     size = os.path.getsize(path)
     print(f"model: {path} ({size / 1e9:.2f} GB)")
     print(
         f"workload: {args.prompt_len}-token prompts, {args.decode_tokens} decode steps, streams "
-        f"{','.join(map(str, streams))}, {threads} threads, {_passes(args)} pass(es) of each "
+        f"{','.join(map(str, streams))}, {threads} threads, {passes} pass(es) of each "
         "stream count by each engine, the last reported; moeflow's activations "
         + ("int8 (llama.cpp's numerics, the default)" if env.MOEFLOW_CPU_INT8 else "fp32 (exact)")
     )
@@ -81,7 +82,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
         "seed": args.seed or 0,
         "int8_activations": env.MOEFLOW_CPU_INT8,
         "use_mmap": args.use_mmap,
-        "passes": _passes(args),
+        "passes": passes,
     }
     warmed = _warm_page_cache(path)
     if warmed:
@@ -89,7 +90,7 @@ def run_moe_cpu(args: argparse.Namespace) -> int:
     mf = _run_moeflow_child(spec)
     if warmed:
         _warm_page_cache(path)
-    peer = _run_peer(args, str(path), streams, threads)
+    peer = _run_peer(args, str(path), streams, threads, passes)
     compute = _compute_roof(path, args.prompt_len, threads, compute)
     report = _report(mf, peer, streams, bandwidth, size, compute)
     print(report)
@@ -147,7 +148,7 @@ def _model_file(args: argparse.Namespace) -> Path:
 
 
 def _run_peer(
-    args: argparse.Namespace, path: str, streams: list[int], threads: int
+    args: argparse.Namespace, path: str, streams: list[int], threads: int, passes: int
 ) -> PeerRun | None:
     if args.compare in ("none", ""):
         return None
@@ -158,7 +159,7 @@ def _run_peer(
         except (RuntimeError, OSError) as e:
             return PeerRun(note=f"skipped: no llama-batched-bench ({e})")
     return run_batched_bench(
-        binary, path, args.prompt_len, args.decode_tokens, streams, threads, passes=_passes(args)
+        binary, path, args.prompt_len, args.decode_tokens, streams, threads, passes=passes
     )
 
 
@@ -205,7 +206,9 @@ def child_main(spec_json: str) -> None:
     rng = random.Random(spec["seed"])
     vocab = llm.loaded.model_config.vocab_size
     engine = llm.engine
-    warm_s = _warm_up(engine, lambda: [[rng.randrange(vocab) for _ in range(prompt_len)]], spec)
+    warm_s = _warm_up(
+        engine, lambda: [[rng.randrange(vocab) for _ in range(prompt_len)]], spec["seed"]
+    )
     result: dict[str, Any] = {
         "load_s": load_s,
         "rss_after_load_bytes": rss_loaded,
@@ -253,7 +256,7 @@ def _repacked_bytes(model: Any) -> int:
 WARM_UP_SECONDS = 3.0
 
 
-def _warm_up(engine: Any, prompt: Callable[[], list[list[int]]], spec: dict[str, Any]) -> float:
+def _warm_up(engine: Any, prompt: Callable[[], list[list[int]]], seed: int) -> float:
     """One-stream passes (a prompt, 4 decode steps) until WARM_UP_SECONDS have gone, at least
     one; returns the seconds taken. One pass was not enough on the shared 2-core machines:
     right after a load, one 128-token prefill of Qwen3's 4-layer cut after another took 1016,
@@ -262,7 +265,7 @@ def _warm_up(engine: Any, prompt: Callable[[], list[list[int]]], spec: dict[str,
     seconds of CPU just before it measures."""
     start = time.perf_counter()
     while True:
-        _one_pass(engine, prompt(), 4, spec["seed"])
+        _one_pass(engine, prompt(), 4, seed)
         if time.perf_counter() - start >= WARM_UP_SECONDS:
             return time.perf_counter() - start
 

@@ -94,11 +94,11 @@ void q4k_r16_tile(const uint8_t* g, const ActsView& a, int64_t m, float* y, int6
     const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
     // the min term's integer part, sum_j min_j * (sub-block j's activation sum), two
     // sub-blocks a vpdpwssd: mp[k] = (min 2k, min 2k + 1) as int16 against a.ks2's pairs
-    const __m512i lo8 = _mm512_set1_epi32(0xFF), hi8 = _mm512_set1_epi32(0xFF0000);
+    const __m512i hi8 = _mm512_set1_epi32(0xFF0000);
     __m512i mp[4];
     for (int k = 0; k < 4; ++k) {
       const __m512i mv = k % 2 ? _mm512_srli_epi32(v[2 + k / 2], 16) : v[2 + k / 2];
-      mp[k] = _mm512_or_si512(_mm512_and_si512(mv, lo8),
+      mp[k] = _mm512_or_si512(_mm512_and_si512(mv, byte),
                               _mm512_and_si512(_mm512_slli_epi32(mv, 8), hi8));
     }
     for (int r = 0; r < MR; ++r) {
