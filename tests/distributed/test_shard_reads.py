@@ -29,7 +29,12 @@ from moeflow.kernels import cpu_ext
 from moeflow.weights import gguf as moeflow_gguf
 from moeflow.weights.ggml_quants import QuantizedTensor
 from tests.distributed.test_parallel import TINY_KQUANT_GGUFS
-from tests.helpers.page_cache import evict, interior_pages, resident_pages
+from tests.helpers.page_cache import (
+    evict,
+    file_pages_reclaimed,
+    interior_pages,
+    resident_pages,
+)
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore / fadvise: Linux"),
@@ -90,7 +95,17 @@ def _loaded_pages(
     path: Path, tensors: Tensors, rank: int | None, expert_parallel: bool = False
 ) -> list[bool]:
     """The file's pages resident after loading rank `rank`'s shard of tp=2 (None: the whole
-    model) into a cold page cache."""
+    model) into a cold page cache. A load during which the kernel reclaimed file pages (memory
+    pressure from elsewhere: a page read may have left again) is done again, up to 3 times."""
+    for _ in range(3):
+        before = file_pages_reclaimed()
+        pages = _load_cold(path, tensors, rank, expert_parallel)
+        if before is None or file_pages_reclaimed() == before:
+            return pages
+    pytest.skip("the kernel reclaimed file pages during each of 3 loads: reads cannot be seen")
+
+
+def _load_cold(path: Path, tensors: Tensors, rank: int | None, expert_parallel: bool) -> list[bool]:
     evict(path)
     data_start = min(start for _, _, start, _ in tensors)
     if any(resident_pages(path)[data_start // mmap.PAGESIZE + 1 :]):
@@ -100,10 +115,9 @@ def _loaded_pages(
     try:
         args = EngineArgs(str(path), dtype="float32", device="cpu", max_model_len=128)
         _touch_everything(load(args).model)
-        pages = resident_pages(path)
+        return resident_pages(path)
     finally:
         set_state_for_tests(None)
-    return pages
 
 
 def _touch_everything(model: torch.nn.Module) -> None:
@@ -136,7 +150,8 @@ def test_one_process_reads_every_tensor(model: Path) -> None:
     tensors = _tensors(model)
     pages = _loaded_pages(model, tensors, None)
     for name, _, start, end in tensors:
-        assert all(pages[p] for p in interior_pages(start, end)), name
+        unread = sum(not pages[p] for p in interior_pages(start, end))
+        assert not unread, f"{name}: {unread} of its pages unread"
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True])

@@ -60,3 +60,19 @@ def interior_pages(start: int, end: int) -> range:
     """The pages wholly inside bytes [start, end) (a page shared with a neighbour's bytes says
     nothing about which of the two was read)."""
     return range((start + PAGE - 1) // PAGE, end // PAGE)
+
+
+def file_pages_reclaimed() -> int | None:
+    """File pages the kernel has reclaimed since boot, machine-wide (/proc/vmstat's
+    pgsteal_file; None where it is not kept). A page a load read can leave the page cache
+    before it is looked at only through reclaim: where this count moved, residency after a load
+    does not show what the load read."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == "pgsteal_file":
+                    return int(value)
+    except OSError:
+        return None
+    return None
