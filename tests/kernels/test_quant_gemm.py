@@ -117,7 +117,8 @@ def test_int8_qlinear_rows_do_not_depend_on_the_batch(
     """With int8 activations a prefill's rows are the decode GEMV's, bit for bit, at any batch
     size (prefill chunking or a prefix-cache hit cannot change a row). 104 weight rows: whole
     tiles of 16 and 8 left over; 1-3 rows take the GEMVs (3: one 3-row tile with AVX-512), 40 the
-    GEMMs; 4 rows the K-quants' GEMM."""
+    GEMMs; 4 rows the K-quants' GEMM (Q6_K's GEMV); 7 rows its tiles of 4, 2 and 1 (Q4_K, Q6_K: 16
+    weight rows a vector with AVX-512)."""
     monkeypatch.setattr(env, "MOEFLOW_CPU_INT8", True)
     w = random_blocks(qtype, 104, 512, seed=8)
     bias = torch.randn(104)
@@ -125,7 +126,7 @@ def test_int8_qlinear_rows_do_not_depend_on_the_batch(
     out = qlinear(x, w, int(qtype), bias)
     solo = torch.cat([qlinear(x[i : i + 1], w, int(qtype), bias) for i in range(40)])
     assert torch.equal(out, solo)
-    for m in (2, 3, 4):
+    for m in (2, 3, 4, 7):
         assert torch.equal(qlinear(x[:m], w, int(qtype), bias), out[:m])
     assert torch.equal(qlinear(x.view(2, 20, 512), w, int(qtype), bias), out.view(2, 20, 104))
     ref = qlinear_ref(x, w, int(qtype), bias)

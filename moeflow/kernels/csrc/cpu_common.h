@@ -480,11 +480,15 @@ constexpr int64_t kGemmMinRows = 6;
 // Q4_K's GEMM with 16 weight rows a vector (gemm_q4k_rows) is ahead from 3 rows (GEMV against
 // GEMM at 3 rows: [4096, 2048] 0.327 / 0.254 ms, [768, 2048] 0.068 / 0.051, [2048, 768] 0.064 /
 // 0.045, [98304, 2048] streaming 7.26 / 6.35), not at 2 (0.223 / 0.241, 4.98 / 5.84 streaming).
+// Q6_K's (gemm_q6k_rows, 2026-12-04, 2 threads, rows streaming from memory, G multiply-adds/s,
+// GEMV / GEMM): [32768, 2048] 76 / 32-54 at 2 rows, 95-99 / 69-70 at 3, even at 4 (94-97);
+// [65536, 2048] 64-67 / 40-41, 86-91 / 56-57.
 // AVX2 (the AVX2 build on that machine): the GEMV is ahead or even up to 5 rows.
 template <class T>
 constexpr int64_t gemm_min_rows() {
 #ifdef MOEFLOW_VNNI
   if constexpr (std::is_same_v<T, Q4_K>) return 3;
+  if constexpr (std::is_same_v<T, Q6_K>) return 5;
   if constexpr (!std::is_same_v<T, Q2_K>) return 4;
 #endif
   return kGemmMinRows;
@@ -516,11 +520,23 @@ struct alignas(64) Q4KRows16 {
   float d[16];
 };
 
+// One Q6_K super-block of 16 weight rows side by side, for the AVX-512 GEMM (gemm_i8.h,
+// gemm_q6k_rows): vector 4s + i of q holds values 16s + 4i..16s + 4i + 3 (sub-block s) of every
+// row as 0..63 (lane l: row l); sc[s][l] row l's scale of sub-block s (int32); off[k][l] the
+// -32 offset's coefficients of sub-blocks 2k and 2k + 1, -32 * scale, as an int16 pair; d[l].
+struct alignas(64) Q6KRows16 {
+  uint8_t q[64][64];
+  int32_t sc[16][16];
+  int32_t off[8][16];
+  float d[16];
+};
+
 struct GemvScratch {
   std::vector<float> mins;
   std::vector<__m256> acc;
   std::vector<KBlock> kblocks;  // kGemmNB weight rows decoded over K
   std::vector<Q4KRows16> q4k16;  // 16 Q4_K weight rows decoded over K (AVX-512)
+  std::vector<Q6KRows16> q6k16;  // 16 Q6_K weight rows decoded over K (AVX-512)
   std::vector<int32_t> kmin_c;  // their min coefficients, transposed (gemm_i8.h's KMinTiles)
   std::vector<float> kmin_d;
   std::vector<B32Block> b32;    // kB32NR weight rows decoded over K
@@ -1155,75 +1171,98 @@ inline void q6k_quarter(const uint8_t* blk, __m512i sc16z, int half, int u, __m5
 #endif
 
 // Q6_K: values q in 0..63 (stored minus 32) with an int8 scale per 16 values:
-// sum = d * d8 * (sum_s sc_s * sum(q x) - 32 * sum_s sc_s * bsum_s).
+// sum = d * d8 * (sum_s sc_s * sum(q x) - 32 * sum_s sc_s * bsum_s). Super-block b's integer
+// lanes of the MR rows into sumi.
+template <int MR>
+inline void q6k_block_lanes(const uint8_t* blk, const Q8KRows& a, int64_t b,
+                            __m256i (&sumi)[MR]) {
+  [[maybe_unused]] const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+  const __m256i sc16 =
+      _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+  for (int r = 0; r < MR; ++r) {  // the -32 offset: -32 * sum_s sc_s * bsum_s
+    const __m256i bs =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16));
+    sumi[r] = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+    sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[r]);
+  }
+#ifdef MOEFLOW_VNNI
+  // Per half: register A holds values g0 | g2 (l0's low | high nibbles), B g1 | g3, beside
+  // activations stored in that order (kq8k_slot); folded to the AVX2 lanes as for Q4_K.
+  {
+    const __m512i sc16z = _mm512_castsi256_si512(sc16);
+    __m512i sumz[MR];
+    for (int r = 0; r < MR; ++r) sumz[r] = _mm512_setzero_si512();
+    for (int half = 0; half < 2; ++half) {
+      for (int u = 0; u < 2; ++u) {  // u = 0: g0 | g2 (l0), u = 1: g1 | g3 (l1)
+        __m512i q, s2;
+        q6k_quarter(blk, sc16z, half, u, q, s2);
+        for (int r = 0; r < MR; ++r) {
+          const __m512i x = _mm512_loadu_si512(a.q + r * a.K + b * 256 + 128 * half + 64 * u);
+          sumz[r] = _mm512_dpwssd_epi32(sumz[r], _mm512_maddubs_epi16(q, x), s2);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(_mm512_castsi512_si256(sumz[r]),
+                                                           _mm512_extracti64x4_epi64(sumz[r], 1)));
+  }
+#else
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* ql = blk + 64 * half;
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half));
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    for (int g = 0; g < 4; ++g) {  // 32 values each: low or high nibbles of l0 / l1
+      __m256i lo = g & 1 ? l1 : l0;
+      if (g >= 2) lo = _mm256_srli_epi16(lo, 4);
+      lo = _mm256_and_si256(lo, m4);
+      const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), m2);
+      const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));  // 0..63
+      const int s = 8 * half + 2 * g;  // the sub-scales of values 0..15 and 16..31
+      const __m256i s2 = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+            a.q + r * a.K + b * 256 + 128 * half + 32 * g));
+        sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(q, x), s2);
+      }
+    }
+  }
+#endif
+}
+
+// As Q4_K's, the float work takes a super-block's integer lanes summed whole (exact), four
+// super-blocks at a time from registers (whole_blocks4): acc = fma(float(sum), d * d8, acc), as
+// the GEMMs (gemm_i8.h) do.
 template <int MR>
 void dot_q8k(Q6_K, const uint8_t* wrow, const Q8KRows& a, float* out) {
   const int64_t nb = a.K / 256;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wrow + b * Q6_K::BYTES;
-    prefetch_ahead(blk, Q6_K::BYTES);
-    const float d = fp16(blk + 208);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    const __m256i sc16 =
-        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-    __m256i sumi[MR];
-    for (int r = 0; r < MR; ++r) {  // the -32 offset: -32 * sum_s sc_s * bsum_s
-      const __m256i bs =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums + r * (a.K / 16) + b * 16));
-      sumi[r] = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
-      sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[r]);
-    }
-#ifdef MOEFLOW_VNNI
-    // Per half: register A holds values g0 | g2 (l0's low | high nibbles), B g1 | g3, beside
-    // activations stored in that order (kq8k_slot); folded to the AVX2 lanes as for Q4_K.
-    {
-      const __m512i sc16z = _mm512_castsi256_si512(sc16);
-      __m512i sumz[MR];
-      for (int r = 0; r < MR; ++r) sumz[r] = _mm512_setzero_si512();
-      for (int half = 0; half < 2; ++half) {
-        for (int u = 0; u < 2; ++u) {  // u = 0: g0 | g2 (l0), u = 1: g1 | g3 (l1)
-          __m512i q, s2;
-          q6k_quarter(blk, sc16z, half, u, q, s2);
-          for (int r = 0; r < MR; ++r) {
-            const __m512i x = _mm512_loadu_si512(a.q + r * a.K + b * 256 + 128 * half + 64 * u);
-            sumz[r] = _mm512_dpwssd_epi32(sumz[r], _mm512_maddubs_epi16(q, x), s2);
-          }
-        }
+  __m128 whole[MR];  // lane 0
+  for (int r = 0; r < MR; ++r) whole[r] = _mm_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 4) {
+    const int n = static_cast<int>(std::min<int64_t>(4, nb - b0));
+    __m256i lanes[MR][4];
+    alignas(16) float dd[MR][4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m256i sumi[MR];
+      float d = 0.0f;
+      if (q < n) {
+        const uint8_t* blk = wrow + (b0 + q) * Q6_K::BYTES;
+        prefetch_ahead(blk, Q6_K::BYTES);
+        q6k_block_lanes<MR>(blk, a, b0 + q, sumi);
+        d = fp16(blk + 208);
+      } else {
+        for (int r = 0; r < MR; ++r) sumi[r] = _mm256_setzero_si256();
       }
-      for (int r = 0; r < MR; ++r)
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(_mm512_castsi512_si256(sumz[r]),
-                                                             _mm512_extracti64x4_epi64(sumz[r], 1)));
-    }
-#else
-    for (int half = 0; half < 2; ++half) {
-      const uint8_t* ql = blk + 64 * half;
-      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * half));
-      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-      for (int g = 0; g < 4; ++g) {  // 32 values each: low or high nibbles of l0 / l1
-        __m256i lo = g & 1 ? l1 : l0;
-        if (g >= 2) lo = _mm256_srli_epi16(lo, 4);
-        lo = _mm256_and_si256(lo, m4);
-        const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), m2);
-        const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));  // 0..63
-        const int s = 8 * half + 2 * g;  // the sub-scales of values 0..15 and 16..31
-        const __m256i s2 = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
-        for (int r = 0; r < MR; ++r) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-              a.q + r * a.K + b * 256 + 128 * half + 32 * g));
-          sumi[r] = madd_acc(sumi[r], _mm256_maddubs_epi16(q, x), s2);
-        }
+      for (int r = 0; r < MR; ++r) {
+        lanes[r][q] = sumi[r];
+        dd[r][q] = q < n ? d * a.d[r * nb + b0 + q] : 0.0f;
       }
     }
-#endif
-    for (int r = 0; r < MR; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[r * nb + b]), _mm256_cvtepi32_ps(sumi[r]),
-                               acc[r]);
+    for (int r = 0; r < MR; ++r) whole[r] = whole_blocks4(lanes[r], dd[r], n, whole[r]);
   }
-  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < MR; ++r) out[r] = _mm_cvtss_f32(whole[r]);
 }
 
 // Q2_K and Q3_K: 2-bit values (plus Q3_K's third bit) of chunk c against the activations'

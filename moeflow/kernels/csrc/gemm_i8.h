@@ -6,14 +6,15 @@
 // activation rows x kGemmNR weight rows per step over them (AVX-512: 64 bytes a step, maddubs +
 // vpdpwssd; AVX2: 32 bytes, maddubs + madd). With AVX-512 two weight rows share the vectors of
 // the per-super-block float work (kgemm_tile_pairs). The min term of Q2_K Q4_K Q5_K is taken
-// apart, for kGemmNB weight rows at once (kmin_rows). Q4_K with AVX-512 has a GEMM of its own
-// (gemm_q4k_rows, below): 16 weight rows side by side, one vpdpbusd for 64 products.
+// apart, for kGemmNB weight rows at once (kmin_rows). Q4_K and Q6_K with AVX-512 have GEMMs
+// of their own (gemm_q4k_rows, gemm_q6k_rows, below): 16 weight rows side by side, one vpdpbusd
+// for 64 products.
 //
 // Bit for bit dot_q8k: a super-block's integer sums land in the same 8 int32 lanes (lane i sums
 // bytes 4i..4i+3 of every chunk; integer sums do not depend on their order, and no int16 step
 // saturates, as in dot_q8k), and the float work per super-block and at the end is dot_q8k's,
-// operation for operation (the build has no FP contraction). Q4_K's float work takes the
-// super-block's lanes summed whole (kWholeBlock), in dot_q8k_k45 and here alike. So a row's
+// operation for operation (the build has no FP contraction). Q4_K's and Q6_K's float work takes
+// the super-block's lanes summed whole (kWholeBlock), in dot_q8k and here alike. So a row's
 // result never depends on how many rows it was multiplied with, nor on which kernel ran it.
 // Included by cpu_common.h after the block types; gemv_rows calls gemm_q8k_rows.
 #pragma once
@@ -30,10 +31,11 @@ enum class BsumTerm { kNone, kMin, kOffset };
 // stored as signed bytes (IQ4_XS), else unsigned.
 template <class T> struct KDecode;
 
-// Q4_K's float work takes a super-block's integer lanes summed whole (dot_q8k_k45): acc =
-// fma(float(sum), d * d8, acc), one float per (activation row, weight row); the other types
-// keep dot_q8k's 8 float lanes.
-template <class T> constexpr bool kWholeBlock = std::is_same_v<T, Q4_K>;
+// Q4_K's and Q6_K's float work takes a super-block's integer lanes summed whole (dot_q8k_k45,
+// dot_q8k<Q6_K>; Q6_K's offset term in the lanes first): acc = fma(float(sum), d * d8, acc), one
+// float per (activation row, weight row); the other types keep dot_q8k's 8 float lanes.
+template <class T>
+constexpr bool kWholeBlock = std::is_same_v<T, Q4_K> || std::is_same_v<T, Q6_K>;
 
 // The scale vector of a chunk whose two 16-value halves have scales lo and hi
 inline __m256i scale_halves(int16_t lo, int16_t hi) {
@@ -251,12 +253,12 @@ inline void kgemm_sums(const KBlock* wt, int64_t nb, const Q8KRows& a, int64_t b
 // then acc += (d * d8) * float(si), lane by lane. The min term of the kMin types (dot_q8k's
 // macc) is not taken here but by kmin_rows, once for 16 weight rows: the tile's out[r][n] is
 // hsum(acc) alone, and kmin_rows adds macc to it, dot_q8k's last step.
-// The kWholeBlock types: the (r, n) pairs' super-block sums 8 at a time (sum_lanes8), their float
-// work lane by lane in one vector (pair p = r * NR + n in lane p % 8 of whole[p / 8]).
+// The kWholeBlock types: the (r, n) pairs' super-block sums 8 at a time (sum_lanes8; with the
+// offset term in the lanes first), their float work lane by lane in one vector (pair p = r * NR
+// + n in lane p % 8 of whole[p / 8]).
 template <class T, int MR, int NR>
 void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*out)[NR],
                       Prefetcher& pf) {
-  static_assert(!kWholeBlock<T> || KDecode<T>::kTerm != BsumTerm::kOffset);
   constexpr int kPairs = MR * NR, kGroups = (kPairs + 7) / 8;
   __m256 acc[MR][NR];
   __m256 whole[kGroups];
@@ -288,6 +290,13 @@ void kgemm_tile_lanes(const KBlock* wt, int64_t nb, const Q8KRows& a, float (*ou
         for (int k = 0; k < 8; ++k) {
           const int p = 8 * g + k, r = p / NR, n = p % NR;
           v[k] = p < kPairs ? kfold(sum[r][n]) : _mm256_setzero_si256();
+          if constexpr (KDecode<T>::kTerm == BsumTerm::kOffset) {
+            if (p < kPairs)
+              v[k] = madd_acc(v[k],
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                  a.bsums + r * (a.K / 16) + b * 16)),
+                              _mm256_load_si256(reinterpret_cast<const __m256i*>(wt[n * nb + b].c16)));
+          }
           dd[k] = p < kPairs ? wt[n * nb + b].d * a.d[r * nb + b] : 0.0f;
         }
         whole[g] =
@@ -659,6 +668,151 @@ void gemm_q4k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Q6_K with AVX-512, as Q4_K's above: 16 weight rows side by side, four vpdpbusd sum 16 values
+// of a sub-block per row (|sum| <= 16 * 63 * 127: past int16, so the scale is a vpmulld, not a
+// vpdpwssd), the -32 offset as 8 vpdpwssd of the rows' (-32 * scale) pairs against the
+// activations' 16-value sums, then the super-block's integer sum per row, exact, taken whole:
+// dot_q8k<Q6_K>'s float work, 16 rows in one instruction, so each result is the GEMV's.
+
+// Weight rows 0..nr-1 (nr <= 16; the rows past nr are zeros) at w, all nb super-blocks, into
+// out[b].
+inline void q6k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_t nb,
+                         Q6KRows16* out) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), minus32 = _mm512_set1_epi32(-32);
+  const __mmask16 rows = static_cast<__mmask16>((1u << nr) - 1);
+  const __m512i offv = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                            12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t b = 0; b < nb; ++b) {
+    Q6KRows16& o = out[b];
+    __m512i ql0[16], ql1[16], qh[16];  // row i's ql bytes 0..63, 64..127 and its qh bytes
+    for (int i = 0; i < 16; ++i) {
+      if (i >= nr) {
+        ql0[i] = ql1[i] = qh[i] = zero;
+        continue;
+      }
+      const uint8_t* blk = w + i * row_bytes + b * Q6_K::BYTES;
+      prefetch_ahead(blk, Q6_K::BYTES);
+      ql0[i] = _mm512_loadu_si512(blk);
+      ql1[i] = _mm512_loadu_si512(blk + 64);
+      qh[i] = _mm512_loadu_si512(blk + 128);
+    }
+    // the 16 rows' scale bytes (4 a lane, 4 gathers) and d (the high half of bytes 206..209)
+    const uint8_t* base = w + b * Q6_K::BYTES;
+    __m512i sc[16];
+    for (int k = 0; k < 4; ++k) {
+      const __m512i s4 = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 192 + 4 * k, 1);
+      for (int j = 0; j < 4; ++j)  // sign-extended byte j
+        sc[4 * k + j] = _mm512_srai_epi32(_mm512_slli_epi32(s4, 24 - 8 * j), 24);
+    }
+    for (int s = 0; s < 16; ++s) _mm512_store_si512(o.sc[s], sc[s]);
+    for (int k = 0; k < 8; ++k)
+      _mm512_store_si512(
+          o.off[k],
+          _mm512_or_si512(_mm512_and_si512(_mm512_mullo_epi32(sc[2 * k], minus32), low16),
+                          _mm512_slli_epi32(_mm512_mullo_epi32(sc[2 * k + 1], minus32), 16)));
+    const __m512i dd = _mm512_mask_i32gather_epi32(zero, rows, offv, base + 206, 1);
+    _mm512_store_ps(o.d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dd, 16))));
+    transpose16x16(ql0);
+    transpose16x16(ql1);
+    transpose16x16(qh);
+    // value 128h + 32g + 4t + e (t < 8, e < 4): ql int32 t + 8 (g % 2) of half h, its low
+    // (g < 2) or high nibble, in bits 0-3; qh int32 8h + t, bits 2g and 2g + 1, moved to bits
+    // 4-5 of a copy whose bits 6-7 are clear (qh & 0x33 for g = 0, 2; qh & 0xCC for 1, 3); one
+    // vpternlogd takes bits 0-3 from the first, 4-7 from the second; sub-block 8h + 2g + t / 4
+    const __m512i m33 = _mm512_set1_epi8(0x33), mcc = _mm512_set1_epi8(static_cast<char>(0xCC));
+    for (int h = 0; h < 2; ++h)
+      for (int t = 0; t < 8; ++t) {
+        const __m512i l0 = (h ? ql1 : ql0)[t], l1 = (h ? ql1 : ql0)[t + 8];
+        const __m512i hx = qh[8 * h + t];
+        const __m512i h02 = _mm512_and_si512(hx, m33), h13 = _mm512_and_si512(hx, mcc);
+        const __m512i nib[4] = {l0, l1, _mm512_srli_epi16(l0, 4), _mm512_srli_epi16(l1, 4)};
+        const __m512i top[4] = {_mm512_slli_epi16(h02, 4), _mm512_slli_epi16(h13, 2), h02,
+                                _mm512_srli_epi16(h13, 2)};
+        for (int g = 0; g < 4; ++g)
+          _mm512_store_si512(o.q[4 * (8 * h + 2 * g + t / 4) + t % 4],
+                             _mm512_ternarylogic_epi32(nib[g], top[g], m4, 0xE4));
+      }
+  }
+}
+
+// y[m + r, n + l] for MR activation rows from m and the nr <= 16 decoded rows at t.
+template <int MR>
+void q6k_tile16(const Q6KRows16* t, const ActsView& a, int64_t m, float* y, int64_t N, int64_t n,
+                int64_t nr, Prefetcher& pf) {
+  const int64_t K = a.K, nb = K / 256;
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const Q6KRows16& tb = t[b];
+    pf.step();
+    __m512i sum[MR];
+    for (int r = 0; r < MR; ++r) sum[r] = _mm512_setzero_si512();
+    for (int s = 0; s < 16; ++s) {  // chunk s / 2 (where kq8k_slot stores it), half s % 2
+      const int8_t* xs = a.kq + m * K + b * 256 + 32 * kq8k_slot(s / 2) + 16 * (s % 2);
+      __m512i part[MR];
+      for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        const __m512i wv = _mm512_load_si512(tb.q[4 * s + i]);
+        for (int r = 0; r < MR; ++r)
+          part[r] = _mm512_dpbusd_epi32(part[r], wv, bcast4(xs + r * K + 4 * i));
+      }
+      const __m512i sc = _mm512_load_si512(tb.sc[s]);
+      for (int r = 0; r < MR; ++r) sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(part[r], sc));
+    }
+    for (int k = 0; k < 8; ++k) {  // the offset: bsums 2k and 2k + 1 as one int32
+      const __m512i off = _mm512_load_si512(tb.off[k]);
+      for (int r = 0; r < MR; ++r) {
+        int32_t bs;
+        std::memcpy(&bs, a.kbs + (m + r) * (K / 16) + b * 16 + 2 * k, sizeof bs);
+        sum[r] = _mm512_dpwssd_epi32(sum[r], off, _mm512_set1_epi32(bs));
+      }
+    }
+    const __m512 d = _mm512_load_ps(tb.d);
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]),
+                               _mm512_mul_ps(d, _mm512_set1_ps(a.kd[(m + r) * nb + b])), acc[r]);
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n, keep, acc[r]);
+}
+
+constexpr int kQ6KMR = 8;  // activation rows per q6k_tile16
+
+void gemm_q6k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
+                   float* y, GemvScratch& scratch) {
+  const int64_t nb = a.K / 256, row_bytes = nb * Q6_K::BYTES;
+  if (static_cast<int64_t>(scratch.q6k16.size()) < nb)
+    scratch.q6k16.resize(static_cast<size_t>(nb));
+  Q6KRows16* t = scratch.q6k16.data();
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t nr = std::min<int64_t>(16, n1 - n);
+    q6k_decode16(w + n * row_bytes, row_bytes, nr, nb, t);
+    const int64_t next = n + nr;
+    Prefetcher pf = Prefetcher::over(w + next * row_bytes,
+                                     w + std::min(n1, next + 16) * row_bytes,
+                                     ((a.M + kQ6KMR - 1) / kQ6KMR) * nb);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kGemmMB) {
+      const ActsView am = a.rows(m0, std::min(kGemmMB, a.M - m0));
+      float* ym = y + m0 * N;
+      int64_t m = 0;
+      for (; m + kQ6KMR <= am.M; m += kQ6KMR) q6k_tile16<kQ6KMR>(t, am, m, ym, N, n, nr, pf);
+      if (am.M - m >= 4) {
+        q6k_tile16<4>(t, am, m, ym, N, n, nr, pf);
+        m += 4;
+      }
+      if (am.M - m >= 2) {
+        q6k_tile16<2>(t, am, m, ym, N, n, nr, pf);
+        m += 2;
+      }
+      if (am.M - m >= 1) q6k_tile16<1>(t, am, m, ym, N, n, nr, pf);
+    }
+  }
+}
 #endif
 
 
@@ -668,6 +822,10 @@ void gemm_q8k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
 #ifdef MOEFLOW_VNNI
   if constexpr (std::is_same_v<T, Q4_K>) {
     gemm_q4k_rows(a, w, N, n0, n1, y, scratch);
+    return;
+  }
+  if constexpr (std::is_same_v<T, Q6_K>) {
+    gemm_q6k_rows(a, w, N, n0, n1, y, scratch);
     return;
   }
 #endif
