@@ -633,7 +633,42 @@ void q4k_tile16(const Q4KRows16* t, const ActsView& a, int64_t m, float* y, int6
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n, keep, acc[r]);
 }
 
-constexpr int kQ4KMR = 8;  // activation rows per q4k_tile16
+constexpr int kRows16MR = 8;  // activation rows per q4k_tile16 / q6k_tile16
+
+// y[:, n0:n1] through a 16-rows-a-vector GEMM: each group of up to 16 weight rows decoded once
+// (decode(rows, nr)), then tile(MR, activation rows, m, y rows, n, nr, prefetcher) over all the
+// activation rows, kRows16MR at a time and the rest as 4 + 2 + 1, and after(activation rows, y
+// rows, n, nr) once per pass over them.
+template <class Decode, class Tile, class After>
+void gemm_rows16(const ActsView& a, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                 float* y, int64_t N, Decode&& decode, Tile&& tile, After&& after) {
+  const int64_t nb = a.K / 256;
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t nr = std::min<int64_t>(16, n1 - n);
+    decode(w + n * row_bytes, nr);
+    const int64_t next = n + nr;
+    Prefetcher pf = Prefetcher::over(w + next * row_bytes,
+                                     w + std::min(n1, next + 16) * row_bytes,
+                                     ((a.M + kRows16MR - 1) / kRows16MR) * nb);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kGemmMB) {
+      const ActsView am = a.rows(m0, std::min(kGemmMB, a.M - m0));
+      float* ym = y + m0 * N;
+      int64_t m = 0;
+      for (; m + kRows16MR <= am.M; m += kRows16MR)
+        tile(std::integral_constant<int, kRows16MR>{}, am, m, ym, n, nr, pf);
+      if (am.M - m >= 4) {
+        tile(std::integral_constant<int, 4>{}, am, m, ym, n, nr, pf);
+        m += 4;
+      }
+      if (am.M - m >= 2) {
+        tile(std::integral_constant<int, 2>{}, am, m, ym, n, nr, pf);
+        m += 2;
+      }
+      if (am.M - m >= 1) tile(std::integral_constant<int, 1>{}, am, m, ym, n, nr, pf);
+      after(am, ym, n, nr);
+    }
+  }
+}
 
 void gemm_q4k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
                    float* y, GemvScratch& scratch) {
@@ -643,30 +678,12 @@ void gemm_q4k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, i
   Q4KRows16* t = scratch.q4k16.data();
   KMinTiles::reserve(scratch, nb);
   const KMinTiles mt{scratch.kmin_c.data(), scratch.kmin_d.data()};
-  for (int64_t n = n0; n < n1; n += 16) {
-    const int64_t nr = std::min<int64_t>(16, n1 - n);
-    q4k_decode16(w + n * row_bytes, row_bytes, nr, nb, t, mt);
-    const int64_t next = n + nr;
-    Prefetcher pf = Prefetcher::over(w + next * row_bytes,
-                                     w + std::min(n1, next + 16) * row_bytes,
-                                     ((a.M + kQ4KMR - 1) / kQ4KMR) * nb);
-    for (int64_t m0 = 0; m0 < a.M; m0 += kGemmMB) {
-      const ActsView am = a.rows(m0, std::min(kGemmMB, a.M - m0));
-      float* ym = y + m0 * N;
-      int64_t m = 0;
-      for (; m + kQ4KMR <= am.M; m += kQ4KMR) q4k_tile16<kQ4KMR>(t, am, m, ym, N, n, nr, pf);
-      if (am.M - m >= 4) {
-        q4k_tile16<4>(t, am, m, ym, N, n, nr, pf);
-        m += 4;
-      }
-      if (am.M - m >= 2) {
-        q4k_tile16<2>(t, am, m, ym, N, n, nr, pf);
-        m += 2;
-      }
-      if (am.M - m >= 1) q4k_tile16<1>(t, am, m, ym, N, n, nr, pf);
-      kmin_rows(am, mt, nr, ym, N, n);
-    }
-  }
+  gemm_rows16(
+      a, w, row_bytes, n0, n1, y, N,
+      [&](const uint8_t* rows, int64_t nr) { q4k_decode16(rows, row_bytes, nr, nb, t, mt); },
+      [&](auto mr, const ActsView& am, int64_t m, float* ym, int64_t n, int64_t nr,
+          Prefetcher& pf) { q4k_tile16<decltype(mr)::value>(t, am, m, ym, N, n, nr, pf); },
+      [&](const ActsView& am, float* ym, int64_t n, int64_t nr) { kmin_rows(am, mt, nr, ym, N, n); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -781,37 +798,18 @@ void q6k_tile16(const Q6KRows16* t, const ActsView& a, int64_t m, float* y, int6
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n, keep, acc[r]);
 }
 
-constexpr int kQ6KMR = 8;  // activation rows per q6k_tile16
-
 void gemm_q6k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
                    float* y, GemvScratch& scratch) {
   const int64_t nb = a.K / 256, row_bytes = nb * Q6_K::BYTES;
   if (static_cast<int64_t>(scratch.q6k16.size()) < nb)
     scratch.q6k16.resize(static_cast<size_t>(nb));
   Q6KRows16* t = scratch.q6k16.data();
-  for (int64_t n = n0; n < n1; n += 16) {
-    const int64_t nr = std::min<int64_t>(16, n1 - n);
-    q6k_decode16(w + n * row_bytes, row_bytes, nr, nb, t);
-    const int64_t next = n + nr;
-    Prefetcher pf = Prefetcher::over(w + next * row_bytes,
-                                     w + std::min(n1, next + 16) * row_bytes,
-                                     ((a.M + kQ6KMR - 1) / kQ6KMR) * nb);
-    for (int64_t m0 = 0; m0 < a.M; m0 += kGemmMB) {
-      const ActsView am = a.rows(m0, std::min(kGemmMB, a.M - m0));
-      float* ym = y + m0 * N;
-      int64_t m = 0;
-      for (; m + kQ6KMR <= am.M; m += kQ6KMR) q6k_tile16<kQ6KMR>(t, am, m, ym, N, n, nr, pf);
-      if (am.M - m >= 4) {
-        q6k_tile16<4>(t, am, m, ym, N, n, nr, pf);
-        m += 4;
-      }
-      if (am.M - m >= 2) {
-        q6k_tile16<2>(t, am, m, ym, N, n, nr, pf);
-        m += 2;
-      }
-      if (am.M - m >= 1) q6k_tile16<1>(t, am, m, ym, N, n, nr, pf);
-    }
-  }
+  gemm_rows16(
+      a, w, row_bytes, n0, n1, y, N,
+      [&](const uint8_t* rows, int64_t nr) { q6k_decode16(rows, row_bytes, nr, nb, t); },
+      [&](auto mr, const ActsView& am, int64_t m, float* ym, int64_t n, int64_t nr,
+          Prefetcher& pf) { q6k_tile16<decltype(mr)::value>(t, am, m, ym, N, n, nr, pf); },
+      [](const ActsView&, float*, int64_t, int64_t) {});
 }
 #endif
 
