@@ -98,23 +98,11 @@ template <> struct KDecode<Q6_K> {
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
     o.d = fp16(blk + 208);
     o.dmin = 0.0f;
-#ifdef MOEFLOW_VNNI
-    // as dot_q8k reads them (q6k_quarter): per half and u, chunks 4 half + u and 4 half + u + 2,
-    // slots 4 half + 2u and 4 half + 2u + 1
-    const __m512i scz = _mm512_castsi256_si512(sc);
-    for (int half = 0; half < 2; ++half)
-      for (int u = 0; u < 2; ++u) {
-        __m512i q, s2;
-        q6k_quarter(blk, scz, half, u, q, s2);
-        _mm512_store_si512(o.q + 128 * half + 64 * u, q);
-        _mm512_store_si512(o.s + 64 * half + 32 * u, s2);
-      }
-#else
+    // (the AVX2 build's: with AVX-512, Q6_K's GEMM is gemm_q6k_rows)
     const int8_t* sb = reinterpret_cast<const int8_t*>(blk + 192);
     for (int c = 0; c < 8; ++c)  // I() gives q - 32: back to 0..63
       store_chunk(o, c, _mm256_add_epi8(Q6_K::I(blk, c), _mm256_set1_epi8(32)),
                   scale_halves(sb[2 * c], sb[2 * c + 1]));
-#endif
     _mm256_store_si256(reinterpret_cast<__m256i*>(o.c16),
                        _mm256_mullo_epi16(sc, _mm256_set1_epi16(-32)));
   }
@@ -597,19 +585,36 @@ inline void q4k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_
 // which the vpdpbusd beside it needs).
 inline __m512i bcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
 
-// y[m + r, n + l] = the tile's part (hsum-free: lane l is row l) for MR activation rows from m
-// and the nr <= 16 decoded rows at t; kmin_rows adds the min term after.
-template <int MR>
-void q4k_tile16(const Q4KRows16* t, const ActsView& a, int64_t m, float* y, int64_t N, int64_t n,
-                int64_t nr, Prefetcher& pf) {
-  const int64_t K = a.K, nb = K / 256;
+// y[m + r, n + l] (lane l is row l) for MR activation rows from m and the nr <= 16 rows decoded
+// 16 a vector at t (Q4KRows16, Q6KRows16): per super-block b, sums(t[b], b, sum) gives each
+// (activation row, weight row)'s integer sum whole, then acc = fma(float(sum), d * d8, acc).
+template <int MR, class Rows, class Sums>
+void rows16_tile(const Rows* t, const ActsView& a, int64_t m, float* y, int64_t N, int64_t n,
+                 int64_t nr, Prefetcher& pf, Sums&& sums) {
+  const int64_t nb = a.K / 256;
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const Q4KRows16& tb = t[b];
     pf.step();
     __m512i sum[MR];
     for (int r = 0; r < MR; ++r) sum[r] = _mm512_setzero_si512();
+    sums(t[b], b, sum);
+    const __m512 d = _mm512_load_ps(t[b].d);
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]),
+                               _mm512_mul_ps(d, _mm512_set1_ps(a.kd[(m + r) * nb + b])), acc[r]);
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n, keep, acc[r]);
+}
+
+// rows16_tile for Q4_K (without the min term: kmin_rows adds it after).
+template <int MR>
+void q4k_tile16(const Q4KRows16* t, const ActsView& a, int64_t m, float* y, int64_t N, int64_t n,
+                int64_t nr, Prefetcher& pf) {
+  const int64_t K = a.K;
+  rows16_tile<MR>(t, a, m, y, N, n, nr, pf,
+                  [&](const Q4KRows16& tb, int64_t b, __m512i (&sum)[MR]) {
     for (int j = 0; j < 8; ++j) {
       const __m512i sc = _mm512_load_si512(tb.sc[j]);
       const int8_t* xj = a.kq + m * K + b * 256 + 32 * kq8k_slot(j);
@@ -624,13 +629,7 @@ void q4k_tile16(const Q4KRows16* t, const ActsView& a, int64_t m, float* y, int6
         for (int r = 0; r < MR; ++r) sum[r] = _mm512_dpwssd_epi32(sum[r], part[r], sc);
       }
     }
-    const __m512 d = _mm512_load_ps(tb.d);
-    for (int r = 0; r < MR; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]),
-                               _mm512_mul_ps(d, _mm512_set1_ps(a.kd[(m + r) * nb + b])), acc[r]);
-  }
-  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n, keep, acc[r]);
+  });
 }
 
 constexpr int kRows16MR = 8;  // activation rows per q4k_tile16 / q6k_tile16
@@ -757,18 +756,13 @@ inline void q6k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_
   }
 }
 
-// y[m + r, n + l] for MR activation rows from m and the nr <= 16 decoded rows at t.
+// rows16_tile for Q6_K.
 template <int MR>
 void q6k_tile16(const Q6KRows16* t, const ActsView& a, int64_t m, float* y, int64_t N, int64_t n,
                 int64_t nr, Prefetcher& pf) {
-  const int64_t K = a.K, nb = K / 256;
-  __m512 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const Q6KRows16& tb = t[b];
-    pf.step();
-    __m512i sum[MR];
-    for (int r = 0; r < MR; ++r) sum[r] = _mm512_setzero_si512();
+  const int64_t K = a.K;
+  rows16_tile<MR>(t, a, m, y, N, n, nr, pf,
+                  [&](const Q6KRows16& tb, int64_t b, __m512i (&sum)[MR]) {
     for (int s = 0; s < 16; ++s) {  // chunk s / 2 (where kq8k_slot stores it), half s % 2
       const int8_t* xs = a.kq + m * K + b * 256 + 32 * kq8k_slot(s / 2) + 16 * (s % 2);
       __m512i part[MR];
@@ -789,13 +783,7 @@ void q6k_tile16(const Q6KRows16* t, const ActsView& a, int64_t m, float* y, int6
         sum[r] = _mm512_dpwssd_epi32(sum[r], off, _mm512_set1_epi32(bs));
       }
     }
-    const __m512 d = _mm512_load_ps(tb.d);
-    for (int r = 0; r < MR; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]),
-                               _mm512_mul_ps(d, _mm512_set1_ps(a.kd[(m + r) * nb + b])), acc[r]);
-  }
-  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n, keep, acc[r]);
+  });
 }
 
 void gemm_q6k_rows(const ActsView& a, const uint8_t* w, int64_t N, int64_t n0, int64_t n1,
