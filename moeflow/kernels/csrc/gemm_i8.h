@@ -521,15 +521,20 @@ inline void k4_scales16(__m512i w0, __m512i w1, __m512i w2, __m512i (&v)[4]) {
   v[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4), top(w1));
 }
 
+// Lane l: l * row_bytes, the byte offsets of 16 rows for a gather of one field of each.
+inline __m512i row_offsets16(int64_t row_bytes) {
+  return _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+}
+
 // Weight rows 0..nr-1 (nr <= 16; the rows past nr are zeros) at w, all nb super-blocks, into
 // out[b], their min terms into mt (rows past nr cleared).
 inline void q4k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_t nb,
                          Q4KRows16* out, const KMinTiles& mt) {
   const __m512i m4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
   const __mmask16 rows = static_cast<__mmask16>((1u << nr) - 1);
-  const __m512i offv = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                            12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  const __m512i offv = row_offsets16(row_bytes);
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t b = 0; b < nb; ++b) {
     Q4KRows16& o = out[b];
@@ -699,9 +704,7 @@ inline void q6k_decode16(const uint8_t* w, int64_t row_bytes, int64_t nr, int64_
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i low16 = _mm512_set1_epi32(0xFFFF), minus32 = _mm512_set1_epi32(-32);
   const __mmask16 rows = static_cast<__mmask16>((1u << nr) - 1);
-  const __m512i offv = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                            12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  const __m512i offv = row_offsets16(row_bytes);
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t b = 0; b < nb; ++b) {
     Q6KRows16& o = out[b];
